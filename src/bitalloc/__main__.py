@@ -1,0 +1,5 @@
+import sys
+
+from bitalloc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Uniform integer grids: from a range to (scale, zero point, qmin, qmax), and quantize / dequantize.
+
+One notion of granularity for everything (as in torchao): quantization parameters are either 0-d tensors
+(per tensor) or 1-d tensors of length C applied along one ``axis`` of the data (per channel). Bits may
+differ per channel, so ``qmin`` and ``qmax`` are tensors too.
+
+Grids (b bits, range [lo, hi] with lo <= 0 <= hi enforced so that 0 is exactly representable):
+
+* asymmetric (affine): codes 0 .. 2^b - 1, step s = (hi - lo) / (2^b - 1), zero point z = round(-lo / s).
+  x_hat = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z).  A one-sided range (lo = 0) gives z = 0.
+* symmetric (signed): codes -2^(b-1) .. 2^(b-1) - 1, z = 0, step s = 2 * max(|lo|, |hi|) / (2^b - 1), i.e. the
+  same step as the affine grid over [-a, a]; all 2^b codes are used (the extreme +a rounds to the top code,
+  half a step below it). Needs b >= 2.
+
+Rounding is round-half-to-even everywhere (``torch.round``), the same as ``torch.fake_quantize_*`` and the
+ONNX QuantizeLinear operator, so every backend produces identical codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bitalloc.errors import ConfigError, ShapeError
+
+MAX_BITS = 32
+#: smallest step allowed; a range of width 0 (a constant tensor) gets this step instead of dividing by zero
+MIN_SCALE = 1e-12
+
+
+def integer_range(bits: Tensor | int, signed: bool) -> tuple[Tensor, Tensor]:
+    """Code range (qmin, qmax) for ``bits`` (int or integer tensor): signed -2^(b-1)..2^(b-1)-1, else 0..2^b-1."""
+    b = torch.as_tensor(bits, dtype=torch.int64)
+    if torch.any(b < 1) or torch.any(b > MAX_BITS):
+        raise ConfigError(f"bit widths must lie in 1..{MAX_BITS}, got {b.unique().tolist()}")
+    if signed:
+        if torch.any(b < 2):
+            raise ConfigError("a signed (symmetric) grid needs at least 2 bits; use an asymmetric grid for 1 bit")
+        qmax = (1 << (b - 1)) - 1
+        return -qmax - 1, qmax
+    return torch.zeros_like(b), (1 << b) - 1
+
+
+def reshape_for_axis(t: Tensor, ndim: int, axis: int | None) -> Tensor:
+    """View a per-channel parameter (0-d or [C]) so that it broadcasts along ``axis`` of an ``ndim`` tensor."""
+    if t.ndim == 0 or axis is None:
+        return t
+    if t.ndim != 1:
+        raise ShapeError(f"per-channel quantization parameters must be 1-d, got shape {tuple(t.shape)}")
+    axis = axis % ndim
+    shape = [1] * ndim
+    shape[axis] = t.numel()
+    return t.reshape(shape)
+
+
+def qparams_from_range(
+    lo: Tensor, hi: Tensor, bits: Tensor | int, *, symmetric: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scale, zero point, qmin and qmax of the grid covering [lo, hi] with ``bits`` (see module docstring).
+
+    ``lo``, ``hi`` and ``bits`` broadcast together (0-d or [C]). Returns float32 scale and int64 zero point,
+    qmin, qmax of the broadcast shape.
+    """
+    lo = torch.as_tensor(lo, dtype=torch.float64)
+    hi = torch.as_tensor(hi, dtype=torch.float64)
+    b = torch.as_tensor(bits, dtype=torch.int64)
+    if torch.any(~torch.isfinite(lo)) or torch.any(~torch.isfinite(hi)):
+        raise ConfigError("quantization range is not finite (NaN or inf in the data or statistics)")
+    lo, hi, b = torch.broadcast_tensors(torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0), b)
+    qmin, qmax = integer_range(b, signed=symmetric)
+    levels = (qmax - qmin).to(torch.float64)
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(2.0 * amax / levels, min=MIN_SCALE)
+        zero_point = torch.zeros_like(b)
+    else:
+        scale = torch.clamp((hi - lo) / levels, min=MIN_SCALE)
+        zero_point = torch.clamp(torch.round(-lo / scale), 0, None).to(torch.int64)
+        zero_point = torch.minimum(zero_point, qmax)
+    return scale.to(torch.float32), zero_point, qmin, qmax
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round(x) forward, identity gradient (straight-through estimator, Bengio et al. 2013)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even with a straight-through gradient."""
+    return _RoundSTE.apply(x)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+             axis: int | None = None) -> Tensor:
+    """Integer codes q = clamp(round(x / s) + z, qmin, qmax) as an int64 tensor (x / s computed as x * (1/s))."""
+    s, z, lo, hi = (reshape_for_axis(t, x.ndim, axis) for t in (scale, zero_point, qmin, qmax))
+    # x * (1/s) in float32, exactly as torch's fused fake-quant kernels compute it, so codes agree bitwise.
+    q = torch.round(x.float() * torch.reciprocal(s.float())).to(torch.int64) + z
+    return torch.clamp(q, lo, hi)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
+    """Real values s * (q - z) (float32)."""
+    s, z = (reshape_for_axis(t, q.ndim, axis) for t in (scale, zero_point))
+    return ((q - z).to(torch.float32)) * s.to(torch.float32)
+
+
+def _uniform(t: Tensor) -> bool:
+    return t.ndim == 0 or bool(torch.all(t == t.reshape(-1)[0]))
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                  axis: int | None = None) -> Tensor:
+    """Quantize-dequantize with the clipped straight-through estimator.
+
+    Forward: s * (clamp(round(x / s) + z, qmin, qmax) - z). Backward: the gradient passes where the code is
+    inside [qmin, qmax] and is zero where clipping was active (as ``torch.fake_quantize_*``).
+    Uses torch's fused kernels when every channel shares one code range of at most 16 bits, and an
+    equivalent composite of tensor ops otherwise (mixed per-channel bit widths, wider grids).
+    """
+    if x.dtype != torch.float32:
+        return fake_quantize(x.float(), scale, zero_point, qmin, qmax, axis).to(x.dtype)
+    if _uniform(qmin) and _uniform(qmax) and int(qmax.reshape(-1)[0] - qmin.reshape(-1)[0]) <= 65535:
+        lo, hi = int(qmin.reshape(-1)[0]), int(qmax.reshape(-1)[0])
+        if scale.ndim == 0 or axis is None:
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32), lo, hi)
+        return torch.fake_quantize_per_channel_affine(
+            x, scale.float(), zero_point.to(torch.int32), axis % x.ndim, lo, hi)
+    s, z, lo, hi = (reshape_for_axis(t, x.ndim, axis) for t in (scale, zero_point, qmin, qmax))
+    s = s.to(x.dtype)
+    q = round_ste(x * torch.reciprocal(s)) + z.to(x.dtype)
+    inside = (q >= lo) & (q <= hi)
+    q_clamped = torch.where(inside, q, torch.clamp(q, lo.to(x.dtype), hi.to(x.dtype)).detach())
+    return (q_clamped - z.to(x.dtype)) * s
