@@ -136,7 +136,11 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
             x, scale.float(), zero_point.to(torch.int32), axis % x.ndim, lo, hi)
     s, z, lo, hi = (reshape_for_axis(t, x.ndim, axis) for t in (scale, zero_point, qmin, qmax))
     s = s.to(x.dtype)
-    q = round_ste(x * torch.reciprocal(s)) + z.to(x.dtype)
+    # codes beyond 2^24 (asymmetric grids of 25+ bits) are not exact in float32: add the zero point, clamp and
+    # subtract it in float64 so that the result equals dequantize(quantize(x)) bitwise
+    wide = int(torch.maximum(qmin.abs(), qmax.abs()).max()) > (1 << 24)
+    work = torch.float64 if wide else x.dtype
+    q = round_ste(x * torch.reciprocal(s)).to(work) + z.to(work)
     inside = (q >= lo) & (q <= hi)
-    q_clamped = torch.where(inside, q, torch.clamp(q, lo.to(x.dtype), hi.to(x.dtype)).detach())
-    return (q_clamped - z.to(x.dtype)) * s
+    q_clamped = torch.where(inside, q, torch.clamp(q, lo.to(work), hi.to(work)).detach())
+    return (q_clamped - z.to(work)).to(x.dtype) * s

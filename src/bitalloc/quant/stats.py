@@ -53,17 +53,17 @@ class ChannelStats:
         return self.min >= 0
 
     @classmethod
-    def from_rows(cls, rows: Tensor, keep_samples: bool = True) -> "ChannelStats":
-        """Exact statistics of ``rows`` [C, n] (float64 accumulation)."""
+    def from_rows(cls, rows: Tensor, keep_samples: bool = True, dtype: torch.dtype = torch.float64) -> "ChannelStats":
+        """Exact statistics of ``rows`` [C, n] (accumulated in ``dtype``, float64 by default)."""
         if rows.ndim != 2:
             raise ShapeError(f"expected rows of shape [C, n], got {tuple(rows.shape)}")
         if rows.shape[1] == 0:
             raise DataError("cannot compute statistics of an empty tensor; feed at least one calibration sample")
-        r = rows.detach().to(torch.float64)
+        r = rows.detach().to(dtype)
         mean = r.mean(dim=1)
         pos = r.clamp(min=0)
         npos = (r > 0).sum(dim=1)
-        denom = npos.clamp(min=1).to(torch.float64)
+        denom = npos.clamp(min=1).to(dtype)
         return cls(
             count=torch.full((r.shape[0],), r.shape[1], dtype=torch.int64),
             min=r.amin(dim=1),

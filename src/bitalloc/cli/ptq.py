@@ -1,0 +1,75 @@
+"""``bitalloc ptq``: post-training quantization of a model, with accuracy, cost and a per-channel bit map."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, load_model,
+                                 load_splits, make_eval_fn, output_dir)
+from bitalloc.io import torch_save, write_json
+from bitalloc.report.tables import print_table
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ptq", help="post-training quantization (ACIQ and baselines): accuracy, cost, bit map",
+                       description="Quantize a trained model without retraining and report accuracy, BOPs, memory "
+                                   "and the per-layer, per-channel bit widths.")
+    add_model_args(p)
+    add_data_args(p)
+    add_quant_args(p)
+    p.add_argument("--out", default="runs/ptq", help="output folder (report.json, bitmap.png; default runs/ptq)")
+    p.add_argument("--save-model", action="store_true", help="also save the quantized model (quantized.pt)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG bit map")
+    p.set_defaults(func=run)
+
+
+def print_layers(report: dict[str, Any]) -> None:
+    rows = [[l["name"], l["type"], l.get("status", "quantized" if l["quantized"] else "float"), l["w_bits"], l["a_bits"],
+             l["macs"], l["bops"], l.get("reason", "")] for l in report["layers"]]
+    print_table("Layers", ["layer", "type", "status", "w bits", "a bits", "MACs", "BOPs", "note"], rows)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    rows = [[report.get("name", ""), report["fp32_top1"], report["top1"], 100 * report["relative_bops"],
+             report["memory_bits"] / 8e6, report["compression"], report["timing"]["eval_ratio"]]]
+    print_table("Post-training quantization", ["config", "FP32 top-1", "top-1", "rel. BOPs %", "size MB",
+                                               "compression", "eval time / FP32"], rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitalloc import models
+    from bitalloc.ptq import run_ptq
+
+    model, name, ckpt_dataset = load_model(args)
+    dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
+    cfg = build_config(args)
+    out = output_dir(args.out)
+    calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
+                                    cache_dir=args.cache_dir)
+    calib_batches = batches(calib, min(args.batch_size, args.calib))
+    label = f"{args.preset} W{args.w_bits:g}A{'f' if args.a_bits is None else f'{args.a_bits:g}'}" if not args.config else Path(args.config).stem
+    result = run_ptq(model, cfg, calib_batches, make_eval_fn(evaluation, args.batch_size), name=label)
+    report = {"model": name, "dataset": dataset, "data": args.data, **result.report}
+    print_layers(report)
+    if report["float_layers"]:
+        print_table("Left in float", ["layer", "type", "reason"],
+                    [[f["name"], f["type"], f["reason"]] for f in report["float_layers"]])
+    print_summary(report)
+    write_json(out / "report.json", report)
+    print(f"report: {out / 'report.json'}", file=sys.stderr)
+    if not args.no_plot:
+        from bitalloc.report.plots import bit_heatmap
+
+        png = bit_heatmap([l for l in report["layers"] if l.get("status") == "quantized"], out / "bitmap.png",
+                          title=f"{name}: {label}")
+        print(f"bit map: {png}", file=sys.stderr)
+    if args.save_model:
+        from bitalloc.model.serialize import save_quantized
+
+        path = save_quantized(result.model, out / "quantized.pt", model_name=name,
+                              example_shape=tuple(calib_batches[0][0].shape[1:]))
+        print(f"quantized model: {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,322 @@
+"""``bitalloc train``: train a zoo model on a dataset with a named preset (also under torchrun).
+
+Examples::
+
+    bitalloc train --model lenet5 --dataset fashion-mnist --data /usr/share/datasets/fashion-mnist
+    bitalloc train --model resnet20 --dataset cifar10 --data $BITALLOC_DATA --epochs 30 --out runs/r20.pt
+    torchrun --nproc_per_node 2 -m bitalloc train --model resnet20 --dataset cifar10   # data-parallel
+
+Outputs (defaults derive from ``--out``, itself ``runs/<model>_<dataset>_<method>.pt``): the checkpoint
+(resumable with ``--resume``), a JSON-lines log (``.jsonl``, one record per epoch) and a JSON result
+(``.json``). A fresh run refuses to replace existing outputs unless ``--overwrite``.
+
+Extension points (for tests and new data): :data:`DATASET_HOOKS` maps extra dataset names to loaders and
+:data:`MODEL_HOOKS` extra model names to importable factories; the hidden dataset ``synthetic`` and model
+``synthetic-mlp`` make the command testable without real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bitalloc.errors import CheckpointError, ConfigError, DataError
+
+# ---- hidden datasets and models (tests, demos) -------------------------------------------------------------
+
+
+def synthetic_dataset(n: int, *, seed: int = 0, num_classes: int = 4, shape: tuple[int, ...] = (1, 8, 8),
+                      separation: float = 3.0, noise_seed: int | None = None) -> torch.utils.data.TensorDataset:
+    """Gaussian blobs shaped like small images: ``x = separation * mean[y] + N(0, 1)``, ``y`` uniform.
+
+    Class means are random unit vectors drawn from ``seed`` (shared by train and validation sets); the
+    samples from ``noise_seed`` (default ``seed + 1``). Nearly linearly separable at the default separation.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dim = int(math.prod(shape))
+    means = torch.randn(num_classes, dim, generator=g)
+    means = means / means.norm(dim=1, keepdim=True)
+    g2 = torch.Generator().manual_seed(seed + 1 if noise_seed is None else noise_seed)
+    y = torch.randint(0, num_classes, (n,), generator=g2)
+    x = separation * means[y] + torch.randn(n, dim, generator=g2)
+    return torch.utils.data.TensorDataset(x.view(n, *shape).float(), y)
+
+
+def synthetic_mlp(num_classes: int = 4, in_features: int = 64, hidden: int = 32) -> nn.Module:
+    """A tiny MLP for ``[N, 1, 8, 8]`` synthetic inputs."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def _synthetic(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    train = synthetic_dataset(int(os.environ.get("BITALLOC_SYNTHETIC_N", "512")), seed=0, noise_seed=1)
+    val = synthetic_dataset(256, seed=0, noise_seed=2)
+    return train, val, 4
+
+
+# name -> function(args) -> (train_set, val_set, num_classes)
+DATASET_HOOKS: dict[str, Callable[[argparse.Namespace], tuple[Any, Any, int]]] = {"synthetic": _synthetic}
+# name -> "module:function" factory called with num_classes=...
+MODEL_HOOKS: dict[str, str] = {"synthetic-mlp": "bitalloc.cli.train:synthetic_mlp"}
+
+
+# ---- parser -------------------------------------------------------------------------------------------------
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    from bitalloc.train.presets import METHODS, PRESETS
+
+    p = subparsers.add_parser(
+        "train", help="train a model (FP32 now; quantization-aware methods plug in via --method)",
+        description="Train a zoo model on a dataset with its preset recipe; works under torchrun. Presets: "
+                    + "; ".join(f"{k}: {v.notes}" for k, v in PRESETS.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model name: lenet5, vgg7, resnet20, efficientnet_lite0")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (mnist, fashion-mnist, cifar10, imagenet, imagefolder); default: the model's")
+    p.add_argument("--data", default=None, help="data path (default: $BITALLOC_DATA)")
+    p.add_argument("--method", default="fp32", choices=sorted(METHODS), help="training method")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (split across torchrun ranks)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--schedule", default=None,
+                   help="lr schedule: constant, cosine, linear, constant_then_linear, step, one_cycle")
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes per rank")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--out", default=None, help="checkpoint path (default: runs/<model>_<dataset>_<method>.pt)")
+    p.add_argument("--log", default=None, help="JSON-lines log (default: <out without .pt>.jsonl)")
+    p.add_argument("--json", default=None, help="JSON result (default: <out without .pt>.json)")
+    p.add_argument("--resume", action="store_true", help="continue training from --out")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of a previous run")
+    p.add_argument("--init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from the model's shipped pretrained weights (default: the preset's choice)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random training augmentation (default: the preset's choice)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out fraction for datasets without a test split (imagenet, imagefolder)")
+    p.add_argument("--transform", default=None, help="preprocessing name for imagenet / imagefolder data")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: $BITALLOC_CACHE)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across ranks")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None,
+                   help="progress display (default: bars on a terminal, log lines otherwise)")
+    for method in METHODS.values():
+        if method.add_arguments:
+            method.add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+# ---- data and model ----------------------------------------------------------------------------------------
+
+def _canonical_dataset(name: str) -> str:
+    if name in DATASET_HOOKS:
+        return name
+    from bitalloc.data import dataset_info
+
+    return dataset_info(name).name
+
+
+def _num_classes(dataset: Any) -> int:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    n = getattr(dataset, "num_classes", None)
+    if n:
+        return int(n)
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return len(classes)
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return int(torch.as_tensor(labels).max()) + 1
+    raise DataError("cannot tell the number of classes of this dataset; it has no classes or labels attribute")
+
+
+def load_data(args: argparse.Namespace, augment: bool) -> tuple[Any, Any, int]:
+    """``(train_set, val_set, num_classes)`` for ``args.dataset`` at ``args.data`` (or ``$BITALLOC_DATA``)."""
+    if args.dataset in DATASET_HOOKS:
+        return DATASET_HOOKS[args.dataset](args)
+    from bitalloc.data import calibration_split, dataset_info, load_dataset
+
+    info = dataset_info(args.dataset)
+    root = args.data or os.environ.get("BITALLOC_DATA") or None
+    if augment and info.augmentation is None:
+        augment = False
+    if "test" in info.splits and "train" in info.splits:
+        train = load_dataset(info.name, root, "train", augment=augment, cache_dir=args.cache_dir)
+        val = load_dataset(info.name, root, "test", augment=False, cache_dir=args.cache_dir)
+    else:
+        kwargs: dict[str, Any] = {"cache_dir": args.cache_dir}
+        if args.transform:
+            kwargs["transform"] = args.transform
+        full = load_dataset(info.name, root, None, **kwargs)
+        if not 0.0 < args.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction {args.val_fraction} must lie in (0, 1)")
+        n_val = max(1, int(round(args.val_fraction * len(full))))
+        val, train = calibration_split(full, n_val, seed=args.seed)
+    n = info.num_classes or _num_classes(train)
+    return train, val, int(n)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str | None]:
+    """``(model, constructor kwargs, factory)`` for ``args.model``."""
+    kwargs = {"num_classes": int(num_classes)}
+    if args.model in MODEL_HOOKS:
+        from bitalloc.train.checkpoint import _import_factory
+
+        factory = MODEL_HOOKS[args.model]
+        return _import_factory(factory, trusted=True)(**kwargs), kwargs, factory
+    from bitalloc.models import create, model_info
+
+    name = model_info(args.model).name
+    args.model = name
+    return create(name, pretrained=pretrained, **kwargs), kwargs, None
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f}%"
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(float(v), fmt)
+
+
+def print_summary(result: Any, header: dict[str, Any], outputs: dict[str, str | None], stream: Any = None) -> None:
+    """The per-epoch table and the summary (rich when installed, plain text otherwise)."""
+    stream = stream if stream is not None else sys.stdout
+    cols = ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "time/step", "epoch time"]
+    rows = []
+    for r in result.history:
+        lr = r.get("lr") or {}
+        lr0 = lr.get("default", next(iter(lr.values()), None)) if isinstance(lr, dict) else lr
+        rows.append([str(r.get("epoch")), _num(r.get("train_loss")), _pct(r.get("train_accuracy")),
+                     _num(r.get("val_loss")), _pct(r.get("val_accuracy")), _num(lr0, ".3g"),
+                     f"{1000 * float(r.get('time_per_step') or 0):.1f} ms", f"{float(r.get('time') or 0):.1f} s"])
+    title = (f"bitalloc train: {header['model']} on {header['dataset']} ({header['method']}, "
+             f"{header['world_size']} process(es), {header['device']})")
+    summary = [
+        ("final val accuracy", _pct(result.final_accuracy)),
+        ("best val accuracy", f"{_pct(result.best_accuracy)} (epoch {result.best_epoch})"
+         if result.best_accuracy is not None else "-"),
+        ("epochs / steps", f"{result.epochs} / {result.steps}"),
+        ("time per step", f"{1000 * result.time_per_step:.1f} ms" if result.time_per_step else "-"),
+        ("throughput", f"{result.samples_per_s:.0f} samples/s" if result.samples_per_s else "-"),
+        ("training time", f"{result.train_time:.1f} s (+ {result.eval_time:.1f} s evaluation)"),
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None  # type: ignore[assignment]
+    if Console is not None:
+        console = Console(file=stream, highlight=False, soft_wrap=True)
+        table = Table(title=title)
+        for c in cols:
+            table.add_column(c, justify="right" if c != "epoch" else "center")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        for k, v in summary:
+            console.print(f"{k:>20}: {v}")
+        for k, v in outputs.items():
+            if v:
+                console.print(f"{k:>20}: {v}")
+        return
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print(title, file=stream)
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)), file=stream)
+    for row in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=stream)
+    for k, v in summary:
+        print(f"{k:>20}: {v}", file=stream)
+    for k, v in outputs.items():
+        if v:
+            print(f"{k:>20}: {v}", file=stream)
+
+
+# ---- command -----------------------------------------------------------------------------------------------
+
+def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:
+    out = args.out or str(Path("runs") / f"{args.model}_{args.dataset}_{args.method}.pt")
+    stem = out[:-3] if out.endswith(".pt") else out
+    return out, args.log or f"{stem}.jsonl", args.json or f"{stem}.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitalloc.io import write_json
+    from bitalloc.train import distributed as D
+    from bitalloc.train.checkpoint import load_model_checkpoint
+    from bitalloc.train.loop import fit
+    from bitalloc.train.presets import get_method, get_preset
+
+    method = get_method(args.method)
+    options = method.options(args)
+    preset = get_preset(args.model, args.dataset)
+    if args.dataset is None:
+        if not preset.datasets:
+            raise ConfigError(f"no default dataset for model {args.model!r}; pass --dataset NAME")
+        args.dataset = preset.datasets[0]
+    args.dataset = _canonical_dataset(args.dataset)
+    if args.model not in MODEL_HOOKS:
+        from bitalloc.models import model_info
+
+        args.model = model_info(args.model).name
+    out, log, json_path = _default_paths(args)
+    if Path(json_path).exists() and not (args.overwrite or args.resume):
+        raise CheckpointError(f"result {json_path} already exists and this is a fresh run; pass --resume to continue "
+                              f"the run it belongs to, --overwrite to replace it, or choose another --json / --out")
+
+    with D.distributed(args.device) as device:
+        main = D.is_main_process()
+        augment = preset.augment if args.augment is None else bool(args.augment)
+        train_set, val_set, num_classes = load_data(args, augment)
+        pretrained = preset.pretrained if args.pretrained is None else bool(args.pretrained)
+        if args.init:
+            pretrained = False
+        model, model_kwargs, factory = build_model(args, num_classes, pretrained)
+        if args.init:
+            load_model_checkpoint(args.init, model=model)
+            model.train()
+        model = method.prepare(model, options)
+        objective = method.make_objective(model, options)
+        overrides: dict[str, Any] = method.overrides(preset, options)
+        explicit = dict(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                        max_grad_norm=args.max_grad_norm)
+        overrides.update({k: v for k, v in explicit.items() if v is not None})
+        if args.schedule is not None:
+            overrides.setdefault("schedule_args", {})
+        cfg = preset.train_config(
+            **overrides, seed=args.seed, workers=args.workers, eval_every=args.eval_every, checkpoint=out,
+            resume=bool(args.resume), overwrite=bool(args.overwrite), log=log, device=str(device),
+            sync_bn=bool(args.sync_bn), progress=args.progress, model_name=args.model, model_kwargs=model_kwargs,
+            model_factory=factory, dataset=args.dataset, method=args.method, method_options=options)
+        if main and preset.name != "generic" and args.dataset not in preset.datasets and \
+                args.dataset not in DATASET_HOOKS:
+            print(f"note: the {preset.name} preset was tuned for {', '.join(preset.datasets)}, not {args.dataset}",
+                  file=sys.stderr)
+        result = fit(model, train_set, val_set, cfg, objective=objective)
+        if main:
+            header = {"model": args.model, "dataset": args.dataset, "method": args.method,
+                      "world_size": result.world_size, "device": result.device}
+            outputs = {"checkpoint": out, "log": log, "result": json_path}
+            write_json(json_path, {"command": "train", **header, "preset": preset.name, "config": cfg.to_dict(),
+                                   "result": result.to_dict(), "outputs": outputs})
+            print_summary(result, header, outputs)
+    return 0

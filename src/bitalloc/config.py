@@ -1,0 +1,292 @@
+"""Quantization configuration: how each tensor of each layer is quantized.
+
+A :class:`QuantConfig` holds one default :class:`LayerConfig` (a weight and an input-activation
+:class:`TensorConfig`) plus ordered overrides keyed by module-name patterns. Patterns are shell globs on the
+module's qualified name (``features.*``, ``*_fc``), or regular expressions with a ``re:`` prefix, or a layer
+type with a ``type:`` prefix (``type:Linear``); later overrides win. The first and last quantized layers
+(in execution order) get ``first_last_bits`` (default 8) unless that is None.
+
+Everything is plain data: ``to_dict`` / ``from_dict`` round-trip through JSON, so a configuration can be
+saved next to a quantized model and reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from bitalloc.errors import ConfigError, check_bits
+
+GRANULARITIES = ("tensor", "channel")
+BIAS_CORRECTIONS = ("none", "mean", "mean+norm")
+
+
+@dataclass
+class TensorConfig:
+    """How one tensor (a layer's weight, or its input activation) is quantized.
+
+    bits: bit width, 2..32 (1 for asymmetric grids). A fractional value (e.g. 3.5) is an *average* budget
+        and requires ``allocate=True`` (per-channel bit allocation, ACIQ eq. 10-11).
+    granularity: "tensor" (one range) or "channel" (one range per channel: output channels of a weight,
+        channels of an activation).
+    method: how the range is found: a name in :data:`bitalloc.quant.ranges.RANGE_ESTIMATORS` ("minmax",
+        "aciq", "kld", "ksigma", "percentile", "mse"), for PTQ quantizers.
+    options: extra arguments of the range method (e.g. ``{"prior": "auto"}`` for aciq, ``{"k": 2}`` for
+        ksigma, ``{"percentile": 99.99}``).
+    symmetric: signed grid with zero point 0 (weights) or affine grid with a zero point (activations).
+    one_sided: "auto" (rows whose calibration minimum is >= 0, e.g. after a ReLU, are one-sided), or
+        True / False to force it.
+    online: recompute the statistics and the range on every input at run time (per sample) instead of
+        fixing them from calibration data.
+    allocate: per-channel bit allocation under the average budget ``bits`` (needs granularity "channel").
+    allocation: "optimal" (exact integer optimum of the analytic error) or "aciq" (eq. 11 with nudging).
+    min_bits, max_bits: bounds of allocated per-channel bit widths.
+    quantizer: the quantizer class name in :data:`bitalloc.quantizers.QUANTIZERS` ("fixed" for PTQ; "lsq",
+        "pact", "bb" for training).
+    """
+
+    bits: float = 8
+    granularity: str = "tensor"
+    method: str = "minmax"
+    options: dict[str, Any] = field(default_factory=dict)
+    symmetric: bool = False
+    one_sided: Any = "auto"
+    online: bool = False
+    allocate: bool = False
+    allocation: str = "optimal"
+    min_bits: int = 2
+    max_bits: int = 8
+    quantizer: str = "fixed"
+
+    def validate(self, where: str = "") -> "TensorConfig":
+        loc = f" ({where})" if where else ""
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={self.granularity!r}{loc} is not one of {GRANULARITIES}")
+        if self.allocate:
+            if self.granularity != "channel":
+                raise ConfigError(f"bit allocation{loc} needs granularity='channel' (one bit width per channel)")
+            check_bits(self.min_bits, name="min_bits", lo=1, hi=32)
+            check_bits(self.max_bits, name="max_bits", lo=1, hi=32)
+            if self.min_bits > self.max_bits:
+                raise ConfigError(f"min_bits={self.min_bits} > max_bits={self.max_bits}{loc}")
+            if not self.min_bits <= float(self.bits) <= self.max_bits:
+                raise ConfigError(f"average bits={self.bits}{loc} must lie in [min_bits, max_bits] = "
+                                  f"[{self.min_bits}, {self.max_bits}]")
+        else:
+            check_bits(self.bits, name=f"bits{loc}", lo=1 if not self.symmetric else 2, hi=32)
+        if self.one_sided not in ("auto", True, False):
+            raise ConfigError(f"one_sided={self.one_sided!r}{loc} must be 'auto', True or False")
+        if self.allocation not in ("optimal", "aciq"):
+            raise ConfigError(f"allocation={self.allocation!r}{loc} must be 'optimal' or 'aciq'")
+        return self
+
+    @property
+    def int_bits(self) -> int:
+        """Bits as an integer (for non-allocated tensors); allocated tensors start from this before allocation."""
+        return int(round(float(self.bits)))
+
+
+@dataclass
+class LayerConfig:
+    """Quantization of one layer: its weight, its input activation (None = left in float) and bias correction.
+
+    ``bias_correction`` (ACIQ eq. 12-13, weights only): "none"; "mean" (default: shift each output channel
+    so its mean equals the float mean; the reference code's default); or "mean+norm" (also restore each
+    channel's centred L2 norm).
+    ``quantize=False`` leaves the layer in float (it is still listed in reports, with the reason).
+    """
+
+    weight: TensorConfig | None = field(default_factory=lambda: TensorConfig(granularity="channel", symmetric=True))
+    act: TensorConfig | None = field(default_factory=TensorConfig)
+    bias_correction: str = "none"
+    quantize: bool = True
+
+    def validate(self, where: str = "") -> "LayerConfig":
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise ConfigError(f"bias_correction={self.bias_correction!r} ({where}) is not one of {BIAS_CORRECTIONS}")
+        if self.weight is not None:
+            self.weight.validate(f"{where} weight".strip())
+        if self.act is not None:
+            self.act.validate(f"{where} input activation".strip())
+        return self
+
+
+@dataclass
+class QuantConfig:
+    """A whole model's quantization: defaults, per-layer overrides, first/last layer bits, BN folding."""
+
+    default: LayerConfig = field(default_factory=LayerConfig)
+    overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    first_last_bits: int | None = 8
+    fold_bn: bool = True
+    calibration_samples: int = 32
+    seed: int = 0
+
+    # ---- resolution -------------------------------------------------------------------------------
+    def for_layer(self, name: str, type_names: str | list[str], *, is_first: bool = False,
+                  is_last: bool = False) -> tuple[LayerConfig, list[str]]:
+        """The resolved configuration of one layer and the list of rules that shaped it (for reports).
+
+        ``type_names``: the layer's class name, or the names of all classes in its MRO (so that
+        ``type:Conv2d`` also selects subclasses of Conv2d)."""
+        cfg = copy.deepcopy(self.default)
+        applied: list[str] = []
+        if self.first_last_bits is not None and (is_first or is_last):
+            fb = int(self.first_last_bits)
+            for t in (cfg.weight, cfg.act):
+                if t is not None:
+                    t.bits, t.allocate = fb, False
+            applied.append(f"{'first' if is_first else 'last'} layer at {fb} bits")
+        for pattern, patch in self.overrides:
+            if match_pattern(pattern, name, type_names):
+                cfg = apply_patch(cfg, patch)
+                applied.append(f"override {pattern!r}")
+        return cfg.validate(name), applied
+
+    def validate(self) -> "QuantConfig":
+        self.default.validate("default")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, name="first_last_bits", lo=2, hi=32)
+        if self.calibration_samples < 1:
+            raise ConfigError(f"calibration_samples={self.calibration_samples} must be at least 1")
+        for pattern, patch in self.overrides:
+            if not isinstance(patch, dict):
+                raise ConfigError(f"override for {pattern!r} must be a dict of settings, got {type(patch).__name__}")
+            apply_patch(copy.deepcopy(self.default), patch).validate(f"override {pattern!r}")
+        return self
+
+    # ---- (de)serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = [[p, v] for p, v in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
+        d = dict(d)
+        if "default" in d:
+            d["default"] = layer_config_from_dict(d["default"])
+        if "overrides" in d:
+            d["overrides"] = [(str(p), dict(v)) for p, v in d["overrides"]]
+        return cls(**d).validate()
+
+
+def tensor_config_from_dict(d: dict[str, Any] | None) -> TensorConfig | None:
+    if d is None:
+        return None
+    unknown = set(d) - {f.name for f in fields(TensorConfig)}
+    if unknown:
+        raise ConfigError(f"unknown tensor settings {sorted(unknown)}; valid: {[f.name for f in fields(TensorConfig)]}")
+    return TensorConfig(**d)
+
+
+def layer_config_from_dict(d: dict[str, Any]) -> LayerConfig:
+    unknown = set(d) - {f.name for f in fields(LayerConfig)}
+    if unknown:
+        raise ConfigError(f"unknown layer settings {sorted(unknown)}; valid: {[f.name for f in fields(LayerConfig)]}")
+    d = dict(d)
+    for key in ("weight", "act"):
+        if key in d:
+            d[key] = tensor_config_from_dict(d[key])
+    return LayerConfig(**d)
+
+
+def apply_patch(cfg: LayerConfig, patch: dict[str, Any]) -> LayerConfig:
+    """Apply an override patch: ``{"weight": {"bits": 8}, "act": None, "bias_correction": "none"}``.
+
+    Dotted keys work too: ``{"weight.bits": 8, "act.method": "kld"}``. ``"act": None`` leaves activations in
+    float; ``"quantize": False`` leaves the whole layer in float.
+    """
+    cfg = copy.deepcopy(cfg)
+    for key, value in patch.items():
+        head, _, tail = key.partition(".")
+        if head in ("weight", "act"):
+            current = getattr(cfg, head)
+            if tail:
+                if current is None:
+                    current = TensorConfig(granularity="channel", symmetric=True) if head == "weight" else TensorConfig()
+                if tail not in {f.name for f in fields(TensorConfig)}:
+                    raise ConfigError(f"unknown tensor setting {tail!r} in override key {key!r}")
+                setattr(cfg, head, replace(current, **{tail: value}))
+            elif value is None:
+                setattr(cfg, head, None)
+            elif isinstance(value, dict):
+                base = current if current is not None else TensorConfig()
+                unknown = set(value) - {f.name for f in fields(TensorConfig)}
+                if unknown:
+                    raise ConfigError(f"unknown tensor settings {sorted(unknown)} in override {key!r}")
+                setattr(cfg, head, replace(base, **value))
+            else:
+                raise ConfigError(f"override {key!r} must be a dict of tensor settings or None, got {value!r}")
+        elif head in ("bias_correction", "quantize") and not tail:
+            setattr(cfg, head, value)
+        else:
+            raise ConfigError(f"unknown override key {key!r}; use weight.*, act.*, bias_correction or quantize")
+    return cfg
+
+
+def match_pattern(pattern: str, name: str, type_names: str | list[str]) -> bool:
+    """Whether an override pattern (glob, ``re:`` regex or ``type:`` class name) selects a layer."""
+    if isinstance(type_names, str):
+        type_names = [type_names]
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as exc:
+            raise ConfigError(f"invalid regular expression in override {pattern!r}: {exc}") from None
+    if pattern.startswith("type:"):
+        return any(fnmatch.fnmatchcase(t, pattern[5:]) for t in type_names)
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+# ---- presets ------------------------------------------------------------------------------------------
+
+PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "ksigma", "percentile", "mse")
+
+
+def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
+           online: bool = False, **overrides: Any) -> QuantConfig:
+    """Named PTQ configurations (the rows of the ACIQ comparison).
+
+    * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
+    * ``aciq-clip``: + ACIQ analytical clipping of activations (Laplace prior, per channel).
+    * ``aciq-alloc``: + per-channel bit allocation of weights and activations at the average budgets.
+    * ``aciq``: + bias correction (mean shift) of the weights: the full ACIQ pipeline.
+    * ``kld`` / ``ksigma`` (k = 2) / ``percentile`` (99.99) / ``mse``: the baselines, applied to
+      activations, with min-max per-channel weights.
+    ``act_granularity`` overrides the activation granularity ("tensor" or "channel"); ``online`` recomputes
+    activation statistics on every input.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    weight = TensorConfig(bits=w_bits, granularity="channel", method="minmax", symmetric=True)
+    act = TensorConfig(bits=a_bits if a_bits is not None else 8, granularity="tensor", method="minmax", online=online)
+    bc = "none"
+    if name.startswith("aciq"):
+        act.method, act.options, act.granularity = "aciq", {"prior": "laplace"}, "channel"
+        if name in ("aciq", "aciq-alloc"):
+            weight.allocate = act.allocate = True
+        if name == "aciq":
+            bc = "mean"
+    elif name == "kld":
+        act.method = "kld"
+    elif name == "ksigma":
+        act.method, act.options = "ksigma", {"k": 2.0}
+    elif name == "percentile":
+        act.method, act.options = "percentile", {"percentile": 99.99}
+    elif name == "mse":
+        act.method = "mse"
+    if act_granularity is not None:
+        act.granularity = act_granularity
+        if act_granularity == "tensor":
+            act.allocate = False
+    if not weight.allocate and float(w_bits) != int(w_bits):
+        raise ConfigError(f"fractional weight bits {w_bits} need bit allocation (preset 'aciq' or 'aciq-alloc')")
+    layer = LayerConfig(weight=weight, act=act if a_bits is not None else None, bias_correction=bc)
+    return QuantConfig(default=layer, **overrides).validate()

@@ -1,0 +1,125 @@
+"""The quantized layer: the original Conv/Linear module plus a weight quantizer and an input quantizer.
+
+:class:`QuantLayer` keeps the original module (so its own ``forward`` runs: "same" padding of a Conv2d
+subclass, ``padding_mode``, dilation, groups all keep working) and substitutes the fake-quantized weight for
+the float one on each call: y = layer.forward(Q_a(x)) with weight Q_w(W). With both quantizers disabled it is
+exactly the original layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bitalloc.quantizers.base import Quantizer
+
+#: layer types bitalloc quantizes (and their subclasses)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYERS)
+
+
+def activation_axis(layer: nn.Module) -> int:
+    """Channel axis of a layer's input: 1 for convolutions (N, C, ...), -1 for linear layers (..., C)."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def input_channels(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+class QuantLayer(nn.Module):
+    """A Conv1d/Conv2d/Linear (or subclass) computed with quantized weights and quantized inputs.
+
+    Attributes: ``layer`` (the wrapped module, BatchNorm already folded into it), ``weight_quantizer`` and
+    ``input_quantizer`` (a :class:`~bitalloc.quantizers.Quantizer` or None for float), ``layer_name`` (its
+    qualified name in the model) and ``bias_correction`` (mode applied at calibration).
+    Attribute reads that QuantLayer does not define (``weight``, ``in_channels``...) go to the wrapped layer.
+    """
+
+    def __init__(self, layer: nn.Module, weight_quantizer: Quantizer | None, input_quantizer: Quantizer | None,
+                 name: str = "", bias_correction: str = "none"):
+        super().__init__()
+        self.layer = layer
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.layer_name = name
+        self.bias_correction = bias_correction
+        self._plain = type(layer).forward in _PLAIN_FORWARDS
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self._modules.get("layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
+
+    def quantized_weight(self) -> Tensor:
+        w = self.layer.weight
+        return w if self.weight_quantizer is None else self.weight_quantizer(w)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.quantized_weight()
+        if self._plain and not args and not kwargs:
+            if isinstance(self.layer, nn.Linear):
+                return F.linear(x, w, self.layer.bias)
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
+
+    def quantizers(self) -> list[Quantizer]:
+        return [q for q in (self.weight_quantizer, self.input_quantizer) if q is not None]
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """(Re)derive the weight quantizer's grid from the current weight, then apply bias correction."""
+        q = self.weight_quantizer
+        if q is not None and hasattr(q, "calibrate_weight"):
+            q.calibrate_weight(self.layer.weight)
+            q.set_bias_correction(self.layer.weight, self.bias_correction)
+
+    def extra_repr(self) -> str:
+        return f"name={self.layer_name!r}, bias_correction={self.bias_correction}"
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """All QuantLayers of a model with their qualified names."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool, *, weights: bool = True, acts: bool = True) -> None:
+    """Switch fake quantization of weights and/or activations on or off everywhere in ``model``."""
+    for _, layer in quant_layers(model):
+        if weights and layer.weight_quantizer is not None:
+            layer.weight_quantizer.enabled = enabled
+        if acts and layer.input_quantizer is not None:
+            layer.input_quantizer.enabled = enabled
+
+
+class float_mode:
+    """Context manager: run a quantized model in float (all quantizers disabled), restoring the state after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved: list[tuple[Quantizer, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        for _, layer in quant_layers(self.model):
+            for q in layer.quantizers():
+                self.saved.append((q, q.enabled))
+                q.enabled = False
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for q, enabled in self.saved:
+            q.enabled = enabled
+        self.saved.clear()

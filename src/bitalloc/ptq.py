@@ -1,0 +1,149 @@
+"""Post-training quantization, end to end: prepare -> calibrate -> evaluate -> cost -> report.
+
+``quantize(model, config, calibration_data)`` is the library entry point (a quantized ``nn.Module``);
+``run_ptq`` adds accuracy, timing and cost and returns the JSON-ready report that ``bitalloc ptq`` writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from bitalloc.calibration.calibrate import calibrate
+from bitalloc.config import QuantConfig
+from bitalloc.cost import CostReport, cost_report
+from bitalloc.errors import DataError
+from bitalloc.model.layers import QuantLayer, quant_layers
+from bitalloc.model.prepare import prepare, prepare_info
+
+
+def _first_batch(data: Iterable) -> torch.Tensor:
+    for batch in data:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+    raise DataError("the calibration set is empty: give at least one calibration sample")
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, *, example_inputs: Any = None,
+             num_samples: int | None = None, seed: int | None = None) -> nn.Module:
+    """Prepare ``model`` with ``config`` and calibrate it on ``calibration_data`` (batches of (x, ...) or x).
+
+    Returns the quantized model (an ordinary ``nn.Module``; the input model is unchanged). ``num_samples``
+    defaults to ``config.calibration_samples`` (32). ``example_inputs`` defaults to the first calibration
+    batch (two samples of it).
+    """
+    if example_inputs is None:
+        example_inputs = _first_batch(calibration_data)[:2]
+    qmodel = prepare(model, config, example_inputs)
+    info = calibrate(qmodel, calibration_data, num_samples or config.calibration_samples,
+                     seed=config.seed if seed is None else seed)
+    qmodel.bitalloc_calibration = info
+    return qmodel
+
+
+def bit_map(model: nn.Module) -> list[dict[str, Any]]:
+    """Per layer: the bit width of every weight output channel and every input-activation channel."""
+    out = []
+    for name, layer in quant_layers(model):
+        entry: dict[str, Any] = {"name": name}
+        for key, q in (("w_bits_per_channel", layer.weight_quantizer), ("a_bits_per_channel", layer.input_quantizer)):
+            entry[key] = [] if q is None else [int(b) if float(b).is_integer() else float(b) for b in q.bits_per_channel().tolist()]
+        out.append(entry)
+    return out
+
+
+def layer_table(model: nn.Module, cost: CostReport) -> list[dict[str, Any]]:
+    """The ``layers`` list of a report: one entry per weight-bearing layer, quantized or not."""
+    info = prepare_info(model)
+    records = {r.name: r for r in info.layers}
+    bits = {e["name"]: e for e in bit_map(model)}
+    rows = []
+    for lc in cost.layers:
+        rec = records.get(lc.name)
+        row = {"name": lc.name, "type": lc.type, "quantized": lc.quantized, "w_bits": lc.w_bits, "a_bits": lc.a_bits,
+               "macs": lc.macs, "bops": lc.bops, "kept_fraction": lc.kept_fraction, "params": lc.params,
+               "memory_bits": lc.memory_bits}
+        if rec is not None:
+            row.update({"status": rec.status, "reason": rec.reason, "rules": rec.rules, "weight_config": rec.weight,
+                        "act_config": rec.act, "bias_correction": rec.bias_correction})
+        if lc.name in bits:
+            row.update({k: v for k, v in bits[lc.name].items() if k != "name"})
+        rows.append(row)
+    return rows
+
+
+def cost_summary(cost: CostReport) -> dict[str, Any]:
+    return {"macs": cost.macs, "bops": cost.bops, "relative_bops": cost.relative_bops, "bireal_ops": cost.bireal_ops,
+            "float_macs": cost.float_macs, "memory_bits": cost.memory_bits, "fp32_memory_bits": cost.fp32_memory_bits,
+            "overhead_bits": cost.overhead_bits, "compression": cost.fp32_memory_bits / cost.memory_bits if cost.memory_bits else None}
+
+
+@dataclass
+class PTQResult:
+    model: nn.Module
+    report: dict[str, Any]
+
+
+def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, evaluate_fn: Any, *,
+            fp32_top1: float | None = None, fp32_eval_seconds: float | None = None,
+            fp32_calib_seconds: float | None = None, name: str = "") -> PTQResult:
+    """Quantize, evaluate and cost ``model``.
+
+    ``evaluate_fn(model) -> (top1 %, seconds)`` evaluates a model on the evaluation set. The FP32 numbers
+    are measured here unless given (pass them when comparing many configurations of one model).
+    ``fp32_calib_seconds`` is the time of one FP32 pass over the calibration images (for the calibration
+    time ratio); measured here when None.
+    """
+    example = _first_batch(calibration_data)[:2]
+    model = model.eval()
+    if fp32_top1 is None or fp32_eval_seconds is None:
+        fp32_top1, fp32_eval_seconds = evaluate_fn(model)
+    if fp32_calib_seconds is None:
+        fp32_calib_seconds = fp32_pass_seconds(model, calibration_data, config.calibration_samples)
+    qmodel = quantize(model, config, calibration_data, example_inputs=example)
+    top1, eval_seconds = evaluate_fn(qmodel)
+    cost = cost_report(qmodel, example[:1])
+    info = prepare_info(qmodel)
+    calib = qmodel.bitalloc_calibration
+    report = {
+        "name": name,
+        "fp32_top1": fp32_top1,
+        "top1": top1,
+        "top1_drop": fp32_top1 - top1,
+        **cost_summary(cost),
+        "layers": layer_table(qmodel, cost),
+        "float_layers": [{"name": r.name, "type": r.type, "reason": r.reason} for r in info.floating()],
+        "folded_batchnorms": [{"batchnorm": d.batchnorm, "into": d.layer} for d in info.folds if d.folded],
+        "timing": {
+            "calibration_samples": calib["calibration_samples"],
+            "calibration_seconds": calib["calibration_seconds"],
+            "fp32_calibration_pass_seconds": fp32_calib_seconds,
+            "calibration_ratio": calib["calibration_seconds"] / fp32_calib_seconds if fp32_calib_seconds else None,
+            "fp32_eval_seconds": fp32_eval_seconds,
+            "eval_seconds": eval_seconds,
+            "eval_ratio": eval_seconds / fp32_eval_seconds if fp32_eval_seconds else None,
+        },
+        "config": config.to_dict(),
+    }
+    return PTQResult(qmodel, report)
+
+
+@torch.no_grad()
+def fp32_pass_seconds(model: nn.Module, data: Iterable, num_samples: int) -> float:
+    """Seconds of one FP32 forward pass over the first ``num_samples`` inputs of ``data``."""
+    seen, start = 0, time.perf_counter()
+    for batch in data:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = x[: num_samples - seen]
+        model(x)
+        seen += x.shape[0]
+        if seen >= num_samples:
+            break
+    return time.perf_counter() - start
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayer) for m in model.modules())

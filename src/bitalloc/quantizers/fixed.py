@@ -1,0 +1,210 @@
+"""The post-training (PTQ) quantizer: ranges and bit widths fixed from statistics, not learned.
+
+Offline mode: statistics of calibration data (activations) or of the tensor itself (weights) give, once,
+(1) per-channel bit widths when allocation is on (ACIQ eq. 10-11), (2) the clip range from the configured
+range estimator (min-max, ACIQ, KLD, k-sigma, percentile, MSE search), (3) the grid (scale, zero point).
+Online mode: the same three steps run on every input at run time, per sample (and per channel), so results
+do not depend on how inputs are batched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bitalloc.config import TensorConfig
+from bitalloc.errors import ConfigError
+from bitalloc.quant.allocation import allocate_channel_bits
+from bitalloc.quant.bias_correction import bias_correct
+from bitalloc.quant.grid import fake_quantize, integer_range, qparams_from_range, reshape_for_axis
+from bitalloc.quant.ranges import RANGE_ESTIMATORS, estimate_range
+from bitalloc.quant.stats import ChannelStats, to_rows
+from bitalloc.quantizers.base import QuantParams, Quantizer
+
+#: range methods that need the distribution itself (a subsample), not only moments
+SAMPLE_METHODS = {"percentile", "mse", "kld"}
+
+
+class FixedQuantizer(Quantizer):
+    """PTQ quantizer of one tensor, configured by a :class:`~bitalloc.config.TensorConfig`.
+
+    Buffers (saved in ``state_dict``): ``bits``, ``scale``, ``zero_point`` (0-d per tensor, [C] per channel),
+    ``corr_scale`` / ``corr_shift`` ([C], weights only: bias correction) and ``calibrated``.
+    """
+
+    kind = "fixed"
+
+    def __init__(self, cfg: TensorConfig, role: str, axis: int, channels: int):
+        super().__init__(role, axis, channels)
+        cfg.validate(role)
+        if cfg.method not in RANGE_ESTIMATORS:
+            raise ConfigError(f"unknown range method {cfg.method!r}; choose one of {sorted(RANGE_ESTIMATORS)}")
+        self.cfg = cfg
+        self.per_channel = cfg.granularity == "channel"
+        shape = (channels,) if self.per_channel else ()
+        self.register_buffer("bits", torch.full(shape, cfg.int_bits, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("calibrated", torch.tensor(False))
+        if role == "weight":
+            self.register_buffer("corr_scale", torch.ones(channels))
+            self.register_buffer("corr_shift", torch.zeros(channels))
+        else:
+            self.corr_scale = self.corr_shift = None
+        self.observer = None
+        self._cache: tuple | None = None
+        self._last_online: QuantParams | None = None
+
+    # ---- calibration ------------------------------------------------------------------------------
+    @property
+    def online(self) -> bool:
+        return bool(self.cfg.online) and self.role == "act"
+
+    @property
+    def is_ready(self) -> bool:
+        return self.online or bool(self.calibrated)
+
+    @property
+    def stat_axis(self) -> int | None:
+        return self.axis if self.per_channel else None
+
+    def start_observing(self, seed: int = 0, name: str = "") -> None:
+        from bitalloc.calibration.observer import Observer
+
+        self.observer = Observer(self.stat_axis, seed=seed, name=name)
+
+    def finish_observing(self) -> None:
+        """Set bits and ranges from what the observer saw (raises DataError if it saw nothing)."""
+        obs, self.observer = self.observer, None
+        if obs is None:
+            return
+        obs.merge_distributed()
+        self.set_from_stats(obs.stats())
+
+    def calibrate_weight(self, weight: Tensor) -> None:
+        """Weights need no data: their statistics are exact."""
+        self.set_from_stats(ChannelStats.of(weight.detach(), self.stat_axis))
+
+    def _one_sided(self, stats: ChannelStats) -> Tensor:
+        if self.cfg.one_sided == "auto":
+            return stats.one_sided
+        return torch.full((stats.channels,), bool(self.cfg.one_sided))
+
+    def _row_bits(self, stats: ChannelStats, one_sided: Tensor) -> Tensor:
+        cfg = self.cfg
+        if not cfg.allocate:
+            return torch.full((stats.channels,), cfg.int_bits, dtype=torch.int64)
+        prior = cfg.options.get("prior", "laplace")
+        prior = prior if prior in ("laplace", "gauss") else "laplace"
+        statistic = stats.std if cfg.options.get("allocation_statistic", "std") == "std" else stats.scale_statistic(prior, one_sided)
+        return allocate_channel_bits(statistic.float(), float(cfg.bits), min_bits=cfg.min_bits, max_bits=cfg.max_bits,
+                                     method=cfg.allocation, prior=prior, one_sided=bool(one_sided.all()))
+
+    def _grid(self, stats: ChannelStats, bits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        one_sided = self._one_sided(stats)
+        if bits is None:
+            bits = self._row_bits(stats, one_sided)
+        options = {k: v for k, v in self.cfg.options.items() if k != "allocation_statistic"}
+        lo, hi = estimate_range(self.cfg.method, stats, bits, symmetric=self.cfg.symmetric, one_sided=one_sided, **options)
+        scale, zero_point, _, _ = qparams_from_range(lo, hi, bits, symmetric=self.cfg.symmetric)
+        return bits, scale, zero_point
+
+    @torch.no_grad()
+    def set_from_stats(self, stats: ChannelStats) -> None:
+        if self.cfg.method in SAMPLE_METHODS and stats.samples is None:
+            raise ConfigError(f"range method {self.cfg.method!r} needs samples of the tensor")
+        bits, scale, zero_point = self._grid(stats)
+        shape = self.scale.shape
+        self.bits.copy_(bits.reshape(shape))
+        self.scale.copy_(scale.reshape(shape))
+        self.zero_point.copy_(zero_point.reshape(shape))
+        self.calibrated.fill_(True)
+        self._cache = None
+
+    @torch.no_grad()
+    def set_bias_correction(self, weight: Tensor, mode: str) -> None:
+        """ACIQ bias correction (eq. 12-13) of this weight quantizer: "none", "mean" or "mean+norm"."""
+        if self.role != "weight":
+            raise ConfigError("bias correction applies to weight quantizers only")
+        self.corr_scale.fill_(1.0)
+        self.corr_shift.fill_(0.0)
+        self._cache = None
+        if mode == "none":
+            return
+        p = self.qparams()
+        w_q = p.dequantize(p.quantize(weight.detach()))
+        _, xi, beta = bias_correct(weight.detach(), w_q, axis=self.axis, norm=(mode == "mean+norm"))
+        self.corr_scale.copy_(xi.float())
+        self.corr_shift.copy_(beta.float())
+        self._cache = None
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def _signed(self) -> bool:
+        return bool(self.cfg.symmetric)
+
+    def qparams(self) -> QuantParams:
+        if self.online and self._last_online is not None:
+            return self._last_online
+        qmin, qmax = integer_range(self.bits, signed=self._signed())
+        return QuantParams(bits=self.bits, scale=self.scale, zero_point=self.zero_point, qmin=qmin, qmax=qmax,
+                           axis=self.axis, signed=self._signed(), corr_scale=self.corr_scale,
+                           corr_shift=self.corr_shift, online=self.online)
+
+    def bits_per_channel(self) -> Tensor:
+        if self.cfg.allocate and (self.online or not bool(self.calibrated)):  # the budget until allocated
+            return torch.full((self.channels,), float(self.cfg.bits), dtype=torch.float64)
+        return self.bits.to(torch.float64).reshape(-1)
+
+    def quantize_forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:  # calibration pass: observe, stay in float
+            self.observer.update(x)
+            return x
+        if self.online:
+            return self._online_forward(x)
+        if not self.calibrated:
+            raise ConfigError(f"{self.role} quantizer used before calibration: run the model inside "
+                              "`with bitalloc.calibration(model):` on calibration data first (or set online=True)")
+        cacheable = self.role == "weight" and not (torch.is_grad_enabled() and x.requires_grad)
+        if cacheable:
+            key = (id(x), x._version, x.dtype, self.scale._version, self.bits._version, self.zero_point._version,
+                   self.corr_scale._version, self.corr_shift._version)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        p = self.qparams()
+        y = fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax, self.axis if self.per_channel else None)
+        if self.role == "weight":
+            y = y * reshape_for_axis(self.corr_scale, y.ndim, self.axis) + reshape_for_axis(self.corr_shift, y.ndim, self.axis)
+        if cacheable:
+            self._cache = (key, y)
+        return y
+
+    def _online_forward(self, x: Tensor) -> Tensor:
+        """Per-sample (and per-channel) statistics, bits, ranges and fake quantization of this input."""
+        n = x.shape[0]
+        if self.per_channel:
+            c = x.shape[self.axis]
+            rows = x.movedim(self.axis % x.ndim, 1).reshape(n * c, -1)
+        else:
+            rows = x.reshape(n, -1)
+        with torch.no_grad():
+            stats = ChannelStats.from_rows(rows, keep_samples=True, dtype=torch.float32)
+            bits = None
+            if self.per_channel and self.cfg.allocate:  # allocate among the channels of each sample
+                per_sample = [ChannelStats.from_rows(rows[i * c:(i + 1) * c], keep_samples=False, dtype=torch.float32)
+                              for i in range(n)]
+                bits = torch.cat([self._row_bits(s, self._one_sided(s)) for s in per_sample])
+            bits, scale, zp = self._grid(stats, bits)
+            qmin, qmax = integer_range(bits, signed=self._signed())
+        y = fake_quantize(rows, scale, zp, qmin, qmax, axis=0)
+        self._last_online = QuantParams(bits=bits, scale=scale, zero_point=zp, qmin=qmin, qmax=qmax, axis=self.axis,
+                                        signed=self._signed(), online=True)
+        if self.per_channel:
+            moved = list(x.movedim(self.axis % x.ndim, 1).shape)
+            return y.reshape(moved).movedim(1, self.axis % x.ndim)
+        return y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        mode = "online" if self.online else ("calibrated" if bool(self.calibrated) else "uncalibrated")
+        alloc = f", allocated avg {c.bits}" if c.allocate else ""
+        return f"{self.role}, {c.method}, {c.granularity}, bits={c.bits}{alloc}, {'sym' if c.symmetric else 'affine'}, {mode}"
