@@ -16,7 +16,7 @@ import torch
 from bitalloc.errors import ConfigError
 from bitalloc.quant.clipping import aciq_clip_ratio
 from bitalloc.quant.grid import qparams_from_range
-from bitalloc.quant.kld import abs_histogram, kld_threshold
+from bitalloc.quant.kld import abs_histogram, kld_divergences, kld_threshold
 from bitalloc.quant.ranges import (AUTO_CANDIDATES, RANGE_ESTIMATORS, _sse_direct, _sse_sorted, aciq_auto_select,
                                    estimate_range, grid_sse, quantization_step, register_range_estimator,
                                    row_quantile)
@@ -276,13 +276,26 @@ def test_grid_sse_paths_agree_with_reference():
                     assert float(b[r, k]) == pytest.approx(ref, rel=1e-8)
 
 
+def _best_time(fn, repeat: int = 3) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def test_mse_search_is_fast():
+    """100 candidates on 1e6 samples cost about one sort of the samples, not 100 quantization passes.
+
+    Measured against ``torch.sort`` of the same row on the same machine (robust to load): ~1.25 sorts,
+    ~0.1 s on 2 cores; evaluating every candidate on every sample (the direct path) costs ~5 sorts.
+    """
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1_000_000))
     st = ChannelStats.from_rows(x)
-    estimate_range("mse", st, 4, symmetric=False)  # warm-up
-    t0 = time.perf_counter()
-    estimate_range("mse", st, 8, symmetric=False, grid=100)
-    assert time.perf_counter() - t0 < 1.5  # ~0.1 s measured on 2 cores
+    one_sort = _best_time(lambda: torch.sort(x, dim=1))
+    search = _best_time(lambda: estimate_range("mse", st, 8, symmetric=False, grid=100))
+    assert search < 2.5 * one_sort
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,6 +346,18 @@ def test_kld_threshold_matches_reference_implementation():
         i_ref, _ = reference_kld(hist, n_q)
         assert kld_threshold(hist, w, n_q) == pytest.approx((i_ref + 0.5) * w, rel=1e-12)
         assert kld_threshold(torch.from_numpy(hist), w, n_q) == kld_threshold(hist, w, n_q)
+    # sparse histograms (empty bins inside, outliers folded into empty edge bins), every divergence compared
+    for _ in range(40):
+        nbins = int(rng.integers(8, 100))
+        n_q = int(rng.integers(1, nbins + 1))
+        hist = rng.integers(0, 5, nbins).astype(float) * (rng.random(nbins) < rng.random())
+        if hist.sum() == 0:
+            continue
+        i_ref, kls_ref = reference_kld(hist, n_q)
+        _, kls = kld_divergences(hist, n_q)
+        assert np.array_equal(np.isinf(kls), np.isinf(kls_ref))
+        np.testing.assert_allclose(kls[np.isfinite(kls)], kls_ref[np.isfinite(kls_ref)], rtol=1e-10, atol=1e-14)
+        assert kld_threshold(hist, 0.5, n_q) == (i_ref + 0.5) * 0.5
 
 
 def test_kld_threshold_known_answer():
@@ -351,18 +376,21 @@ def test_kld_threshold_known_answer():
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_kld_range_matches_reference_end_to_end(symmetric):
+@pytest.mark.parametrize("fix_zero_bin", [True, False])
+def test_kld_range_matches_reference_end_to_end(symmetric, fix_zero_bin):
     rows = make_rows(20000, seed=9)
     st = ChannelStats.from_rows(rows)
     bits = torch.tensor([4, 3, 2, 4, 3])
     nbins = 256
-    lo, hi = estimate_range("kld", st, bits, symmetric=symmetric, num_bins=nbins)
+    lo, hi = estimate_range("kld", st, bits, symmetric=symmetric, num_bins=nbins, fix_zero_bin=fix_zero_bin)
     x = rows.double().numpy()
     for r in range(st.channels):
         one = bool(st.one_sided[r])
         v = np.maximum(x[r], 0) if one else np.abs(x[r])
         amax = float(x[r].max()) if one else float(np.abs(x[r]).max())
         hist, edges = np.histogram(v, bins=nbins, range=(0, amax))
+        if fix_zero_bin:
+            hist[0] = hist[1]
         n_q = 2 ** int(bits[r]) if (one and not symmetric) else 2 ** (int(bits[r]) - 1)
         i_ref, _ = reference_kld(hist, n_q)
         t = (i_ref + 0.5) * (edges[1] - edges[0])
@@ -371,6 +399,20 @@ def test_kld_range_matches_reference_end_to_end(symmetric):
         else:
             assert float(hi[r]) == pytest.approx(min(t, float(x[r].max())), rel=1e-12)
             assert float(lo[r]) == pytest.approx(max(-t, float(x[r].min())), rel=1e-12)
+
+
+def test_kld_zero_bin_fix_on_post_relu_data():
+    """Half the values of ReLU(Laplace) are exactly 0: without the fix the search collapses to the smallest
+    candidates; with it the threshold lands in the tail, near the ACIQ clip (here 7.35 vs 6.20 b at 4 bits)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(1, 200000, generator=g, dtype=torch.float64) - 0.5
+    x = torch.relu(-torch.sign(u) * torch.log1p(-2 * u.abs())).float()
+    st = ChannelStats.from_rows(x)
+    _, hi_raw = estimate_range("kld", st, 4, symmetric=False, fix_zero_bin=False)
+    _, hi_fix = estimate_range("kld", st, 4, symmetric=False)
+    aciq = aciq_clip_ratio(4, "laplace", one_sided=True) * float(st.pos_mean[0])
+    assert float(hi_raw[0]) < 0.6 * aciq
+    assert 0.8 * aciq < float(hi_fix[0]) < 1.5 * aciq
 
 
 def test_abs_histogram_matches_numpy():
@@ -385,9 +427,8 @@ def test_abs_histogram_matches_numpy():
 def test_kld_is_fast():
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 500_000))
     st = ChannelStats.from_rows(x)
-    t0 = time.perf_counter()
-    estimate_range("kld", st, 8, symmetric=True)
-    assert time.perf_counter() - t0 < 0.5  # ~0.05-0.1 s measured (2048 bins)
+    # ~0.05-0.1 s measured (2048 bins, 1920 candidates) on an idle 2-core machine; generous bound for load
+    assert _best_time(lambda: estimate_range("kld", st, 8, symmetric=True), repeat=2) < 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""Data-parallel training: 2 CPU processes launched through the real torchrun entry point
+(``python -m torch.distributed.run --standalone --nproc_per_node 2``) must reproduce the single-process run
+with the same seed and global batch size, within float tolerance.
+
+Cases (one torchrun launch for all, to keep the test well under a minute):
+* ``plain``: MLP, SGD + Nesterov, cosine, a partial last global batch; fit initialises the process group itself;
+* ``items_aug``: per-item random augmentation drawn from the global torch RNG (reseeded per sample);
+* ``batches_aug``: a dataset with vectorised ``get_batch`` + augmentation, Adam, grad clipping, label smoothing;
+* ``bn_sync``: a BatchNorm model with ``sync_bn=True`` (CPU: bitalloc's CPUSyncBatchNorm over gloo);
+* ``resume``: 1 epoch, checkpoint (rank 0 only), resume, 1 more epoch under DDP == uninterrupted;
+* ``bn_local``: BatchNorm without sync: trains, ranks stay identical (statistics are per rank, documented);
+* collectives: all_reduce_tensors (sum / mean / max, several dtypes), all_reduce_dict, evaluate's sharding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitalloc.train import distributed as D
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from bitalloc.train import TrainConfig, StopAfter, evaluate, fit, load_checkpoint
+    from bitalloc.train import distributed as D
+
+
+    def blobs(n, noise_seed=1, classes=4, dim=16, sep=3.0):
+        g = torch.Generator().manual_seed(0)
+        means = torch.randn(classes, dim, generator=g)
+        means = means / means.norm(dim=1, keepdim=True)
+        g2 = torch.Generator().manual_seed(noise_seed)
+        y = torch.randint(0, classes, (n,), generator=g2)
+        return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
+
+
+    class ItemsAug(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.x, self.y = base.tensors
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            return self.x[i] + 0.2 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+    class BatchesAug(ItemsAug):
+        augment = True
+        def get_batch(self, idx, generator=None):
+            idx = torch.as_tensor(idx)
+            return self.x[idx] + 0.2 * torch.randn(len(idx), self.x.shape[1], generator=generator), self.y[idx]
+
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+    def bn_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+    SGD = dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, batch_size=32, epochs=2, progress="off")
+    CASES = {
+        "plain": (mlp, lambda: blobs(200), SGD),  # 6 full batches + one of 8
+        "items_aug": (mlp, lambda: ItemsAug(blobs(160)), dict(SGD, weight_decay=1e-3)),
+        "batches_aug": (mlp, lambda: BatchesAug(blobs(160)),
+                        dict(SGD, optimizer="adam", lr=0.01, max_grad_norm=0.5, label_smoothing=0.1)),
+        "bn_sync": (bn_net, lambda: blobs(160), dict(SGD, sync_bn=True)),
+    }
+    VAL = lambda: blobs(70, noise_seed=5)  # 70 = 35 per rank: sharded evaluation must count each sample once
+
+
+    def run_case(name, **extra):
+        make_model, make_data, cfg = CASES[name]
+        model = make_model()
+        r = fit(model, make_data(), VAL(), TrainConfig(**dict(cfg, **extra)))
+        return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "history": [{k: h.get(k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                                   "train_samples")} for h in r.history]}
+
+
+    def main(out):
+        out = Path(out)
+        results = {"plain": run_case("plain")}  # fit initialises (and destroys) the process group itself
+        assert not torch.distributed.is_initialized()
+        with D.distributed("cpu"):
+            rank, world = D.rank(), D.world_size()
+            assert world == 2 and D.is_main_process() == (rank == 0)
+            for name in ("items_aug", "batches_aug", "bn_sync"):
+                results[name] = run_case(name)
+            ck = out / "resume.pt"
+            make_model, make_data, cfg = CASES["plain"]
+            fit(make_model(), make_data(), VAL(), TrainConfig(**dict(cfg, checkpoint=str(ck))), callbacks=[StopAfter(1)])
+            results["resume"] = run_case("plain", checkpoint=str(ck), resume=True)
+            state = load_checkpoint(ck)
+            results["checkpoint"] = {"world_size": state["world_size"], "rng_states": len(state["rng"]),
+                                     "epoch": state["epoch"], "complete": state["complete"]}
+            # BatchNorm without sync: runs; DDP keeps parameters identical on both ranks
+            model = bn_net()
+            r = fit(model, blobs(160), VAL(), TrainConfig(**SGD))
+            params = D.all_gather_object({k: v for k, v in model.named_parameters()})
+            results["bn_local"] = {"finite": all(bool(torch.isfinite(v).all()) for v in params[0].values()),
+                                   "ranks_equal": all(torch.equal(params[0][k], params[1][k]) for k in params[0]),
+                                   "val_accuracy": r.final_accuracy}
+            # collectives
+            a = torch.tensor([rank + 1.0, 10.0 * rank], dtype=torch.float64)
+            b = torch.tensor([[rank, 1], [2, rank]], dtype=torch.int64)
+            c = torch.tensor([rank + 0.5], dtype=torch.float32)
+            D.all_reduce_tensors(a, [b, c])
+            m = torch.tensor([float(rank)]); D.all_reduce_tensors(m, op="max")
+            mean = torch.tensor([2.0 * rank]); D.all_reduce_tensors(mean, op="mean")
+            ev = evaluate(bn_net(), VAL(), batch_size=16, progress="off")
+            results["collectives"] = {"a": a.tolist(), "b": b.tolist(), "c": c.tolist(), "max": m.item(),
+                                      "mean": mean.item(), "dict": D.all_reduce_dict({"x": rank + 1, "y": 2}),
+                                      "eval_count": ev.count, "gathered": D.all_gather_object(rank),
+                                      "broadcast": D.broadcast_object("hello" if rank == 0 else None)}
+            if rank == 0:
+                torch.save(results, out / "ddp.pt")
+
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
+''')
+
+
+def _load_worker(tmp_path: Path):
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(WORKER)
+    spec = importlib.util.spec_from_file_location("ddp_worker", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return script, mod
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    scale = max(float(b.abs().max()), 1e-12)
+    return float((a.double() - b.double()).abs().max()) <= rel * scale
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    script, mod = _load_worker(tmp_path)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["BITALLOC_PROGRESS"] = "off"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    results = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    return mod, results, elapsed, tmp_path
+
+
+def test_torchrun_is_fast_enough(ddp_run):
+    _, _, elapsed, _ = ddp_run
+    assert elapsed < 60, f"the 2-process torchrun test took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("case,rel", [("plain", 1e-5), ("items_aug", 1e-5), ("batches_aug", 1e-5),
+                                      ("bn_sync", 1e-4)])
+def test_ddp_matches_single_process(ddp_run, case, rel):
+    mod, results, _, _ = ddp_run
+    single = mod.run_case(case)
+    multi = results[case]
+    for k, v in single["weights"].items():
+        assert _close(multi["weights"][k], v, rel), f"{case}: {k} differs: {multi['weights'][k]} vs {v}"
+    for hs, hm in zip(single["history"], multi["history"], strict=True):
+        assert hm["train_samples"] == hs["train_samples"]
+        for key in ("train_loss", "val_loss"):
+            assert hm[key] == pytest.approx(hs[key], rel=rel), (case, key)
+        for key in ("train_accuracy", "val_accuracy"):
+            assert hm[key] == pytest.approx(hs[key], abs=1.5 / 70), (case, key)  # at most one borderline flip
+
+
+def test_ddp_resume_and_rank0_checkpoint(ddp_run):
+    _, results, _, tmp_path = ddp_run
+    for k, v in results["plain"]["weights"].items():
+        assert torch.equal(results["resume"]["weights"][k], v), k  # same processes, same reductions: bitwise
+    assert results["checkpoint"] == {"world_size": 2, "rng_states": 2, "epoch": 2, "complete": True}
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_ddp_batchnorm_without_sync_and_collectives(ddp_run):
+    _, results, _, _ = ddp_run
+    assert results["bn_local"]["finite"] and results["bn_local"]["ranks_equal"]
+    assert results["bn_local"]["val_accuracy"] > 0.5
+    c = results["collectives"]
+    assert c["a"] == [3.0, 10.0] and c["b"] == [[1, 2], [4, 1]] and c["c"] == [2.0]
+    assert c["max"] == 1.0 and c["mean"] == 1.0 and c["dict"] == {"x": 3.0, "y": 4.0}
+    assert c["eval_count"] == 70 and c["gathered"] == [0, 1] and c["broadcast"] == "hello"
+
+
+# ---- single-process pieces ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,batch,world,drop_last", [(103, 10, 3, False), (100, 10, 4, True), (21, 8, 2, False),
+                                                     (17, 8, 2, False)])
+def test_global_batches_partition_the_single_process_batches(n, batch, world, drop_last):
+    single = D.GlobalBatchSampler(n, batch, seed=3, rank=0, world_size=1, drop_last=drop_last)
+    ranks = [D.GlobalBatchSampler(n, batch, seed=3, rank=r, world_size=world, drop_last=drop_last)
+             for r in range(world)]
+    for epoch in (0, 1):
+        for s in [single, *ranks]:
+            s.set_epoch(epoch)
+        ref = [[i for _, i in b] for b in single]
+        per_rank = [[[i for _, i in b] for b in s] for s in ranks]
+        assert all(len(p) == len(per_rank[0]) for p in per_rank)  # same number of steps on every rank
+        for step, parts in enumerate(zip(*per_rank)):
+            joined = [i for p in parts for i in p]
+            assert joined == ref[step]
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) >= 1
+        skipped = len(ref) - len(per_rank[0])
+        assert skipped in (0, 1) and (skipped == 0 or len(ref[-1]) < world)
+    single.set_epoch(0)
+    e0 = [i for b in single for _, i in b]
+    single.set_epoch(1)
+    e1 = [i for b in single for _, i in b]
+    assert sorted(e0) == list(range(n)) and e0 != e1  # a new permutation per epoch
+
+
+def test_single_process_helpers_are_noops():
+    t = torch.tensor([1.0, 2.0])
+    assert D.all_reduce_tensors(t)[0] is t and t.tolist() == [1.0, 2.0]
+    assert D.world_size() == 1 and D.rank() == 0 and D.is_main_process() and not D.is_distributed()
+    assert D.all_gather_object(5) == [5] and D.broadcast_object("x") == "x"
+    assert D.select_device("cpu").type == "cpu"
+    assert D.shard_bounds(10, 0, 3) == (0, 4) and D.shard_bounds(10, 2, 3) == (7, 10)
+
+
+def test_sync_bn_conversion_round_trip():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 6 * 6)))
+    keys = list(net.state_dict())
+    weight = net[1].weight
+    D.convert_sync_batchnorm(net, "cpu")
+    assert isinstance(net[1], D.CPUSyncBatchNorm) and net[1].weight is weight
+    assert list(net.state_dict()) == keys
+    x = torch.randn(5, 3, 8, 8)
+    net.train()
+    y = net(x)  # outside a process group it is ordinary batch norm
+    D.revert_sync_batchnorm(net)
+    assert type(net[1]) is torch.nn.BatchNorm2d and type(net[2][1]) is torch.nn.BatchNorm1d
+    assert net[1].weight is weight and y.shape == (5, 4 * 6 * 6)
