@@ -9,7 +9,6 @@ import argparse
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,16 @@ from bitalloc.train import schedules as S
 from bitalloc.train.progress import Progress
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 
 def blobs(n: int, *, seed: int = 0, noise_seed: int = 1, classes: int = 4, dim: int = 16, sep: float = 3.0):
@@ -164,6 +173,23 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert load_checkpoint(ck)["complete"] is True
 
 
+def test_loader_workers_do_not_change_results():
+    """Augmentation is seeded per sample (items) or per step (batches): worker processes change nothing."""
+    train = blobs(96)
+    for data in (AugmentedBatches(train), _ItemsAug(train)):
+        runs = []
+        for workers in (0, 2):
+            model = mlp()
+            fit(model, data, None, quiet(epochs=2, workers=workers))
+            runs.append(weights(model))
+        for k in runs[0]:
+            assert torch.equal(runs[0][k], runs[1][k]), (type(data).__name__, k)
+
+
+class _ItemsAug(AugmentedBatches):
+    get_batch = None  # per-item path: __getitem__ draws from the (per-sample reseeded) global torch RNG
+
+
 def test_checkpoint_errors(tmp_path):
     train = blobs(64)
     ck = tmp_path / "m.pt"
@@ -265,6 +291,7 @@ class L2ToZero(Objective):
         self.steps = d["steps"]
 
 
+@torch.no_grad()
 def _weight_norm(model):
     return float(sum((p ** 2).sum() for n, p in model.named_parameters() if n.endswith("weight")) ** 0.5)
 

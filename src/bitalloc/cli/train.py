@@ -199,14 +199,14 @@ def _num(v: Any, fmt: str = ".4f") -> str:
 def print_summary(result: Any, header: dict[str, Any], outputs: dict[str, str | None], stream: Any = None) -> None:
     """The per-epoch table and the summary (rich when installed, plain text otherwise)."""
     stream = stream if stream is not None else sys.stdout
-    cols = ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "time/step", "epoch time"]
+    cols = ["epoch", "loss", "acc", "val loss", "val acc", "lr", "ms/step", "time"]
     rows = []
     for r in result.history:
         lr = r.get("lr") or {}
         lr0 = lr.get("default", next(iter(lr.values()), None)) if isinstance(lr, dict) else lr
         rows.append([str(r.get("epoch")), _num(r.get("train_loss")), _pct(r.get("train_accuracy")),
                      _num(r.get("val_loss")), _pct(r.get("val_accuracy")), _num(lr0, ".3g"),
-                     f"{1000 * float(r.get('time_per_step') or 0):.1f} ms", f"{float(r.get('time') or 0):.1f} s"])
+                     f"{1000 * float(r.get('time_per_step') or 0):.1f}", f"{float(r.get('time') or 0):.1f} s"])
     title = (f"bitalloc train: {header['model']} on {header['dataset']} ({header['method']}, "
              f"{header['world_size']} process(es), {header['device']})")
     summary = [
@@ -224,8 +224,9 @@ def print_summary(result: Any, header: dict[str, Any], outputs: dict[str, str | 
     except ImportError:
         Console = None  # type: ignore[assignment]
     if Console is not None:
-        console = Console(file=stream, highlight=False, soft_wrap=True)
-        table = Table(title=title)
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        console = Console(file=stream, highlight=False, width=None if tty else 120)
+        table = Table(title=title, caption="loss / acc: training (mean over the epoch); val: after the epoch")
         for c in cols:
             table.add_column(c, justify="right" if c != "epoch" else "center")
         for row in rows:
@@ -260,8 +261,8 @@ def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:
 def run(args: argparse.Namespace) -> int:
     from bitalloc.io import write_json
     from bitalloc.train import distributed as D
-    from bitalloc.train.checkpoint import load_model_checkpoint
-    from bitalloc.train.loop import fit
+    from bitalloc.train.checkpoint import check_output_path, load_model_checkpoint
+    from bitalloc.train.loop import fit, seed_everything
     from bitalloc.train.presets import get_method, get_preset
 
     method = get_method(args.method)
@@ -277,9 +278,13 @@ def run(args: argparse.Namespace) -> int:
 
         args.model = model_info(args.model).name
     out, log, json_path = _default_paths(args)
-    if Path(json_path).exists() and not (args.overwrite or args.resume):
-        raise CheckpointError(f"result {json_path} already exists and this is a fresh run; pass --resume to continue "
-                              f"the run it belongs to, --overwrite to replace it, or choose another --json / --out")
+    # Refuse to replace earlier outputs before spending time on loading data (fit checks again, on rank 0).
+    if check_output_path(out, resume=bool(args.resume), overwrite=bool(args.overwrite)) == "fresh":
+        for path, what, flag in ((log, "log", "--log"), (json_path, "result", "--json")):
+            if Path(path).exists():
+                raise CheckpointError(f"{what} {path} already exists and this is a fresh run; pass --resume to "
+                                      f"continue the run it belongs to, --overwrite to replace it, or choose "
+                                      f"another {flag} / --out")
 
     with D.distributed(args.device) as device:
         main = D.is_main_process()
@@ -288,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         pretrained = preset.pretrained if args.pretrained is None else bool(args.pretrained)
         if args.init:
             pretrained = False
+        seed_everything(args.seed)  # the same initial weights on every rank and in every run with this seed
         model, model_kwargs, factory = build_model(args, num_classes, pretrained)
         if args.init:
             load_model_checkpoint(args.init, model=model)

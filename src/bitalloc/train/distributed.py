@@ -100,13 +100,30 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def _destroy_at_exit() -> None:
+    # No barrier: at exit a rank may be leaving because of an error, and must not wait for the others.
+    # Collect garbage first: a DistributedDataParallel wrapper kept alive by a reference cycle and destroyed
+    # during interpreter teardown, after its process group, aborts the process ("terminate called ...").
+    global _INITIALISED_HERE
+    if _INITIALISED_HERE and dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    _INITIALISED_HERE = False
+
+
 def init_distributed(device: str | torch.device | None = None, *, backend: str | None = None,
-                     timeout_s: float = 1800.0) -> torch.device:
+                     timeout_s: float = 1800.0, destroy_at_exit: bool = False) -> torch.device:
     """Initialise the default process group from torchrun's environment if this is a multi-process launch.
 
     Returns the device this rank should use. Does nothing (beyond choosing the device) when not launched
     with ``WORLD_SIZE > 1`` or when a group already exists. Backend: ``nccl`` for CUDA devices, ``gloo``
-    otherwise, unless ``backend`` is given.
+    otherwise, unless ``backend`` is given. ``destroy_at_exit`` registers ``destroy_process_group`` for
+    interpreter exit (what :func:`bitalloc.train.fit` uses); otherwise call :func:`cleanup` or use the
+    :func:`distributed` context manager. Initialise once per process: destroying and re-creating the
+    default group under torchrun can hang on stale rendezvous keys.
     """
     global _INITIALISED_HERE
     dev = select_device(device)
@@ -126,15 +143,28 @@ def init_distributed(device: str | torch.device | None = None, *, backend: str |
         dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
         _INITIALISED_HERE = True
+        if destroy_at_exit:
+            import atexit
+
+            atexit.register(_destroy_at_exit)
     return dev
 
 
-def cleanup(force: bool = False) -> None:
-    """Destroy the process group if :func:`init_distributed` created it (or always with ``force``)."""
+def cleanup(force: bool = False, *, wait: bool = True) -> None:
+    """Destroy the process group if :func:`init_distributed` created it (or always with ``force``).
+
+    ``wait`` first waits for the other ranks (a clean shutdown). On an error path pass ``wait=False``: a
+    failing rank must exit, so that torchrun stops the others, instead of blocking in a barrier that the
+    others never reach.
+    """
     global _INITIALISED_HERE
     if dist.is_available() and dist.is_initialized() and (_INITIALISED_HERE or force):
-        with contextlib.suppress(Exception):
-            dist.barrier()
+        import gc
+
+        gc.collect()  # see _destroy_at_exit
+        if wait:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
         _INITIALISED_HERE = False
 
@@ -144,11 +174,34 @@ def distributed(device: str | torch.device | None = None, *, backend: str | None
     """Context manager: initialise from the environment (if launched by torchrun), yield the device, clean up."""
     already = dist.is_available() and dist.is_initialized()
     dev = init_distributed(device, backend=backend)
+    ok = False
     try:
         yield dev
+        ok = True
     finally:
         if not already:
-            cleanup()
+            cleanup(wait=ok)
+
+
+def on_main_then_share(fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 only and give its result (or its exception) to every rank.
+
+    For decisions that must agree across ranks and depend on the file system (does the checkpoint exist?):
+    every rank returns the same value, or every rank raises the same exception.
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # shared with the other ranks, then re-raised everywhere
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
 
 
 # ---- collectives -------------------------------------------------------------------------------------------
@@ -522,9 +575,15 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: 
 
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters; nothing to train")
+    import inspect
+
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, output_device=device.index if device.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters, broadcast_buffers=broadcast_buffers)
+    kwargs: dict[str, Any] = {"find_unused_parameters": find_unused_parameters}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.13 renamed it
+        kwargs["forward_sync_buffers"] = broadcast_buffers
+    else:  # pragma: no cover - older torch
+        kwargs["broadcast_buffers"] = broadcast_buffers
+    return DDP(model, device_ids=ids, output_device=device.index if device.type == "cuda" else None, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -536,7 +595,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 __all__ = [
     "is_distributed", "world_size", "rank", "local_rank", "is_main_process", "launched_distributed",
     "select_device", "init_distributed", "cleanup", "distributed", "all_reduce_tensors", "all_reduce_dict",
-    "broadcast_object", "all_gather_object", "barrier", "GlobalBatchSampler", "SeededItems", "BatchKey",
+    "broadcast_object", "all_gather_object", "barrier", "on_main_then_share", "GlobalBatchSampler", "SeededItems", "BatchKey",
     "BatchedView", "batched_base", "epoch_permutation",
     "shard_bounds", "CPUSyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm", "wrap_ddp", "unwrap",
 ]

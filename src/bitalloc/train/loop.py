@@ -463,21 +463,17 @@ def fit(model: nn.Module, train_set: torch.utils.data.Dataset, val_set: torch.ut
         cfg: TrainConfig | None = None, *, objective: Any = None, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train ``model`` on ``train_set`` (map-style Dataset of ``(input, label)``), evaluating on ``val_set``.
 
-    Works unchanged under ``torchrun --nproc_per_node N`` (initialises the process group from the
-    environment if needed and destroys it afterwards if it created it). ``objective`` plugs in
+    Works unchanged under ``torchrun --nproc_per_node N``: if no process group exists, one is initialised
+    from the environment and kept for later calls (re-initialising a group in the same process is unreliable
+    with torchrun's store); it is destroyed when the interpreter exits. Wrap the work in
+    :func:`bitalloc.train.distributed.distributed` to control the group's lifetime explicitly. ``objective`` plugs in
     quantization-aware training (see the module docstring); ``callbacks`` observe or stop training. The
     model is trained in place and also returned as ``result.model``. A fresh run seeds torch / numpy /
     random with ``cfg.seed`` (plus the rank); a resumed run restores the RNG states from the checkpoint.
     """
     cfg = (cfg or TrainConfig()).validate()
-    owns_group = D.launched_distributed() and not (torch.distributed.is_available()
-                                                  and torch.distributed.is_initialized())
-    device = D.init_distributed(cfg.device)
-    try:
-        return _Trainer(model, train_set, val_set, cfg, objective, list(callbacks), device).run()
-    finally:
-        if owns_group:
-            D.cleanup()
+    device = D.init_distributed(cfg.device, destroy_at_exit=True)
+    return _Trainer(model, train_set, val_set, cfg, objective, list(callbacks), device).run()
 
 
 class _Trainer:
@@ -579,10 +575,16 @@ class _Trainer:
     # -- main ---------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
-        mode = ckpt.check_output_path(cfg.checkpoint, resume=cfg.resume, overwrite=cfg.overwrite)
-        if mode in ("fresh",) and cfg.log and Path(cfg.log).exists() and not cfg.overwrite:
-            raise CheckpointError(f"log {cfg.log} already exists and this is a fresh run; pass --overwrite to "
-                                  f"replace it, --resume to continue the run it belongs to, or choose another --log")
+
+        def decide() -> str:  # on rank 0 only; every rank gets the same answer (or the same error)
+            m = ckpt.check_output_path(cfg.checkpoint, resume=cfg.resume, overwrite=cfg.overwrite)
+            if m == "fresh" and cfg.log and Path(cfg.log).exists() and not cfg.overwrite:
+                raise CheckpointError(f"log {cfg.log} already exists and this is a fresh run; pass --overwrite to "
+                                      f"replace it, --resume to continue the run it belongs to, or choose another "
+                                      f"--log")
+            return m
+
+        mode = D.on_main_then_share(decide)
         if mode != "resume":
             seed_everything(D._mix(cfg.seed, self.rank) if self.rank else cfg.seed)
 
@@ -752,9 +754,15 @@ class _Trainer:
                 _broadcast_buffers(model)
                 self._save(complete=last_epoch)
             self._write_log()
+            D.barrier()  # the files exist for every rank before anyone goes on (e.g. to resume from them)
 
-        if cfg.sync_bn and D.is_distributed():
-            D.revert_sync_batchnorm(model)
+        if D.is_distributed():
+            if cfg.sync_bn:
+                D.revert_sync_batchnorm(model)
+            import gc
+
+            del ddp, loader  # DDP objects hold reference cycles: free them now, while the process group lives
+            gc.collect()
         last = self.history[-1] if self.history else {}
         result = TrainResult(
             final_accuracy=last.get("val_accuracy"), final_loss=last.get("val_loss"),
@@ -767,11 +775,21 @@ class _Trainer:
             world_size=self.world, device=str(self.device), checkpoint=cfg.checkpoint, log=cfg.log,
             resumed_from_epoch=self.resumed_from, stopped_early=stopped, model=model)
         self._write_log(end={"time": _now(), **{k: v for k, v in result.to_dict().items() if k != "history"}})
+        D.barrier()
         for cb in self.callbacks:
             if (fn := _hook(cb, "on_train_end")):
                 fn(result)
         if stopped:
             self.say(f"stopped after epoch {self.epoch} by a callback; continue with --resume")
+        summary = [f"done: {self.epoch} epochs, {self.step} steps"]
+        if result.best_accuracy is not None:
+            summary.append(f"val acc {100 * (result.final_accuracy or 0):.2f}% (best "
+                           f"{100 * result.best_accuracy:.2f}% after epoch {result.best_epoch})")
+        if result.time_per_step:
+            summary.append(f"{train_time:.1f}s training, {1000 * result.time_per_step:.1f} ms/step")
+        if cfg.checkpoint:
+            summary.append(f"checkpoint {cfg.checkpoint}")
+        self.say(" | ".join(summary))
         return result
 
 
