@@ -174,3 +174,18 @@ def test_validation():
     # min_bits == max_bits: everyone gets it
     assert allocate_channel_bits(a, 4, min_bits=4, max_bits=4).tolist() == [4, 4]
     assert allocate_channel_bits(a, 4, min_bits=4, max_bits=4, method="aciq").tolist() == [4, 4]
+
+
+def test_batched_allocation_equals_row_by_row():
+    """Online quantization allocates per sample in one batched call: it must equal row-by-row allocation."""
+    from bitalloc.quant.allocation import allocate_channel_bits_batched
+
+    g = torch.Generator().manual_seed(3)
+    stats = torch.rand(7, 13, generator=g) * torch.tensor([0.1, 1.0, 10.0]).repeat_interleave(5)[:13]
+    stats[2, 4] = 0.0  # a dead channel
+    for avg in (2.0, 3.5, 4.0, 6.3):
+        for one_sided in (False, True):
+            got = allocate_channel_bits_batched(stats, avg, min_bits=2, max_bits=8, one_sided=one_sided)
+            for n in range(stats.shape[0]):
+                ref = allocate_channel_bits(stats[n], avg, min_bits=2, max_bits=8, one_sided=one_sided)
+                assert torch.equal(got[n], ref), (avg, one_sided, n)

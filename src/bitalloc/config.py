@@ -251,7 +251,8 @@ PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "ksigma", "percen
 
 
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
-           online: bool = False, **overrides: Any) -> QuantConfig:
+           online: bool = False, weight_method: str | None = None, weight_options: dict[str, Any] | None = None,
+           **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
@@ -261,7 +262,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     * ``kld`` / ``ksigma`` (k = 2) / ``percentile`` (99.99) / ``mse``: the baselines, applied to
       activations, with min-max per-channel weights.
     ``act_granularity`` overrides the activation granularity ("tensor" or "channel"); ``online`` recomputes
-    activation statistics on every input.
+    activation statistics on every input; ``weight_method`` / ``weight_options`` override the weights' range
+    estimator (default per preset).
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -282,6 +284,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         act.method, act.options = "percentile", {"percentile": 99.99}
     elif name == "mse":
         act.method = "mse"
+    if weight_method is not None:
+        weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:
         act.granularity = act_granularity
         if act_granularity == "tensor":

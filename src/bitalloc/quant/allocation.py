@@ -163,3 +163,31 @@ def allocate_channel_bits(channel_stats: Tensor, avg_bits: float, *, min_bits: i
     error model, default) or ``"aciq"`` (eq. 10-11 of Banner et al. 2019). See :func:`channel_bit_allocation`."""
     return channel_bit_allocation(channel_stats, avg_bits, min_bits=min_bits, max_bits=max_bits, method=method,
                                   prior=prior, one_sided=one_sided).bits
+
+
+def allocate_channel_bits_batched(channel_stats: Tensor, avg_bits: float, *, min_bits: int = 2, max_bits: int = 8,
+                                  prior: str = "laplace", one_sided: bool = False) -> Tensor:
+    """The ``"optimal"`` allocation of many independent sets of channels at once (online quantization: one
+    allocation per input sample). ``channel_stats`` is [N, C]; returns int64 [N, C], row n equal to
+    ``allocate_channel_bits(channel_stats[n], avg_bits, method="optimal", ...)``."""
+    a = torch.as_tensor(channel_stats).detach().to(torch.float64)
+    if a.ndim != 2:
+        raise ShapeError(f"batched channel statistics must be [N, C], got shape {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        return torch.empty(0, a.shape[1], dtype=torch.int64)
+    _check_stats(a.reshape(-1))
+    check_bits(min_bits, name="min_bits")
+    check_bits(max_bits, name="max_bits")
+    if not min_bits <= float(avg_bits) <= max_bits:
+        raise ConfigError(f"average budget avg_bits={avg_bits} lies outside [{min_bits}, {max_bits}]")
+    n, c = a.shape
+    bits = torch.full((n, c), int(min_bits), dtype=torch.int64)
+    extra = int(math.floor(float(avg_bits) * c + 0.5)) - c * int(min_bits)
+    if extra <= 0 or max_bits == min_bits:
+        return bits
+    err = _unit_errors(int(min_bits), int(max_bits), prior, bool(one_sided))
+    drop = err[:-1] - err[1:]
+    gains = (a * a)[:, :, None] * drop[None, None, :]  # [N, C, L]
+    order = torch.sort(-gains.reshape(n, -1), dim=1, stable=True).indices[:, :extra]
+    bits.scatter_add_(1, order // gains.shape[2], torch.ones_like(order))
+    return bits

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bitalloc.config import TensorConfig
 from bitalloc.errors import ConfigError
-from bitalloc.quant.allocation import allocate_channel_bits
+from bitalloc.quant.allocation import allocate_channel_bits, allocate_channel_bits_batched
 from bitalloc.quant.bias_correction import bias_correct
 from bitalloc.quant.grid import fake_quantize, integer_range, qparams_from_range, reshape_for_axis
 from bitalloc.quant.ranges import RANGE_ESTIMATORS, estimate_range
@@ -99,6 +99,27 @@ class FixedQuantizer(Quantizer):
         statistic = stats.std if cfg.options.get("allocation_statistic", "std") == "std" else stats.scale_statistic(prior, one_sided)
         return allocate_channel_bits(statistic.float(), float(cfg.bits), min_bits=cfg.min_bits, max_bits=cfg.max_bits,
                                      method=cfg.allocation, prior=prior, one_sided=bool(one_sided.all()))
+
+    def _online_bits(self, stats: ChannelStats, n: int, c: int) -> Tensor:
+        """Per-sample allocation for rows ordered (sample, channel): one allocation per sample."""
+        cfg = self.cfg
+        prior = cfg.options.get("prior", "laplace")
+        prior = prior if prior in ("laplace", "gauss") else "laplace"
+        if cfg.allocation != "optimal":
+            per_sample = [ChannelStats.from_rows(stats.samples[i * c:(i + 1) * c], keep_samples=False)
+                          for i in range(n)]
+            return torch.cat([self._row_bits(s, self._one_sided(s)) for s in per_sample])
+        one_sided = self._one_sided(stats)
+        statistic = (stats.std if cfg.options.get("allocation_statistic", "std") == "std" else
+                     stats.scale_statistic(prior, one_sided)).reshape(n, c)
+        sample_one_sided = one_sided.reshape(n, c).all(dim=1)  # as _row_bits decides it for one sample
+        bits = torch.empty(n, c, dtype=torch.int64)
+        for flag in (False, True):
+            sel = sample_one_sided == flag
+            if bool(sel.any()):
+                bits[sel] = allocate_channel_bits_batched(statistic[sel], float(cfg.bits), min_bits=cfg.min_bits,
+                                                          max_bits=cfg.max_bits, prior=prior, one_sided=flag)
+        return bits.reshape(-1)
 
     def _grid(self, stats: ChannelStats, bits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         one_sided = self._one_sided(stats)
@@ -190,9 +211,7 @@ class FixedQuantizer(Quantizer):
             stats = ChannelStats.from_rows(rows, keep_samples=True, dtype=torch.float32)
             bits = None
             if self.per_channel and self.cfg.allocate:  # allocate among the channels of each sample
-                per_sample = [ChannelStats.from_rows(rows[i * c:(i + 1) * c], keep_samples=False, dtype=torch.float32)
-                              for i in range(n)]
-                bits = torch.cat([self._row_bits(s, self._one_sided(s)) for s in per_sample])
+                bits = self._online_bits(stats, n, c)
             bits, scale, zp = self._grid(stats, bits)
             qmin, qmax = integer_range(bits, signed=self._signed())
         y = fake_quantize(rows, scale, zp, qmin, qmax, axis=0)
