@@ -46,6 +46,8 @@ class TensorConfig:
     min_bits, max_bits: bounds of allocated per-channel bit widths.
     quantizer: the quantizer class name in :data:`bitalloc.quantizers.QUANTIZERS` ("fixed" for PTQ; "lsq",
         "pact", "bb" for training).
+    rounding: "nearest" (round to nearest) or "gptq" (weights only: error-compensating rounding on the same
+        grid, Frantar et al. 2023, using the calibration data; see :mod:`bitalloc.calibration.gptq`).
     """
 
     bits: float = 8
@@ -60,6 +62,7 @@ class TensorConfig:
     min_bits: int = 2
     max_bits: int = 8
     quantizer: str = "fixed"
+    rounding: str = "nearest"
 
     def validate(self, where: str = "") -> "TensorConfig":
         loc = f" ({where})" if where else ""
@@ -79,6 +82,8 @@ class TensorConfig:
             check_bits(self.bits, name=f"bits{loc}", lo=1 if not self.symmetric else 2, hi=32)
         if self.one_sided not in ("auto", True, False):
             raise ConfigError(f"one_sided={self.one_sided!r}{loc} must be 'auto', True or False")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
         if self.allocation not in ("optimal", "aciq"):
             raise ConfigError(f"allocation={self.allocation!r}{loc} must be 'optimal' or 'aciq'")
         return self
@@ -252,18 +257,23 @@ PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "ksigma", "percen
 
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
            online: bool = False, weight_method: str | None = None, weight_options: dict[str, Any] | None = None,
-           **overrides: Any) -> QuantConfig:
+           rounding: str = "nearest", **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
-    * ``aciq-clip``: + ACIQ analytical clipping of activations (Laplace prior, per channel).
-    * ``aciq-alloc``: + per-channel bit allocation of weights and activations at the average budgets.
+    * ``aciq-clip``: + ACIQ analytical clipping of activations (Laplace prior).
+    * ``aciq-alloc``: + per-channel bit allocation at the average budgets: weights always; activations too
+      when they are quantized per channel (``act_granularity="channel"``).
     * ``aciq``: + bias correction (mean shift) of the weights: the full ACIQ pipeline.
+
+    Activations are quantized per tensor (layer-wise) by default in every preset: that is what integer
+    kernels can execute (one activation scale per tensor), and with 32 calibration images per-channel
+    activation ranges overfit rarely active channels (see BENCHMARKS.md, layer-wise against channel-wise).
     * ``kld`` / ``ksigma`` (k = 2) / ``percentile`` (99.99) / ``mse``: the baselines, applied to
       activations, with min-max per-channel weights.
     ``act_granularity`` overrides the activation granularity ("tensor" or "channel"); ``online`` recomputes
     activation statistics on every input; ``weight_method`` / ``weight_options`` override the weights' range
-    estimator (default per preset).
+    estimator (default per preset); ``rounding="gptq"`` rounds weights with GPTQ instead of to nearest.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -271,7 +281,7 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     act = TensorConfig(bits=a_bits if a_bits is not None else 8, granularity="tensor", method="minmax", online=online)
     bc = "none"
     if name.startswith("aciq"):
-        act.method, act.options, act.granularity = "aciq", {"prior": "laplace"}, "channel"
+        act.method, act.options = "aciq", {"prior": "laplace"}
         if name in ("aciq", "aciq-alloc"):
             weight.allocate = act.allocate = True
         if name == "aciq":
@@ -284,12 +294,13 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         act.method, act.options = "percentile", {"percentile": 99.99}
     elif name == "mse":
         act.method = "mse"
+    weight.rounding = rounding
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:
         act.granularity = act_granularity
-        if act_granularity == "tensor":
-            act.allocate = False
+    if act.granularity == "tensor":
+        act.allocate = False
     if not weight.allocate and float(w_bits) != int(w_bits):
         raise ConfigError(f"fractional weight bits {w_bits} need bit allocation (preset 'aciq' or 'aciq-alloc')")
     layer = LayerConfig(weight=weight, act=act if a_bits is not None else None, bias_correction=bc)

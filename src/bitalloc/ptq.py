@@ -38,8 +38,15 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
     if example_inputs is None:
         example_inputs = _first_batch(calibration_data)[:2]
     qmodel = prepare(model, config, example_inputs)
-    info = calibrate(qmodel, calibration_data, num_samples or config.calibration_samples,
-                     seed=config.seed if seed is None else seed)
+    n = num_samples or config.calibration_samples
+    info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
+    if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
+           for _, l in quant_layers(qmodel)):
+        from bitalloc.calibration.gptq import apply_gptq
+
+        start = time.perf_counter()
+        info["gptq_layers"] = apply_gptq(qmodel, calibration_data, n)
+        info["calibration_seconds"] += time.perf_counter() - start
     qmodel.bitalloc_calibration = info
     return qmodel
 

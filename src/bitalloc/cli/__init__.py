@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order here is the order in ``bitalloc --help``.
-COMMANDS = ["demo", "train", "ptq", "cost"]
+COMMANDS = ["demo", "train", "ptq", "cost", "pack", "unpack", "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,14 @@ from __future__ import annotations
 from bitalloc.config import TensorConfig
 from bitalloc.errors import ConfigError
 from bitalloc.quantizers.base import QuantParams, Quantizer
+from bitalloc.quantizers.bayesian_bits import BayesianBitsQuantizer
 from bitalloc.quantizers.fixed import FixedQuantizer
+from bitalloc.quantizers.frozen import FrozenQuantizer
+from bitalloc.quantizers.lsq import LearnedQuantizer, LSQQuantizer
+from bitalloc.quantizers.pact import PACTQuantizer
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"fixed": FixedQuantizer}
+QUANTIZERS: dict[str, type[Quantizer]] = {"fixed": FixedQuantizer, "lsq": LSQQuantizer, "pact": PACTQuantizer,
+                                          "bb": BayesianBitsQuantizer, "frozen": FrozenQuantizer}
 
 
 def register_quantizer(name: str, cls: type[Quantizer]) -> None:
@@ -28,4 +33,5 @@ def make_quantizer(cfg: TensorConfig, role: str, axis: int, channels: int) -> Qu
     return cls(cfg, role, axis, channels)
 
 
-__all__ = ["QUANTIZERS", "FixedQuantizer", "QuantParams", "Quantizer", "make_quantizer", "register_quantizer"]
+__all__ = ["QUANTIZERS", "BayesianBitsQuantizer", "FixedQuantizer", "FrozenQuantizer", "LearnedQuantizer", "LSQQuantizer",
+           "PACTQuantizer", "QuantParams", "Quantizer", "make_quantizer", "register_quantizer"]

@@ -46,6 +46,8 @@ class FixedQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
         self.register_buffer("calibrated", torch.tensor(False))
+        #: a locked grid is kept by later (re)calibration: set after GPTQ rounded the weight onto it
+        self.register_buffer("locked", torch.tensor(False))
         if role == "weight":
             self.register_buffer("corr_scale", torch.ones(channels))
             self.register_buffer("corr_shift", torch.zeros(channels))
@@ -81,8 +83,14 @@ class FixedQuantizer(Quantizer):
         obs.merge_distributed()
         self.set_from_stats(obs.stats())
 
+    def lock(self) -> None:
+        """Keep the current grid and corrections through later calls of :meth:`calibrate_weight`."""
+        self.locked.fill_(True)
+
     def calibrate_weight(self, weight: Tensor) -> None:
-        """Weights need no data: their statistics are exact."""
+        """Weights need no data: their statistics are exact. A locked quantizer keeps its grid."""
+        if bool(self.locked):
+            return
         self.set_from_stats(ChannelStats.of(weight.detach(), self.stat_axis))
 
     def _one_sided(self, stats: ChannelStats) -> Tensor:
@@ -90,35 +98,47 @@ class FixedQuantizer(Quantizer):
             return stats.one_sided
         return torch.full((stats.channels,), bool(self.cfg.one_sided))
 
+    def _prior(self) -> str:
+        prior = self.cfg.options.get("prior", "laplace")
+        return prior if prior in ("laplace", "gauss") else "laplace"
+
+    def _allocation_statistic(self, stats: ChannelStats, one_sided: Tensor) -> Tensor:
+        """The per-channel range statistic a_i of ACIQ eq. 11: ``options["allocation_statistic"]`` is "std"
+        (default; the reference code), "range" (half the observed range: the error scale of an unclipped grid)
+        or "scale" (the ACIQ prior's b or sigma)."""
+        kind = self.cfg.options.get("allocation_statistic", "std")
+        if kind == "std":
+            return stats.std
+        if kind == "range":
+            return torch.where(one_sided, stats.max.clamp(min=0), (stats.max - stats.min) / 2)
+        if kind == "scale":
+            return stats.scale_statistic(self._prior(), one_sided)
+        raise ConfigError(f"allocation_statistic={kind!r} must be 'std', 'range' or 'scale'")
+
     def _row_bits(self, stats: ChannelStats, one_sided: Tensor) -> Tensor:
         cfg = self.cfg
         if not cfg.allocate:
             return torch.full((stats.channels,), cfg.int_bits, dtype=torch.int64)
-        prior = cfg.options.get("prior", "laplace")
-        prior = prior if prior in ("laplace", "gauss") else "laplace"
-        statistic = stats.std if cfg.options.get("allocation_statistic", "std") == "std" else stats.scale_statistic(prior, one_sided)
-        return allocate_channel_bits(statistic.float(), float(cfg.bits), min_bits=cfg.min_bits, max_bits=cfg.max_bits,
-                                     method=cfg.allocation, prior=prior, one_sided=bool(one_sided.all()))
+        return allocate_channel_bits(self._allocation_statistic(stats, one_sided).float(), float(cfg.bits),
+                                     min_bits=cfg.min_bits, max_bits=cfg.max_bits, method=cfg.allocation,
+                                     prior=self._prior(), one_sided=bool(one_sided.all()))
 
     def _online_bits(self, stats: ChannelStats, n: int, c: int) -> Tensor:
         """Per-sample allocation for rows ordered (sample, channel): one allocation per sample."""
         cfg = self.cfg
-        prior = cfg.options.get("prior", "laplace")
-        prior = prior if prior in ("laplace", "gauss") else "laplace"
         if cfg.allocation != "optimal":
             per_sample = [ChannelStats.from_rows(stats.samples[i * c:(i + 1) * c], keep_samples=False)
                           for i in range(n)]
             return torch.cat([self._row_bits(s, self._one_sided(s)) for s in per_sample])
         one_sided = self._one_sided(stats)
-        statistic = (stats.std if cfg.options.get("allocation_statistic", "std") == "std" else
-                     stats.scale_statistic(prior, one_sided)).reshape(n, c)
+        statistic = self._allocation_statistic(stats, one_sided).reshape(n, c)
         sample_one_sided = one_sided.reshape(n, c).all(dim=1)  # as _row_bits decides it for one sample
         bits = torch.empty(n, c, dtype=torch.int64)
         for flag in (False, True):
             sel = sample_one_sided == flag
             if bool(sel.any()):
                 bits[sel] = allocate_channel_bits_batched(statistic[sel], float(cfg.bits), min_bits=cfg.min_bits,
-                                                          max_bits=cfg.max_bits, prior=prior, one_sided=flag)
+                                                          max_bits=cfg.max_bits, prior=self._prior(), one_sided=flag)
         return bits.reshape(-1)
 
     def _grid(self, stats: ChannelStats, bits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,6 +167,8 @@ class FixedQuantizer(Quantizer):
         """ACIQ bias correction (eq. 12-13) of this weight quantizer: "none", "mean" or "mean+norm"."""
         if self.role != "weight":
             raise ConfigError("bias correction applies to weight quantizers only")
+        if bool(self.locked):
+            return
         self.corr_scale.fill_(1.0)
         self.corr_shift.fill_(0.0)
         self._cache = None

@@ -182,4 +182,7 @@ def get_method(name: str) -> Method:
 
 register_method(Method("fp32", "full-precision training (no quantization)"))
 
+# The quantization-aware methods (lsq, pact, bb) register themselves on import.
+from bitalloc.train import methods as _qat_methods  # noqa: E402,F401
+
 __all__ = ["Preset", "PRESETS", "preset_names", "get_preset", "Method", "METHODS", "register_method", "get_method"]

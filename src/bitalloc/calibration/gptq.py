@@ -1,0 +1,174 @@
+"""Sequential GPTQ rounding of every quantized layer whose weight config asks for it (``rounding="gptq"``).
+
+Layers are processed in execution order. For each, the calibration data runs through the model as it is
+now (earlier layers already quantized and rounded, activations quantized), the layer's *quantized* input is
+captured just before its convolution / matrix product (after any padding its own forward applies), the
+Hessian sum x x^T is accumulated per group, and :func:`bitalloc.quant.gptq.gptq_round` picks the codes on
+the grid that calibration already fixed. The layer's float weight is then replaced by those grid values and
+its weight quantizer is locked (later recalibration keeps its grid), so every downstream path (fake quant,
+cost, export, packing, integer execution) sees exactly the GPTQ codes. Bias correction is reset: GPTQ's
+error compensation supersedes the data-free mean shift.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from bitalloc.errors import DataError
+from bitalloc.model.layers import QuantLayer, quant_layers
+from bitalloc.model.prepare import prepare_info
+from bitalloc.quant.gptq import gptq_round
+
+_OPS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.linear: "linear"}
+
+
+class _Captured(Exception):
+    def __init__(self, op: str, args: tuple, kwargs: dict):
+        super().__init__(op)
+        self.op, self.args, self.kwargs = op, args, kwargs
+
+
+class _InterceptOp(TorchFunctionMode):
+    """Stops at the layer's first conv/linear call and reports its arguments."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _OPS:
+            raise _Captured(_OPS[func], args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+def op_call(layer: nn.Module, x: Tensor) -> _Captured:
+    """The (op, args, kwargs) with which ``layer``'s own forward calls F.conv1d / F.conv2d / F.linear on ``x``."""
+    try:
+        with _InterceptOp():
+            layer(x)
+    except _Captured as call:
+        return call
+    raise DataError(f"{type(layer).__name__} did not call F.conv1d, F.conv2d or F.linear in its forward")
+
+
+def _conv_arg(call: _Captured, i: int, name: str, default: Any) -> Any:
+    return call.args[i] if len(call.args) > i else call.kwargs.get(name, default)
+
+
+def _pair(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def input_columns(call: _Captured, weight: Tensor) -> tuple[Tensor, int]:
+    """Inputs of the op as columns matching ``weight`` rows: [N', G, K] per output position, and G."""
+    x = call.args[0]
+    if call.op == "linear":
+        return x.reshape(-1, 1, x.shape[-1]), 1
+    groups = int(_conv_arg(call, 6, "groups", 1))
+    stride, padding, dilation = (_conv_arg(call, i, n, d) for i, n, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
+    if call.op == "conv1d":
+        x = x.unsqueeze(2)
+        k = (1, weight.shape[-1])
+        stride, dilation = (1, _pair(stride, 1)[0]), (1, _pair(dilation, 1)[0])
+        padding = padding if isinstance(padding, str) else (0, _pair(padding, 1)[0])
+    else:
+        k = tuple(weight.shape[-2:])
+        stride, dilation = _pair(stride, 2), _pair(dilation, 2)
+        padding = padding if isinstance(padding, str) else _pair(padding, 2)
+    if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly as torch does
+        if padding == "valid":
+            padding = (0, 0)
+        else:
+            total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+            x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
+            padding = (0, 0)
+    cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # [N, C*kh*kw, L]
+    n, ck, length = cols.shape
+    return cols.reshape(n, groups, ck // groups, length).permute(0, 3, 1, 2).reshape(n * length, groups, ck // groups), groups
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_samples: int, *,
+                  chunk: int = 4) -> Tensor:
+    """sum over calibration inputs of x x^T for each group of ``layer`` ([G, K, K], float64), where x are the
+    layer's quantized inputs as seen by its convolution / matrix product in the current model."""
+    H: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if layer.input_quantizer is not None:
+            x = layer.input_quantizer(x)
+        for start in range(0, x.shape[0], chunk):
+            call = op_call(layer.layer, x[start:start + chunk])
+            cols, _ = input_columns(call, layer.layer.weight)
+            cols = cols.to(torch.float64)
+            h = torch.einsum("ngk,ngl->gkl", cols, cols)
+            if H:
+                H[0] += h
+            else:
+                H.append(h)
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    seen = 0
+    try:
+        for batch in data:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x = x[: num_samples - seen]
+            if x.shape[0] == 0:
+                break
+            try:
+                model(x)
+            except _Stop:
+                pass
+            seen += x.shape[0]
+            if seen >= num_samples:
+                break
+    finally:
+        handle.remove()
+    if not H:
+        raise DataError(f"no calibration data reached layer {layer.layer_name!r} for GPTQ")
+    return H[0]
+
+
+@torch.no_grad()
+def apply_gptq(model: nn.Module, data: Iterable, num_samples: int, *, damp: float = 0.01,
+               progress: Any = None) -> list[str]:
+    """Round, in execution order, every layer whose weight TensorConfig has ``rounding="gptq"``.
+
+    Returns the names of the layers rounded. ``progress(name)`` is called after each layer."""
+    layers = dict(quant_layers(model))
+    order = [n for n in prepare_info(model).order if n in layers]
+    was_training = model.training
+    model.eval()
+    done = []
+    try:
+        for name in order:
+            layer = layers[name]
+            wq = layer.weight_quantizer
+            if wq is None or getattr(getattr(wq, "cfg", None), "rounding", "nearest") != "gptq":
+                continue
+            H = layer_hessian(model, layer, data, num_samples)
+            w = layer.layer.weight
+            G = H.shape[0]
+            p = wq.qparams()
+            rows = w.shape[0]
+            per_row = [t.expand(rows) if t.ndim == 0 else t for t in (p.scale, p.zero_point, p.qmin, p.qmax)]
+            grid = [t.reshape(G, rows // G) for t in per_row]
+            codes = gptq_round(w.reshape(G, rows // G, -1), H, *grid, damp=damp)
+            q = codes.reshape(rows, -1)
+            deq = (q - per_row[1][:, None]).to(torch.float32) * per_row[0].float()[:, None]
+            w.copy_(deq.reshape(w.shape).to(w.dtype))
+            wq.set_bias_correction(w, "none")
+            wq.lock()
+            done.append(name)
+            if progress is not None:
+                progress(name)
+    finally:
+        model.train(was_training)
+    return done

@@ -1,0 +1,549 @@
+"""Integer-exact reference execution of quantized Conv1d / Conv2d / Linear layers on the CPU.
+
+For a :class:`~bitalloc.model.layers.QuantLayer` with input quantizer (step s_x, zero point z_x) and weight
+quantizer (per output channel step s_w[c], zero point z_w[c], bias-correction terms xi[c], beta[c], so that
+w_hat = xi s_w (q_w - z_w) + beta), the layer output is computed from integer codes only::
+
+    a = q_x - z_x                       centred activation codes   (q_x = clamp(round(x / s_x) + z_x, qmin, qmax))
+    w = q_w - z_w                       centred weight codes
+    acc[c]  = sum_{i,k} w[c,i,k] a[i,k]           main accumulator (int32, or int64 when it could overflow)
+    xsum[c] = sum_{i,k} a[i,k]   (over c's group)  second accumulator, needed only when beta != 0
+    y[c] = s_x s_w[c] xi[c] acc[c] + s_x beta[c] xsum[c] + bias[c]          one rescale per output channel
+
+which is exactly the fake-quant computation conv(s_x a, xi s_w w + beta) + bias, reordered (SPEC section 1:
+"4-bit weights times 4-bit activations give 8-bit products, widened to 16 bits to match per-channel step
+sizes, summed in an int32 accumulator"). Details:
+
+* **Padding.** The wrapped layer's *own* forward runs on the centred codes (stored as float64, which holds
+  these integers exactly) inside a :class:`torch.overrides.TorchFunctionMode` that replaces its
+  ``F.conv1d`` / ``F.conv2d`` / ``F.linear`` call by the integer kernel. Zero padding of centred codes is
+  padding with the zero point in the code domain, i.e. with the real value 0, exactly what the float layer
+  does; "same"-padding subclasses (a ``ZeroPad2d`` child, EfficientNet's ``Conv2dStaticSamePadding``),
+  ``padding="same"`` and reflect / replicate / circular ``padding_mode`` (copies of codes) are reproduced as
+  they are. Any other operation the layer applies to its input before the convolution (or a weight other
+  than its own ``weight``) raises :class:`IntegerExecutionError`: integer execution would not be exact.
+* **Per-channel activation steps.** Input channels are split into *step groups*: channels whose steps are
+  power-of-two multiples of each other (same float32 mantissa) share a group; within a group the codes of
+  channel i are shifted left by e_i = log2(s_i / s_base) (at most ``max_shift``, default 8: the SPEC's
+  widening to 16 bits), so the group sums in one accumulator at the common step s_base. Groups with
+  unrelated steps (the usual case of per-channel ACIQ clipping) get one accumulator each and are rescaled
+  separately: y[c] = sum_g s_g s_w[c] xi[c] acc_g[c] + ... . Per-tensor activations give one group.
+* **Bias correction.** xi folds into the per-channel rescale; the shift beta multiplies the exact integer
+  sum of the input codes over the receptive field (second accumulator, also analysed for overflow).
+* **Overflow.** :func:`bitalloc.runtime.overflow.analyze` bounds every accumulator exactly (given the
+  weight codes) and picks int32 when it cannot overflow, else int64 (``on_overflow="widen"``) or raises
+  :class:`~bitalloc.runtime.overflow.AccumulatorOverflowError` (``"raise"``).
+* **Online quantizers** (scale recomputed per input) and layers with float weights or activations are not
+  integer-executable: :class:`IntegerExecutionError`.
+
+Where the output differs from fake quantization: the integer accumulators are *equal* to the sums of the
+fake-quant codes (tests compare them as int64). The rescale is done in float64 (s_x * s_w * xi is exact in
+float64, the products and sums round at 2^-53) and the result rounded once to float32. The fake-quant path
+computes the same real number in float32: one rounding for x_hat, up to three for w_hat (s (q - z), * xi,
++ beta), one per product and K - 1 for the sum over the fan-in K, one for the bias. Hence (Higham,
+"Accuracy and Stability of Numerical Algorithms", 2002, eq. 3.4-3.5, gamma_n = n u / (1 - n u), u = 2^-24)::
+
+    |y_fake - y_int| <= gamma_{K+6} * (sum |x_hat| |w_hat| + |bias|) + u |y_int|
+
+computed exactly per output element by :attr:`IntegerResult.bound` (from a second pass on |a| and |w|).
+In practice the difference is a few float32 ulps of the output (tests report the largest ratio to the bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from bitalloc.errors import BitallocError
+from bitalloc.model.layers import QuantLayer, quant_layers
+from bitalloc.quant.grid import reshape_for_axis
+from bitalloc.quantizers.base import QuantParams
+from bitalloc.runtime.overflow import AccumulatorAnalysis, analyze
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+class IntegerExecutionError(BitallocError, NotImplementedError):
+    """A layer cannot be executed exactly in integers (online quantizer, float tensor, unsupported forward)."""
+
+
+# ---- parameters ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StepGroups:
+    """Activation step groups of one layer input (see module docstring).
+
+    ``index``: int64 [C] group of each input channel; ``shift``: int64 [C] left shift e_i of its codes;
+    ``base``: float64 [G] common step of each group (s_i = base[index_i] * 2^shift_i exactly).
+    """
+
+    index: Tensor
+    shift: Tensor
+    base: Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.base.numel())
+
+
+def step_groups(scale: Tensor, *, merge_pow2: bool = True, max_shift: int = 8) -> StepGroups:
+    """Group per-channel activation steps ``scale`` ([C], float32) into power-of-two related classes.
+
+    Channels with the same float32 mantissa are exact power-of-two multiples of each other; a class is split
+    further so that no channel is shifted by more than ``max_shift`` bits. ``merge_pow2=False`` groups only
+    identical steps.
+    """
+    s = scale.detach().to(torch.float32).reshape(-1)
+    c = s.numel()
+    mant, expo = torch.frexp(s)
+    index = torch.empty(c, dtype=torch.int64)
+    shift = torch.zeros(c, dtype=torch.int64)
+    bases: list[float] = []
+    keys = mant.tolist() if merge_pow2 else s.tolist()
+    by_key: dict[float, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    for members in by_key.values():
+        members = sorted(members, key=lambda i: int(expo[i]))
+        start = 0
+        while start < len(members):
+            e0 = int(expo[members[start]])
+            end = start
+            while end < len(members) and (merge_pow2 and int(expo[members[end]]) - e0 <= max_shift
+                                          or int(expo[members[end]]) == e0):
+                end += 1
+            g = len(bases)
+            bases.append(float(s[members[start]]))
+            for i in members[start:end]:
+                index[i] = g
+                shift[i] = int(expo[i]) - e0
+            start = end
+    base = torch.tensor(bases, dtype=torch.float64)
+    # exactness: every step is its group's base times a power of two
+    if not torch.equal(base[index] * torch.pow(2.0, shift.to(torch.float64)), s.to(torch.float64)):
+        raise IntegerExecutionError("internal error: activation steps are not exact power-of-two multiples")
+    return StepGroups(index, shift, base)
+
+
+def _centred(p: QuantParams, codes: Tensor, ndim: int) -> Tensor:
+    return codes - reshape_for_axis(p.zero_point.to(torch.int64), ndim, p.axis if p.per_channel else None)
+
+
+@dataclass
+class LayerInts:
+    """Integer description of one QuantLayer: centred weight codes and the rescale terms."""
+
+    name: str
+    w: Tensor  # int64, the weight's shape, centred codes (pruned channels zeroed)
+    w_scale: Tensor  # float64 [C_out]: s_w[c] * xi[c]
+    beta: Tensor | None  # float64 [C_out] or None
+    bias: Tensor | None  # float64 [C_out] or None
+    act: QuantParams
+    wparams: QuantParams
+    w_bits: int
+    a_bits: int
+
+
+def layer_ints(layer: QuantLayer) -> LayerInts:
+    """Weight codes and rescale terms of ``layer``; raises IntegerExecutionError when not integer-executable."""
+    name = layer.layer_name
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    if wq is None or aq is None:
+        which = "weights" if wq is None else "input activations"
+        raise IntegerExecutionError(f"layer {name!r} has float {which}: integer execution needs both quantized")
+    if getattr(aq, "online", False) or getattr(wq, "online", False):
+        raise IntegerExecutionError(f"layer {name!r} uses online (per-input) activation statistics: integer "
+                                    "execution supports offline (calibrated) quantizers only; calibrate it offline")
+    if not aq.is_ready or not wq.is_ready:
+        raise IntegerExecutionError(f"layer {name!r} is not calibrated: run bitalloc.calibration first")
+    pw, pa = wq.qparams().detach(), aq.qparams().detach()
+    if pa.online:
+        raise IntegerExecutionError(f"layer {name!r}: online activation quantizer is not supported")
+    weight = layer.layer.weight.detach()
+    cout = weight.shape[0]
+    if pw.per_channel and pw.axis % weight.ndim != 0:
+        raise IntegerExecutionError(f"layer {name!r}: weight quantized along axis {pw.axis}; integer execution "
+                                    "needs per-output-channel (axis 0) or per-tensor weight steps")
+    q = pw.quantize(weight)
+    w = _centred(pw, q, weight.ndim)
+    s = pw.scale.to(torch.float64).reshape(-1).expand(cout).clone()
+    if pw.corr_scale is not None:
+        s = s * pw.corr_scale.to(torch.float64).reshape(-1).expand(cout)
+    beta = None
+    if pw.corr_shift is not None and bool((pw.corr_shift != 0).any()):
+        beta = pw.corr_shift.to(torch.float64).reshape(-1).expand(cout).clone()
+    kept = pw.kept
+    if kept is not None:
+        keep = kept.reshape(-1).to(torch.bool).expand(cout)
+        w = w * reshape_for_axis(keep.to(torch.int64), w.ndim, 0)
+        if beta is not None:
+            beta = beta * keep.to(torch.float64)
+    bias = layer.layer.bias
+    bias = None if bias is None else bias.detach().to(torch.float64)
+    a_axis = pa.axis if pa.per_channel else None
+    if a_axis is not None:
+        expect = -1 if isinstance(layer.layer, nn.Linear) else 1
+        if a_axis != expect:
+            raise IntegerExecutionError(f"layer {name!r}: activation quantized along axis {a_axis}; integer "
+                                        f"execution needs the input-channel axis ({expect}) or per tensor")
+    return LayerInts(name=name, w=w, w_scale=s, beta=beta, bias=bias, act=pa, wparams=pw,
+                     w_bits=int(pw.bits.max()), a_bits=int(pa.bits.max()))
+
+
+# ---- integer kernels ----------------------------------------------------------------------------------------
+
+@dataclass
+class IntegerResult:
+    """One integer execution of a layer's convolution / matmul.
+
+    ``acc``: int64 [G, *output shape]: the main accumulator of each activation step group (G = 1 per tensor).
+    ``xsum``: int64 [G, *output shape] or None: sum of (shifted) centred input codes over each output's
+    receptive field (only when beta != 0). ``group_scales``: float64 [G]. ``output``: float32 rescaled output
+    (bias included). ``bound``: float64, same shape: the bound on |fake-quant - output| (module docstring),
+    when requested. ``x_codes``: int64 centred input codes (unpadded), for checks.
+    """
+
+    layer: str
+    acc: Tensor
+    xsum: Tensor | None
+    group_scales: Tensor
+    output: Tensor
+    analysis: AccumulatorAnalysis
+    accumulator: torch.dtype
+    bound: Tensor | None = None
+    x_codes: Tensor | None = None
+    w_codes: Tensor | None = None
+
+
+def _pair(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(t) for t in v)
+    return v * n if len(v) == 1 else v
+
+
+def _resolve_padding(x: Tensor, padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """Turn string padding into explicit zero padding (PyTorch's "same": left = total // 2, right = rest)."""
+    n = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0,) * n
+        if padding == "same":
+            pads: list[int] = []
+            for k, d in zip(reversed(kernel), reversed(dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads), (0,) * n
+        raise IntegerExecutionError(f"padding={padding!r} is not supported")
+    return x, _pair(padding, n)
+
+
+class _Kernel:
+    """Integer kernels for one layer: conv (1-d / 2-d via im2col) and linear, with step groups and shifts."""
+
+    def __init__(self, ints: LayerInts, groups_info: StepGroups, acc_dtype: torch.dtype, with_bound: bool):
+        self.ints = ints
+        self.sg = groups_info
+        self.acc_dtype = acc_dtype
+        self.with_bound = with_bound
+
+    # rows of im2col / features -> per-row group index, shift
+    def _row_terms(self, cin: int, k: int) -> tuple[Tensor, Tensor]:
+        idx = self.sg.index.expand(cin) if self.sg.index.numel() == 1 else self.sg.index
+        sh = self.sg.shift.expand(cin) if self.sg.shift.numel() == 1 else self.sg.shift
+        return idx.repeat_interleave(k), sh.repeat_interleave(k)
+
+    def _matmul(self, w: Tensor, cols: Tensor) -> Tensor:
+        dt = self.acc_dtype
+        return torch.matmul(w.to(dt), cols.to(dt)).to(torch.int64)
+
+    def conv(self, x: Tensor, stride: Any, padding: Any, dilation: Any, groups: int, nd: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        w = self.ints.w
+        kernel = tuple(w.shape[2:])
+        dilation = _pair(dilation, nd)
+        stride = _pair(stride, nd)
+        x, pad = _resolve_padding(x, padding, kernel, dilation)
+        if nd == 1:
+            x4, k2, s2, p2, d2 = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (0,) + pad, (1,) + dilation
+        else:
+            x4, k2, s2, p2, d2 = x, kernel, stride, pad, dilation
+        n, cin = x4.shape[0], x4.shape[1]
+        cout = w.shape[0]
+        kk = math.prod(kernel)
+        cols = F.unfold(x4.to(torch.float64), k2, dilation=d2, padding=p2, stride=s2)  # [N, cin*K, L], exact copies
+        out_sp = [(x4.shape[2 + i] + 2 * p2[i] - d2[i] * (k2[i] - 1) - 1) // s2[i] + 1 for i in range(2)]
+        cols = cols.to(torch.int64)
+        gidx, gsh = self._row_terms(cin, kk)
+        cols = cols << gsh.reshape(1, -1, 1)
+        cin_g, cout_g = cin // groups, cout // groups
+        r = cin_g * kk
+        cols = cols.reshape(n, groups, r, -1)  # [N, G, R, L]
+        gidx = gidx.reshape(groups, r)
+        wm = w.reshape(groups, cout_g, r)  # [G, cout_g, R]
+        accs, xsums, accs_abs, xsums_abs = [], [], [], []
+        for g in range(self.sg.count):
+            mask = (gidx == g).to(torch.int64).reshape(1, groups, r, 1)
+            cg = cols * mask
+            accs.append(self._matmul(wm, cg))  # [N, G, cout_g, L]
+            if self.ints.beta is not None:
+                xsums.append(cg.sum(dim=2, keepdim=True, dtype=self.acc_dtype).to(torch.int64).expand(-1, -1, cout_g, -1))
+            if self.with_bound:
+                accs_abs.append(torch.matmul(wm.abs(), cg.abs()))
+                xsums_abs.append(cg.abs().sum(dim=2, keepdim=True).expand(-1, -1, cout_g, -1))
+
+        def shape(ts: list[Tensor]) -> Tensor | None:
+            if not ts:
+                return None
+            t = torch.stack(ts)  # [Gs, N, G, cout_g, L]
+            t = t.reshape(len(ts), n, cout, *out_sp)
+            return t.squeeze(3) if nd == 1 else t
+
+        return shape(accs), shape(xsums), shape(accs_abs), shape(xsums_abs)
+
+    def linear(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        w = self.ints.w  # [out, in]
+        cin = w.shape[1]
+        gidx, gsh = self._row_terms(cin, 1)
+        xi = x.to(torch.int64) << gsh
+        accs, xsums, accs_abs, xsums_abs = [], [], [], []
+        out_shape = (*x.shape[:-1], w.shape[0])
+        for g in range(self.sg.count):
+            xg = xi * (gidx == g).to(torch.int64)
+            accs.append(self._matmul(xg, w.t()))
+            if self.ints.beta is not None:
+                xsums.append(xg.sum(dim=-1, keepdim=True, dtype=self.acc_dtype).to(torch.int64).expand(out_shape))
+            if self.with_bound:
+                accs_abs.append(torch.matmul(xg.abs(), w.t().abs()))
+                xsums_abs.append(xg.abs().sum(dim=-1, keepdim=True).expand(out_shape))
+        st = lambda ts: torch.stack(ts) if ts else None  # noqa: E731
+        return st(accs), st(xsums), st(accs_abs), st(xsums_abs)
+
+
+def _analysis(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow: str, accumulator: str) -> AccumulatorAnalysis:
+    w = ints.w
+    cout = w.shape[0]
+    cin_g = w.shape[1]
+    cin = cin_g * groups
+    lo_c, hi_c = ints.act.qmin - ints.act.zero_point, ints.act.qmax - ints.act.zero_point
+    lo_c = lo_c.reshape(-1).to(torch.int64).expand(cin)
+    hi_c = hi_c.reshape(-1).to(torch.int64).expand(cin)
+    sh_c = sg.shift.reshape(-1).expand(cin)
+    # per (output channel, row): the input channel of the row in c's group
+    grp = torch.arange(cout) // (cout // groups)
+    chan = (grp.reshape(-1, 1) * cin_g + torch.arange(cin_g).reshape(1, -1)).repeat_interleave(kk, dim=1)  # [cout, R]
+    return analyze(ints.name, w_codes=w.reshape(cout, -1), w_bits=ints.w_bits, a_lo=lo_c[chan], a_hi=hi_c[chan],
+                   a_bits=ints.a_bits, fan_in=cin_g * kk, shifts=sh_c[chan], on_overflow=on_overflow,
+                   accumulator=accumulator)
+
+
+def analyze_layer(layer: QuantLayer, *, on_overflow: str = "widen", accumulator: str = "auto",
+                  merge_pow2: bool = True, max_shift: int = 8) -> AccumulatorAnalysis:
+    """Accumulator-width analysis of a QuantLayer (bits, fan-in, exact worst-case sums; see overflow.py)."""
+    ints = layer_ints(layer)
+    sg = _groups_of(ints, merge_pow2, max_shift)
+    inner = layer.layer
+    groups = int(getattr(inner, "groups", 1)) if not isinstance(inner, nn.Linear) else 1
+    kk = math.prod(ints.w.shape[2:]) if ints.w.ndim > 2 else 1
+    return _analysis(ints, sg, groups, kk, on_overflow, accumulator)
+
+
+def _groups_of(ints: LayerInts, merge_pow2: bool, max_shift: int) -> StepGroups:
+    if ints.act.per_channel:
+        return step_groups(ints.act.scale, merge_pow2=merge_pow2, max_shift=max_shift)
+    return StepGroups(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                      ints.act.scale.detach().to(torch.float64).reshape(1))
+
+
+_ALLOWED_ON_CODES = {"size", "dim", "__get__", "numel", "is_contiguous", "contiguous", "__len__", "stride",
+                     "is_floating_point", "ndimension", "nelement", "get_device", "__format__", "__hash__"}
+
+
+class _IntegerMode(TorchFunctionMode):
+    """Runs a layer's own forward on centred codes, replacing its conv / linear by the integer kernel."""
+
+    def __init__(self, layer: QuantLayer, codes: Tensor, run: Any):
+        super().__init__()
+        self.layer = layer
+        self.tracked = {id(codes): codes}
+        self.run = run
+
+    def _is_tracked(self, args: Any, kwargs: dict) -> bool:
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, Tensor) and id(a) in self.tracked:
+                return True
+            if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) and id(t) in self.tracked for t in a):
+                return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._is_tracked(args, kwargs):
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        if func in (F.conv1d, F.conv2d, F.linear):
+            return self.run(func, args, kwargs)
+        if func is F.pad:
+            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            value = kwargs.get("value", args[3] if len(args) > 3 else None)
+            if mode == "constant" and value not in (None, 0, 0.0):
+                raise IntegerExecutionError(f"layer {self.layer.layer_name!r} pads its input with the constant "
+                                            f"{value}: only zero padding (the zero point) is exact in integers")
+            out = func(*args, **kwargs)
+            self.tracked[id(out)] = out
+            return out
+        if name in _ALLOWED_ON_CODES:
+            return func(*args, **kwargs)
+        raise IntegerExecutionError(f"layer {self.layer.layer_name!r} ({type(self.layer.layer).__name__}) applies "
+                                    f"{name} to its input before the convolution: integer execution supports only "
+                                    "padding followed by conv1d / conv2d / linear")
+
+
+def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen", accumulator: str = "auto",
+                    merge_pow2: bool = True, max_shift: int = 8, with_bound: bool = False,
+                    keep_codes: bool = False) -> tuple[Tensor, list[IntegerResult]]:
+    """Run ``layer`` on ``x`` in integer arithmetic. Returns (output, one IntegerResult per conv/linear call).
+
+    ``accumulator``: "auto" (int32 unless the analysis says it could overflow), "int32" or "int64";
+    ``on_overflow``: "widen" (int64) or "raise" (:class:`AccumulatorOverflowError`). ``with_bound`` also
+    computes the bound on |fake-quant - integer| of each output (module docstring).
+    """
+    ints = layer_ints(layer)
+    sg = _groups_of(ints, merge_pow2, max_shift)
+    inner = layer.layer
+    pa = ints.act
+    with torch.no_grad():
+        q = pa.quantize(x.detach())
+        codes = _centred(pa, q, x.ndim)
+        results: list[IntegerResult] = []
+        weight = inner.weight
+
+        def run(func, args, kwargs):
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            call = dict(zip(names, args))
+            call.update(kwargs)
+            if call.get("weight") is not weight or call.get("bias") is not inner.bias:
+                raise IntegerExecutionError(f"layer {ints.name!r} calls {func.__name__} with a weight or bias other "
+                                            "than its own parameters: integer execution would not be exact")
+            inp = call["input"]
+            if func is F.linear:
+                if inp.shape[-1] != ints.w.shape[1]:
+                    raise IntegerExecutionError(f"layer {ints.name!r}: input features {inp.shape[-1]} != {ints.w.shape[1]}")
+                groups, kk = 1, 1
+            else:
+                groups = int(call.get("groups", 1))
+                kk = math.prod(ints.w.shape[2:])
+            an = _analysis(ints, sg, groups, kk, on_overflow, accumulator)
+            kern = _Kernel(ints, sg, torch.int32 if an.accumulator == "int32" else torch.int64, with_bound)
+            if func is F.linear:
+                acc, xsum, acc_abs, xsum_abs = kern.linear(inp)
+                ch_axis = -1
+            else:
+                nd = 1 if func is F.conv1d else 2
+                acc, xsum, acc_abs, xsum_abs = kern.conv(inp, call.get("stride", 1), call.get("padding", 0),
+                                                         call.get("dilation", 1), groups, nd)
+                ch_axis = 1
+            out_nd = acc.ndim - 1
+            gs = sg.base.reshape([-1] + [1] * out_nd)
+            ws = reshape_for_axis(ints.w_scale, out_nd, ch_axis)
+            y = (gs * acc.to(torch.float64)).sum(0) * ws
+            babs = None
+            if with_bound:
+                babs = (gs * acc_abs.to(torch.float64)).sum(0) * ws.abs()
+            if ints.beta is not None:
+                bt = reshape_for_axis(ints.beta, out_nd, ch_axis)
+                y = y + bt * (gs * xsum.to(torch.float64)).sum(0)
+                if with_bound:
+                    babs = babs + bt.abs() * (gs * xsum_abs.to(torch.float64)).sum(0)
+            if ints.bias is not None:
+                bb = reshape_for_axis(ints.bias, out_nd, ch_axis)
+                y = y + bb
+                if with_bound:
+                    babs = babs + bb.abs()
+            out = y.to(torch.float32)
+            bound = None
+            if with_bound:
+                kfan = an.fan_in + 6
+                gamma = kfan * U32 / (1 - kfan * U32)
+                bound = gamma * babs + U32 * y.abs()
+            results.append(IntegerResult(ints.name, acc, xsum, sg.base, out, an, kern.acc_dtype, bound,
+                                         codes if keep_codes else None, ints.w if keep_codes else None))
+            return out
+
+        cf = codes.to(torch.float64)  # integers, exact in float64; padding / conv calls are intercepted
+        with _IntegerMode(layer, cf, run):
+            out = inner(cf)
+        if not results:
+            raise IntegerExecutionError(f"layer {ints.name!r}: its forward never called conv1d / conv2d / linear on "
+                                        "its input")
+    return out, results
+
+
+# ---- whole models ------------------------------------------------------------------------------------------
+
+@dataclass
+class IntegerRun:
+    """What :func:`integer_mode` recorded: per layer, the analyses, and the layers left in fake quant."""
+
+    analyses: dict[str, AccumulatorAnalysis] = field(default_factory=dict)
+    results: dict[str, list[IntegerResult]] = field(default_factory=dict)
+    fake_quant_layers: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: str = "auto",
+                 record: bool = False, strict: bool = False) -> Iterator[IntegerRun]:
+    """Run every integer-executable QuantLayer of ``model`` through :func:`integer_forward` inside the block.
+
+    Layers that are not integer-executable (float activations or weights, online quantizers, unsupported
+    forwards) keep their fake-quant forward and are listed in ``run.fake_quant_layers`` with the reason, or
+    raise with ``strict=True``. ``record=True`` keeps every IntegerResult (memory!) in ``run.results``.
+    """
+    run = IntegerRun()
+    patched: list[QuantLayer] = []
+
+    def forward(layer: QuantLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs:
+            raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
+        out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator)
+        run.analyses[layer.layer_name] = res[-1].analysis
+        if record:
+            run.results.setdefault(layer.layer_name, []).extend(res)
+        return out
+
+    for name, layer in quant_layers(model):
+        try:
+            layer_ints(layer)
+        except IntegerExecutionError as exc:
+            if strict:
+                raise
+            run.fake_quant_layers[name] = str(exc)
+            continue
+        layer.forward = functools.partial(forward, layer)  # instance attribute shadows QuantLayer.forward
+        patched.append(layer)
+    try:
+        yield run
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+def fake_quant_codes(x_hat: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
+    """Recover integer codes from fake-quantized values: round(x_hat / s) + z (int64), checking they are codes.
+
+    Raises ValueError if some x_hat / s is farther than 1e-3 from an integer (i.e. x_hat is not on the grid).
+    """
+    s = reshape_for_axis(scale.to(torch.float64), x_hat.ndim, axis)
+    z = reshape_for_axis(zero_point.to(torch.int64), x_hat.ndim, axis)
+    v = x_hat.to(torch.float64) / s
+    r = torch.round(v)
+    if v.numel() and float((v - r).abs().max()) > 1e-3:
+        raise ValueError("values are not on the quantization grid")
+    return r.to(torch.int64) + z

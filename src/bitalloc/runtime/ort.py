@@ -1,0 +1,245 @@
+"""onnxruntime helpers: sessions, accuracy / agreement checks, latency, and onnxruntime's own static
+quantization (the anchor bitalloc's export is compared with).
+
+Latency protocol (:func:`measure_latency`): a fixed input batch, ``warmup`` untimed runs, then ``runs`` timed
+runs of ``session.run``; the median (and the 10th / 90th percentiles) of the wall-clock times in milliseconds.
+Sessions use the CPU execution provider, ``intra_op_num_threads = threads`` (default 2), one inter-op thread,
+sequential execution and all graph optimizations. On a shared machine, compare models as ratios measured
+in one run (:func:`interleaved_latency` alternates models run by run so that background load hits all alike).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitalloc.errors import ConfigError
+
+
+def _require_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("this needs onnxruntime: pip install 'bitalloc[onnx]'") from None
+    return onnxruntime
+
+
+def make_session(model: str | Path | bytes, *, threads: int = 2, optimized_path: str | Path | None = None,
+                 level: str = "all") -> Any:
+    """An onnxruntime CPU InferenceSession (``level``: "all", "extended", "basic" or "none").
+
+    ``optimized_path`` writes the graph onnxruntime actually runs (after its fusions) to that file.
+    """
+    ort = _require_ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    src = model if isinstance(model, (bytes, bytearray)) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(model: str | Path | bytes, *, threads: int = 2, tmp_dir: str | Path | None = None) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs after its optimizations (QLinearConv = int8 convolution)."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
+        out = Path(d) / "optimized.onnx"
+        make_session(model, threads=threads, optimized_path=out)
+        g = onnx.load(str(out)).graph
+    return dict(collections.Counter(n.op_type for n in g.node).most_common())
+
+
+INT8_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
+            "DynamicQuantizeMatMul")
+
+
+def int8_compute_ops(counts: dict[str, int]) -> int:
+    """Number of convolutions / matrix products onnxruntime runs with integer kernels."""
+    return sum(v for k, v in counts.items() if k in INT8_OPS)
+
+
+def float_compute_ops(counts: dict[str, int]) -> int:
+    return sum(v for k, v in counts.items() if k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm", "FusedMatMul"))
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+def _x(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def run_session(session: Any, data: Iterable, *, input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of ``session`` on every batch of ``data`` ((x, y) batches or tensors) and the labels (or None)."""
+    name = input_name or session.get_inputs()[0].name
+    outs, labels = [], []
+    for batch in data:
+        x = _x(batch)
+        outs.append(session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0])
+        if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
+            labels.append(np.asarray(batch[1]))
+    return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+
+@torch.no_grad()
+def run_torch(model: nn.Module, data: Iterable) -> tuple[np.ndarray, np.ndarray | None]:
+    """The same for a torch model (eval mode)."""
+    model.eval()
+    outs, labels = [], []
+    for batch in data:
+        outs.append(model(_x(batch)).float().numpy())
+        if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
+            labels.append(np.asarray(batch[1]))
+    return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((logits.argmax(-1) == labels).mean())
+
+
+@dataclass
+class Agreement:
+    """How closely two models' outputs match on a data set."""
+
+    samples: int
+    top1_agreement: float  # % of samples with the same arg-max
+    max_abs_error: float
+    mean_abs_error: float
+    max_abs_output: float
+    top1_a: float | None = None
+    top1_b: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def agreement(a: np.ndarray, b: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return Agreement(samples=int(a.shape[0]), top1_agreement=100.0 * float((a.argmax(-1) == b.argmax(-1)).mean()),
+                     max_abs_error=float(d.max()), mean_abs_error=float(d.mean()), max_abs_output=float(np.abs(a).max()),
+                     top1_a=top1(a, labels) if labels is not None else None,
+                     top1_b=top1(b, labels) if labels is not None else None)
+
+
+def compare_with_model(model: nn.Module, onnx_model: str | Path | bytes, data: Iterable, *, threads: int = 2) -> Agreement:
+    """Agreement of the torch model (``top1_a``) and the ONNX model in onnxruntime (``top1_b``) on ``data``."""
+    data = list(data)
+    ref, labels = run_torch(model, data)
+    got, _ = run_session(make_session(onnx_model, threads=threads), data)
+    return agreement(ref, got, labels)
+
+
+# ---- latency ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Latency:
+    batch: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _stats(batch: int, times: Sequence[float]) -> Latency:
+    t = np.asarray(times) * 1000.0
+    return Latency(batch, float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), len(t))
+
+
+def measure_latency(session: Any, x: np.ndarray, *, runs: int = 20, warmup: int = 3) -> Latency:
+    """Median wall-clock latency of ``session.run`` on the batch ``x`` (see module docstring)."""
+    name = session.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(x, dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return _stats(x.shape[0], times)
+
+
+def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 20, warmup: int = 3) -> dict[str, Latency]:
+    """Latency of several sessions on the same batch, alternating them run by run (fair under load)."""
+    feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return {k: _stats(x.shape[0], v) for k, v in times.items()}
+
+
+# ---- onnxruntime's own static quantization (the anchor) ------------------------------------------------------------
+
+def ort_static_quantize(fp32_model: str | Path, out_path: str | Path, calibration: Iterable, *,
+                        method: str = "minmax", per_channel: bool = True, activation_type: str = "uint8",
+                        weight_type: str = "int8", preprocess: bool = True) -> Path:
+    """onnxruntime's ``quantize_static`` (QDQ format) of an FP32 ONNX model, calibrated on ``calibration``.
+
+    ``method``: "minmax", "entropy" or "percentile"; the calibration samples are fed one image at a time
+    (a CalibrationDataReader over them). ``preprocess`` runs ``quant_pre_process`` first (shape inference
+    and onnxruntime's basic graph optimizations, as its documentation recommends).
+    """
+    _require_ort()
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if method not in methods:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of {sorted(methods)}")
+    import onnx
+
+    name = onnx.load(str(fp32_model), load_external_data=False).graph.input[0].name
+    samples = []
+    for batch in calibration:
+        x = _x(batch).detach().cpu().numpy().astype(np.float32)
+        samples += [x[i:i + 1] for i in range(x.shape[0])]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{name: s} for s in samples])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src = str(fp32_model)
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = str(Path(d) / "pre.onnx")
+            quant_pre_process(src, pre)
+            src = pre
+        quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=types[activation_type], weight_type=types[weight_type],
+                        calibrate_method=methods[method])
+    return Path(out_path)

@@ -1,0 +1,303 @@
+"""Bayesian Bits: decomposition, gates, expected bits, regulariser, autoregressive structure, parameter count.
+
+References used here are independent of the implementation: direct quantization on the grid of each level
+(float64), the hard-concrete closed forms checked by Monte Carlo, and brute-force enumeration of all gate
+configurations for expected bits and the regulariser.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bitalloc.config import TensorConfig
+from bitalloc.quant import bayesian_bits as BB
+from bitalloc.quant import gates as G
+from bitalloc.quantizers import BayesianBitsQuantizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- decomposition ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nested_scales_closed_form(signed):
+    a = torch.tensor(1.7, dtype=torch.float64)
+    s2 = BB.range_width(a, signed) / 3
+    for bits, s in zip(BB.LEVELS, BB.nested_scales(s2)):
+        width = 2 * 1.7 if signed else 1.7
+        assert float(s) == pytest.approx(width / (2 ** bits - 1), rel=1e-12)
+        assert float(s) == pytest.approx(float(BB.level_scale(a, bits, signed)), rel=1e-12)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_sum_of_first_k_terms_equals_direct_quantization(signed):
+    """Paper eq. 3: x2 + e4 + ... + e_{2^k} == s_{2^k} round(x / s_{2^k}) at every level (float64)."""
+    torch.manual_seed(0)
+    a = torch.tensor(1.3, dtype=torch.float64)
+    x = torch.randn(20000, dtype=torch.float64) * 0.9 + (0.0 if signed else 0.6)
+    xc = BB.clip_to_range(x, a, signed)
+    scales = BB.nested_scales(BB.range_width(a, signed) / 3)
+    terms = BB.residual_terms(xc, scales, torch.round)
+    acc = torch.zeros_like(x)
+    for k, bits in enumerate(BB.LEVELS):
+        acc = acc + terms[k]
+        s = BB.level_scale(a, bits, signed)
+        direct = BB.direct_quantize(xc, a, bits, signed)
+        codes_nested = torch.round(acc / s)
+        assert torch.equal(codes_nested, torch.round(xc / s)), bits
+        assert torch.allclose(acc, direct, rtol=0, atol=1e-9 * float(s) * 2 ** bits), bits
+        # codes stay in the grid's range: signed [-(2^(b-1)-1), 2^(b-1)-1], unsigned [0, 2^b-1]
+        lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        assert float(codes_nested.min()) >= lo and float(codes_nested.max()) <= hi
+        if bits <= 8:  # every code of the grid is used by enough data
+            assert float(codes_nested.max()) == hi
+
+
+def test_gated_sum_selects_the_level_and_prunes():
+    torch.manual_seed(1)
+    a = torch.tensor(1.0, dtype=torch.float64)
+    x = torch.randn(3, 50, dtype=torch.float64)
+    xc = BB.clip_to_range(x, a, True)
+    terms = BB.residual_terms(xc, BB.nested_scales(BB.range_width(a, True) / 3), torch.round)
+    for on in range(5):  # z4..z32: the first `on` gates on
+        gates = [None] + [1.0] * on + [0.0] * (4 - on)
+        out = BB.gated_sum(terms, gates)
+        assert torch.allclose(out, BB.direct_quantize(xc, a, BB.LEVELS[on], True), atol=1e-9)
+    # a gate above an off gate changes nothing (multiplicative structure)
+    assert torch.equal(BB.gated_sum(terms, [None, 0.0, 1.0, 1.0, 1.0]), BB.gated_sum(terms, [None, 0.0, 0.0, 0.0, 0.0]))
+    z2 = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64).view(3, 1)
+    out = BB.gated_sum(terms, [z2, 1.0, 0.0, 0.0, 0.0])
+    assert torch.equal(out[1], torch.zeros(50, dtype=torch.float64))
+    assert BB.bits_from_gates([1, 1, 0, 1]) == 8 and BB.bits_from_gates([0, 1, 1, 1]) == 2
+
+
+# ---- gates -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("log_alpha", [-3.0, -0.5, 0.0, 1.2, 4.0])
+def test_hard_concrete_probabilities_monte_carlo(log_alpha):
+    n = 200_000
+    gen = torch.Generator().manual_seed(2)
+    u = G.uniform_noise((n,), gen, dtype=torch.float64)
+    la = torch.tensor(log_alpha, dtype=torch.float64)
+    z = G.hard_concrete_sample(la, u)
+    p_pos = float(G.hard_concrete_prob_nonzero(la))
+    # closed form: sigmoid(log_alpha - beta log(-gamma/zeta))
+    assert p_pos == pytest.approx(1 / (1 + math.exp(-(log_alpha - (2 / 3) * math.log(0.1 / 1.1)))), rel=1e-12)
+    assert float(G.hard_concrete_prob_zero(la)) == pytest.approx(1 - p_pos, rel=1e-9, abs=1e-12)
+    tol = 4 * math.sqrt(p_pos * (1 - p_pos) / n) + 1e-4
+    assert float((z > 0).double().mean()) == pytest.approx(p_pos, abs=tol)
+    assert float(z.min()) >= 0 and float(z.max()) <= 1
+    # P(z = 1) = P(s >= (1 - gamma)/(zeta - gamma)) = sigmoid(log_alpha - beta * logit((1 - gamma)/(zeta - gamma)))
+    t1 = 1.1 / 1.2
+    p_one = 1 / (1 + math.exp(-(log_alpha - (2 / 3) * math.log(t1 / (1 - t1)))))
+    assert float((z == 1).double().mean()) == pytest.approx(p_one, abs=4 * math.sqrt(p_one * (1 - p_one) / n) + 1e-4)
+
+
+def test_test_time_gate_thresholds_prob_zero():
+    la = torch.linspace(-4, 4, 801)
+    gate = G.hard_concrete_test_gate(la)
+    assert torch.equal(gate, (G.hard_concrete_prob_zero(la) < 0.34).float())
+    # the switch point: P(z=0) = 0.34 <=> log_alpha = beta log(-gamma/zeta) - logit(0.34)
+    la0 = (2 / 3) * math.log(0.1 / 1.1) - math.log(0.34 / 0.66)
+    assert float(G.hard_concrete_test_gate(torch.tensor(la0 + 1e-3))) == 1.0
+    assert float(G.hard_concrete_test_gate(torch.tensor(la0 - 1e-3))) == 0.0
+
+
+def test_gumbel_gates_monte_carlo():
+    n = 100_000
+    gen = torch.Generator().manual_seed(3)
+    u = G.uniform_noise((n,), gen, dtype=torch.float64)
+    logit = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    z = G.gumbel_sample(logit, u, tau=0.5, hard=True)
+    p = float(G.gumbel_prob_on(logit.detach()))
+    assert set(torch.unique(z.detach()).tolist()) <= {0.0, 1.0}
+    assert float(z.detach().mean()) == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
+    z.sum().backward()  # straight-through: the relaxed sample's gradient
+    assert float(logit.grad) > 0
+    assert float(G.gumbel_test_gate(torch.tensor(0.1))) == 1.0 and float(G.gumbel_test_gate(torch.tensor(-0.1))) == 0.0
+
+
+# ---- expected bits and the regulariser: brute force over all gate configurations ---------------------------
+
+def _configs(probs: list[float]):
+    for cfg in itertools.product([0, 1], repeat=len(probs)):
+        p = math.prod(q if c else 1 - q for c, q in zip(cfg, probs))
+        yield cfg, p
+
+
+def test_expected_bits_brute_force():
+    probs = [0.9, 0.6, 0.3, 0.2]
+    brute = sum(p * BB.bits_from_gates(list(cfg)) for cfg, p in _configs(probs))
+    assert float(BB.expected_bits(torch.tensor(probs, dtype=torch.float64))) == pytest.approx(brute, rel=1e-12)
+    assert float(BB.expected_bits(torch.tensor([1.0, 1.0, 0.0, 0.0]))) == 8.0
+
+
+def test_regularizer_brute_force_and_reference_formula():
+    """R = r * E_c[ sum_k bits_k * 1(gates z2..z_k all on) ] under independent gates (the AR product form)."""
+    probs = [0.8, 0.5, 0.4, 0.1]
+    q2 = torch.tensor([0.9, 0.3, 1.0], dtype=torch.float64)
+    r = 0.37
+    brute = 0.0
+    for c in range(3):
+        for cfg, p in _configs([float(q2[c])] + probs):
+            on = 0
+            for g in cfg:
+                if not g:
+                    break
+                on += 1
+            brute += p * sum(BB.LEVELS[k] for k in range(on))
+    brute = r * brute / 3
+    got = BB.regularizer(torch.tensor(probs, dtype=torch.float64), r, q2)
+    assert float(got) == pytest.approx(brute, rel=1e-12)
+    # the reference code's kl_b2 + kl_b4 + ... summed over channels / C
+    q4, q8, q16, q32 = probs
+    ref = (r * 2 * q2 + q2 * r * 4 * q4 + q2 * q4 * r * 8 * q8 + q2 * q4 * q8 * r * 16 * q16
+           + q2 * q4 * q8 * q16 * r * 32 * q32).sum() / 3
+    assert float(got) == pytest.approx(float(ref), rel=1e-12)
+    # no pruning gate: q2 = 1
+    assert float(BB.regularizer(torch.tensor(probs), 1.0)) == pytest.approx(2 + 4 * 0.8 + 8 * 0.4 + 16 * 0.16 + 32 * 0.016, rel=1e-6)
+
+
+def test_autoregressive_regulariser_does_not_regularise_gates_above_an_off_gate():
+    la = torch.tensor([-30.0, 3.0, 3.0, 3.0], requires_grad=True)  # z4 certainly off
+    BB.regularizer(G.hard_concrete_prob_nonzero(la), 1.0).backward()
+    assert la.grad[1:].abs().max() < 1e-9  # z8.. get (essentially) no regularisation gradient
+    # with independent (non-autoregressive) terms they would be pushed down
+    la2 = la.detach().clone().requires_grad_(True)
+    p = G.hard_concrete_prob_nonzero(la2)
+    (4 * p[0] + 8 * p[1] + 16 * p[2] + 32 * p[3]).backward()
+    assert float(la2.grad[1:].abs().min()) > 1e-3
+    # a gate whose lower gates are on is regularised in proportion to their probability
+    la3 = torch.tensor([3.0, 0.0, 3.0, 3.0], requires_grad=True)
+    BB.regularizer(G.hard_concrete_prob_nonzero(la3), 1.0).backward()
+    assert float(la3.grad[1]) > 0
+
+
+# ---- the quantizer ----------------------------------------------------------------------------------------
+
+def make_bb(role="weight", channels=4, **options) -> BayesianBitsQuantizer:
+    cfg = TensorConfig(bits=32, symmetric=role == "weight", quantizer="bb", options=options)
+    return BayesianBitsQuantizer(cfg, role, 0 if role == "weight" else 1, channels)
+
+
+def test_data_term_blocks_gradients_above_a_sampled_off_gate():
+    torch.manual_seed(4)
+    q = make_bb(gate_init=[-1.0, 3.0, 3.0, 3.0], skip_below=None)
+    w = torch.randn(4, 10)
+    q.calibrate_weight(w)
+    q.train()
+    seen_off = seen_on = False
+    for _ in range(60):
+        q.zero_grad()
+        y = q(w.clone().requires_grad_(True))
+        (y ** 2).sum().backward()
+        z4 = q.last_gates[0]
+        g = q.log_alpha.grad
+        if z4 == 0.0:
+            seen_off = True
+            assert g is None or float(g.abs().sum()) == 0.0  # neither z4 (clamped at 0) nor the gates above get a gradient
+        elif 0.0 < z4 < 1.0:
+            seen_on = True
+            assert float(g[0].abs()) > 0
+    assert seen_off and seen_on
+
+
+def test_skip_below_turns_low_gates_off_in_training():
+    q = make_bb(gate_init=[6.0, -2.5, 6.0, 6.0])
+    w = torch.randn(4, 10)
+    q.calibrate_weight(w)
+    q.train()
+    y = q(w)
+    assert q.last_gates[1:] == [0.0, 0.0, 0.0]
+    assert q.last_gates[0] > 0
+    assert q.test_bits() == 4
+
+
+def test_quantizer_eval_is_the_thresholded_grid_and_kept_mask():
+    torch.manual_seed(5)
+    q = make_bb(gate_init=[6.0, 6.0, -6.0, 6.0], prune_init=6.0)
+    w = torch.randn(4, 3, 3, 3)
+    q.calibrate_weight(w)
+    with torch.no_grad():
+        q.log_alpha_prune[1] = -6.0
+    q.eval()
+    assert q.test_bits() == 8  # z16 off stops the chain even though z32 is on
+    assert q.kept_mask().tolist() == [True, False, True, True]
+    p = q.qparams()
+    assert int(p.qmin) == -127 and int(p.qmax) == 127 and p.signed
+    assert float(p.scale) == pytest.approx(2 * float(w.abs().max()) / 255, rel=1e-6)
+    with torch.no_grad():
+        y = q(w)
+    assert torch.equal(y, p.dequantize(p.quantize(w)))
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    # the test-time grid equals the nested decomposition with 0/1 gates (up to float rounding of the steps)
+    a = q._range().double()
+    xc = BB.clip_to_range(w.double(), a, True)
+    ref = BB.direct_quantize(xc, a, 8, True) * torch.tensor([1.0, 0, 1, 1], dtype=torch.float64).view(4, 1, 1, 1)
+    assert torch.allclose(y.double(), ref, atol=1e-6)
+    assert q.bits_per_channel().tolist() == [8.0]
+    q.train()
+    exp = 2 + 2 * float(G.hard_concrete_prob_nonzero(torch.tensor(6.0))) * (
+        1 + 2 * float(G.hard_concrete_prob_nonzero(torch.tensor(6.0))) * (1 + 2 * float(G.hard_concrete_prob_nonzero(torch.tensor(-6.0)))
+                                                                           * (1 + 2 * float(G.hard_concrete_prob_nonzero(torch.tensor(6.0))))))
+    assert float(q.bits_per_channel()) == pytest.approx(exp, rel=1e-6)
+
+
+def test_training_forward_equals_nested_decomposition_with_its_gates():
+    torch.manual_seed(6)
+    q = make_bb(role="act", channels=3, gate_init=[2.0, 1.0, 0.5, 0.0], skip_below=None)
+    x = torch.relu(torch.randn(5, 3, 4, 4))
+    q.train()
+    q(x)  # initialises the range from the first batch
+    assert not q.is_signed and float(q.clip_max) == pytest.approx(float(x.max()))
+    step = int(q.noise_step)
+    y = q(x)
+    gates = q.last_gates
+    a = q._range()
+    xc = BB.clip_to_range(x, a, False)
+    terms = BB.residual_terms(xc, BB.nested_scales(BB.range_width(a, False) / 3), torch.round)
+    assert torch.allclose(y, BB.gated_sum(terms, [None] + [torch.tensor(g) for g in gates]), atol=1e-6)
+    # the noise is a function of (noise_key, noise_step): replaying the step replays the gates
+    q.noise_step.fill_(step)
+    q(x)
+    assert q.last_gates == gates
+
+
+def test_regularizer_of_quantizer_uses_mac_weight_and_fixed_has_none():
+    q = make_bb(gate_init=[1.0, 0.0, -1.0, -2.0], prune_init=2.0)
+    q.mac_weight = 0.25
+    probs = G.hard_concrete_prob_nonzero(torch.tensor([1.0, 0.0, -1.0, -2.0]))
+    q2 = G.hard_concrete_prob_nonzero(torch.full((4,), 2.0))
+    assert float(q.regularizer()) == pytest.approx(float(BB.regularizer(probs, 0.25, q2)), rel=1e-6)
+    fixed = BayesianBitsQuantizer(TensorConfig(bits=8, quantizer="bb", options={"fixed": True}), "act", 1, 3)
+    assert float(fixed.regularizer()) == 0.0 and fixed.test_bits() == 8
+    assert not any(n.startswith("log_alpha") for n, _ in fixed.named_parameters())
+
+
+def test_lenet5_parameter_overhead_is_636_gates():
+    """The rebuttal: 4 gates per quantized tensor + one z2 per output channel = 636 for LeNet-5 (583k params).
+
+    Our count: 4 weight + 3 activation tensors with learned gates (the network input is at a fixed 8 bits, the
+    last layer's outputs are logits and are not pruned): 7 * 4 + (32 + 64 + 512) = 636 gates, plus one learned
+    range per quantized tensor (8, counting the fixed 8-bit input), which the paper's 636 does not include."""
+    from bitalloc.models import create
+    from bitalloc.train.methods import prepare_qat
+
+    model = prepare_qat(create("lenet5"), "bb", {"input_shape": [1, 28, 28], "dataset": "mnist"})
+    gates = sum(p.numel() for n, p in model.named_parameters() if "log_alpha" in n)
+    ranges = sum(p.numel() for n, p in model.named_parameters() if n.endswith("clip_max"))
+    base = sum(p.numel() for n, p in model.named_parameters() if "quantizer" not in n)
+    assert gates == 636
+    assert ranges == 8
+    assert base == 582_026

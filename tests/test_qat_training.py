@@ -1,0 +1,303 @@
+"""Quantization-aware training: the lsq / pact / bb methods, their objective hooks, CLI (train, sweep), resume,
+and data-parallel equivalence (2 CPU processes under torchrun == 1 process with the same global batch).
+
+Tiny synthetic data and models only (the whole file runs in well under a minute on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bitalloc.model.freeze import freeze
+from bitalloc.model.layers import quant_layers
+from bitalloc.quantizers import BayesianBitsQuantizer, LSQQuantizer, PACTQuantizer
+from bitalloc.train import METHODS, StopAfter, TrainConfig, fit, load_model_checkpoint
+from bitalloc.train.methods import QATObjective, prepare_qat, resolve_options
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n: int, noise_seed: int = 1, classes: int = 4, dim: int = 16, sep: float = 3.0):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(classes, dim, generator=g)
+    means = means / means.norm(dim=1, keepdim=True)
+    g2 = torch.Generator().manual_seed(noise_seed)
+    y = torch.randint(0, classes, (n,), generator=g2)
+    return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+CFG = dict(optimizer="adam", lr=0.01, batch_size=32, epochs=2, progress="off", schedule="constant_then_linear")
+
+
+def train(method: str, opts: dict, **cfg):
+    model = prepare_qat(mlp(), method, dict({"input_shape": [16]}, **opts))
+    obj = QATObjective(model, method, dict({"input_shape": [16]}, **opts))
+    result = fit(model, blobs(160), blobs(64, noise_seed=5), TrainConfig(**dict(CFG, **cfg)), objective=obj)
+    return model, result
+
+
+# ---- registry, options, objective --------------------------------------------------------------------------
+
+def test_methods_registered_with_cli_options():
+    from bitalloc.cli import build_parser
+
+    assert {"fp32", "lsq", "pact", "bb"} <= set(METHODS)
+    p = build_parser()
+    args = p.parse_args(["train", "--model", "lenet5", "--method", "bb", "--gate-init", "1,2,3,4", "--no-prune"])
+    opts = METHODS["bb"].options(args)
+    assert opts["gate_init"] == [1.0, 2.0, 3.0, 4.0] and opts["prune"] is False and opts["mu"] == 0.1
+    assert opts["input_shape"] == [1, 28, 28] and opts["dataset"] == "mnist"
+    args = p.parse_args(["train", "--model", "resnet20", "--method", "bb"])
+    opts = METHODS["bb"].options(args)
+    assert opts["gate_init"] == [6.0] * 4 and opts["mu"] == 0.01  # the reference CIFAR-10 command
+    args = p.parse_args(["train", "--model", "lenet5", "--method", "pact", "--w-bits", "2", "--pact-init", "10"])
+    opts = METHODS["pact"].options(args)
+    assert opts["w_bits"] == 2 and opts["pact_init"] == 10.0
+    overrides = METHODS["lsq"].overrides(None, opts)
+    assert overrides["schedule"] == "constant_then_linear" and overrides["optimizer"] == "adam"
+    assert overrides["lr"] == 1e-3
+    with pytest.raises(Exception):
+        resolve_options("bb", {"nonsense": 1})
+
+
+def test_first_and_last_layers_and_param_groups():
+    model = prepare_qat(mlp(), "lsq", {"input_shape": [16]})
+    layers = quant_layers(model)
+    assert [l.weight_quantizer.bits for _, l in layers] == [8, 4, 8]
+    assert all(isinstance(l.input_quantizer, LSQQuantizer) for _, l in layers)
+    obj = QATObjective(model, "lsq", {"input_shape": [16]})
+    groups = obj.param_groups(model)
+    assert [g["name"] for g in groups] == ["quant"] and len(groups[0]["params"]) == 6
+    assert groups[0]["weight_decay"] == 0.0
+
+    model = prepare_qat(mlp(), "bb", {"input_shape": [16], "mu": 0.5})
+    obj = QATObjective(model, "bb", {"input_shape": [16], "mu": 0.5})
+    layers = dict(quant_layers(model))
+    assert layers["0"].input_quantizer.fixed and layers["0"].input_quantizer.test_bits() == 8
+    assert layers["4"].weight_quantizer.log_alpha_prune is None  # the logits are not pruned
+    assert layers["0"].weight_quantizer.log_alpha_prune.numel() == 32
+    groups = {g["name"]: g for g in obj.param_groups(model)}
+    assert set(groups) == {"gates", "ranges"} and groups["gates"]["schedule"] == "constant"
+    n_gates = sum(p.numel() for p in groups["gates"]["params"])
+    assert n_gates == 5 * 4 + 32 + 24  # 3 weights + 2 inputs with 4 bit gates; z2 for 2 layers
+    # MAC weights r = MACs / largest layer's MACs
+    assert obj.r == {"0": 1.0, "2": 768 / 512, "4": 96 / 512} or obj.r == pytest.approx(
+        {"0": 512 / 768, "2": 1.0, "4": 96 / 768})
+    loss, logs = obj.extra_loss(model)
+    regs = sum(float(q.regularizer().detach()) for _, l in quant_layers(model) for q in l.quantizers())
+    assert float(loss.detach()) == pytest.approx(0.5 * regs, rel=1e-6) and logs["bb_reg"] == pytest.approx(regs, rel=1e-6)
+    pact = prepare_qat(mlp(), "pact", {"input_shape": [16]})
+    assert all(isinstance(q, PACTQuantizer) for _, l in quant_layers(pact) for q in l.quantizers())
+
+
+def test_bb_training_lowers_bits_with_mu_and_logs_state():
+    fast = {"gate_lr": 0.2, "gate_init": [1.0, 1.0, 1.0, 1.0]}
+    model0, r0 = train("bb", dict(fast, mu=0.0), epochs=3)
+    model1, r1 = train("bb", dict(fast, mu=2.0), epochs=3)
+    s0, s1 = r0.history[-1]["state"], r1.history[-1]["state"]
+    assert s1["relative_bops"] < s0["relative_bops"]
+    assert s1["relative_bops_expected"] < s0["relative_bops_expected"]
+    assert r1.history[-1]["extra"]["bb_reg"] < r1.history[0]["extra"]["bb_reg"]
+    assert set(s1["layers"]) == {"0", "2", "4"} and "p_on" in s1["layers"]["2"]["w"]
+    assert "kept" in s1["layers"]["0"]["w"] and "expected_bits" in s1["layers"]["2"]["a"]
+    assert r1.final_accuracy > 0.5
+    # freezing gives the test-time cost the log reported
+    import bitalloc
+
+    frozen = freeze(model1)
+    assert bitalloc.cost_report(frozen, torch.zeros(1, 16)).relative_bops == pytest.approx(s1["relative_bops"])
+
+
+def test_bb_resume_is_bitwise_identical(tmp_path):
+    opts = {"gate_lr": 0.05, "mu": 0.5, "input_shape": [16]}
+    full, _ = train("bb", opts, epochs=2)
+    ck = str(tmp_path / "bb.pt")
+    model = prepare_qat(mlp(), "bb", opts)
+    fit(model, blobs(160), None, TrainConfig(**dict(CFG, checkpoint=ck)), objective=QATObjective(model, "bb", opts),
+        callbacks=[StopAfter(1)])
+    resumed = prepare_qat(mlp(), "bb", opts)
+    fit(resumed, blobs(160), None, TrainConfig(**dict(CFG, checkpoint=ck, resume=True)),
+        objective=QATObjective(resumed, "bb", opts))
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the checkpoint rebuilds the quantized model (method prepare) and loads every learned parameter
+    loaded = load_model_checkpoint(ck, model=prepare_qat(mlp(), "bb", opts))
+    x = torch.randn(8, 16)
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), resumed(x))
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def _cli(argv):
+    from bitalloc.cli import main
+
+    return main(argv)
+
+
+def test_cli_train_and_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITALLOC_PROGRESS", "off")
+    monkeypatch.setenv("BITALLOC_SYNTHETIC_N", "128")
+    out = tmp_path / "bb.pt"
+    assert _cli(["train", "--model", "synthetic-mlp", "--dataset", "synthetic", "--method", "bb", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(out), "--mu", "0.2"]) == 0
+    state = torch.load(out, weights_only=False)
+    assert state["method"] == "bb" and state["method_options"]["mu"] == 0.2
+    assert [g["name"] for g in state["param_groups"]] == ["default", "gates", "ranges"]
+    model = load_model_checkpoint(out)  # rebuilt through the method's prepare
+    assert any(isinstance(q, BayesianBitsQuantizer) for _, l in quant_layers(model) for q in l.quantizers())
+    capsys.readouterr()
+
+    sweep_dir = tmp_path / "sweep"
+    argv = ["sweep", "--method", "bb,lsq", "--mu", "0.05,1.0", "--bits", "3", "--model", "synthetic-mlp",
+            "--dataset", "synthetic", "--epochs", "1", "--out-dir", str(sweep_dir), "--", "--batch-size", "32",
+            "--gate-lr", "0.1"]
+    assert _cli(argv) == 0
+    err = capsys.readouterr().err
+    data = json.loads((sweep_dir / "sweep.json").read_text())
+    names = {p["name"] for p in data["points"]}
+    assert names == {"bb-mu0.05", "bb-mu1", "lsq-w3a3"}
+    for p in data["points"]:
+        assert 0 < p["relative_bops"] < 1 and 0 <= p["top1"] <= 1 and p["layers"]
+    lsq = next(p for p in data["points"] if p["method"] == "lsq")
+    # the synthetic MLP has 2 layers, both first / last: 8 bits; the run recorded its 3-bit setting
+    assert [l["w_bits"] for l in lsq["layers"]] == [8.0, 8.0] and lsq["options"]["w_bits"] == 3
+    if importlib.util.find_spec("matplotlib"):
+        assert (sweep_dir / "pareto.png").exists() and (sweep_dir / "bb-mu1-bits.png").exists()
+    assert "training" in err
+    # a second call trains nothing: every run is finished
+    assert _cli(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier") == 3
+
+
+# ---- data-parallel equivalence -------------------------------------------------------------------------------
+
+WORKER = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from bitalloc.train import TrainConfig, fit
+    from bitalloc.train import distributed as D
+    from bitalloc.train.methods import QATObjective, prepare_qat
+
+
+    def blobs(n, noise_seed=1, classes=4, dim=16, sep=3.0):
+        g = torch.Generator().manual_seed(0)
+        means = torch.randn(classes, dim, generator=g)
+        means = means / means.norm(dim=1, keepdim=True)
+        g2 = torch.Generator().manual_seed(noise_seed)
+        y = torch.randint(0, classes, (n,), generator=g2)
+        return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
+
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+    CASES = {
+        "lsq": ("lsq", {"input_shape": [16], "w_bits": 4, "a_bits": 4}),
+        "bb": ("bb", {"input_shape": [16], "mu": 0.3, "gate_lr": 2.0, "gate_init": [1.0, 1.0, 1.0, 1.0]}),
+    }
+
+
+    def run_case(name):
+        method, opts = CASES[name]
+        model = prepare_qat(mlp(), method, opts)
+        # SGD: float-order differences between DDP's averaged half-batch gradients and the one-process gradient
+        # stay ~1e-7 (Adam's normalisation amplifies them in near-zero gradients of the first steps)
+        cfg = TrainConfig(optimizer="sgd", lr=0.1, batch_size=32, epochs=2, progress="off",
+                          schedule="constant_then_linear")
+        r = fit(model, blobs(160), blobs(70, noise_seed=5), cfg, objective=QATObjective(model, method, opts))
+        return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "history": [{k: h.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "extra")}
+                            for h in r.history],
+                "state": r.history[-1]["state"]}
+
+
+    def main(out):
+        with D.distributed("cpu"):
+            results = {name: run_case(name) for name in CASES}
+            if D.rank() == 0:
+                torch.save(results, Path(out) / "qat_ddp.pt")
+
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
+''')
+
+
+def test_torchrun_two_processes_match_one_quantized(tmp_path):
+    """LSQ (activation steps initialised from the first global batch, reduced across ranks) and Bayesian Bits
+    (gates with rank-invariant noise, regulariser counted once) under DDP == one process."""
+    script = tmp_path / "qat_worker.py"
+    script.write_text(WORKER)
+    spec = importlib.util.spec_from_file_location("qat_worker", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["BITALLOC_PROGRESS"] = "off"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun hung:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    assert elapsed < 60, f"the 2-process run took {elapsed:.1f} s"
+    multi = torch.load(tmp_path / "qat_ddp.pt", weights_only=False)
+    for name in mod.CASES:
+        single = mod.run_case(name)
+        for k, v in single["weights"].items():
+            m = multi[name]["weights"][k]
+            if v.dtype.is_floating_point:
+                scale = max(float(v.abs().max()), 1e-12)
+                # Missing reductions (an activation step initialised from one rank's half batch, rank-dependent
+                # gate noise, a regulariser counted per rank) change parameters by 1e-2 or more.
+                assert float((m - v).abs().max()) <= 1e-4 * scale, f"{name}: {k}: {(m - v).abs().max()}"
+            else:
+                assert torch.equal(m, v), f"{name}: {k}"
+        for hs, hm in zip(single["history"], multi[name]["history"], strict=True):
+            for key in ("train_loss", "val_loss"):
+                assert hm[key] == pytest.approx(hs[key], rel=1e-4), (name, key)
+            for k, v in (hs.get("extra") or {}).items():  # the regulariser is not double counted
+                assert hm["extra"][k] == pytest.approx(v, rel=1e-4), (name, k)
+        assert multi[name]["state"]["relative_bops"] == pytest.approx(single["state"]["relative_bops"])
+    # the gates really moved (the comparison is not between two untouched initialisations)
+    p_on = [p for layer in multi["bb"]["state"]["layers"].values() for q in layer.values() for p in q["p_on"]]
+    assert min(p_on) < 0.9
