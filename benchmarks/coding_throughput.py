@@ -18,6 +18,8 @@ Writes benchmarks/results/coding_<model>.json and the section ``coding-<model>``
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -161,9 +163,19 @@ def main() -> int:
     ap.add_argument("--stream-limit", type=int, default=8_000_000, help="codes per stream kind for zlib / canonical")
     ap.add_argument("--constriction-limit", type=int, default=1_000_000,
                     help="codes per stream kind for constriction (one Python call per code)")
-    ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--md-only", action="store_true",
+                    help="only rewrite the BENCHMARKS.md section from benchmarks/results/coding_<model>.json")
     args = ap.parse_args()
     from bitalloc import models
+
+    if args.md_only:
+        import json
+
+        name = models.model_info(args.model).name
+        summary = json.loads((Path(__file__).resolve().parent / "results" / f"coding_{name}.json").read_text())
+        update_section(f"coding-{name}", render(summary))
+        return 0
 
     model, name, ckpt_ds = load_model(args)
     dataset = args.dataset or ckpt_ds or models.model_info(name).default_dataset
@@ -177,10 +189,10 @@ def main() -> int:
     for label, key, w, a in CONFIGS:
         t0 = time.perf_counter()
         q = quantize(model, preset(key, w, a, calibration_samples=args.calib), calib_batches, num_samples=args.calib)
-        t_pack, _ = best_of(lambda: pack_bytes(q, model_spec=spec, example_shape=shape), repeat=1)
+        t_pack, _ = best_of(lambda: pack_bytes(q, model_spec=spec, example_shape=shape), repeat=2)
         path = tmp / f"{key}-w{w}a{a}.bapk"
         rep = pack_model(q, path, model_spec=spec, example_shape=shape, float_model=model, overwrite=True)
-        t_unpack, restored = best_of(lambda: unpack_model(path, model=model), repeat=1)
+        t_unpack, restored = best_of(lambda: unpack_model(path, model=model), repeat=2)
         with torch.no_grad():
             exact = bool(torch.equal(restored(x_check), q(x_check)))
         act = activation_code_stats(q, calib_batches, args.calib)
@@ -196,6 +208,7 @@ def main() -> int:
         if (key, w, a) == ("aciq", 4, 4):
             streams["weights W4"] = weight_streams(q)
             streams["activations A4"] = activation_streams(q, calib_batches[0][0][: args.stream_images])
+    shutil.rmtree(tmp, ignore_errors=True)
     speed = {}
     for kind, ss in streams.items():
         speed[kind] = throughput(cap(ss, args.stream_limit), args.constriction_limit)
@@ -204,7 +217,8 @@ def main() -> int:
                   f"dec {r['decode_MBps']:7.1f} MB/s  {r['bits_per_code']:.3f} bits/code", flush=True)
     summary = {"model": name, "dataset": dataset, "data": args.data, "calibration_images": args.calib,
                "configs": configs, "throughput": speed, "machine": machine(), "command": command_line(),
-               "revision": git_revision(), "torch_threads": torch.get_num_threads()}
+               "revision": git_revision(), "torch_threads": torch.get_num_threads(),
+               "load_average": list(os.getloadavg())}
     out = Path(__file__).resolve().parent / "results" / f"coding_{name}.json"
     write_json(out, summary)
     print(f"results: {out}")
@@ -230,6 +244,8 @@ def render(s: dict) -> str:
              "scales, zero points, quantizer buffers, checksum).", "",
              md_table(["config", "FP32 state_dict", "bit-packed file", "packed file", "x FP32", "x bit-packed",
                        "bits", "entropy", "Huffman", "stored", "metadata", "bit-identical", "pack / unpack s"], rows),
+             "",
+             "Pack / unpack: best of 2, seconds (unpack includes rebuilding and preparing the float model).",
              ""]
     arows = []
     for c in s["configs"]:
@@ -246,11 +262,15 @@ def render(s: dict) -> str:
         for r in rs:
             trows.append([kind, r["coder"], f"{r['codes']:,}" + (" (subset)" if r["subset"] else ""),
                           r["encode_MBps"], r["decode_MBps"], f"{r['bits_per_code']:.3f}"])
+    load = s.get("load_average")
     lines += [f"Throughput (MB/s = 10^6 codes per second, one byte per code; best of 3; {s['torch_threads']} "
-              "torch threads; one stream per layer; constriction: one Python call per code, its size counts a "
-              "float64 per used symbol as table):", "",
+              "torch threads; one stream per layer, codes in channel-major order; constriction: one Python call "
+              "per code, so it runs on a subset (the first layers' codes, whose bits/code differ), and its size counts a "
+              "float64 per used symbol as table)"
+              + (f"; load average {load[0]:.1f} on the shared machine at the end of the run" if load else "") + ":", "",
               md_table(["stream", "coder", "codes", "encode MB/s", "decode MB/s", "bits/code"], trows), "",
-              f"Machine: {s['machine']}. Revision {s['revision']}. Command: `{s['command']}`"]
+              f"Machine: {s['machine']}. Revision {s['revision']}. Command: "
+              f"`{s['command'].replace(' --no-md', '')}`"]
     return "\n".join(lines)
 
 

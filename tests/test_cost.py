@@ -45,7 +45,7 @@ def _brute_force_bops(w_bits, a_bits, c_out, c_in, groups, macs):
 def test_bops_with_per_channel_bits_match_brute_force():
     net = make_net()
     x = torch.randn(8, 3, 16, 16)
-    cfg = bitalloc.preset("aciq", w_bits=3.5, a_bits=4.5)
+    cfg = bitalloc.preset("aciq", w_bits=3.5, a_bits=4.5, act_granularity="channel")
     q = bitalloc.quantize(net, cfg, [(x,)])
     rep = cost_report(q, x[:1])
     by_name = {l.name: l for l in rep.layers}

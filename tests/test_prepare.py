@@ -158,6 +158,7 @@ def test_linear_on_3d_inputs_and_conv1d():
     torch.manual_seed(0)
     m = Seq().eval()
     x = torch.randn(3, 4, 10)
-    q, _ = (bitalloc.quantize(m, bitalloc.preset("aciq", w_bits=8, a_bits=8, first_last_bits=None), [(x,)]), None)
+    cfg = bitalloc.preset("aciq", w_bits=8, a_bits=8, first_last_bits=None, act_granularity="channel")
+    q = bitalloc.quantize(m, cfg, [(x,)])
     assert q.l.input_quantizer.bits.shape == (6,)  # per-channel along the last axis of a linear input
     assert torch.allclose(q(x), m(x), atol=0.05)

@@ -503,16 +503,22 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
     """Run every integer-executable QuantLayer of ``model`` through :func:`integer_forward` inside the block.
 
     Layers that are not integer-executable (float activations or weights, online quantizers, unsupported
-    forwards) keep their fake-quant forward and are listed in ``run.fake_quant_layers`` with the reason, or
-    raise with ``strict=True``. ``record=True`` keeps every IntegerResult (memory!) in ``run.results``.
+    forwards) run their fake-quant forward and are listed in ``run.fake_quant_layers`` with the reason, or
+    raise with ``strict=True``. Accumulator overflow errors (``on_overflow="raise"``) always propagate. ``record=True`` keeps every IntegerResult (memory!) in ``run.results``.
     """
     run = IntegerRun()
     patched: list[QuantLayer] = []
 
     def forward(layer: QuantLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs:
-            raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
-        out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator)
+        try:
+            if args or kwargs:
+                raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
+            out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator)
+        except IntegerExecutionError as exc:
+            if strict:
+                raise
+            run.fake_quant_layers[layer.layer_name] = str(exc)
+            return QuantLayer.forward(layer, x, *args, **kwargs)
         run.analyses[layer.layer_name] = res[-1].analysis
         if record:
             run.results.setdefault(layer.layer_name, []).extend(res)
@@ -538,12 +544,13 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
 def fake_quant_codes(x_hat: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Recover integer codes from fake-quantized values: round(x_hat / s) + z (int64), checking they are codes.
 
-    Raises ValueError if some x_hat / s is farther than 1e-3 from an integer (i.e. x_hat is not on the grid).
+    Raises ValueError if some x_hat / s is farther from an integer than float32 rounding of x_hat allows
+    (1e-3 + 4 ulp of the code), i.e. x_hat is not on the grid.
     """
     s = reshape_for_axis(scale.to(torch.float64), x_hat.ndim, axis)
     z = reshape_for_axis(zero_point.to(torch.int64), x_hat.ndim, axis)
-    v = x_hat.to(torch.float64) / s
+    v = x_hat.detach().to(torch.float64) / s
     r = torch.round(v)
-    if v.numel() and float((v - r).abs().max()) > 1e-3:
+    if v.numel() and bool(((v - r).abs() > 1e-3 + v.abs() * 4 * U32).any()):
         raise ValueError("values are not on the quantization grid")
     return r.to(torch.int64) + z

@@ -5,7 +5,8 @@ Latency protocol (:func:`measure_latency`): a fixed input batch, ``warmup`` unti
 runs of ``session.run``; the median (and the 10th / 90th percentiles) of the wall-clock times in milliseconds.
 Sessions use the CPU execution provider, ``intra_op_num_threads = threads`` (default 2), one inter-op thread,
 sequential execution and all graph optimizations. On a shared machine, compare models as ratios measured
-in one run (:func:`interleaved_latency` alternates models run by run so that background load hits all alike).
+in one run (:func:`interleaved_latency` alternates models in short turns so that background load hits all
+alike).
 """
 
 from __future__ import annotations
@@ -179,18 +180,29 @@ def measure_latency(session: Any, x: np.ndarray, *, runs: int = 20, warmup: int 
     return _stats(x.shape[0], times)
 
 
-def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 20, warmup: int = 3) -> dict[str, Latency]:
-    """Latency of several sessions on the same batch, alternating them run by run (fair under load)."""
+def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 20, warmup: int = 3,
+                        block: int = 5) -> dict[str, Latency]:
+    """Latency of several sessions on the same batch, measured in turns (fair under background load).
+
+    Each turn runs every session for one untimed run (it absorbs the previous session's worker threads,
+    which keep spinning for a while after a run) followed by ``block`` timed runs; turns repeat until each
+    session has ``runs`` timed runs. Returns the median / percentiles per session.
+    """
     feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
+    for k, s in sessions.items():
+        for _ in range(warmup):
             s.run(None, feeds[k])
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
+    while any(len(v) < runs for v in times.values()):
         for k, s in sessions.items():
-            t = time.perf_counter()
+            n = min(block, runs - len(times[k]))
+            if n <= 0:
+                continue
             s.run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
+            for _ in range(n):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
     return {k: _stats(x.shape[0], v) for k, v in times.items()}
 
 

@@ -1,0 +1,250 @@
+"""Learned precision (Bayesian Bits, LSQ, PACT) against the Bayesian Bits paper, and training-step cost.
+
+Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
+
+    # LeNet-5 / MNIST: Bayesian Bits at mu = 0.1, LSQ 4/4 and PACT 4/4 (8-bit first/last layers)
+    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method bb --mu 0.1 \\
+        --epochs 12 -- --gate-lr 1e-2
+    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method lsq,pact --bits 4 --epochs 4
+    # CIFAR-10 (ResNet-20 on 2 CPU cores; VGG-7 where a GPU is available): mu sweep + LSQ / PACT points
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method bb --mu 0.01,0.1 --epochs 2 -- --gate-lr 1e-2
+    # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
+    python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
+    # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
+    python benchmarks/learned_precision.py report
+
+``sweep`` is ``bitalloc sweep`` (every point trained, frozen, evaluated and costed; finished runs are skipped,
+interrupted ones resumed) plus the FP32 reference point. ``report`` reads ``sweep.json`` of every folder under
+``runs/learned`` and the timing files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, git_revision, machine, md_table, update_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = ROOT / "runs" / "learned"
+
+PAPER = {
+    "lenet5-mnist": {"bb": "99.30% at 0.36% relative BOPs (mu = 0.1; 636 extra parameters)",
+                     "bb-gumbel": "99.38% at 0.38%"},
+    "vgg7-cifar10": {"bb": "93.23% at 0.51% relative BOPs (mu = 0.01); 91.96% at 0.29% (mu = 0.1)",
+                     "bb-gumbel": "93.19% at 0.44%"},
+}
+
+
+def _cli(argv: list[str]) -> int:
+    from bitalloc.cli import main
+
+    print("+ bitalloc " + " ".join(argv), file=sys.stderr, flush=True)
+    return main(argv)
+
+
+# ---- sweep ---------------------------------------------------------------------------------------------------
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = ["sweep", "--model", args.model, "--method", args.method, "--out-dir", args.out_dir, "--progress",
+            args.progress]
+    for flag, value in (("--dataset", args.dataset), ("--data", args.data), ("--epochs", args.epochs),
+                        ("--init", args.init), ("--mu", args.mu), ("--bits", args.bits),
+                        ("--fp32", args.fp32 or args.init)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if extra:
+        argv += ["--"] + extra
+    return _cli(argv)
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+def cmd_timing(args: argparse.Namespace, extra: list[str]) -> int:
+    """Time per optimizer step of fp32 / lsq / pact / bb training on the same data, batch and optimizer.
+
+    Each method trains ``--steps`` steps (after ``--warmup`` untimed steps) from the same initial weights;
+    methods are interleaved over ``--rounds`` rounds and the fastest round per method is kept (the machine
+    is shared, the minimum is the least disturbed measurement)."""
+    import torch
+
+    from bitalloc.cli import build_parser
+    from bitalloc.cli.train import build_model, load_data
+    from bitalloc.io import write_json
+    from bitalloc.train import TrainConfig, fit
+    from bitalloc.train.presets import get_method
+
+    from bitalloc.models import model_info
+
+    parser = build_parser()
+    methods = [m for m in args.methods.split(",") if m]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    base_argv = ["train", "--model", args.model] + (["--dataset", args.dataset] if args.dataset else []) + (
+        ["--data", args.data] if args.data else [])
+    ns0 = parser.parse_args(base_argv)
+    ns0.dataset = ns0.dataset or model_info(args.model).default_dataset
+    train_set, _, num_classes = load_data(ns0, augment=False)
+    bs = args.batch_size
+    warm = torch.utils.data.Subset(train_set, range(bs * max(args.warmup, 1)))
+    timed = torch.utils.data.Subset(train_set, range(bs * args.warmup, bs * (args.warmup + args.steps)))
+
+    def config(steps: int) -> TrainConfig:
+        return TrainConfig(optimizer="adam", lr=1e-3, batch_size=bs, steps=steps, schedule="constant",
+                           progress="off", shuffle=False)
+
+    for r in range(args.rounds):
+        for m in methods:
+            ns = parser.parse_args(base_argv + ["--method", m] + extra)
+            ns.dataset = ns0.dataset
+            method = get_method(m)
+            opts = method.options(ns)
+            torch.manual_seed(0)
+            model, _, _ = build_model(ns, num_classes, False)
+            model = method.prepare(model, opts)
+            obj = method.make_objective(model, opts)
+            if args.warmup:  # first batches: activation quantizers initialise, allocators warm up
+                fit(model, warm, None, config(args.warmup), objective=obj)
+            res = fit(model, timed, None, config(args.steps), objective=obj)
+            times[m].append(float(res.time_per_step))
+            print(f"round {r + 1}: {m}: {1000 * times[m][-1]:.1f} ms/step", file=sys.stderr, flush=True)
+    best = {m: min(v) for m, v in times.items()}
+    base = best.get("fp32")
+    out = {"model": args.model, "dataset": ns0.dataset, "batch_size": args.batch_size, "steps": args.steps,
+           "rounds": args.rounds, "threads": torch.get_num_threads(), "seconds_per_step": times, "best": best,
+           "relative_to_fp32": {m: v / base for m, v in best.items()} if base else None,
+           "median_relative_to_fp32": ({m: statistics.median(v) / statistics.median(times["fp32"]) for m, v in times.items()}
+                                       if base else None),
+           "machine": machine(), "command": command_line()}
+    path = write_json(RESULTS / f"learned_timing_{args.model}.json", out)
+    print(json.dumps(out["relative_to_fp32"], indent=1))
+    print(f"results: {path}")
+    return 0
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _bits_summary(p: dict[str, Any]) -> str:
+    parts = []
+    for l in p.get("layers", []):
+        kept = f", kept {100 * l['kept_fraction']:.0f}%" if l.get("kept_fraction", 1.0) < 0.999 else ""
+        parts.append(f"{l['name']}: W{l['w_bits']:g}/A{l['a_bits']:g}{kept}")
+    return "; ".join(parts)
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from bitalloc.cli.sweep import pareto_front
+    from bitalloc.io import write_json
+
+    runs_dir = Path(args.runs)
+    sections: list[str] = []
+    summary: dict[str, Any] = {"experiments": {}, "timing": {}, "machine": machine(), "revision": git_revision(),
+                               "command": command_line()}
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.exists() else []:
+        data = _load(folder / "sweep.json")
+        if not data:
+            continue
+        points = data["points"]
+        summary["experiments"][folder.name] = points
+        rows = []
+        front = {p["name"] for p in pareto_front([p for p in points if p["method"] != "fp32"])}
+        for p in sorted(points, key=lambda p: (p["method"] != "fp32", p["method"], p["relative_bops"])):
+            opts = p.get("options") or {}
+            setting = ", ".join(f"{k}={v}" for k, v in (p.get("setting") or {}).items())
+            rows.append([p["name"], setting, _pct(p["top1"]), _pct(p["relative_bops"], 3),
+                         "*" if p["name"] in front else "", p.get("epochs") or "-",
+                         f"{1000 * p['time_per_step']:.0f}" if p.get("time_per_step") else "-",
+                         _bits_summary(p) if p["method"] != "fp32" else "float"])
+            if opts.get("gate_lr") and p["method"] == "bb":
+                rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
+        table = md_table(["run", "setting", "top-1 %", "rel. BOPs %", "Pareto", "epochs", "ms/step", "bits per layer (frozen)"],
+                         rows)
+        paper = PAPER.get(folder.name, {})
+        paper_txt = "; ".join(f"{k}: {v}" for k, v in paper.items()) or "-"
+        pngs = [f"`{_rel(q)}`" for q in sorted(folder.glob("*.png"))]
+        sections.append(f"### {folder.name}\n\nPaper: {paper_txt}.\n\n{table}\n\nPlots: {', '.join(pngs) or '-'}\n")
+    for tfile in sorted(RESULTS.glob("learned_timing_*.json")):
+        t = _load(tfile)
+        summary["timing"][t["model"]] = t
+        rel = t.get("relative_to_fp32") or {}
+        rows = [[m, f"{1000 * t['best'][m]:.1f}", f"{rel.get(m, float('nan')):.2f}",
+                 f"{(t.get('median_relative_to_fp32') or {}).get(m, float('nan')):.2f}"] for m in t["best"]]
+        sections.append(f"### Time per training step, {t['model']} ({t['dataset']}, batch {t['batch_size']}, "
+                        f"Adam; fastest of {t['rounds']} interleaved rounds of {t['steps']} steps)\n\n"
+                        + md_table(["method", "ms/step", "relative to FP32 (fastest)", "relative (median)"], rows) + "\n")
+    notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else ""
+    body = ("## Learned precision: Bayesian Bits, LSQ, PACT\n\n"
+            f"Machine: {machine()}. Revision {git_revision()}. Generated by `python benchmarks/learned_precision.py "
+            f"report` from `runs/learned/*/sweep.json` (each point: trained, frozen with test-time gates, "
+            f"evaluated on the test split, costed with `bitalloc.cost_report`).\n\n" + notes + "\n" + "\n".join(sections))
+    path = write_json(RESULTS / "learned_precision.json", summary)
+    print(f"results: {path}")
+    if not args.no_md:
+        update_section("learned-precision", body)
+        print("BENCHMARKS.md section 'learned-precision' updated")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep", help="bitalloc sweep + FP32 reference point")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dataset")
+    s.add_argument("--data")
+    s.add_argument("--init", help="FP32 checkpoint to fine-tune from (also the FP32 reference point)")
+    s.add_argument("--fp32", help="FP32 reference checkpoint (default: --init)")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--mu")
+    s.add_argument("--bits")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--progress", default="log")
+    t = sub.add_parser("timing", help="time per training step relative to FP32")
+    t.add_argument("--model", required=True)
+    t.add_argument("--dataset")
+    t.add_argument("--data")
+    t.add_argument("--methods", default="fp32,lsq,pact,bb")
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=128)
+    r = sub.add_parser("report", help="results JSON + BENCHMARKS.md section")
+    r.add_argument("--runs", default=str(RUNS))
+    r.add_argument("--notes", default=str(RESULTS / "learned_precision_notes.md"),
+                   help="markdown inserted before the tables (what was run and why)")
+    r.add_argument("--no-md", action="store_true")
+    argv = sys.argv[1:]
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = ap.parse_args(argv)
+    return {"sweep": cmd_sweep, "timing": cmd_timing, "report": cmd_report}[args.cmd](args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

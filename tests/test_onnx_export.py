@@ -1,0 +1,252 @@
+"""ONNX QDQ export: structure (types, axes, codes), equality with the fake-quant model in onnxruntime, what
+onnxruntime fuses into int8 kernels, its own static quantization (the anchor), and the two commands.
+
+References: bitalloc's own integer codes (the exported initializers must equal them exactly) and the
+fake-quant PyTorch model (onnxruntime without graph optimizations computes the same function up to float32
+rounding; with them, its int8 kernels requantize, so only agreement is checked there).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitalloc
+from bitalloc.errors import ConfigError
+from tests.nets import SamePadConv, make_net
+
+onnx = pytest.importorskip("onnx", reason="ONNX export tests need the onnx package (pip install 'bitalloc[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install 'bitalloc[onnx]')")
+
+from onnx import numpy_helper  # noqa: E402
+
+from bitalloc.runtime.onnx_export import export_onnx  # noqa: E402
+from bitalloc.runtime.ort import (agreement, int8_compute_ops, make_session, optimized_op_counts,  # noqa: E402
+                                  ort_static_quantize, run_session, run_torch)
+
+
+class Residual(nn.Module):
+    """conv-bn-relu6 blocks with "same" padding, a residual add, pooling and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = SamePadConv(3, 8, 3, stride=2, image_size=16)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = SamePadConv(8, 8, 3, image_size=8, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))
+        y = self.pw(F.relu6(self.dw(x)))
+        x = x + y
+        x = F.relu6(self.head(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Seq(nn.Module):
+    """A linear layer on 3-d inputs (exported as MatMul with a transposed weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean(dim=1)
+
+
+def data(shape, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g) * 1.3 + 0.2
+
+
+def quantized(model, x, preset="minmax", w=8, a=8, **kw):
+    torch.manual_seed(0)
+    return bitalloc.quantize(model, bitalloc.preset(preset, w_bits=w, a_bits=a, **kw), [x])
+
+
+def close_to_fake_quant(q, proto, x, *, level="none", tol=2e-5):
+    ref, _ = run_torch(q, [x])
+    got, _ = run_session(make_session(proto.SerializeToString(), level=level), [x])
+    a = agreement(ref, got)
+    assert a.max_abs_error <= tol * max(1.0, a.max_abs_output), a
+    return a
+
+
+def inits(proto):
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def test_w8a8_structure_codes_and_equality():
+    net = make_net()
+    x = data((3, 16, 16))
+    q = quantized(net, x)
+    proto, rep = export_onnx(q, x[:2])
+    names = {l.name: l for l in rep.layers}
+    assert set(names) == {"stem", "dw", "pw", "conv1d", "fc"}
+    assert all(l.weight == "int8" and l.act == "uint8" and not l.narrow for l in rep.layers)
+    assert {f["name"] for f in rep.float_layers} >= {"tconv", "unused"}  # stays float
+    init = inits(proto)
+    for name in names:  # the int8 initializers are bitalloc's codes, the scales its steps
+        ql = q.get_submodule(name)
+        p = ql.weight_quantizer.qparams()
+        codes = p.quantize(ql.layer.weight).numpy()
+        assert np.array_equal(init[f"{name}.weight_quantized"].astype(np.int64), codes)
+        assert init[f"{name}.weight_quantized"].dtype == np.int8
+        np.testing.assert_array_equal(init[f"{name}.weight_scale"], (p.scale * p.corr_scale).detach().numpy())
+    dq_axes = [a.i for n in proto.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]
+               for a in n.attribute if a.name == "axis"]
+    assert dq_axes and set(dq_axes) == {0}
+    assert not any(n.domain == "bitalloc" for n in proto.graph.node)
+    assert not any(n.op_type == "Pad" for n in proto.graph.node)  # zero pads folded into the convs
+    close_to_fake_quant(q, proto, x)
+    ref, _ = run_torch(q, [x])  # with onnxruntime's int8 kernels: requantization, so compare loosely
+    got, _ = run_session(make_session(proto.SerializeToString()), [x])
+    assert agreement(ref, got).top1_agreement >= 90
+
+
+@pytest.mark.parametrize("preset,w,a,kw", [
+    ("minmax", 4, 4, {}),
+    ("aciq", 4, 8, {}),  # bias correction, exact shift branch
+    ("aciq", 3.5, 4, {"act_granularity": "channel"}),  # mixed per-channel bits, per-axis activations
+    ("minmax", 12, 10, {}),  # wider than 8 bits: float emulation
+])
+def test_narrow_wide_per_channel_and_bias_shift_equal_fake_quant(preset, w, a, kw):
+    net = make_net()
+    x = data((3, 16, 16))
+    q = quantized(net, x, preset, w, a, **kw)
+    proto, rep = export_onnx(q, x[:2])
+    onnx.checker.check_model(proto)
+    mid = {l.name: l for l in rep.layers}["dw"]
+    if a < 8:
+        assert mid.narrow and mid.act == "uint8"
+        if kw.get("act_granularity") != "channel":  # per-tensor narrow grid: integer Clip between Q and DQ
+            clips = [n for n in proto.graph.node if n.op_type == "Clip" and "dw_input" in n.name]
+            assert clips and inits(proto)[clips[0].input[2]].dtype == np.uint8
+    if a > 8:
+        assert mid.act.startswith("float-emulated") and mid.weight.startswith("float")
+    if preset == "aciq":
+        assert mid.bias_shift == "exact"
+    if kw.get("act_granularity") == "channel":
+        assert mid.per_channel_act and not mid.int8
+    close_to_fake_quant(q, proto, x)
+
+
+def test_bias_shift_requantize_and_fold_are_reported_approximations():
+    net = make_net()
+    x = data((3, 16, 16))
+    q = quantized(net, x, "aciq", 4, 8)
+    ref, _ = run_torch(q, [x])
+    exact, _ = export_onnx(q, x[:2])
+    rq, rep = export_onnx(q, x[:2], bias_shift="requantize")
+    fold, rep_f = export_onnx(q, x[:2], bias_shift="fold", calibration_data=[x])
+    dw = {l.name: l for l in rep.layers}["dw"]
+    assert dw.bias_shift.startswith("requantized") and 0 <= dw.max_shift_error <= dw.max_abs_shift
+    assert {l.name: l for l in rep_f.layers}["dw"].bias_shift == "folded"
+    errs = {}
+    for name, proto in (("exact", exact), ("requantize", rq), ("fold", fold)):
+        got, _ = run_session(make_session(proto.SerializeToString(), level="none"), [x])
+        errs[name] = agreement(ref, got).mean_abs_error
+    assert errs["exact"] < 1e-5 < errs["requantize"]
+    assert errs["fold"] > errs["exact"]
+    with pytest.raises(ConfigError, match="calibration_data"):
+        export_onnx(q, x[:2], bias_shift="fold")
+
+
+def test_linear_on_3d_inputs_uses_a_transposed_int8_weight():
+    x = data((4, 6))
+    q = quantized(Seq(), x, "minmax", 8, 8)
+    proto, rep = export_onnx(q, x[:2])
+    assert {l.op for l in rep.layers} == {"MatMul"}
+    w = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "a.weight_quantized"][0]
+    assert [a.i for a in w.attribute if a.name == "axis"] == [1]
+    assert inits(proto)["a.weight_quantized"].shape == (6, 8)
+    assert not any(n.op_type == "Transpose" for n in proto.graph.node)
+    close_to_fake_quant(q, proto, x)
+
+
+def test_align_ort_runs_every_conv_and_add_in_int8():
+    x = data((3, 16, 16))
+    q = quantized(Residual(), x)
+    plain, rep0 = export_onnx(q, x[:2])
+    aligned, rep = export_onnx(q, x[:2], align="ort", calibration_data=[x])
+    c0 = optimized_op_counts(plain.SerializeToString())
+    c1 = optimized_op_counts(aligned.SerializeToString())
+    assert c1.get("QLinearConv", 0) == 5 and c1.get("QLinearAdd", 0) == 1 and "Conv" not in c1
+    assert int8_compute_ops(c1) == 6  # 5 convs + the classifier (QGemm)
+    assert int8_compute_ops(c0) < int8_compute_ops(c1)
+    assert rep.extra_qdq and not rep0.extra_qdq
+    ref, _ = run_torch(q, [x])
+    got, _ = run_session(make_session(aligned.SerializeToString()), [x])
+    a = agreement(ref, got)
+    assert a.top1_agreement >= 90 and a.max_abs_error < 0.1 * a.max_abs_output
+
+
+def test_errors_and_files(tmp_path):
+    x = data((3, 16, 16))
+    online = quantized(make_net(), x, online=True)
+    with pytest.raises(ConfigError, match="online"):
+        export_onnx(online, x[:2])
+    with pytest.raises(ConfigError, match="no quantized layers"):
+        export_onnx(make_net(), x[:2])
+    q = quantized(make_net(), x)
+    with pytest.raises(ConfigError, match="align"):
+        export_onnx(q, x[:2], align="always")
+    path = tmp_path / "m.onnx"
+    export_onnx(q, x[:2], path)
+    onnx.checker.check_model(str(path))
+    assert make_session(path).get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
+
+
+def test_onnxruntime_static_quantization_anchor(tmp_path):
+    from bitalloc.runtime.onnx_export import export_float
+
+    net = Residual().eval()
+    x = data((3, 16, 16), n=8)
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(export_float(net, x[:1]).SerializeToString())
+    out = ort_static_quantize(fp32, tmp_path / "q.onnx", [(x, None)], method="minmax")
+    counts = optimized_op_counts(out)
+    assert counts.get("QLinearConv", 0) == 5
+    ref = net(x).detach().numpy()
+    got, _ = run_session(make_session(out), [x])
+    assert agreement(ref, got).max_abs_error < 0.2 * np.abs(ref).max()
+
+
+def test_export_and_bench_commands(tmp_path, monkeypatch):
+    """The two commands end to end on a tiny zoo model saved as a quantized file and a synthetic data set."""
+    from bitalloc.cli import main
+    from bitalloc.cli import bench as bench_cli
+    from bitalloc.model.serialize import save_quantized
+
+    torch.manual_seed(0)
+    from bitalloc import models
+
+    model = models.create("lenet5").eval()
+    x = torch.randn(40, 1, 28, 28)
+    y = torch.randint(0, 10, (40,))
+    q = bitalloc.quantize(model, bitalloc.preset("minmax", w_bits=8, a_bits=8), [x[:16]])
+    qpath = save_quantized(q, tmp_path / "q.pt", model_name="lenet5", example_shape=(1, 28, 28))
+    out = tmp_path / "m.onnx"
+    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out)]) == 0
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["int8_layers"] == 4
+    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out)]) == 2  # refuses to overwrite
+    # the bench runner on in-memory batches (the CLI wraps it with data loading)
+    calib, evaluation = [(x[:16], y[:16])], [(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)]
+    res = bench_cli.bench_cpu(model, calib, evaluation, bench_cli.parse_configs("minmax/8x8/ort,minmax/4x4/none"),
+                              tmp_path / "bench", batch_sizes=(1, 8), runs=2, warmup=1, anchors=("minmax",),
+                              log=lambda s: None)
+    labels = [r["label"] for r in res["rows"]]
+    assert labels[0].startswith("FP32") and len(labels) == 4
+    for r in res["rows"]:
+        assert set(r["latency"]) == {"1", "8"} and r["latency"]["8"]["median_ms"] > 0
+    assert res["rows"][2]["agreement"] >= 90
+    with pytest.raises(ConfigError, match="PRESET"):
+        bench_cli.parse_configs("minmax")
