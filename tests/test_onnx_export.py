@@ -72,11 +72,20 @@ def quantized(model, x, preset="minmax", w=8, a=8, **kw):
     return bitalloc.quantize(model, bitalloc.preset(preset, w_bits=w, a_bits=a, **kw), [x])
 
 
-def close_to_fake_quant(q, proto, x, *, level="none", tol=2e-5):
+def close_to_fake_quant(q, proto, x, *, level="none", exact=False):
+    """onnxruntime (no graph optimizations) against the fake-quant model.
+
+    ``exact``: one quantized layer, so the outputs agree to float32 rounding. Several layers: a float32
+    rounding difference (summation order) that straddles a rounding boundary of the next quantizer moves
+    that code by one step, so only the mean difference is small and the arg-max agrees.
+    """
     ref, _ = run_torch(q, [x])
     got, _ = run_session(make_session(proto.SerializeToString(), level=level), [x])
     a = agreement(ref, got)
-    assert a.max_abs_error <= tol * max(1.0, a.max_abs_output), a
+    if exact:
+        assert a.max_abs_error <= 2e-5 * max(1.0, a.max_abs_output), a
+    else:
+        assert a.mean_abs_error <= 2e-3 * max(1.0, a.max_abs_output) and a.top1_agreement >= 95, a
     return a
 
 
@@ -139,6 +148,38 @@ def test_narrow_wide_per_channel_and_bias_shift_equal_fake_quant(preset, w, a, k
     close_to_fake_quant(q, proto, x)
 
 
+class One(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("make,shape,preset,w,a,kw", [
+    (lambda: SamePadConv(3, 6, 3, stride=2, image_size=9), (3, 9, 9), "minmax", 4, 4, {}),
+    (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 7, 7), "aciq", 4, 8, {}),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 7, 7), "aciq", 3.5, 4, {"act_granularity": "channel"}),
+    (lambda: nn.Conv1d(4, 5, 3, padding=2, dilation=2), (4, 11), "minmax", 12, 10, {}),
+    (lambda: nn.Linear(6, 5), (3, 6), "aciq", 4, 4, {"act_granularity": "channel"}),
+    (lambda: nn.Linear(6, 5), (6,), "aciq", 5, 6, {}),
+], ids=["same-pad-w4a4", "depthwise-shift", "grouped-mixed-per-channel", "conv1d-wide", "linear-3d", "linear-2d"])
+def test_single_layer_export_equals_fake_quant(make, shape, preset, w, a, kw):
+    x = data(shape, seed=1)
+    cfg = bitalloc.preset(preset, w_bits=w, a_bits=a, first_last_bits=None, **kw)
+    torch.manual_seed(0)
+    q = bitalloc.quantize(One(make()), cfg, [x])
+    proto, _ = export_onnx(q, x[:2], int32_bias=False)
+    close_to_fake_quant(q, proto, x, exact=True)
+    # default: a Gemm's bias is stored as int32 codes (for QGemm); its rounding is the only difference
+    proto, rep = export_onnx(q, x[:2])
+    a = agreement(run_torch(q, [x])[0], run_session(make_session(proto.SerializeToString(), level="none"), [x])[0])
+    assert a.max_abs_error <= rep.layers[0].max_bias_rounding * 1.001 + 2e-5 * a.max_abs_output
+    assert rep.layers[0].int32_bias == (rep.layers[0].op == "Gemm" and rep.layers[0].act == "uint8"
+                                        and not rep.layers[0].per_channel_act)
+
+
 def test_bias_shift_requantize_and_fold_are_reported_approximations():
     net = make_net()
     x = data((3, 16, 16))
@@ -179,8 +220,8 @@ def test_align_ort_runs_every_conv_and_add_in_int8():
     aligned, rep = export_onnx(q, x[:2], align="ort", calibration_data=[x])
     c0 = optimized_op_counts(plain.SerializeToString())
     c1 = optimized_op_counts(aligned.SerializeToString())
-    assert c1.get("QLinearConv", 0) == 5 and c1.get("QLinearAdd", 0) == 1 and "Conv" not in c1
-    assert int8_compute_ops(c1) == 6  # 5 convs + the classifier (QGemm)
+    assert c1.get("QLinearConv", 0) == 4 and c1.get("QLinearAdd", 0) == 1 and "Conv" not in c1
+    assert int8_compute_ops(c1) == 5  # 4 convs + the classifier (QGemm)
     assert int8_compute_ops(c0) < int8_compute_ops(c1)
     assert rep.extra_qdq and not rep0.extra_qdq
     ref, _ = run_torch(q, [x])
@@ -214,7 +255,7 @@ def test_onnxruntime_static_quantization_anchor(tmp_path):
     fp32.write_bytes(export_float(net, x[:1]).SerializeToString())
     out = ort_static_quantize(fp32, tmp_path / "q.onnx", [(x, None)], method="minmax")
     counts = optimized_op_counts(out)
-    assert counts.get("QLinearConv", 0) == 5
+    assert counts.get("QLinearConv", 0) == 4
     ref = net(x).detach().numpy()
     got, _ = run_session(make_session(out), [x])
     assert agreement(ref, got).max_abs_error < 0.2 * np.abs(ref).max()

@@ -162,3 +162,41 @@ def test_linear_on_3d_inputs_and_conv1d():
     q = bitalloc.quantize(m, cfg, [(x,)])
     assert q.l.input_quantizer.bits.shape == (6,)  # per-channel along the last axis of a linear input
     assert torch.allclose(q(x), m(x), atol=0.05)
+
+
+def test_efficientnet_lite0_as_shipped():
+    """The PyPI EfficientNet-Lite0: Conv2dStaticSamePadding subclasses and ReLU6 stay as they are, every conv and
+    the classifier are quantized, every BatchNorm folds, and the FP32 function is unchanged."""
+    from bitalloc import models
+
+    if not models.efficientnet_available():
+        pytest.skip("efficientnet-lite-pytorch is not installed (pip install 'bitalloc[efficientnet]')")
+    net = models.create("efficientnet_lite0", pretrained=True).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = net(x)
+    q = bitalloc.prepare(net, bitalloc.preset("minmax", 8, 8), x)
+    info = bitalloc.prepare_info(q)
+    convs = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(convs) == 50  # stem, 16 blocks (the first without expansion), head, classifier
+    assert [r.name for r in info.quantized()] == convs and not info.floating()
+    assert sum(1 for r in info.layers if r.status == "folded") == 49
+    subclass = type(net._conv_stem)
+    assert subclass is not nn.Conv2d and type(q._conv_stem.layer) is subclass
+    assert any(isinstance(m, nn.ReLU6) for m in q.modules())
+    with torch.no_grad(), float_mode(q):
+        assert torch.allclose(q(x), ref, rtol=1e-4, atol=1e-4)
+    rep = bitalloc.cost_report(q, x[:1])
+    expected = 0
+    for name in convs:  # MACs from the float model's own weights and output shapes
+        m = net.get_submodule(name)
+        out = {}
+        h = m.register_forward_hook(lambda mod, a, o: out.__setitem__("shape", o.shape))
+        with torch.no_grad():
+            net(x[:1])
+        h.remove()
+        spatial = out["shape"][2] * out["shape"][3] if len(out["shape"]) == 4 else 1
+        expected += m.weight.numel() * spatial
+    assert rep.macs == expected
+    assert abs(rep.relative_bops - 64 / 1024) < 1e-12

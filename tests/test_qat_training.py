@@ -301,3 +301,17 @@ def test_torchrun_two_processes_match_one_quantized(tmp_path):
     # the gates really moved (the comparison is not between two untouched initialisations)
     p_on = [p for layer in multi["bb"]["state"]["layers"].values() for q in layer.values() for p in q["p_on"]]
     assert min(p_on) < 0.9
+
+
+def test_sweep_points_and_pareto_front():
+    from bitalloc.cli.sweep import pareto_front, sweep_points
+
+    pts = sweep_points(["bb", "lsq"], [0.01, 0.1], "4,2x8")
+    assert [p["name"] for p in pts] == ["bb-mu0.01", "bb-mu0.1", "lsq-w4a4", "lsq-w2a8"]
+    assert pts[3]["args"] == ["--w-bits", "2", "--a-bits", "8"]
+    with pytest.raises(Exception):
+        sweep_points(["bb"], None, None)
+    cands = [{"name": "a", "relative_bops": 0.01, "top1": 0.90}, {"name": "b", "relative_bops": 0.02, "top1": 0.95},
+             {"name": "c", "relative_bops": 0.03, "top1": 0.94}, {"name": "d", "relative_bops": 0.01, "top1": 0.89},
+             {"name": "e", "relative_bops": 0.05, "top1": 0.96}]
+    assert [p["name"] for p in pareto_front(cands)] == ["a", "b", "e"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitalloc.config import QuantConfig, TensorConfig
+from bitalloc.config import QuantConfig, TensorConfig, match_pattern
 from bitalloc.errors import BitallocError, ConfigError, UnsupportedLayerError
 from bitalloc.model.fold_bn import BATCHNORMS, FoldDecision, find_foldable_pairs, fold_pair, set_submodule
 from bitalloc.model.layers import QuantLayer, activation_axis, float_mode, input_channels, is_supported, SUPPORTED_LAYERS
@@ -53,6 +53,11 @@ class PrepareInfo:
 
     def floating(self) -> list[LayerRecord]:
         return [r for r in self.layers if r.status == "float"]
+
+
+def _type_names(m: nn.Module) -> list[str]:
+    """Class names of ``m``'s MRO below nn.Module (so "type:Conv2d" also selects Conv2d subclasses)."""
+    return [c.__name__ for c in type(m).__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
 
 
 def _has_weight(m: nn.Module) -> bool:
@@ -111,9 +116,14 @@ def _fold_batchnorms(model: nn.Module, example_inputs: Any, reference: list[Tens
     return decisions
 
 
-def _check_explicit_overrides(config: QuantConfig, unsupported: dict[str, str]) -> None:
-    """An override that names an unsupported layer exactly (no wildcard) is an error, never a silent skip."""
+def _check_explicit_overrides(config: QuantConfig, unsupported: dict[str, str], weighted: dict[str, list[str]]) -> None:
+    """An override that names an unsupported layer exactly (no wildcard) is an error, never a silent skip; so
+    is an override that selects no weight-bearing layer at all (a typo, or a layer without weights)."""
     for pattern, _ in config.overrides:
+        if not any(match_pattern(pattern, name, types) for name, types in weighted.items()):
+            some = ", ".join(list(weighted)[:8]) + (", ..." if len(weighted) > 8 else "")
+            raise ConfigError(f"override {pattern!r} selects no layer with weights; layer names are: {some} "
+                              "(glob patterns, 're:REGEX' or 'type:ClassName')")
         if pattern.startswith(("re:", "type:")) or any(ch in pattern for ch in "*?["):
             continue
         if pattern in unsupported:
@@ -165,7 +175,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
     modules = dict(model.named_modules())
     weighted = [n for n, m in modules.items() if n and _has_weight(m) and not isinstance(m, BATCHNORMS)]
     unsupported = {n: type(modules[n]).__name__ for n in weighted if not is_supported(modules[n])}
-    _check_explicit_overrides(config, unsupported)
+    _check_explicit_overrides(config, unsupported, {n: _type_names(modules[n]) for n in weighted})
     order = trace.order([n for n in weighted if is_supported(modules[n])])
     for name in weighted:
         m = modules[name]
@@ -178,8 +188,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
             records.append(LayerRecord(name, tname, "float", "not called as a module in the traced forward "
                                        "(its parent uses the weight directly, or the layer is unused)"))
             continue
-        mro = [c.__name__ for c in type(m).__mro__ if issubclass(c, nn.Module) and c is not nn.Module]
-        lcfg, rules = config.for_layer(name, mro, is_first=name == order[0], is_last=name == order[-1])
+        lcfg, rules = config.for_layer(name, _type_names(m), is_first=name == order[0], is_last=name == order[-1])
         if not lcfg.quantize or (lcfg.weight is None and lcfg.act is None):
             records.append(LayerRecord(name, tname, "float", "left in float by configuration", rules))
             continue

@@ -882,13 +882,14 @@ def _drop_redundant_activations(model: Any) -> int:
 
 
 def _int32_biases(model: Any, report: ExportReport) -> None:
-    """Store the float bias of every int8-fusable Conv / Gemm as int32 codes at step s_x * s_w[c].
+    """Store the float bias of every int8-fusable Gemm as int32 codes at step s_x * s_w[c].
 
-    A Conv / Gemm is int8-fusable when its data and weight inputs come from 8-bit DequantizeLinear nodes
-    with a per-tensor activation step, and (Conv) its output reaches only QuantizeLinear nodes, possibly
-    through Relu / Clip; that is the pattern onnxruntime turns into QLinearConv / QGemm, whose accumulator
-    starts from an int32 bias. The bias scale is multiplied in float32, as onnxruntime's quantizer does; the
-    rounding error (at most half a step) is reported per layer as ``max_bias_rounding``.
+    A Gemm is int8-fusable when its data and weight inputs come from 8-bit DequantizeLinear nodes with a
+    per-tensor activation step; onnxruntime turns it into QGemm only when its bias is a DequantizeLinear of
+    int32 codes (its accumulator starts from the bias). The bias scale is multiplied in float32, as
+    onnxruntime's quantizer does; the rounding error (at most half a step, on the Gemm's output only) is
+    reported per layer as ``max_bias_rounding``. Conv biases stay float: onnxruntime quantizes them itself
+    when it fuses a QLinearConv, and a float bias keeps the unfused path equal to fake quantization.
     """
     from onnx import helper, numpy_helper
 
@@ -907,20 +908,8 @@ def _int32_biases(model: Any, report: ExportReport) -> None:
         p = producers.get(t)
         return p if p is not None and p.op_type == "DequantizeLinear" else None
 
-    def feeds_only_q(t: str) -> bool:
-        while True:
-            cs = cons.get(t, [])
-            if t in outputs or not cs:
-                return False
-            if all(c.op_type == "QuantizeLinear" for c in cs):
-                return True
-            if len(cs) == 1 and cs[0].op_type in _PASS_THROUGH:
-                t = cs[0].output[0]
-                continue
-            return False
-
     for n in list(graph.node):
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+        if n.op_type != "Gemm" or len(n.input) < 3 or n.input[2] not in inits:
             continue
         dx, dw = dq_of(n.input[0]), dq_of(n.input[1])
         if dx is None or dw is None or dx.input[1] not in inits or dw.input[1] not in inits:
@@ -930,8 +919,6 @@ def _int32_biases(model: Any, report: ExportReport) -> None:
         zw = inits.get(dw.input[2]) if len(dw.input) > 2 else None
         if sx.size != 1 or zx is None or zw is None or zx.data_type not in (2, 3) or zw.data_type not in (2, 3):
             continue  # 8-bit types only (uint8 = 2, int8 = 3), per-tensor activation step
-        if n.op_type == "Conv" and not feeds_only_q(n.output[0]):
-            continue
         sw = numpy_helper.to_array(inits[dw.input[1]]).astype(np.float32).reshape(-1)
         b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64).reshape(-1)
         bscale = (np.float32(sx.reshape(())) * np.broadcast_to(sw, b.shape)).astype(np.float32)
@@ -1115,8 +1102,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
         calibration_samples: use at most this many samples of ``calibration_data``.
         threads: onnxruntime threads used for the calibration passes.
         check: run ``onnx.checker.check_model`` on the result.
-        int32_bias: store the bias of layers with 8-bit per-tensor activations as int32 codes at step
-            s_x * s_w[c] (what onnxruntime's int8 kernels need to fuse; rounding <= half that step).
+        int32_bias: store the bias of Gemm layers with 8-bit per-tensor activations as int32 codes at step
+            s_x * s_w[c] (onnxruntime fuses QGemm only then; rounding <= half that step, reported).
         fuse_pads: fold zero Pad nodes into the following Conv, and drop Relu / Clip nodes made redundant by
             the QuantizeLinear after them (both exact; they let onnxruntime fuse Conv -> Q and DQ -> Conv).
 
@@ -1175,6 +1162,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
                             "(approximation; see the agreement check)")
     if align == "ort":
         out = _align_ort(out, feeds, report, threads=threads)
+        if fuse_pads:
+            _drop_redundant_activations(out)  # activations whose other consumers were just routed through a DQ
         report.notes.append(f"{len(report.extra_qdq)} extra uint8 Q/DQ pairs (min-max on calibration data) for "
                             "onnxruntime's int8 fusion; not part of the bitalloc model")
     if int32_bias:
