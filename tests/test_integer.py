@@ -320,3 +320,21 @@ def test_analyze_rejects_bad_options():
     r = analyze("x", w_codes=w, w_bits=4, a_lo=-1, a_hi=1, a_bits=2, fan_in=3, accumulator="int64")
     assert r.accumulator == "int64" and r.weight_bound == 3 and r.to_dict()["acc_bits"] == 3
     assert math.isclose(r.grid_bound, 3)
+
+
+def test_frozen_model_with_pruned_channels():
+    """Frozen quantizers (the description every trained method ends in) with pruned output channels."""
+    from bitalloc.model.freeze import freeze
+
+    torch.manual_seed(5)
+    layer = nn.Conv2d(3, 6, 3, padding=1)
+    x = torch.randn(4, 3, 6, 6)
+    q = freeze(quantize_one(layer, x, "aciq", 4, 4))
+    wq = q.layer.weight_quantizer
+    with torch.no_grad():
+        wq.kept[[1, 4]] = False
+    out, (res,) = integer_forward(q.layer, x, with_bound=True, keep_codes=True)
+    assert bool((res.w_codes[[1, 4]] == 0).all()) and bool((res.acc[0][:, [1, 4]] == 0).all())
+    fq = q.layer(x).detach()
+    assert bool(((out.double() - fq.double()).abs() <= res.bound).all())
+    assert torch.allclose(out[:, [1, 4]], q.layer.layer.bias.detach()[[1, 4]].reshape(1, 2, 1, 1).expand(4, 2, 6, 6))

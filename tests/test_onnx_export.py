@@ -259,6 +259,11 @@ def test_onnxruntime_static_quantization_anchor(tmp_path):
     ref = net(x).detach().numpy()
     got, _ = run_session(make_session(out), [x])
     assert agreement(ref, got).max_abs_error < 0.2 * np.abs(ref).max()
+    # entropy calibration with TensorRT's 2048 / 128 bins gives other (clipped) ranges than MinMax
+    ent = ort_static_quantize(fp32, tmp_path / "e.onnx", [(x, None)], method="entropy")
+    a, b = inits(onnx.load(str(out))), inits(onnx.load(str(ent)))
+    scales = [k for k in a if k.endswith("_scale") and a[k].size == 1 and k in b]
+    assert scales and any(b[k] < a[k] for k in scales)
 
 
 def test_export_and_bench_commands(tmp_path, monkeypatch):
@@ -291,3 +296,18 @@ def test_export_and_bench_commands(tmp_path, monkeypatch):
     assert res["rows"][2]["agreement"] >= 90
     with pytest.raises(ConfigError, match="PRESET"):
         bench_cli.parse_configs("minmax")
+
+
+def test_frozen_pruned_layer_exports_exactly():
+    from bitalloc.model.freeze import freeze
+
+    x = data((3, 7, 7), seed=2)
+    cfg = bitalloc.preset("aciq", w_bits=4, a_bits=4, first_last_bits=None)
+    torch.manual_seed(0)
+    q = freeze(bitalloc.quantize(One(nn.Conv2d(3, 6, 3, padding=1)), cfg, [x]))
+    with torch.no_grad():
+        q.layer.weight_quantizer.kept[[0, 3]] = False
+    proto, rep = export_onnx(q, x[:2])
+    codes = inits(proto)["layer.weight_quantized"]
+    assert not codes[[0, 3]].any()
+    close_to_fake_quant(q, proto, x, exact=True)

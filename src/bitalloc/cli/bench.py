@@ -150,7 +150,8 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
         ort_static_quantize(fp32_path, path, calib, method=method)
         sess = make_session(path, threads=threads)
         logits, _ = _logits(sess, evaluation)
-        row = Row(f"onnxruntime static {method} (U8 act, S8 per-channel w)", "ort", str(path))
+        what = "entropy, 2048/128 bins" if method == "entropy" else method
+        row = Row(f"onnxruntime static ({what}; U8 act, S8 per-channel w)", "ort", str(path))
         row.seconds["quantize"] = time.perf_counter() - t
         finish(row, sess, labels, logits)
         log(f"{row.label}: top-1 {row.top1:.2f}%")

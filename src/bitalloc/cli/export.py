@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                             calibration_data=calib_b, threads=args.threads)
     rep = report.to_dict()
     print_table(f"Exported {name} to {out}", ["layer", "op", "weight", "w bits", "activation", "a bits", "narrow",
-                                               "bias shift", "int32 bias", "int8-ready"], layer_rows(rep))
+                                               "bias shift", "int32 bias", "8-bit w+a"], layer_rows(rep))
     if rep["float_layers"]:
         print_table("Left in float", ["layer", "type", "reason"],
                     [[f["name"], f["type"], f["reason"]] for f in rep["float_layers"]])

@@ -16,25 +16,46 @@ Approach (works for every model ``bitalloc.prepare`` accepts):
    activations, codes 0..2^b-1; int8 for symmetric ones); per-channel activation steps use per-axis Q/DQ
    (axis 1 for convolutions, -1 for linear layers). Layers left in float stay float.
 3. **Narrow widths on the int8 grid.** A b-bit grid (b < 8) has codes inside the int8 / uint8 range, but
-   QuantizeLinear clamps only to the full 8-bit range, so a ``Clip`` to the grid's real range
-   [(qmin - z) s, (qmax - z) s] (``Max`` / ``Min`` with per-channel bounds when bits or steps differ per
-   channel) precedes it: clamp(round(x / s) + z, qmin, qmax) exactly. Widths above 8 bits are not int8 at all:
-   activations are fake-quantized with float operators (Mul 1/s, Round, Add z, Clip, Sub z, Mul s: the same
-   arithmetic as bitalloc), weights are stored as their dequantized float values.
+   QuantizeLinear clamps only to the full 8-bit range. Per-tensor grids get an integer ``Clip`` to
+   [qmin, qmax] between QuantizeLinear and DequantizeLinear (exact, and onnxruntime still fuses the Conv
+   before the Q and the one after the DQ into int8 kernels); per-channel grids (bits or steps per channel)
+   get ``Max`` / ``Min`` with per-channel real bounds [(qmin - z) s, (qmax - z) s] before the Q. The 4-bit
+   ONNX types (opset 21 int4 / uint4) are not used: onnxruntime 1.32's CPU provider runs DQ(int4) -> Conv
+   as a float convolution (measured: slower than int8 and than FP32). Widths above 8 bits are not 8-bit at
+   all: activations are fake-quantized with float operators (Mul 1/s, Round, Add z, Clip, Sub z, Mul s: the
+   same arithmetic as bitalloc), weights are stored as their dequantized float values.
 4. **Bias-correction shift** beta (w_hat = xi s (q - z) + beta per output channel) is not expressible by
-   DequantizeLinear (integer zero points). ``bias_shift="exact"`` adds beta[c] * S, where S is the sum of the
-   (dequantized) input over the receptive field, computed by a small float Conv with all-ones weights (one
-   output per group) or a ReduceSum for linear layers: the same function as fake quantization.
-   ``bias_shift="fold"`` folds beta[c] * E[S] into the bias instead, E[S] the per-channel mean of S over
-   ``calibration_data`` (an approximation: it ignores the variation of S with the input and position;
-   report its error with :func:`bitalloc.runtime.ort.compare_with_model`).
-5. **Optional alignment with onnxruntime's int8 fusion** (``align="ort"``): onnxruntime runs a Conv in int8
+   DequantizeLinear (integer zero points). ``bias_shift="exact"`` (default) adds beta[c] * S, where S is the
+   sum of the (dequantized) input over the receptive field, computed by a small float Conv with all-ones
+   weights (one output per group) or a ReduceSum for linear layers: the same function as fake quantization,
+   but the layer no longer fuses into an int8 kernel. ``"requantize"`` stores w_hat on a finer 8-bit grid
+   (step xi s / M, codes M (q - z) + round(M beta / (xi s)), M the largest power of two that fits): int8
+   kernels, shift error <= xi s / (2 M) (M = 1 for 8-bit channels: the shift is then rounded to whole steps).
+   ``"fold"`` folds beta[c] * E[S] into the bias, E[S] the per-channel mean of S over ``calibration_data``
+   (ignores the variation of S). Both are approximations; on EfficientNet-Lite0 at W4A8 they cost much
+   accuracy (BENCHMARKS.md), so they are opt-in.
+5. **Graph simplifications that keep the function** (``simplify=True``): zero ``Pad`` nodes are folded into
+   the following Conv's pads; each QuantizeLinear is copied upstream across operators that commute with a
+   monotone quantizer (MaxPool, Reshape, Flatten, Transpose, Relu, Clip, zero Pad, ...: same grid, no new
+   rounding); Relu / Clip nodes made redundant by the QuantizeLinear after them (it saturates at the same
+   bounds) are removed. A Gemm's bias becomes int32 codes at step s_x * s_w[c] (onnxruntime fuses QGemm
+   only then; rounding <= half that step); Conv biases stay float (onnxruntime quantizes them itself).
+6. **Optional alignment with onnxruntime's int8 fusion** (``align="ort"``): onnxruntime runs a Conv in int8
    (QLinearConv) only when its inputs come from DequantizeLinear *and its output feeds a QuantizeLinear*;
-   bitalloc quantizes layer inputs only, so convolutions whose outputs feed a residual Add or a pooling
-   stay float there. ``align="ort"`` adds uint8 Q/DQ pairs (min-max ranges measured on
-   ``calibration_data``) on those outputs and on the other inputs of Add nodes, which lets onnxruntime fuse
-   QLinearConv / QLinearAdd / QLinearGlobalAveragePool. These are *extra* quantization points not in the
-   bitalloc model: the exported model then differs from fake quantization by their rounding (reported).
+   bitalloc quantizes layer inputs only, so convolutions whose outputs feed a residual Add or an average
+   pooling stay float. ``align="ort"`` adds uint8 Q/DQ pairs on those outputs and on the float inputs of Add
+   nodes (reusing the next layer's Q/DQ when the tensor has one, else a min-max range measured on
+   ``calibration_data``), which lets onnxruntime fuse QLinearConv / QLinearAdd / QLinearGlobalAveragePool.
+   These are *extra* quantization points, not in the bitalloc model (listed in the report).
+
+Where the exported model differs from bitalloc's fake quantization: (a) onnxruntime's QuantizeLinear
+computes round(x / s), bitalloc round(x * (1 / s)); they differ only when x / s lies within about one
+float32 ulp of a half-integer (7.5e-7 of random values, measured); (b) float32 summation order; (c) the
+int32 Gemm bias rounding; (d) when onnxruntime fuses int8 kernels, its requantization of the int32
+accumulator to the next layer's uint8 grid (float multiplier, rounding) instead of float conv + Q; (e) the
+approximate bias-shift modes and the extra points of ``align="ort"``. (a)-(c) are float-rounding small, but a
+difference that straddles a rounding boundary of the next quantizer moves that code by one step;
+:func:`bitalloc.runtime.ort.compare_with_model` reports the top-1 agreement and largest difference.
 
 Online (per-input) quantizers cannot be exported (:class:`~bitalloc.errors.ConfigError`).
 """
@@ -803,6 +824,84 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(keep_i)
 
 
+#: operators that commute with a monotone quantizer: they select, reorder or clamp values (Q(op(x)) = op'(Q(x)))
+_COMMUTING = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu", "Clip",
+              "Slice", "Gather", "ReduceMax", "Expand", "Tile", "Pad"}
+
+
+def _hoist_quantizers(model: Any) -> int:
+    """Copy each per-tensor QuantizeLinear (with its integer Clip) upstream across operators that commute with it.
+
+    For an operator that only selects, reorders or clamps values (MaxPool, Reshape, Flatten, Transpose, Relu,
+    Clip, zero Pad, ...) and a monotone quantizer Q (round half to even, clamp), Q(op(x)) = op(DQ(Q(x)))
+    re-quantized exactly, because DQ(Q(x)) is on the grid. So ``x -> op -> Q`` becomes
+    ``x -> Q -> DQ -> op -> Q`` with the *same* scale and zero point: no new rounding step, and onnxruntime
+    can fuse the producer of x (Conv -> Q) and run the operator on 8-bit codes. Only linear chains are
+    rewritten (every intermediate tensor has one consumer). Returns the number of chains.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    cons = _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    rw = _Rewriter(model)
+    new_nodes: list[Any] = []
+    count = 0
+    for q in list(graph.node):
+        if q.op_type != "QuantizeLinear" or q.input[1] not in inits or len(q.input) < 3 or q.input[2] not in inits:
+            continue
+        if numpy_helper.to_array(inits[q.input[1]]).size != 1 or any(a.name == "axis" for a in q.attribute):
+            continue
+        t = q.input[0]
+        if t in outputs or len(cons.get(t, [])) != 1:
+            continue
+        chain: list[Any] = []
+        u = t
+        while True:
+            p = producers.get(u)
+            if p is None or p.op_type not in _COMMUTING or p.output[0] != u or len(p.output) != 1:
+                break
+            if p.op_type == "Pad":
+                attrs = _conv_attrs(p)
+                if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+                    break
+                if len(p.input) > 2 and p.input[2]:
+                    v = _const_value(model, p.input[2])
+                    if v is None or np.any(v != 0):
+                        break
+            chain.append(p)
+            u = p.input[0]
+            if u in outputs or len(cons.get(u, [])) != 1:
+                break
+        if not chain:
+            continue
+        first = chain[-1]
+        src = first.input[0]
+        if src not in producers and src not in {i.name for i in graph.input}:
+            continue  # a constant: nothing to gain
+        after_q = cons.get(q.output[0], [])
+        int_clip = after_q[0] if len(after_q) == 1 and after_q[0].op_type == "Clip" else None
+        q2 = rw.node("QuantizeLinear", [src, q.input[1], q.input[2]], base=f"{src}_hoisted")
+        nodes = [q2]
+        codes = q2.output[0]
+        if int_clip is not None:
+            c2 = rw.node("Clip", [codes, *int_clip.input[1:]], base=f"{src}_hoisted")
+            nodes.append(c2)
+            codes = c2.output[0]
+        dq2 = rw.node("DequantizeLinear", [codes, q.input[1], q.input[2]], base=f"{src}_hoisted")
+        nodes.append(dq2)
+        first.input[0] = dq2.output[0]
+        new_nodes += nodes
+        count += 1
+    if new_nodes:
+        graph.node.extend(new_nodes)
+        graph.initializer.extend(rw.inits)
+        _topo_sort(graph)
+    return count
+
+
 def _scalar_input(model: Any, node: Any, k: int) -> float | None:
     if len(node.input) <= k or not node.input[k]:
         return None
@@ -1086,7 +1185,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
                 opset: int = DEFAULT_OPSET, bias_shift: str = "exact", align: str = "none",
                 calibration_data: Iterable | None = None, calibration_samples: int | None = None,
                 threads: int = 2, check: bool = True, dynamic_batch: bool = True, int32_bias: bool = True,
-                fuse_pads: bool = True) -> tuple[Any, ExportReport]:
+                simplify: bool = True) -> tuple[Any, ExportReport]:
     """Export a quantized (prepared and calibrated) bitalloc model to ONNX QDQ.
 
     Args:
@@ -1094,8 +1193,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
         example_inputs: a tensor or tuple of inputs (one batch; the batch axis is exported as dynamic).
         path: where to write the .onnx file (None: return the ModelProto only).
         opset: ONNX opset (>= 13 for per-axis QDQ; default 17).
-        bias_shift: "exact" (receptive-field sum branch) or "fold" (into the bias with the mean over
-            ``calibration_data``) for the shift beta of bias-corrected weights.
+        bias_shift: how the shift beta of bias-corrected weights is exported: "exact" (float receptive-field
+            sum branch), "requantize" (finer int8 weight grid, approximate) or "fold" (into the bias with the
+            mean over ``calibration_data``, approximate); see the module docstring.
         align: "none" (exactly bitalloc's quantization points) or "ort" (add min-max uint8 Q/DQ where
             onnxruntime needs them to run convolutions / adds in int8; needs ``calibration_data``).
         calibration_data: batches (x, ...) or tensors; required by bias_shift="fold" and align="ort".
@@ -1104,8 +1204,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
         check: run ``onnx.checker.check_model`` on the result.
         int32_bias: store the bias of Gemm layers with 8-bit per-tensor activations as int32 codes at step
             s_x * s_w[c] (onnxruntime fuses QGemm only then; rounding <= half that step, reported).
-        fuse_pads: fold zero Pad nodes into the following Conv, and drop Relu / Clip nodes made redundant by
-            the QuantizeLinear after them (both exact; they let onnxruntime fuse Conv -> Q and DQ -> Conv).
+        simplify: the exact graph simplifications of the module docstring (fold zero Pads into convs, copy
+            quantizers across commuting operators, drop redundant Relu / Clip); they let onnxruntime fuse more.
 
     Returns (onnx.ModelProto, :class:`ExportReport`).
     """
@@ -1145,14 +1245,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
         raise ConfigError(f"bias_shift={bias_shift!r} / align={align!r} need calibration_data")
     folded = None
     if bias_shift == "fold" and needs_data:
-        probe, sums = _rewrite(proto, qlayers, bias_shift="exact", folded=None, report=ExportReport(None, opset, "exact", "none"),
-                               expose_shift_sums=True)
+        probe, sums = _rewrite(proto, qlayers, bias_shift="exact", folded=None,
+                               report=ExportReport(None, opset, "exact", "none"), expose_shift_sums=True)
         folded = _mean_shift_sums(probe, sums, feeds, threads)
     out, _ = _rewrite(proto, qlayers, bias_shift=bias_shift, folded=folded, report=report)
-    if fuse_pads:
+    if simplify:
         n_pads = _fuse_zero_pads(out)
         if n_pads:
             report.notes.append(f"{n_pads} zero Pad nodes folded into the following Conv (exact)")
+        n_hoist = _hoist_quantizers(out)
+        if n_hoist:
+            report.notes.append(f"{n_hoist} quantizers copied upstream across max-pooling / reshaping / clamping "
+                                "operators (exact: same grid)")
         n_act = _drop_redundant_activations(out)
         if n_act:
             report.notes.append(f"{n_act} Relu / Clip nodes removed before QuantizeLinear nodes that saturate at "
@@ -1162,10 +1266,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
                             "(approximation; see the agreement check)")
     if align == "ort":
         out = _align_ort(out, feeds, report, threads=threads)
-        if fuse_pads:
+        if simplify:
+            _hoist_quantizers(out)
             _drop_redundant_activations(out)  # activations whose other consumers were just routed through a DQ
-        report.notes.append(f"{len(report.extra_qdq)} extra uint8 Q/DQ pairs (min-max on calibration data) for "
-                            "onnxruntime's int8 fusion; not part of the bitalloc model")
+        report.notes.append(f"{len(report.extra_qdq)} extra uint8 quantization points for onnxruntime's int8 fusion "
+                            "(the next layer's grid where the tensor has one, else min-max on calibration data); "
+                            "not part of the bitalloc model")
     if int32_bias:
         _int32_biases(out, report)
     out.producer_name = "bitalloc"
