@@ -9,7 +9,13 @@ from torch import nn
 
 import bitalloc
 from bitalloc.calibration.observer import Observer
-from bitalloc.errors import DataError
+import itertools
+
+import numpy as np
+
+from bitalloc.config import TensorConfig
+from bitalloc.errors import ConfigError, DataError
+from bitalloc.quantizers.fixed import FixedQuantizer
 from bitalloc.quant.ranges import estimate_range
 from bitalloc.quant.stats import ChannelStats
 from tests.nets import make_net
@@ -90,6 +96,10 @@ def test_online_statistics_are_per_sample(granularity):
     net = make_net()
     cfg = bitalloc.preset("aciq", w_bits=8, a_bits=4, online=True, act_granularity=granularity)
     x = torch.randn(6, 3, 16, 16)
+    if granularity == "channel":  # fc's input is (N, 52): one value per sample and channel, see the next test
+        with pytest.raises(ConfigError, match="'fc'.*shape \\(2, 52\\) has 1 value per sample and channel"):
+            bitalloc.quantize(net, cfg, [x])
+        cfg.overrides.append(("fc", {"act.granularity": "tensor", "act.allocate": False}))
     q = bitalloc.quantize(net, cfg, [x])
     full = q(x)
     for i in range(6):
@@ -110,3 +120,79 @@ def test_a_failed_calibration_changes_nothing():
     assert not bool(q.pw.input_quantizer.calibrated)
     assert q.pw.input_quantizer.observer is None
     assert all(qz.enabled for _, l in bitalloc.quant_layers(q) for qz in l.quantizers())
+
+
+def _online_minmax_reference(x: np.ndarray, bits: int) -> np.ndarray:
+    """Per-sample, per-channel (last axis) affine min-max fake quantization of x [N, L, C] in float64, with the
+    scale rounded to float32 as the grid stores it."""
+    out = np.empty_like(x)
+    qmax = 2 ** bits - 1
+    for n in range(x.shape[0]):
+        for c in range(x.shape[2]):
+            v = x[n, :, c]
+            lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
+            scale = float(np.float32((hi - lo) / qmax))
+            zp = min(max(np.round(-lo / scale), 0), qmax)
+            q = np.clip(np.round(v / scale) + zp, 0, qmax)
+            out[n, :, c] = (q - zp) * scale
+    return out
+
+
+def test_online_per_channel_linear_input():
+    """A Linear layer's (N, L, C) input is quantized per sample and channel over its L values (reference: float64
+    numpy); a (N, C) input has one value per sample and channel, whose range [x, x] would represent it exactly,
+    so it is a clear error (at prepare, from the traced shape, and at run time) instead of a silent no-op."""
+    q = FixedQuantizer(TensorConfig(bits=2, granularity="channel", online=True), "act", -1, 5)
+    x = torch.randn(3, 7, 5, dtype=torch.float32)
+    got = q(x).double().numpy()
+    ref = _online_minmax_reference(x.double().numpy(), 2)
+    assert np.allclose(got, ref, atol=1e-6)
+    assert np.abs(got - x.numpy()).max() > 0.05  # 2 bits really quantize
+    with pytest.raises(ConfigError, match="shape \\(7, 5\\) has 1 value per sample and channel.*per tensor"):
+        q(torch.randn(7, 5))
+    per_tensor = FixedQuantizer(TensorConfig(bits=2, online=True), "act", -1, None)
+    with pytest.raises(ConfigError, match="has 1 value per sample:"):
+        per_tensor(torch.randn(7, 1))
+    assert per_tensor(torch.randn(7, 5)).shape == (7, 5)  # 5 values per sample: fine
+    # prepare checks the traced input shape of each layer and names it
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    cfg = bitalloc.preset("minmax", 8, 2, online=True, act_granularity="channel", first_last_bits=None)
+    with pytest.raises(ConfigError, match="layer '0' \\(Linear\\) input activation.*\\(4, 6\\)"):
+        bitalloc.prepare(m, cfg, torch.randn(4, 6))
+    qm = bitalloc.quantize(m, cfg, [torch.randn(4, 3, 6)])  # (N, L, C) inputs are fine
+    assert qm[0].input_quantizer.online and qm[0].input_quantizer.per_channel
+    # offline per-channel statistics of a (N, C) input pool the calibration samples: fine
+    off = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 2, act_granularity="channel", first_last_bits=None),
+                            [torch.randn(16, 6)])
+    assert off[0].input_quantizer.scale.shape == (6,)
+
+
+def _batches(n_batches, size=4, seed=0, pulled=None):
+    g = torch.Generator().manual_seed(seed)
+    for i in itertools.count() if n_batches is None else range(n_batches):
+        if pulled is not None:
+            pulled.append(i)
+        yield (torch.randn(size, 3, 16, 16, generator=g),)
+
+
+def test_one_shot_generators_calibrate_like_lists():
+    """A generator is read once, up to num_samples, and calibrates exactly as the same batches in a list."""
+    net = make_net()
+    cfg = bitalloc.preset("aciq", w_bits=4, a_bits=4)
+    for n_batches, num in ((1, None), (3, 12), (None, 8)):  # one batch, several, an endless stream
+        pulled = []
+        q = bitalloc.quantize(net, cfg, _batches(n_batches, pulled=pulled), num_samples=num)
+        ref = bitalloc.quantize(net, cfg, list(_batches(n_batches if n_batches else 2)), num_samples=num)
+        seen = q.bitalloc_calibration["calibration_samples"]
+        assert seen == ref.bitalloc_calibration["calibration_samples"] == min(4 * (n_batches or 2), num or 32)
+        assert len(pulled) == -(-seen // 4)  # no batch read beyond the samples needed
+        for (_, a), (_, b) in zip(bitalloc.quant_layers(q), bitalloc.quant_layers(ref)):
+            if a.input_quantizer is not None:
+                assert torch.equal(a.input_quantizer.scale, b.input_quantizer.scale)
+    # run_ptq (example batch, FP32 timing pass, calibration) on a one-batch generator
+    from bitalloc.ptq import run_ptq
+
+    res = run_ptq(net, cfg, _batches(1), lambda m: (0.0, 0.0), fp32_top1=0.0, fp32_eval_seconds=1.0)
+    assert res.report["timing"]["calibration_samples"] == 4
+    with pytest.raises(DataError, match="empty"):
+        bitalloc.quantize(net, cfg, _batches(0))

@@ -51,7 +51,8 @@ def test_train_ptq_cost_end_to_end(lenet_checkpoint, tmp_path, capsys):
     names = [l["name"] for l in report["layers"]]
     assert names == ["features.0", "features.3", "classifier.1", "classifier.3"]
     for l in report["layers"]:
-        assert {"name", "w_bits", "a_bits", "macs"} <= set(l)
+        assert {"name", "w_bits", "a_bits", "macs", "relative_bops", "bireal_ops"} <= set(l)
+        assert l["relative_bops"] == l["bops"] / (1024 * l["macs"]) and l["bireal_ops"] == l["bops"] / 64
     mid = report["layers"][1]
     assert abs(sum(mid["w_bits_per_channel"]) / len(mid["w_bits_per_channel"]) - 3.5) < 0.02
     assert report["layers"][0]["w_bits"] == 8 and report["layers"][-1]["w_bits"] == 8  # first/last at 8 bits
@@ -105,3 +106,81 @@ def test_cost_command_on_a_zoo_model(tmp_path, capsys):
     assert 0 < rep["relative_bops"] < 0.05
     code, _, err = run(["cost", "--model", "resnet21"], capsys)
     assert code == 2 and "resnet20" in err  # lists the valid names
+
+
+@needs_fashion
+def test_ptq_with_the_aciq_allocation_rule(lenet_checkpoint, tmp_path, capsys):
+    """--allocation aciq reaches the weights: per-channel bits are ACIQ eq. 10-11 on the channels' standard
+    deviations (reference: numpy std of the checkpoint's weights, and the allocation function)."""
+    import numpy as np
+
+    from bitalloc.quant.allocation import allocate_channel_bits
+    from bitalloc.train.checkpoint import load_model_checkpoint
+
+    out = tmp_path / "ptq"
+    code, _, err = run(["ptq", "--checkpoint", str(lenet_checkpoint), "--data", str(FASHION), "--preset", "aciq",
+                        "--w-bits", "3.5", "--a-bits", "4", "--allocation", "aciq", "--limit", "200", "--no-plot",
+                        "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["default"]["weight"]["allocation"] == "aciq"
+    mid = report["layers"][1]
+    w = load_model_checkpoint(lenet_checkpoint).get_submodule(mid["name"]).weight.detach().double().numpy()
+    std = w.reshape(w.shape[0], -1).std(axis=1)
+    ref = allocate_channel_bits(torch.from_numpy(std), 3.5, method="aciq", min_bits=2, max_bits=8)
+    assert mid["w_bits_per_channel"] == ref.tolist()
+    assert abs(np.mean(mid["w_bits_per_channel"]) - 3.5) <= 0.0625  # within one channel's bit of the budget
+
+
+def _config(argv):
+    from bitalloc.cli import build_parser
+    from bitalloc.cli.common import build_config
+
+    return build_config(build_parser().parse_args(["cost", "--model", "lenet5", *argv]))
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--first-last-bits", "eight"], ["--first-last-bits 'eight' is not a number", "integer from 2 to 32", "'none'"]),
+    (["--first-last-bits", "40"], ["--first-last-bits '40' is out of range"]),
+    (["--first-last-bits", "4.5"], ["--first-last-bits '4.5' is not an integer"]),
+    (["--a-bits", "3.5"], ["activations are quantized per tensor", "--act-granularity channel"]),
+    (["--preset", "minmax", "--a-bits", "3.5"], ["--act-granularity channel", "'aciq'"]),
+    (["--k-sigma", "3"], ["--k-sigma", "ksigma range method", "--preset ksigma"]),
+    (["--preset", "ksigma", "--k-sigma", "-1"], ["--k-sigma '-1' is out of range", "> 0"]),
+    (["--preset", "ksigma", "--k-sigma", "two"], ["--k-sigma 'two' is not a number"]),
+    (["--preset", "percentile", "--percentile", "101"], ["--percentile '101' is out of range", "<= 100"]),
+    (["--preset", "minmax", "--prior", "gauss"], ["--prior", "--preset aciq"]),
+    (["--preset", "minmax", "--max-bits", "6"], ["--max-bits", "allocates no bits", "'aciq'"]),
+    (["--w-bits", "8", "--max-bits", "6"], ["[2, 6]", "--max-bits"]),
+    (["--preset", "minmax", "--allocation", "aciq"], ["--allocation", "allocates no bits"]),
+])
+def test_quantization_option_errors_are_one_line(argv, words, capsys):
+    code, _, err = run(["cost", "--model", "lenet5", *argv], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("bitalloc cost: error: ") and all(w in err for w in words), err
+
+
+def test_quantization_options_reach_the_config(capsys):
+    cfg = _config(["--preset", "ksigma", "--k-sigma", "3"])
+    assert cfg.default.act.options == {"k": 3.0} and cfg.default.weight.method == "minmax"
+    assert _config(["--preset", "percentile", "--percentile", "99.9"]).default.act.options == {"percentile": 99.9}
+    assert _config(["--prior", "gauss"]).default.act.options == {"prior": "gauss"}
+    cfg = _config(["--allocation", "aciq", "--act-granularity", "channel", "--a-bits", "3.5"])
+    assert cfg.default.weight.allocation == cfg.default.act.allocation == "aciq"
+    assert cfg.default.act.allocate and cfg.default.act.bits == 3.5
+    cfg = _config(["--w-bits", "16", "--a-bits", "16"])
+    assert (cfg.default.weight.min_bits, cfg.default.weight.max_bits) == (2, 16)
+    cfg = _config(["--min-bits", "3", "--max-bits", "6"])
+    assert (cfg.default.weight.min_bits, cfg.default.weight.max_bits) == (3, 6)
+    assert _config(["--first-last-bits", "none"]).first_last_bits is None
+    assert _config(["--first-last-bits", "6"]).first_last_bits == 6
+    # the full ACIQ pipeline runs at 16 bits from the command line
+    code, out, err = run(["cost", "--model", "lenet5", "--w-bits", "16", "--a-bits", "16"], capsys)
+    assert code == 0, err
+    # and the options are documented
+    with pytest.raises(SystemExit) as exc:
+        main(["ptq", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--k-sigma", "--percentile", "--min-bits", "--max-bits", "--allocation", "--first-last-bits"):
+        assert flag in text, flag

@@ -104,3 +104,43 @@ def test_kept_fraction_carries_into_next_layer():
     assert conv.bops == 4 * 4 * conv.macs * 0.75
     assert fc.bops == 4 * 4 * fc.macs * 0.75
     assert conv.memory_bits - conv.overhead_bits == 4 * 3 * 2 * 9 + 32 * 4
+
+
+def test_per_layer_relative_bops_and_bireal_ops_closed_form(capsys):
+    """SPEC "Cost conventions" per layer: relative BOPs = b_w b_a MACs / (1024 MACs); Bi-Real OPs = BOPs / 64 for a
+    quantized layer, MACs (real-valued FLOPs) for a float one. Hand-computed MACs of a 6x6 input."""
+    import json
+
+    from bitalloc.cli.cost import COST_COLUMNS, cost_rows, print_cost
+    from bitalloc.report.tables import render_table
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(4, 2, 6, 6)
+    cfg = bitalloc.preset("minmax", w_bits=4, a_bits=8, first_last_bits=None)
+    cfg.overrides.append(("3", {"weight.bits": 6, "act.bits": 5}))
+    cfg.overrides.append(("5", {"quantize": False}))
+    q = bitalloc.quantize(m, cfg, [(x,)])
+    rep = cost_report(q, x[:1])
+    conv, fc1, fc2 = rep.layers
+    assert (conv.macs, fc1.macs, fc2.macs) == (2 * 4 * 9 * 4 * 4, 64 * 8, 8 * 3)
+    assert (conv.quantized, fc1.quantized, fc2.quantized) == (True, True, False)
+    assert conv.relative_bops == 4 * 8 / 1024 and fc1.relative_bops == 6 * 5 / 1024 and fc2.relative_bops == 1.0
+    assert conv.bireal_ops == 4 * 8 * 1152 / 64 and fc1.bireal_ops == 6 * 5 * 512 / 64 and fc2.bireal_ops == 24
+    # the network values are the MAC-weighted mean and the sum of the layers'
+    assert abs(rep.relative_bops - sum(l.relative_bops * l.macs for l in rep.layers) / rep.macs) < 1e-15
+    assert rep.bireal_ops == sum(l.bireal_ops for l in rep.layers) == 576 + 240 + 24
+    d = json.loads(json.dumps(rep.to_dict()))  # in the JSON report
+    assert [(l["relative_bops"], l["bireal_ops"]) for l in d["layers"]] == [
+        (l.relative_bops, l.bireal_ops) for l in rep.layers]
+    # and in the terminal table (percent of the 32 x 32-bit layer)
+    rows = cost_rows(rep)
+    rel, bireal = COST_COLUMNS.index("rel. BOPs %"), COST_COLUMNS.index("Bi-Real OPs")
+    assert [(r[rel], r[bireal]) for r in rows] == [(3.125, 576.0), (100 * 30 / 1024, 240.0), (100.0, 24.0)]
+    table = render_table("t", COST_COLUMNS, rows)
+    assert "Bi-Real OPs" in table and "3.12" in table and "576.0" in table
+    print_cost(rep, "t")
+    assert "576.0" in capsys.readouterr().out
+    # a layer without MACs (never called) has relative BOPs 0, not a division by zero
+    no_macs = {l.name: l.relative_bops for l in cost_report(make_net(), torch.randn(1, 3, 16, 16)).layers if l.macs == 0}
+    assert "unused" in no_macs and set(no_macs.values()) == {0.0}

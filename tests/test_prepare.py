@@ -96,16 +96,46 @@ def _calibrated(net, cfg, n=16, seed=0):
     return bitalloc.quantize(net, cfg, data), data
 
 
-def test_16_bits_and_more_match_fp32():
+@pytest.mark.parametrize("name,bits", [(n, b) for n in ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "mse")
+                                       for b in (16, 24, 32)])
+def test_16_bits_and_more_match_fp32(name, bits):
+    """At 16+ bits every method whose clipping vanishes with the bit width reproduces FP32 (reference: the float
+    model), the full ACIQ pipeline (allocation + bias correction) included."""
     net = make_net()
-    for bits in (16, 24, 32):
-        cfg = bitalloc.preset("minmax", w_bits=bits, a_bits=bits, first_last_bits=None)
-        q, data = _calibrated(net, cfg)
-        x = data[0][0]
-        ref = net(x)
-        with torch.no_grad():
-            rel = float((q(x) - ref).abs().max() / ref.abs().max())
-        assert rel < 2e-4, (bits, rel)
+    cfg = bitalloc.preset(name, w_bits=bits, a_bits=bits, first_last_bits=None)
+    q, data = _calibrated(net, cfg)
+    assert cfg.default.weight.allocate == (name in ("aciq", "aciq-alloc"))
+    assert cfg.default.bias_correction == ("mean" if name == "aciq" else "none")
+    x = data[0][0]
+    with torch.no_grad():
+        ref, y = net(x), q(x)
+    rel = float((y - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 2e-4, (name, bits, rel)  # quantized (not bypassed), and as exact as float rounding allows
+    for _, layer in bitalloc.quant_layers(q):  # every allocated channel gets the budget (bounds cover it)
+        assert bool((layer.weight_quantizer.bits == bits).all())
+
+
+def test_preset_allocation_bounds_cover_the_budget():
+    """min_bits = min(2, floor(bits)) (2 for symmetric weights), max_bits = max(8, ceil(bits))."""
+    bounds = lambda t: (t.min_bits, t.max_bits)  # noqa: E731
+    cfg = bitalloc.preset("aciq", 16, 16, act_granularity="channel")
+    assert bounds(cfg.default.weight) == (2, 16) and bounds(cfg.default.act) == (2, 16)
+    cfg = bitalloc.preset("aciq-alloc", 3.5, 4.5, act_granularity="channel")
+    assert bounds(cfg.default.weight) == (2, 8) and bounds(cfg.default.act) == (2, 8)
+    cfg = bitalloc.preset("aciq", 12.5, 1.5, act_granularity="channel")
+    assert bounds(cfg.default.weight) == (2, 13) and bounds(cfg.default.act) == (1, 8)
+    cfg = bitalloc.preset("aciq", 4, 4, act_granularity="channel", min_bits=3, max_bits=6)
+    assert bounds(cfg.default.weight) == (3, 6) and bounds(cfg.default.act) == (3, 6)
+    with pytest.raises(ConfigError, match=r"must lie in \[min_bits, max_bits\] = \[2, 6\].*--max-bits"):
+        bitalloc.preset("aciq", 8, 8, max_bits=6)
+    with pytest.raises(ConfigError, match="allocates no bits"):
+        bitalloc.preset("minmax", 4, 4, max_bits=6)
+    with pytest.raises(ConfigError, match="min_bits.*between 2 and 32"):  # a symmetric 1-bit grid is degenerate
+        bitalloc.preset("aciq", 4, 4, min_bits=1)
+    with pytest.raises(ConfigError, match=r"activations are quantized per tensor.*act_granularity='channel'"):
+        bitalloc.preset("aciq", 4, 3.5)
+    with pytest.raises(ConfigError, match="unknown preset option"):
+        bitalloc.preset("aciq", 4, 4, first_last=None)
 
 
 def test_low_bits_change_the_output_and_state_dict_round_trip(tmp_path):
@@ -200,3 +230,79 @@ def test_efficientnet_lite0_as_shipped():
         expected += m.weight.numel() * spatial
     assert rep.macs == expected
     assert abs(rep.relative_bops - 64 / 1024) < 1e-12
+
+
+def test_train_mode_model_gives_an_eval_mode_model_with_the_eval_function():
+    """BatchNorm folding uses running statistics (the eval-mode function): prepare works in eval mode and
+    returns the prepared model in eval mode, computing the original's eval-mode function; the input model keeps
+    its mode and its running statistics (reference: the float model in eval mode)."""
+    net = make_net().train()
+    x = torch.randn(4, 3, 16, 16)
+    stats = {n: b.clone() for n, b in net.named_buffers()}
+    with torch.no_grad():
+        ref_eval = net.eval()(x)
+        ref_train = net.train()(x)
+    for n, b in net.named_buffers():  # undo the running-statistics update of the train-mode reference pass
+        b.copy_(stats[n])
+    assert not torch.allclose(ref_eval, ref_train, atol=1e-3)  # the two functions differ on this net
+    q = bitalloc.prepare(net, QuantConfig(), x)
+    assert not q.training and not any(m.training for m in q.modules())
+    assert net.training and all(torch.equal(b, stats[n]) for n, b in net.named_buffers())
+    status = {r.name: r.status for r in bitalloc.prepare_info(q).layers}
+    assert status["bn0"] == "folded" and status["bn_shared_out"] == "float"
+    with torch.no_grad(), float_mode(q):
+        assert torch.allclose(q(x), ref_eval, rtol=1e-4, atol=1e-5)
+    # in place: the model itself is switched to eval mode
+    net2 = make_net().train()
+    q2 = bitalloc.prepare(net2, QuantConfig(), x, inplace=True)
+    assert q2 is net2 and not net2.training
+    # quantize() calibrates and returns an eval-mode model too; its unfolded BatchNorm keeps its statistics
+    q3 = bitalloc.quantize(make_net().train(), bitalloc.preset("minmax"), [(x,)])
+    assert not q3.training
+    assert torch.equal(q3.bn_shared_out.running_mean, make_net().bn_shared_out.running_mean)
+
+
+class _Mixed(nn.Module):
+    """Parameters outside Conv/Linear: a GRU, MultiheadAttention (in_proj_weight + an out_proj Linear it calls
+    functionally), an Embedding, a LayerNorm and a bare parameter of the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.scale = nn.Parameter(torch.ones(8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h, _ = self.gru(self.emb(tokens))
+        h, _ = self.mha(h, h, h)
+        return self.fc(self.norm(h) * self.scale)
+
+
+def test_every_parameter_is_in_a_quantized_layer_or_listed_in_float():
+    torch.manual_seed(0)
+    m = _Mixed().eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    q = bitalloc.prepare(m, bitalloc.preset("minmax", 8, 8), tokens)
+    records = {r.name: r for r in bitalloc.prepare_info(q).layers}
+    # brute force: the owner of every parameter of the original model has a record
+    owners = {name.rpartition(".")[0] for name, _ in m.named_parameters()}
+    assert owners == set(records)
+    assert [r.name for r in bitalloc.prepare_info(q).quantized()] == ["fc"]
+    expect = {"gru": ("GRU", "weight_ih_l0"), "mha": ("MultiheadAttention", "in_proj_weight"),
+              "emb": ("Embedding", "weight"), "norm": ("LayerNorm", "weight"), "": ("itself", "scale")}
+    for name, words in expect.items():
+        assert records[name].status == "float", name
+        assert all(w in records[name].reason for w in words), (name, records[name].reason)
+    assert records["mha.out_proj"].status == "float" and "not called" in records["mha.out_proj"].reason
+    # the float layers appear in the PTQ report's float list, the model's own parameters under the name ""
+    assert {r.name for r in bitalloc.prepare_info(q).floating()} == set(expect) | {"mha.out_proj"}
+    # overrides that can only hit unsupported layers are errors, not silent skips
+    with pytest.raises(UnsupportedLayerError, match="'gru'.*GRU"):
+        bitalloc.prepare(m, QuantConfig(overrides=[("gru", {"weight.bits": 4})]), tokens)
+    with pytest.raises(UnsupportedLayerError, match="selects only layers.*gru \\(GRU\\)"):
+        bitalloc.prepare(m, QuantConfig(overrides=[("gr*", {"weight.bits": 4})]), tokens)
+    with pytest.raises(ConfigError, match="selects no layer"):
+        bitalloc.prepare(m, QuantConfig(overrides=[("nothing*", {"weight.bits": 4})]), tokens)

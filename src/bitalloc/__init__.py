@@ -17,6 +17,7 @@ from bitalloc.cost import CostReport, cost_report
 from bitalloc.errors import (BitallocError, CheckpointError, ConfigError, DataError, ShapeError,
                              UnsupportedLayerError)
 from bitalloc.model.layers import QuantLayer, float_mode, quant_layers
+from bitalloc.model.freeze import freeze
 from bitalloc.model.prepare import prepare, prepare_info
 from bitalloc.ptq import bit_map, quantize
 from bitalloc.quant.allocation import allocate_channel_bits
@@ -29,5 +30,6 @@ __all__ = [
     "BitallocError", "CheckpointError", "ConfigError", "CostReport", "DataError", "LayerConfig", "QuantConfig",
     "QuantLayer", "QuantParams", "Quantizer", "ShapeError", "TensorConfig", "UnsupportedLayerError",
     "aciq_clip_ratio", "allocate_channel_bits", "bit_map", "calibrate", "calibration", "cost_report", "float_mode",
+    "freeze",
     "prepare", "prepare_info", "preset", "quant_layers", "quantize",
 ]

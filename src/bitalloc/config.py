@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -41,9 +42,13 @@ class TensorConfig:
         True / False to force it.
     online: recompute the statistics and the range on every input at run time (per sample) instead of
         fixing them from calibration data.
+        Statistics are taken over the values of one sample (per channel: of one channel of one sample), so an
+        input with fewer than 2 such values, e.g. the (N, C) input of a Linear layer quantized per channel, is
+        rejected by ``prepare`` with a ConfigError (its range [x, x] would represent x exactly: no quantization).
     allocate: per-channel bit allocation under the average budget ``bits`` (needs granularity "channel").
     allocation: "optimal" (exact integer optimum of the analytic error) or "aciq" (eq. 11 with nudging).
-    min_bits, max_bits: bounds of allocated per-channel bit widths.
+    min_bits, max_bits: bounds of allocated per-channel bit widths (``min_bits <= bits <= max_bits``; at least
+        2 for symmetric grids). The presets widen the defaults 2..8 to cover the budget (see :func:`preset`).
     quantizer: the quantizer class name in :data:`bitalloc.quantizers.QUANTIZERS` ("fixed" for PTQ; "lsq",
         "pact", "bb" for training).
     rounding: "nearest" (round to nearest) or "gptq" (weights only: error-compensating rounding on the same
@@ -71,13 +76,19 @@ class TensorConfig:
         if self.allocate:
             if self.granularity != "channel":
                 raise ConfigError(f"bit allocation{loc} needs granularity='channel' (one bit width per channel)")
-            check_bits(self.min_bits, name="min_bits", lo=1, hi=32)
-            check_bits(self.max_bits, name="max_bits", lo=1, hi=32)
+            check_bits(self.min_bits, name=f"min_bits{loc}", lo=2 if self.symmetric else 1, hi=32)
+            check_bits(self.max_bits, name=f"max_bits{loc}", lo=1, hi=32)
             if self.min_bits > self.max_bits:
-                raise ConfigError(f"min_bits={self.min_bits} > max_bits={self.max_bits}{loc}")
-            if not self.min_bits <= float(self.bits) <= self.max_bits:
+                raise ConfigError(f"min_bits={self.min_bits} > max_bits={self.max_bits}{loc}; "
+                                  "give min_bits <= max_bits")
+            try:
+                avg = float(self.bits)
+            except (TypeError, ValueError):
+                raise ConfigError(f"bits={self.bits!r}{loc} is not a number; give the average bit budget") from None
+            if not self.min_bits <= avg <= self.max_bits:
                 raise ConfigError(f"average bits={self.bits}{loc} must lie in [min_bits, max_bits] = "
-                                  f"[{self.min_bits}, {self.max_bits}]")
+                                  f"[{self.min_bits}, {self.max_bits}]; widen the bounds (min_bits / max_bits, "
+                                  "CLI --min-bits / --max-bits) or change the budget")
         else:
             check_bits(self.bits, name=f"bits{loc}", lo=1 if not self.symmetric else 2, hi=32)
         if self.one_sided not in ("auto", True, False):
@@ -98,9 +109,9 @@ class TensorConfig:
 class LayerConfig:
     """Quantization of one layer: its weight, its input activation (None = left in float) and bias correction.
 
-    ``bias_correction`` (ACIQ eq. 12-13, weights only): "none"; "mean" (default: shift each output channel
-    so its mean equals the float mean; the reference code's default); or "mean+norm" (also restore each
-    channel's centred L2 norm).
+    ``bias_correction`` (ACIQ eq. 12-13, weights only): "none" (the default of this field); "mean" (shift each
+    output channel so its mean equals the float mean: the reference code's default, and what the ``aciq``
+    preset sets); or "mean+norm" (also restore each channel's centred L2 norm).
     ``quantize=False`` leaves the layer in float (it is still listed in reports, with the reason).
     """
 
@@ -255,9 +266,28 @@ def match_pattern(pattern: str, name: str, type_names: str | list[str]) -> bool:
 PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "ksigma", "percentile", "mse")
 
 
+def _is_number(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def allocation_bounds(bits: float, *, symmetric: bool) -> tuple[int, int]:
+    """Default per-channel bit bounds of an allocated tensor with average budget ``bits``.
+
+    ``min_bits = min(2, floor(bits))`` (at least 2 for a symmetric grid, whose 1-bit grid is degenerate) and
+    ``max_bits = max(8, ceil(bits))``: the usual 2..8 range of the ACIQ reference code, widened so that any
+    budget in 1..32 (2..32 for symmetric grids) lies inside it (a 16-bit budget gives 2..16, so the full
+    pipeline runs at 16 bits too)."""
+    lo = min(2, math.floor(float(bits)))
+    return (max(2, lo) if symmetric else max(1, lo)), max(8, math.ceil(float(bits)))
+
+
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
-           online: bool = False, weight_method: str | None = None, weight_options: dict[str, Any] | None = None,
-           rounding: str = "nearest", **overrides: Any) -> QuantConfig:
+           weight_granularity: str | None = None, online: bool = False, weight_method: str | None = None,
+           weight_options: dict[str, Any] | None = None, rounding: str = "nearest", min_bits: int | None = None,
+           max_bits: int | None = None, **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
@@ -271,12 +301,30 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     activation ranges overfit rarely active channels (see BENCHMARKS.md, layer-wise against channel-wise).
     * ``kld`` / ``ksigma`` (k = 2) / ``percentile`` (99.99) / ``mse``: the baselines, applied to
       activations, with min-max per-channel weights.
-    ``act_granularity`` overrides the activation granularity ("tensor" or "channel"); ``online`` recomputes
-    activation statistics on every input; ``weight_method`` / ``weight_options`` override the weights' range
-    estimator (default per preset); ``rounding="gptq"`` rounds weights with GPTQ instead of to nearest.
+
+    Allocation rule: ``allocation="optimal"`` (the exact integer minimiser of the eq. 10 error model; change it
+    on the returned config's tensors, or with ``bitalloc ptq --allocation aciq`` for eq. 10-11 with the reference
+    code's rounding). Allocated tensors get per-channel bounds ``min_bits = min(2, floor(bits))`` (2 for symmetric
+    weights) and ``max_bits = max(8, ceil(bits))`` (:func:`allocation_bounds`), so every budget from 1 to 32 bits
+    is valid; ``min_bits`` / ``max_bits`` set them explicitly (an error when nothing is allocated).
+
+    ``act_granularity`` / ``weight_granularity`` override the granularities ("tensor" or "channel"; per-tensor
+    tensors are not allocated, so they need integer bits); ``online`` recomputes activation statistics on every
+    input; ``weight_method`` / ``weight_options`` override the weights' range estimator (default per preset);
+    ``rounding="gptq"`` rounds weights with GPTQ instead of to nearest. Other keywords are QuantConfig fields.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    unknown = set(overrides) - {f.name for f in fields(QuantConfig)}
+    if unknown:
+        raise ConfigError(f"unknown preset option(s) {sorted(unknown)}; valid: the QuantConfig fields "
+                          f"{[f.name for f in fields(QuantConfig)]}")
+    for label, value in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if value is not None and not _is_number(value):
+            raise ConfigError(f"{label}={value!r} is not a number; give a bit width such as 4 (or 3.5 with allocation)")
+    for label, value in (("act_granularity", act_granularity), ("weight_granularity", weight_granularity)):
+        if value is not None and value not in GRANULARITIES:
+            raise ConfigError(f"{label}={value!r} is not one of {GRANULARITIES}")
     weight = TensorConfig(bits=w_bits, granularity="channel", method="minmax", symmetric=True)
     act = TensorConfig(bits=a_bits if a_bits is not None else 8, granularity="tensor", method="minmax", online=online)
     bc = "none"
@@ -299,9 +347,31 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:
         act.granularity = act_granularity
-    if act.granularity == "tensor":
-        act.allocate = False
-    if not weight.allocate and float(w_bits) != int(w_bits):
-        raise ConfigError(f"fractional weight bits {w_bits} need bit allocation (preset 'aciq' or 'aciq-alloc')")
+    if weight_granularity is not None:
+        weight.granularity = weight_granularity
+    tensors = [("weight", weight, w_bits, "weight_granularity", "--weight-granularity")]
+    if a_bits is not None:
+        tensors.append(("activation", act, a_bits, "act_granularity", "--act-granularity"))
+    for what, t, bits, kwarg, flag in tensors:
+        if t.granularity == "tensor":
+            t.allocate = False
+        if float(bits) != int(float(bits)) and not t.allocate:
+            if t.granularity == "tensor":
+                fix = (f"{what}s are quantized per tensor: pass {kwarg}='channel' (CLI: {flag} channel)"
+                       + ("" if name in ("aciq", "aciq-alloc") else " with preset 'aciq' or 'aciq-alloc'"))
+            else:
+                fix = "use preset 'aciq' or 'aciq-alloc'"
+            raise ConfigError(f"fractional {what} bits {bits:g} are an average budget and need per-channel bit "
+                              f"allocation, but {fix}; or give an integer bit width")
+        if t.allocate:
+            t.min_bits, t.max_bits = allocation_bounds(bits, symmetric=t.symmetric)
+            if min_bits is not None:
+                t.min_bits = min_bits
+            if max_bits is not None:
+                t.max_bits = max_bits
+    if (min_bits is not None or max_bits is not None) and not any(t.allocate for _, t, *_ in tensors):
+        raise ConfigError(f"min_bits / max_bits (CLI --min-bits / --max-bits) bound per-channel bit allocation, but "
+                          f"preset {name!r} with these granularities allocates no bits: use preset 'aciq' or "
+                          "'aciq-alloc' (per-channel tensors)")
     layer = LayerConfig(weight=weight, act=act if a_bits is not None else None, bias_correction=bc)
     return QuantConfig(default=layer, **overrides).validate()

@@ -11,9 +11,12 @@ Conventions (SPEC "Cost conventions"; all per input sample):
   quantizer) contribute nothing, and a layer whose input comes (through channel-preserving operations) from
   a pruned layer loses the corresponding input channels: the kept fraction carries into the next layer.
   Layers left in float count as 32 x 32 bits.
-* Relative BOPs: BOPs / (1024 * total MACs), i.e. relative to the same network at 32 x 32 bits.
+* Relative BOPs: BOPs / (1024 * total MACs), i.e. relative to the same network at 32 x 32 bits. Per layer
+  (``LayerCost.relative_bops``): the layer's BOPs / (1024 * its MACs), relative to that layer at 32 x 32 bits
+  (0 for a layer without MACs); the network's value is the MAC-weighted mean of the layers'.
 * Bi-Real OPs (Liu et al. 2018; the seed-000 rebuttal's "Bit-FLOPs"): real-valued FLOPs (MACs of layers in
-  float) + BOPs of quantized layers / 64.
+  float) + BOPs of quantized layers / 64. Per layer (``LayerCost.bireal_ops``): its MACs if it is in float,
+  its BOPs / 64 if it is quantized; the network's value is their sum.
 * Memory in bits: 32 x (real-valued parameters) + sum of b x (b-bit parameters). Quantized weights count
   at their per-channel widths (pruned channels not stored); biases, float layers and every other parameter
   (e.g. unfolded BatchNorms) at 32 bits; quantization metadata (scales, zero points, bias-correction terms,
@@ -36,6 +39,9 @@ FLOAT_BITS = 32.0
 
 @dataclass
 class LayerCost:
+    """Cost of one layer per input sample (module docstring): ``relative_bops`` = bops / (1024 macs) and
+    ``bireal_ops`` = macs (float layer) or bops / 64 (quantized layer)."""
+
     name: str
     type: str
     quantized: bool
@@ -49,6 +55,8 @@ class LayerCost:
     overhead_bits: float = 0.0
     calls: int = 1
     groups: int = 1
+    relative_bops: float = 0.0
+    bireal_ops: float = 0.0
 
 
 @dataclass
@@ -197,7 +205,9 @@ def cost_report(model: nn.Module, example_inputs: Any) -> CostReport:
         mean_w = float(w_bits[kept_out].mean()) if kept_out is not None and bool(kept_out.any()) else float(w_bits.mean())
         layers.append(LayerCost(name, type(layer).__name__, quantized, macs, mean_w, float(a_bits.mean()),
                                 float(kept_frac), bops, int(weight.numel() + (bias.numel() if isinstance(bias, Tensor) else 0)),
-                                w_mem + b_mem + overhead, overhead, len(calls), groups))
+                                w_mem + b_mem + overhead, overhead, len(calls), groups,
+                                relative_bops=bops / (1024.0 * macs) if macs else 0.0,
+                                bireal_ops=bops / 64.0 if quantized else macs))
     other = [p for p in model.parameters() if id(p) not in counted_params]
     other_params = sum(p.numel() for p in other)
     total_macs = sum(l.macs for l in layers)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -21,9 +22,33 @@ from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.model.prepare import prepare, prepare_info
 
 
-def _first_batch(data: Iterable) -> torch.Tensor:
+def _inputs(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def replayable(data: Iterable, num_samples: int) -> Iterable:
+    """``data`` in a form that can be iterated more than once.
+
+    PTQ reads the calibration data several times (an example batch for ``prepare``, the calibration pass, the
+    FP32 timing pass, GPTQ). Re-iterable collections (lists, DataLoaders, datasets) are returned unchanged; a
+    one-shot iterator or generator is read once, up to the batch that completes ``num_samples`` samples (an
+    infinite stream is fine), and its batches are returned as a list. Nothing is lost or read twice."""
+    if not isinstance(data, Iterator):
+        return data
+    batches, seen = [], 0
     for batch in data:
-        return batch[0] if isinstance(batch, (list, tuple)) else batch
+        batches.append(batch)
+        x = _inputs(batch)
+        seen += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1
+        if seen >= num_samples:
+            break
+    return batches
+
+
+def _first_batch(data: Iterable) -> torch.Tensor:
+    """The inputs of the first batch of re-iterable ``data`` (see :func:`replayable`)."""
+    for batch in data:
+        return _inputs(batch)
     raise DataError("the calibration set is empty: give at least one calibration sample")
 
 
@@ -31,14 +56,16 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
              num_samples: int | None = None, seed: int | None = None) -> nn.Module:
     """Prepare ``model`` with ``config`` and calibrate it on ``calibration_data`` (batches of (x, ...) or x).
 
-    Returns the quantized model (an ordinary ``nn.Module``; the input model is unchanged). ``num_samples``
-    defaults to ``config.calibration_samples`` (32). ``example_inputs`` defaults to the first calibration
-    batch (two samples of it).
+    Returns the quantized model (an ordinary ``nn.Module`` in eval mode; the input model is unchanged).
+    ``calibration_data`` may be any iterable, a one-shot generator or iterator included (see
+    :func:`replayable`). ``num_samples`` defaults to ``config.calibration_samples`` (32). ``example_inputs``
+    defaults to the first calibration batch (two samples of it).
     """
+    n = num_samples or config.calibration_samples
+    calibration_data = replayable(calibration_data, n)
     if example_inputs is None:
         example_inputs = _first_batch(calibration_data)[:2]
     qmodel = prepare(model, config, example_inputs)
-    n = num_samples or config.calibration_samples
     info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
     if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
            for _, l in quant_layers(qmodel)):
@@ -71,7 +98,8 @@ def layer_table(model: nn.Module, cost: CostReport) -> list[dict[str, Any]]:
     for lc in cost.layers:
         rec = records.get(lc.name)
         row = {"name": lc.name, "type": lc.type, "quantized": lc.quantized, "w_bits": lc.w_bits, "a_bits": lc.a_bits,
-               "macs": lc.macs, "bops": lc.bops, "kept_fraction": lc.kept_fraction, "params": lc.params,
+               "macs": lc.macs, "bops": lc.bops, "relative_bops": lc.relative_bops, "bireal_ops": lc.bireal_ops,
+               "kept_fraction": lc.kept_fraction, "params": lc.params,
                "memory_bits": lc.memory_bits}
         if rec is not None:
             row.update({"status": rec.status, "reason": rec.reason, "rules": rec.rules, "weight_config": rec.weight,
@@ -104,6 +132,7 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
     ``fp32_calib_seconds`` is the time of one FP32 pass over the calibration images (for the calibration
     time ratio); measured here when None.
     """
+    calibration_data = replayable(calibration_data, config.calibration_samples)
     example = _first_batch(calibration_data)[:2]
     model = model.eval()
     if fp32_top1 is None or fp32_eval_seconds is None:

@@ -39,8 +39,15 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, str | None]:
         if isinstance(dataset, dict):
             dataset = dataset.get("name")
         if meta.get("method") not in (None, "fp32"):
-            raise ConfigError(f"checkpoint {args.checkpoint} was trained with method {meta.get('method')!r}; "
-                              "post-training quantization needs an FP32 checkpoint (--method fp32)")
+            from bitalloc.cli.freeze import frozen_path
+
+            frozen = frozen_path(args.checkpoint)
+            hint = f" (bitalloc train already wrote {frozen})" if frozen.exists() else ""
+            raise ConfigError(f"checkpoint {args.checkpoint} was trained with method {meta.get('method')!r}: its "
+                              f"quantizers are trained already, so there is nothing to quantize again; freeze it with "
+                              f"`bitalloc freeze --checkpoint {args.checkpoint} --out {frozen}`{hint} and pass "
+                              f"--quantized {frozen} to cost / export onnx / pack (post-training quantization needs "
+                              "an FP32 checkpoint, --method fp32)")
         return model.eval(), name, dataset
     if not args.model:
         raise ConfigError("give --model NAME (a zoo model) or --checkpoint PATH (from `bitalloc train`)")
@@ -124,6 +131,36 @@ def _bits_or_none(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bit width (a number, or 'none' for float)") from None
 
 
+def _cli_number(text: Any, flag: str, *, integer: bool = False, lo: float, hi: float, lo_open: bool = False,
+                extra: str = "") -> Any:
+    """``text`` of option ``flag`` as an int (``integer``) or float in [lo, hi] (lo excluded when ``lo_open``);
+    anything else is a one-line ConfigError naming the option and the valid values."""
+    want = (f"an integer from {lo:g} to {hi:g}" if integer else
+            f"a number {'>' if lo_open else '>='} {lo:g}" + ("" if hi == float("inf") else f" and <= {hi:g}")) + extra
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} {text!r} is not a number; give {want}") from None
+    if integer and not value.is_integer():
+        raise ConfigError(f"{flag} {text!r} is not an integer; give {want}")
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        raise ConfigError(f"{flag} {text!r} is out of range; give {want}")
+    return int(value) if integer else value
+
+
+def _set_method_option(layer: Any, method: str, key: str, value: Any, flag: str, presets: str) -> None:
+    """Set ``options[key] = value`` on the tensors whose range method is ``method``; an option that applies to
+    no tensor is an error (it would be silently ignored)."""
+    if value is None:
+        return
+    tensors = [t for t in (layer.weight, layer.act) if t is not None and t.method == method]
+    if not tensors:
+        raise ConfigError(f"{flag} sets an option of the {method} range method, which this configuration does not "
+                          f"use; pick a preset that does (--preset {presets.replace(', ', ' / ')})")
+    for t in tensors:
+        t.options[key] = value
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--preset", default="aciq", choices=PRESETS,
@@ -131,13 +168,28 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "percentile, mse (default aciq)")
     g.add_argument("--w-bits", type=float, default=4, help="weight bits (fractional = per-channel average; default 4)")
     g.add_argument("--a-bits", type=_bits_or_none, default=4.0, help="activation bits, or 'none' (default 4)")
-    g.add_argument("--act-granularity", choices=("tensor", "channel"), help="override the preset's activation granularity")
+    g.add_argument("--act-granularity", choices=("tensor", "channel"),
+                   help="override the preset's activation granularity (default tensor; fractional --a-bits need "
+                        "channel)")
     g.add_argument("--weight-granularity", choices=("tensor", "channel"), help="weight granularity (default channel)")
-    g.add_argument("--prior", choices=("laplace", "gauss", "auto"), help="ACIQ prior (default laplace)")
+    g.add_argument("--prior", choices=("laplace", "gauss", "auto"), help="ACIQ prior (default laplace; aciq presets)")
+    g.add_argument("--k-sigma", metavar="K", help="k of the ksigma preset: clip at mean +- K standard deviations "
+                                                  "(default 2)")
+    g.add_argument("--percentile", metavar="P", help="percentile of the percentile preset, in [50, 100] "
+                                                     "(default 99.99)")
     g.add_argument("--online", action="store_true", help="recompute activation statistics on every input")
     g.add_argument("--bias-correction", choices=("none", "mean", "mean+norm"), help="override the preset's bias correction")
-    g.add_argument("--allocation", choices=("optimal", "aciq"), help="per-channel bit allocation rule")
-    g.add_argument("--first-last-bits", default="8", help="bits of the first and last layer, or 'none' (default 8)")
+    g.add_argument("--allocation", choices=("optimal", "aciq"),
+                   help="per-channel bit allocation rule (aciq, aciq-alloc presets): optimal (default: exact integer "
+                        "minimum of the ACIQ eq. 10 error model) or aciq (eq. 10-11 with rounding, as the reference "
+                        "code)")
+    g.add_argument("--min-bits", metavar="B", help="lowest bit width of an allocated channel (default min(2, "
+                                                   "floor(budget)); 2 for weights)")
+    g.add_argument("--max-bits", metavar="B", help="highest bit width of an allocated channel (default max(8, "
+                                                   "ceil(budget)))")
+    g.add_argument("--first-last-bits", default="8", metavar="B",
+                   help="bits of the first and last layer (an integer 2..32), or 'none' to treat them like the "
+                        "others (default 8)")
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding layer")
     g.add_argument("--override", action="append", default=[], metavar="PATTERN=JSON",
                    help="per-layer override, e.g. 'features.0={\"weight.bits\": 8}' (glob, re:REGEX or type:CLASS)")
@@ -156,21 +208,29 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
             raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
         cfg.calibration_samples = getattr(args, "calib", cfg.calibration_samples)
         return cfg.validate()
-    fl = None if str(args.first_last_bits).lower() == "none" else int(args.first_last_bits)
-    cfg = preset(args.preset, args.w_bits, args.a_bits, act_granularity=args.act_granularity, online=args.online,
-                 first_last_bits=fl, fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
-                 seed=getattr(args, "seed", 0))
+    fl = None if str(args.first_last_bits).lower() == "none" else _cli_number(
+        args.first_last_bits, "--first-last-bits", integer=True, lo=2, hi=32, extra=", or 'none'")
+    bounds = {key: _cli_number(getattr(args, key), flag, integer=True, lo=1, hi=32)
+              for key, flag in (("min_bits", "--min-bits"), ("max_bits", "--max-bits"))
+              if getattr(args, key, None) is not None}
+    cfg = preset(args.preset, args.w_bits, args.a_bits, act_granularity=args.act_granularity,
+                 weight_granularity=args.weight_granularity, online=args.online, first_last_bits=fl,
+                 fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
+                 seed=getattr(args, "seed", 0), **bounds)
     layer = cfg.default
-    if args.weight_granularity and layer.weight is not None:
-        layer.weight.granularity = args.weight_granularity
-        if args.weight_granularity == "tensor":
-            layer.weight.allocate = False
-    for t in (layer.weight, layer.act):
-        if t is None:
-            continue
-        if args.prior and t.method == "aciq":
-            t.options["prior"] = args.prior
-        if args.allocation:
+    _set_method_option(layer, "aciq", "prior", args.prior, "--prior", "aciq, aciq-clip, aciq-alloc")
+    if getattr(args, "k_sigma", None) is not None:
+        k = _cli_number(args.k_sigma, "--k-sigma", lo=0.0, hi=float("inf"), lo_open=True)
+        _set_method_option(layer, "ksigma", "k", k, "--k-sigma", "ksigma")
+    if getattr(args, "percentile", None) is not None:
+        pct = _cli_number(args.percentile, "--percentile", lo=50.0, hi=100.0)
+        _set_method_option(layer, "percentile", "percentile", pct, "--percentile", "percentile")
+    if args.allocation:
+        tensors = [t for t in (layer.weight, layer.act) if t is not None]
+        if not any(t.allocate for t in tensors) and not args.override:
+            raise ConfigError(f"--allocation applies to per-channel bit allocation, but --preset {args.preset} "
+                              "allocates no bits here: use --preset aciq or aciq-alloc")
+        for t in tensors:  # also reaches tensors that an --override switches to allocation
             t.allocation = args.allocation
     if args.bias_correction:
         layer.bias_correction = args.bias_correction

@@ -27,14 +27,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+COST_COLUMNS = ["layer", "type", "status", "w bits", "a bits", "MACs", "BOPs", "rel. BOPs %", "Bi-Real OPs", "kept",
+                "kB"]
+
+
 def cost_rows(report: Any) -> list[list[Any]]:
+    """One row per layer (columns :data:`COST_COLUMNS`): relative BOPs = BOPs / (1024 MACs) of the layer, in %;
+    Bi-Real OPs = MACs (float layer) or BOPs / 64 (quantized layer); see :mod:`bitalloc.cost`."""
     return [[l.name, l.type, "quantized" if l.quantized else "float", l.w_bits, l.a_bits, l.macs, l.bops,
-             l.kept_fraction, l.memory_bits / 8e3] for l in report.layers]
+             100 * l.relative_bops, l.bireal_ops, l.kept_fraction, l.memory_bits / 8e3] for l in report.layers]
 
 
 def print_cost(report: Any, title: str) -> None:
-    print_table(f"{title}: per layer", ["layer", "type", "status", "w bits", "a bits", "MACs", "BOPs", "kept", "kB"],
-                cost_rows(report))
+    print_table(f"{title}: per layer", COST_COLUMNS, cost_rows(report))
     print_table(f"{title}: totals", ["MACs", "BOPs", "rel. BOPs %", "Bi-Real OPs", "memory MB", "FP32 MB", "compression"],
                 [[report.macs, report.bops, 100 * report.relative_bops, report.bireal_ops, report.memory_bits / 8e6,
                   report.fp32_memory_bits / 8e6, report.fp32_memory_bits / report.memory_bits]])

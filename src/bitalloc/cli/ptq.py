@@ -28,8 +28,9 @@ def register(sub: Any) -> None:
 
 def print_layers(report: dict[str, Any]) -> None:
     rows = [[l["name"], l["type"], l.get("status", "quantized" if l["quantized"] else "float"), l["w_bits"], l["a_bits"],
-             l["macs"], l["bops"], l.get("reason", "")] for l in report["layers"]]
-    print_table("Layers", ["layer", "type", "status", "w bits", "a bits", "MACs", "BOPs", "note"], rows)
+             l["macs"], l["bops"], 100 * l["relative_bops"], l["bireal_ops"], l.get("reason", "")] for l in report["layers"]]
+    print_table("Layers", ["layer", "type", "status", "w bits", "a bits", "MACs", "BOPs", "rel. BOPs %", "Bi-Real OPs",
+                           "note"], rows)
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     print_layers(report)
     if report["float_layers"]:
         print_table("Left in float", ["layer", "type", "reason"],
-                    [[f["name"], f["type"], f["reason"]] for f in report["float_layers"]])
+                    [[f["name"] or "(model)", f["type"], f["reason"]] for f in report["float_layers"]])
     print_summary(report)
     write_json(out / "report.json", report)
     print(f"report: {out / 'report.json'}", file=sys.stderr)

@@ -2,9 +2,18 @@
 
 ``prepare(model, config, example_inputs)`` returns a new model (the input model is not modified) that is an
 ordinary ``nn.Module``. Every decision is recorded in ``model.bitalloc_info`` (a :class:`PrepareInfo`): each
-layer quantized and each left in float, with the reason, and each BatchNorm folded or not. No rewrite may
-change the model's FP32 function: with quantizers disabled, the prepared model's output on the example
-inputs is checked against the original's, and a BatchNorm fold that would change it is undone.
+layer quantized and each left in float, with the reason, and each BatchNorm folded or not. "Layer" here means
+every module that owns parameters (``weight`` or any other: a GRU's ``weight_ih_l0``, a MultiheadAttention's
+``in_proj_weight``, a bare ``nn.Parameter`` of the model itself, recorded under the name ""), so every
+parameter of the model is either in a quantized layer or listed in float with the reason.
+
+No rewrite may change the model's FP32 function: with quantizers disabled, the prepared model's output on the
+example inputs is checked against the original's, and a BatchNorm fold that would change it is undone. The
+function preserved is the *inference* (eval-mode) function: folding uses a BatchNorm's running statistics,
+which a train-mode BatchNorm does not use. So prepare works in eval mode whatever mode ``model`` is in, and
+returns the prepared model in eval mode (quantized models are for inference; calibration runs in eval mode).
+Quantization-aware training calls ``.train()`` on the prepared model: folded BatchNorms then stay frozen in
+the weights (BatchNorm folding with frozen statistics), BatchNorms left unfolded use batch statistics again.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ FP32_TOLERANCE = 1e-3
 
 @dataclass
 class LayerRecord:
-    """What prepare decided for one weight-bearing layer or BatchNorm."""
+    """What prepare decided for one parameter-owning module (layer) or BatchNorm."""
 
     name: str
     type: str
@@ -62,6 +71,30 @@ def _type_names(m: nn.Module) -> list[str]:
 
 def _has_weight(m: nn.Module) -> bool:
     return isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
+def _own_parameters(m: nn.Module) -> list[str]:
+    """Names of the parameters ``m`` owns itself (not those of its children)."""
+    return [n for n, _ in m.named_parameters(recurse=False)]
+
+
+def _quantizable(m: nn.Module) -> bool:
+    """A supported layer type whose weight is a plain parameter (so a quantized weight can be substituted)."""
+    return is_supported(m) and _has_weight(m)
+
+
+def _float_reason(name: str, m: nn.Module) -> str:
+    """Why a parameter-owning module that bitalloc cannot quantize stays in float."""
+    params = _own_parameters(m)
+    shown = ", ".join(params[:6]) + (", ..." if len(params) > 6 else "")
+    if name == "":
+        return f"parameters owned by the model itself ({shown}), used directly in its forward, stay in float"
+    if is_supported(m):
+        return (f"its weight is not an nn.Parameter (weight norm or a parametrization; parameters: {shown}), so "
+                "bitalloc cannot substitute a quantized weight")
+    tname = type(m).__name__
+    return (f"layer type {tname} is not supported (supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)} "
+            f"and subclasses); its parameters ({shown}) stay in float")
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[Tensor]:
@@ -116,34 +149,47 @@ def _fold_batchnorms(model: nn.Module, example_inputs: Any, reference: list[Tens
     return decisions
 
 
-def _check_explicit_overrides(config: QuantConfig, unsupported: dict[str, str], weighted: dict[str, list[str]]) -> None:
-    """An override that names an unsupported layer exactly (no wildcard) is an error, never a silent skip; so
-    is an override that selects no weight-bearing layer at all (a typo, or a layer without weights)."""
+def _check_explicit_overrides(config: QuantConfig, unsupported: dict[str, str], layers: dict[str, list[str]]) -> None:
+    """Overrides that cannot do anything are errors, never silent skips: one that names an unsupported layer
+    exactly (no wildcard), one that selects only layers bitalloc cannot quantize, and one that selects no
+    layer at all (a typo, or a module without weights). ``layers``: quantizable layer name -> type names;
+    ``unsupported``: parameter-owning modules that cannot be quantized, name -> type name."""
     for pattern, _ in config.overrides:
-        if not any(match_pattern(pattern, name, types) for name, types in weighted.items()):
-            some = ", ".join(list(weighted)[:8]) + (", ..." if len(weighted) > 8 else "")
-            raise ConfigError(f"override {pattern!r} selects no layer with weights; layer names are: {some} "
-                              "(glob patterns, 're:REGEX' or 'type:ClassName')")
-        if pattern.startswith(("re:", "type:")) or any(ch in pattern for ch in "*?["):
+        if any(match_pattern(pattern, name, types) for name, types in layers.items()):
             continue
-        if pattern in unsupported:
+        if pattern in unsupported and not pattern.startswith(("re:", "type:")):
             raise UnsupportedLayerError(
                 f"override {pattern!r} targets layer {pattern!r} of type {unsupported[pattern]}, which bitalloc "
                 f"cannot quantize (supported: Conv1d, Conv2d, Linear and their subclasses); remove the override "
                 "or leave the layer in float")
+        hit = [f"{n} ({t})" for n, t in unsupported.items() if match_pattern(pattern, n, [t])]
+        if hit:
+            raise UnsupportedLayerError(
+                f"override {pattern!r} selects only layers bitalloc cannot quantize: {', '.join(hit[:8])}; remove "
+                "the override (supported: Conv1d, Conv2d, Linear and their subclasses)")
+        some = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
+        raise ConfigError(f"override {pattern!r} selects no layer with weights; layer names are: {some} "
+                          "(glob patterns, 're:REGEX' or 'type:ClassName')")
 
 
 def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs: Any = None, *,
             inplace: bool = False) -> nn.Module:
-    """Return a quantization-ready copy of ``model``.
+    """Return a quantization-ready copy of ``model``, in eval mode.
 
     Args:
-        model: any ``nn.Module``; its Conv1d/Conv2d/Linear layers (subclasses included) are quantized.
+        model: any ``nn.Module``; its Conv1d/Conv2d/Linear layers (subclasses included) are quantized, every
+            other module owning parameters is listed in float with the reason. Its train/eval mode does not
+            matter: prepare folds BatchNorms with their running statistics and checks the eval-mode function.
         config: a :class:`~bitalloc.config.QuantConfig` (default: 8-bit min-max).
         example_inputs: a tensor or tuple of positional arguments for one real forward pass (required: it
-            finds BatchNorm pairs, the execution order and layers that never run, and checks the FP32
-            function is unchanged).
-        inplace: transform ``model`` itself instead of a deep copy.
+            finds BatchNorm pairs, the execution order, layers that never run and input shapes, and checks
+            the FP32 function is unchanged).
+        inplace: transform ``model`` itself (which is left in eval mode) instead of a deep copy.
+
+    Returns the prepared model in eval mode: with quantizers disabled it computes the input model's eval-mode
+    function (see the module docstring for training it afterwards). Raises ConfigError for online activation
+    quantizers whose traced input has a single value per sample (and channel): see
+    :meth:`bitalloc.quantizers.fixed.FixedQuantizer.check_online_input`.
     """
     if example_inputs is None:
         raise ConfigError("prepare needs example_inputs (a tensor or tuple of model inputs, e.g. one batch)")
@@ -152,7 +198,6 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
         model = copy.deepcopy(model)
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ConfigError("this model is already prepared by bitalloc; prepare the original float model")
-    was_training = model.training
     model.eval()
     try:
         reference = _run(model, example_inputs)
@@ -173,16 +218,17 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
                                    f"folded into {d.layer}" if d.folded else d.reason))
 
     modules = dict(model.named_modules())
-    weighted = [n for n, m in modules.items() if n and _has_weight(m) and not isinstance(m, BATCHNORMS)]
-    unsupported = {n: type(modules[n]).__name__ for n in weighted if not is_supported(modules[n])}
-    _check_explicit_overrides(config, unsupported, {n: _type_names(modules[n]) for n in weighted})
-    order = trace.order([n for n in weighted if is_supported(modules[n])])
-    for name in weighted:
+    # every module owning parameters (BatchNorms are reported by the folding above)
+    owners = [n for n, m in modules.items()
+              if not isinstance(m, BATCHNORMS) and ((n and _has_weight(m)) or _own_parameters(m))]
+    unsupported = {n: type(modules[n]).__name__ for n in owners if not _quantizable(modules[n])}
+    _check_explicit_overrides(config, unsupported, {n: _type_names(modules[n]) for n in owners if n not in unsupported})
+    order = trace.order([n for n in owners if n not in unsupported])
+    for name in owners:
         m = modules[name]
         tname = type(m).__name__
         if name in unsupported:
-            records.append(LayerRecord(name, tname, "float", f"layer type {tname} is not supported (supported: "
-                                       f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} and subclasses)"))
+            records.append(LayerRecord(name, tname, "float", _float_reason(name, m)))
             continue
         if not trace.called(name):
             records.append(LayerRecord(name, tname, "float", "not called as a module in the traced forward "
@@ -195,6 +241,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
         wq = make_quantizer(lcfg.weight, "weight", 0, m.weight.shape[0]) if lcfg.weight is not None else None
         aq = (make_quantizer(lcfg.act, "act", activation_axis(m), input_channels(m))
               if lcfg.act is not None else None)
+        if aq is not None and hasattr(aq, "check_online_input"):
+            for idx in trace.calls[name]:
+                shapes = trace.nodes[idx].input_shapes
+                if shapes:
+                    aq.check_online_input(shapes[0], f"layer {name!r} ({tname}) input activation")
         qlayer = QuantLayer(m, wq, aq, name=name, bias_correction=lcfg.bias_correction if wq is not None else "none")
         qlayer.calibrate_weight()
         set_submodule(model, name, qlayer)
@@ -205,7 +256,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
     if change > FP32_TOLERANCE:
         raise BitallocError(f"internal error: preparing the model changed its FP32 output (relative change "
                             f"{change:.3g}); please report this with the model definition")
-    model.train(was_training)
+    model.eval()
     model.bitalloc_info = PrepareInfo(config, records, order, folds)
     return model
 

@@ -64,6 +64,8 @@ def kld_divergences(hist: Tensor | np.ndarray, num_quant_bins: int, *,
     if n_q < 1:
         raise ConfigError(f"num_quant_bins must be >= 1, got {num_quant_bins}")
     nb = h.size
+    if n_q > nb:  # the histogram cannot resolve the grid (e.g. 32-bit codes): no candidate, before any O(n_q) work
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
     cands = np.arange(n_q, nb + 1, dtype=np.int64)
     kls = np.empty(cands.size, dtype=np.float64)
     outliers = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # outliers[i] = sum(h[i:])

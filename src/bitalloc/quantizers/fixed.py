@@ -4,10 +4,18 @@ Offline mode: statistics of calibration data (activations) or of the tensor itse
 (1) per-channel bit widths when allocation is on (ACIQ eq. 10-11), (2) the clip range from the configured
 range estimator (min-max, ACIQ, KLD, k-sigma, percentile, MSE search), (3) the grid (scale, zero point).
 Online mode: the same three steps run on every input at run time, per sample (and per channel), so results
-do not depend on how inputs are batched.
+do not depend on how inputs are batched. The statistics of a row are those of its values within one sample
+(per channel: of one channel of one sample), so a row needs at least 2 values: an input with a single value
+per sample and channel (the (N, C) input of a Linear layer quantized per channel, or a (N, 1) input per tensor)
+would get the range [x, x], which represents x exactly, i.e. no quantization at all. Such inputs raise a
+ConfigError (``prepare`` checks the traced input shapes, :meth:`FixedQuantizer.check_online_input`) instead of
+silently staying in float; pooling the batch instead would make results depend on the batch and still leave
+batch size 1 unquantized.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -221,8 +229,32 @@ class FixedQuantizer(Quantizer):
             self._cache = (key, y)
         return y
 
+    def check_online_input(self, shape: tuple[int, ...] | torch.Size, where: str = "") -> None:
+        """Raise ConfigError when online statistics of an input of this ``shape`` (batch first) would see fewer
+        than 2 values per row (per sample, and per channel when per-channel): see the module docstring."""
+        if not self.online:
+            return
+        shape = tuple(int(d) for d in shape)
+        numel = math.prod(shape)
+        n = shape[0] if shape else 1
+        c = shape[self.axis] if self.per_channel and len(shape) > 1 else 1
+        per_row = numel // max(n * c, 1)
+        if per_row >= 2 or numel == 0:
+            return
+        loc = f"{where}: " if where else ""
+        if self.per_channel:
+            unit, fix = "sample and channel", ("quantize this input per tensor (override {\"act.granularity\": "
+                                               "\"tensor\", \"act.allocate\": false}; CLI --override "
+                                               "'NAME={...}') or calibrate offline (online=False, no --online)")
+        else:
+            unit, fix = "sample", "calibrate offline (online=False, no --online) or leave this input in float ({\"act\": null})"
+        raise ConfigError(f"{loc}online statistics are computed per {unit}, but the input of shape {shape} has "
+                          f"{per_row} value per {unit}: its range [x, x] would represent x exactly (no "
+                          f"quantization); {fix}")
+
     def _online_forward(self, x: Tensor) -> Tensor:
         """Per-sample (and per-channel) statistics, bits, ranges and fake quantization of this input."""
+        self.check_online_input(x.shape, f"online {self.role} quantizer")
         n = x.shape[0]
         if self.per_channel:
             c = x.shape[self.axis]
