@@ -279,7 +279,7 @@ def test_regularizer_of_quantizer_uses_mac_weight_and_fixed_has_none():
     q.mac_weight = 0.25
     probs = G.hard_concrete_prob_nonzero(torch.tensor([1.0, 0.0, -1.0, -2.0]))
     q2 = G.hard_concrete_prob_nonzero(torch.full((4,), 2.0))
-    assert float(q.regularizer()) == pytest.approx(float(BB.regularizer(probs, 0.25, q2)), rel=1e-6)
+    assert float(q.regularizer().detach()) == pytest.approx(float(BB.regularizer(probs, 0.25, q2)), rel=1e-6)
     fixed = BayesianBitsQuantizer(TensorConfig(bits=8, quantizer="bb", options={"fixed": True}), "act", 1, 3)
     assert float(fixed.regularizer()) == 0.0 and fixed.test_bits() == 8
     assert not any(n.startswith("log_alpha") for n, _ in fixed.named_parameters())
@@ -301,3 +301,124 @@ def test_lenet5_parameter_overhead_is_636_gates():
     assert gates == 636
     assert ranges == 8
     assert base == 582_026
+
+
+# ---- Gumbel-softmax gates (the rebuttal's variant) ------------------------------------------------------------
+
+def test_gumbel_quantizer_forward_is_nested_decomposition_with_0_1_gates():
+    torch.manual_seed(7)
+    q = make_bb(role="act", channels=3, gates="gumbel", gate_init=[1.0, 0.5, -3.0, -1.0])
+    assert q.gate_type == "gumbel" and q.skip_below is None and q.threshold == 0.5
+    x = torch.relu(torch.randn(6, 3, 4, 4))
+    q.train()
+    q(x)  # initialises the range
+    seen_bits = set()
+    for _ in range(30):
+        step = int(q.noise_step)
+        y = q(x)
+        gates = q.last_gates
+        assert set(gates) <= {0.0, 1.0}  # hard (straight-through) samples
+        a = q._range()
+        xc = BB.clip_to_range(x, a, False)
+        terms = BB.residual_terms(xc, BB.nested_scales(BB.range_width(a, False) / 3), torch.round)
+        ref = BB.gated_sum(terms, [None] + [torch.tensor(g) for g in gates])
+        assert torch.allclose(y, ref, atol=1e-6)
+        # the gates above the first off gate change nothing: the output is the grid of bits_from_gates(gates)
+        # (float64 reference; at 16+ bits float32 rounding of the nested sum may flip a code near a tie)
+        bits = BB.bits_from_gates(gates)
+        seen_bits.add(bits)
+        if bits <= 8:
+            assert torch.allclose(y.double(), BB.direct_quantize(xc.double(), a.double(), bits, False), atol=1e-6)
+        q.noise_step.fill_(step)  # replay: same noise, same gates
+        q(x)
+        assert q.last_gates == gates
+    assert {2, 4, 8} <= seen_bits  # several widths were sampled
+
+
+def test_gumbel_gate_frequencies_match_sigmoid_monte_carlo():
+    """The quantizer's own training samples: P(z4 = 1) = sigmoid(logit) (binary concrete, hard)."""
+    q = make_bb(gates="gumbel", gate_init=[0.8, 6.0, 6.0, 6.0], prune=False)
+    w = torch.randn(4, 10)
+    q.calibrate_weight(w)
+    q.train()
+    n = 4000
+    on = 0
+    with torch.no_grad():
+        for _ in range(n):
+            q.sample_gates()
+            on += q.last_gates[0]
+    p = 1 / (1 + math.exp(-0.8))
+    assert on / n == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
+
+
+def test_gumbel_pruning_threshold_and_freeze():
+    from bitalloc.model.freeze import freeze
+    from bitalloc.train.methods import prepare_qat
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = prepare_qat(net, "bb", {"input_shape": [6], "gates": "gumbel", "gate_init": [2.0, -0.3, 0.4, 1.0]})
+    x = torch.randn(7, 6)
+    model.train()
+    model(x)
+    wq = model[0].weight_quantizer
+    assert wq.gate_type == "gumbel"
+    with torch.no_grad():
+        wq.log_alpha_prune.copy_(torch.tensor([3.0, -0.1, 0.1, -3.0, 2.0]))
+        model[0].layer.bias.fill_(0.5)
+    # test time: on iff P(off) = 1 - sigmoid(logit) < 0.5, i.e. logit > 0
+    assert wq.kept_mask().tolist() == [True, False, True, False, True]
+    assert wq.test_gates().tolist() == [1.0, 0.0, 1.0, 1.0] and wq.test_bits() == 4
+    # another threshold moves the decision: P(off) < 0.45 <=> logit > logit(0.55) = 0.2007
+    q2 = make_bb(gates="gumbel", threshold=0.45, gate_init=[0.1, 0.3, 6.0, 6.0])
+    assert q2.test_gates().tolist() == [0.0, 1.0, 1.0, 1.0] and q2.test_bits() == 2
+    # pruned channels output exactly 0 in eval, frozen and (sampled z2 = 0) training forwards
+    seen = {}
+    model[0].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(seen["out"][:, [1, 3]], torch.zeros(7, 2))
+    frozen = freeze(model)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), ref)
+    assert frozen[0].weight_quantizer.kept.tolist() == [True, False, True, False, True]
+    assert int(frozen[0].weight_quantizer.bits) == 4 and frozen[0].layer.bias.tolist()[1] == 0.0
+    model.train()
+    for _ in range(10):
+        model(x)
+        z2 = wq.output_gate()
+        assert set(z2.detach().tolist()) <= {0.0, 1.0}
+        off = [c for c in range(5) if z2[c] == 0]
+        assert torch.equal(seen["out"][:, off], torch.zeros(7, len(off)))
+
+
+# ---- fixed-gate fine-tuning mode ------------------------------------------------------------------------------
+
+def test_fixed_gates_forward_is_the_test_time_grid_with_gradients_to_range_only():
+    torch.manual_seed(9)
+    q = make_bb(gate_init=[6.0, 0.5, -1.0, 3.0], prune_init=6.0, skip_below=None)
+    w = torch.randn(4, 3, 3)
+    q.calibrate_weight(w)
+    with torch.no_grad():
+        q.log_alpha_prune[2] = -6.0
+    q.train()
+    q.fix_gates(True)
+    step = int(q.noise_step)
+    wr = w.clone().requires_grad_(True)
+    y = q(wr)
+    assert int(q.noise_step) == step  # no noise drawn
+    assert q.bits_per_channel().tolist() == [float(q.test_bits())]
+    q.eval()
+    with torch.no_grad():
+        y_eval = q(w)
+    q.train()
+    assert torch.allclose(y.detach(), y_eval, atol=1e-6)  # the nested sum with 0/1 gates == the test-time grid
+    assert torch.equal(y.detach()[2], torch.zeros_like(y[2]))
+    y.pow(2).sum().backward()
+    assert q.clip_max.grad is not None and float(q.clip_max.grad.abs()) > 0  # the range still learns
+    assert wr.grad is not None and float(wr.grad.abs().sum()) > 0
+    assert q.log_alpha.grad is None and q.log_alpha_prune.grad is None  # the gates do not
+    q.fix_gates(False)
+    q(w)
+    assert int(q.noise_step) == step + 1  # sampling again

@@ -21,7 +21,7 @@ from torch import nn
 from bitalloc.config import TensorConfig
 from bitalloc.quant.grid import fake_quantize, integer_range
 from bitalloc.quant.lsq import lsq_bounds, lsq_grad_scale, lsq_init_step, lsq_quantize
-from bitalloc.quant.pact import pact_l2, pact_quantize, pact_step
+from bitalloc.quant.pact import pact_l2, pact_quantize, pact_range, pact_step
 from bitalloc.quantizers import LSQQuantizer, PACTQuantizer
 
 
@@ -151,7 +151,7 @@ def test_lsq_quantizer_weight_and_activation():
     a.train()
     y = a(x.requires_grad_(True))
     assert not a.is_signed and a.bounds == (0, 15)
-    assert float(a.step.detach()) == pytest.approx(2 * float(x.abs().mean()) / math.sqrt(15), rel=1e-5)
+    assert float(a.step.detach()) == pytest.approx(2 * float(x.detach().abs().mean()) / math.sqrt(15), rel=1e-5)
     up = torch.randn_like(y)
     (y * up).sum().backward()
     s2 = a.step.detach().clone().requires_grad_(True)
@@ -215,11 +215,54 @@ def test_pact_signed_gradients_and_decay():
     sign = (xd >= 1.1).float() - (xd <= -1.1).float()
     assert float(alpha.grad) == pytest.approx(float((up * sign).sum()), rel=1e-6, abs=1e-6)
     assert torch.equal(x.grad, up * (xd.abs() < 1.1).float())
-    assert float(y.detach().max()) <= 1.1 and float(y.detach().min()) >= -1.1 - 2.2 / 15 / 2 - 1e-6
+    # float64 closed form: round(clip(x, -a, a) * 7 / a) * a / 7 (symmetric codes -7..7 on 4 bits)
+    ref = torch.round(torch.clamp(xd.double(), -1.1, 1.1) * 7 / 1.1) * 1.1 / 7
+    assert torch.allclose(y.detach().double(), ref, atol=1e-6)
     # L2 decay: gradient decay * alpha
     a = torch.tensor([0.5, 2.0], requires_grad=True)
     pact_l2([a], 0.1).backward()
     assert torch.allclose(a.grad, 0.1 * a.detach())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pact_signed_grid_is_exactly_the_clip_range(bits):
+    """Signed PACT clips to [-alpha, alpha]: the extreme outputs are exactly +-alpha, the codes are symmetric
+    (-(2^(k-1)-1) .. 2^(k-1)-1), and the alpha-gradient (+-1 outside the range, eq. 3) equals the derivative of
+    the forward, checked by central differences in float64. The asymmetric two's-complement grid fails all three
+    (at alpha = 1, k = 4 its outputs span [-16/15, 14/15] and its true alpha-derivatives are -16/15 and 14/15)."""
+    qmax = 2 ** (bits - 1) - 1
+    assert pact_range(bits, True) == (-qmax, qmax) and pact_range(bits, False) == (0, 2 ** bits - 1)
+    a0 = 1.0
+    x = torch.linspace(-3, 3, 6001, dtype=torch.float64)
+    y = pact_quantize(x, torch.tensor(a0, dtype=torch.float64), bits, signed=True)
+    assert float(y.max()) == a0 and float(y.min()) == -a0
+    codes = torch.round(y * qmax / a0)
+    assert torch.allclose(codes * a0 / qmax, y, atol=1e-12)
+    assert set(codes.unique().tolist()) == set(range(-qmax, qmax + 1))
+    # d y / d alpha outside the range: autograd (eq. 3) == central difference of the forward
+    outside = torch.tensor([-2.5, -1.7, 1.3, 2.9], dtype=torch.float64)
+    al = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for v in outside:
+        al.grad = None
+        pact_quantize(v.reshape(1), al, bits, signed=True).sum().backward()
+        grads.append(float(al.grad))
+    h = 1e-6
+    fd = [(float(pact_quantize(v.reshape(1), torch.tensor(a0 + h, dtype=torch.float64), bits, signed=True))
+           - float(pact_quantize(v.reshape(1), torch.tensor(a0 - h, dtype=torch.float64), bits, signed=True))) / (2 * h)
+          for v in outside]
+    assert grads == [-1.0, -1.0, 1.0, 1.0]
+    assert fd == pytest.approx(grads, abs=1e-6)
+    # the quantizer's frozen description is the same grid
+    q = PACTQuantizer(TensorConfig(bits=bits, symmetric=True, quantizer="pact"), "weight", 0, 3)
+    w = torch.randn(3, 5) * 2
+    q.calibrate_weight(w)
+    p = q.qparams()
+    assert int(p.qmin) == -qmax and int(p.qmax) == qmax
+    assert float(p.scale) * qmax == pytest.approx(float(w.abs().max()), rel=1e-6)
+    with torch.no_grad():
+        assert torch.equal(q(w), p.dequantize(p.quantize(w)))
+    assert float(q(w).detach().abs().max()) == pytest.approx(float(w.abs().max()), rel=1e-6)
 
 
 def test_pact_quantizer_init_and_frozen_equivalence():
@@ -227,17 +270,17 @@ def test_pact_quantizer_init_and_frozen_equivalence():
     w = torch.randn(5, 8)
     q = PACTQuantizer(TensorConfig(bits=4, symmetric=True, quantizer="pact"), "weight", 0, 5)
     q.calibrate_weight(w)
-    assert float(q.alpha) == pytest.approx(float(w.abs().max()))
+    assert float(q.alpha.detach()) == pytest.approx(float(w.abs().max()))
     a = PACTQuantizer(TensorConfig(bits=3, quantizer="pact", options={"init": 10.0}), "act", -1, 8)
     x = torch.relu(torch.randn(4, 8))
     a.train()
     y = a(x.clone().requires_grad_(True)).detach()
-    assert float(a.alpha) == 10.0 and not a.is_signed
+    assert float(a.alpha.detach()) == 10.0 and not a.is_signed
     p = a.qparams()
     assert torch.equal(y, p.dequantize(p.quantize(x)))
     m = PACTQuantizer(TensorConfig(bits=3, quantizer="pact"), "act", -1, 8)
     m(x)
-    assert float(m.alpha) == pytest.approx(float(x.max()))
+    assert float(m.alpha.detach()) == pytest.approx(float(x.max()))
 
 
 def test_learned_quantizers_calibration_protocol():
@@ -257,6 +300,6 @@ def test_learned_quantizers_calibration_protocol():
     aq = q[2].input_quantizer
     h = torch.cat([torch.relu(model[0](b)) for b in batches]).detach()
     assert bool(aq.initialized) and not aq.is_signed
-    assert float(aq.step) == pytest.approx(2 * float(h.abs().mean()) / math.sqrt(15), rel=1e-5)
+    assert float(aq.step.detach()) == pytest.approx(2 * float(h.abs().mean()) / math.sqrt(15), rel=1e-5)
     with pytest.raises(Exception):
         q[0].weight_quantizer.set_bias_correction(model[0].weight, "mean")

@@ -151,6 +151,115 @@ def test_bb_resume_is_bitwise_identical(tmp_path):
         assert torch.equal(loaded(x), resumed(x))
 
 
+def test_bb_fixed_gate_fine_tuning_phase():
+    """--bb-fix-gates-epochs 1 of 3: epochs 1-2 learn the gates; in epoch 3 the gates are the test-time gates
+    and do not move (bitwise), no noise is drawn, the regulariser is off, weights and ranges keep learning."""
+    from bitalloc.train import Callback
+
+    class Snap(Callback):
+        def __init__(self):
+            self.states = []
+
+        def on_epoch_end(self, epoch, record, model):
+            self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    opts = {"input_shape": [16], "gate_lr": 0.2, "mu": 1.0, "gate_init": [1.0, 1.0, 1.0, 1.0], "fix_gates_epochs": 1}
+    model = prepare_qat(mlp(), "bb", opts)
+    obj = QATObjective(model, "bb", opts)
+    snap = Snap()
+    r = fit(model, blobs(160), blobs(64, noise_seed=5), TrainConfig(**dict(CFG, epochs=3)), objective=obj,
+            callbacks=[snap])
+    assert [h["state"]["gates_fixed"] for h in r.history] == [False, False, True]
+    s1, s2, s3 = snap.states
+    gates = [k for k in s3 if "log_alpha" in k]
+    assert gates and any(not torch.equal(s1[k], s2[k]) for k in gates)  # learned while stochastic
+    assert all(torch.equal(s2[k], s3[k]) for k in gates)  # frozen exactly in the fixed phase
+    assert all(torch.equal(s2[k], s3[k]) for k in s3 if k.endswith("noise_step"))  # no noise drawn
+    assert not torch.equal(s2["2.layer.weight"], s3["2.layer.weight"])  # weights keep learning
+    assert any(not torch.equal(s2[k], s3[k]) for k in s3 if k.endswith("clip_max"))  # and ranges
+    last = r.history[-1]
+    assert last["extra"]["extra_loss"] == 0.0 and last["extra"]["bb_reg"] > 0  # no regulariser in the loss
+    assert r.history[0]["extra"]["extra_loss"] == pytest.approx(r.history[0]["extra"]["bb_reg"], rel=1e-6)
+    # with fixed gates the expected cost is the test-time cost; the model in train mode == eval mode
+    assert last["state"]["relative_bops_expected"] == pytest.approx(last["state"]["relative_bops"])
+    x = torch.randn(8, 16)
+    model.train()
+    obj.set_gates_fixed(model, True)
+    with torch.no_grad():
+        y_train = model(x)
+        model.eval()
+        y_eval = model(x)
+    assert torch.allclose(y_train, y_eval, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(freeze(model)(x), y_eval)
+
+
+def test_fixed_gate_epochs_option():
+    from bitalloc.cli import build_parser
+    from bitalloc.errors import ConfigError
+    from bitalloc.train.methods import fixed_gate_epochs
+
+    assert fixed_gate_epochs(0.0, 10) == 0 and fixed_gate_epochs(2, 10) == 2 and fixed_gate_epochs(0.25, 8) == 2
+    assert fixed_gate_epochs(0.01, 8) == 1  # a positive fraction fixes at least one epoch
+    with pytest.raises(ConfigError, match="leave at least one epoch"):
+        fixed_gate_epochs(3, 3)
+    with pytest.raises(ConfigError):
+        resolve_options("bb", {"fix_gates_epochs": 1.5})
+    with pytest.raises(ConfigError, match="bb"):
+        resolve_options("lsq", {"fix_gates_epochs": 2})
+    args = build_parser().parse_args(["train", "--model", "lenet5", "--method", "bb", "--bb-fix-gates-epochs", "2"])
+    assert METHODS["bb"].options(args)["fix_gates_epochs"] == 2.0
+    # the loop reports the error before training
+    opts = {"input_shape": [16], "fix_gates_epochs": 2}
+    model = prepare_qat(mlp(), "bb", opts)
+    with pytest.raises(ConfigError, match="leave at least one epoch"):
+        fit(model, blobs(64), None, TrainConfig(**dict(CFG, epochs=2)), objective=QATObjective(model, "bb", opts))
+
+
+def test_qat_recipes_from_the_bayesian_bits_reference():
+    """`bitalloc train --method bb --model lenet5 --dataset mnist`: mu 0.1, gate init 6,6,-6,-6, Adam 1e-3 for
+    weights, gates and ranges, weights constant for 2/3 then linear to 0; epochs from the QAT recipe."""
+    from bitalloc.cli import build_parser
+    from bitalloc.cli.train import config_overrides
+    from bitalloc.models import create
+    from bitalloc.train import get_preset
+    from bitalloc.train.loop import build_param_groups
+
+    p = build_parser()
+
+    def resolve(argv):
+        args = p.parse_args(["train", *argv])
+        method = METHODS[args.method]
+        opts = method.options(args)
+        preset = get_preset(args.model, args.dataset)
+        return opts, preset.train_config(**config_overrides(args, method, opts, preset))
+
+    opts, cfg = resolve(["--method", "bb", "--model", "lenet5", "--dataset", "mnist"])
+    assert opts["mu"] == 0.1 and opts["gate_init"] == [6.0, 6.0, -6.0, -6.0] and opts["fold_bn"]
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule) == ("adam", 1e-3, 0.0, "constant_then_linear")
+    assert (cfg.epochs, cfg.batch_size) == (10, 128)  # the CPU recipe (the FP32 preset has 8)
+    total = 3000
+    fn = cfg.schedule_spec(469).build(total)
+    assert [fn(s) for s in (0, 1000, 1999)] == [1.0, 1.0, 1.0]
+    assert fn(2500) == pytest.approx((1 - 2500 / total) / (1 / 3)) and fn(total) == pytest.approx(0.0)
+    model = prepare_qat(create("lenet5"), "bb", opts)
+    groups, specs = build_param_groups(model, cfg, QATObjective(model, "bb", opts), steps_per_epoch=469)
+    by = {g["name"]: (g["lr"], s.name) for g, s in zip(groups, specs)}
+    assert by == {"default": (1e-3, "constant_then_linear"), "gates": (1e-3, "constant"), "ranges": (1e-3, "constant")}
+    _, paper = resolve(["--method", "bb", "--model", "lenet5", "--dataset", "mnist", "--qat-recipe", "paper"])
+    assert (paper.epochs, paper.batch_size) == (100, 128)
+    opts, cifar = resolve(["--method", "lsq", "--model", "vgg7", "--qat-recipe", "paper"])
+    assert cifar.epochs == 300 and cifar.optimizer == "adam"
+    _, cifar_cpu = resolve(["--method", "bb", "--model", "resnet20"])
+    assert cifar_cpu.epochs == 30
+    _, explicit = resolve(["--method", "bb", "--model", "lenet5", "--qat-recipe", "paper", "--epochs", "3"])
+    assert explicit.epochs == 3  # the command line wins
+    _, fp32 = resolve(["--model", "lenet5"])
+    assert fp32.epochs == 8 and fp32.schedule == "cosine"  # FP32 training keeps its preset
+    args = p.parse_args(["train", "--model", "lenet5", "--method", "pact", "--no-fold-bn"])
+    assert METHODS["pact"].options(args)["fold_bn"] is False
+
+
 # ---- command line ------------------------------------------------------------------------------------------
 
 def _cli(argv):
@@ -183,6 +292,8 @@ def test_cli_train_and_sweep(tmp_path, capsys, monkeypatch):
     assert names == {"bb-mu0.05", "bb-mu1", "lsq-w3a3"}
     for p in data["points"]:
         assert 0 < p["relative_bops"] < 1 and 0 <= p["top1"] <= 1 and p["layers"]
+        assert Path(p["frozen"]).exists() and isinstance(p["pareto"], bool) and isinstance(p["pareto_method"], bool)
+    assert any(p["pareto"] for p in data["points"])
     lsq = next(p for p in data["points"] if p["method"] == "lsq")
     # the synthetic MLP has 2 layers, both first / last: 8 bits; the run recorded its 3-bit setting
     assert [l["w_bits"] for l in lsq["layers"]] == [8.0, 8.0] and lsq["options"]["w_bits"] == 3
@@ -225,7 +336,10 @@ WORKER = textwrap.dedent('''
 
     CASES = {
         "lsq": ("lsq", {"input_shape": [16], "w_bits": 4, "a_bits": 4}),
-        "bb": ("bb", {"input_shape": [16], "mu": 0.3, "gate_lr": 2.0, "gate_init": [1.0, 1.0, 1.0, 1.0]}),
+        "pact": ("pact", {"input_shape": [16], "w_bits": 3, "a_bits": 3, "pact_decay": 1e-2}),
+        # 2 epochs of stochastic gates, then 1 of fixed-gate fine-tuning (zero-gradient gates under DDP)
+        "bb": ("bb", {"input_shape": [16], "mu": 0.3, "gate_lr": 2.0, "gate_init": [1.0, 1.0, 1.0, 1.0],
+                      "fix_gates_epochs": 1}),
     }
 
 
@@ -234,7 +348,7 @@ WORKER = textwrap.dedent('''
         model = prepare_qat(mlp(), method, opts)
         # SGD: float-order differences between DDP's averaged half-batch gradients and the one-process gradient
         # stay ~1e-7 (Adam's normalisation amplifies them in near-zero gradients of the first steps)
-        cfg = TrainConfig(optimizer="sgd", lr=0.1, batch_size=32, epochs=2, progress="off",
+        cfg = TrainConfig(optimizer="sgd", lr=0.1, batch_size=32, epochs=3 if method == "bb" else 2, progress="off",
                           schedule="constant_then_linear")
         r = fit(model, blobs(160), blobs(70, noise_seed=5), cfg, objective=QATObjective(model, method, opts))
         return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -256,8 +370,9 @@ WORKER = textwrap.dedent('''
 
 
 def test_torchrun_two_processes_match_one_quantized(tmp_path):
-    """LSQ (activation steps initialised from the first global batch, reduced across ranks) and Bayesian Bits
-    (gates with rank-invariant noise, regulariser counted once) under DDP == one process."""
+    """LSQ (activation steps initialised from the first global batch, reduced across ranks), PACT (clip levels
+    initialised the same way, L2 decay on alpha counted once) and Bayesian Bits (gates with rank-invariant noise,
+    regulariser counted once) under DDP == one process."""
     script = tmp_path / "qat_worker.py"
     script.write_text(WORKER)
     spec = importlib.util.spec_from_file_location("qat_worker", script)
@@ -301,6 +416,14 @@ def test_torchrun_two_processes_match_one_quantized(tmp_path):
     # the gates really moved (the comparison is not between two untouched initialisations)
     p_on = [p for layer in multi["bb"]["state"]["layers"].values() for q in layer.values() for p in q["p_on"]]
     assert min(p_on) < 0.9
+    assert [h["extra"]["extra_loss"] == 0.0 for h in multi["bb"]["history"]] == [False, False, True]
+    # PACT's clip levels really moved, and the decay term was logged (and not doubled) on both sides
+    assert "pact_l2" in multi["pact"]["history"][-1]["extra"]
+    init = mod.prepare_qat(mod.mlp(), "pact", mod.CASES["pact"][1])
+    init(torch.randn(2, 16))  # weights' alphas are set at prepare; activations' from data
+    moved = [k for k, v in multi["pact"]["weights"].items() if k.endswith("weight_quantizer.alpha")
+             and not torch.equal(v, init.state_dict()[k])]
+    assert moved
 
 
 def test_sweep_points_and_pareto_front():

@@ -8,16 +8,20 @@ Examples::
     bitalloc sweep ... -- --gate-lr 1e-2 --batch-size 256        # after "--": passed to every `bitalloc train`
 
 Each point is one ``bitalloc train`` run (in this process; under ``torchrun`` every run is data-parallel)
-with its checkpoint, log and result in ``--out-dir`` (``<method>-mu<mu>`` / ``<method>-w<b>a<b>``). Runs are
-resumable: a finished run (complete checkpoint and result file) is not trained again, an interrupted one
-continues from its checkpoint. Every trained model is then frozen (:func:`bitalloc.model.freeze.freeze`:
-test-time bit widths and kept channels), evaluated on the validation split and costed
-(:func:`bitalloc.cost_report`, BOPs relative to 32x32 bits).
+with its checkpoint, log, result and frozen model in ``--out-dir`` (``<method>-mu<mu>`` / ``<method>-w<b>a<b>``).
+Runs are resumable: a finished run (complete checkpoint and result file) is not trained again, an interrupted
+one continues from its checkpoint; ``--retrain`` trains every point again from scratch (replacing finished
+and partial runs). Every trained model is then frozen (:func:`bitalloc.model.freeze.freeze`: test-time bit
+widths and kept channels; written as ``<run>-frozen.pt``, readable with ``--quantized``), evaluated on the
+validation split and costed (:func:`bitalloc.cost_report`, BOPs relative to 32x32 bits).
 
 Outputs in ``--out-dir``: ``sweep.json`` (every point so far, all methods: accuracy, relative BOPs, per-layer
-bits and kept fractions, time per training step; points of earlier sweeps into the same folder are kept),
-``pareto.png`` (accuracy vs relative BOPs, one front per method) and, for Bayesian Bits runs,
-``<run>-bits.png`` (each layer's expected weight and activation bit width over training, from the log).
+bits and kept fractions, time per training step, the frozen model's path, and ``pareto`` / ``pareto_method``:
+whether the point is on the Pareto front of all points / of its method; points of earlier sweeps into the same
+folder are kept), ``pareto.png`` (accuracy vs relative BOPs: every point, and each method's Pareto front as a
+line) and, for Bayesian Bits runs, ``<run>-bits.png`` (each layer's expected weight and activation bit width
+over training, from the log; ``bitalloc plot-bits LOG.jsonl`` draws it for any run). Without matplotlib the
+plots are skipped with a note.
 """
 
 from __future__ import annotations
@@ -67,7 +71,38 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after '--': more `bitalloc train` options for every run (e.g. -- --gate-lr 1e-2)")
     p.set_defaults(func=run)
+    b = sub.add_parser("plot-bits", help="plot each layer's bit width over training from a `bitalloc train` log",
+                       description="Plot each quantized layer's weight and input bit widths per epoch from the "
+                                   "JSON-lines log of a quantization-aware run (`bitalloc train --method bb|lsq|pact`; "
+                                   "Bayesian Bits: expected bits, or --kind test for the thresholded gates).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("log", help="the .jsonl log written by `bitalloc train`")
+    b.add_argument("--out", default=None, help="PNG to write (default: <log without .jsonl>-bits.png)")
+    b.add_argument("--kind", choices=["expected", "test"], default="expected",
+                   help="bb: expected bits under the gate posteriors, or test-time bits")
+    b.add_argument("--roles", choices=["wa", "w", "a"], default="wa", help="weights (w), input activations (a) or both")
+    b.set_defaults(func=run_plot_bits)
     return p
+
+
+def run_plot_bits(args: argparse.Namespace) -> int:
+    """``bitalloc plot-bits LOG.jsonl --out bits.png``."""
+    from bitalloc.errors import DataError
+    from bitalloc.report.plots import line_plot
+
+    log = Path(args.log)
+    if not log.is_file():
+        raise DataError(f"{log}: no such log file; give the .jsonl log written by `bitalloc train`")
+    series = bits_history(log, kind=args.kind, roles=args.roles)
+    if not series:
+        raise DataError(f"{log} has no per-layer bit widths (no epoch records with a quantization-aware state); "
+                        "give the log of a `bitalloc train --method bb|lsq|pact` run that finished an epoch")
+    name = log.name[:-6] if log.name.endswith(".jsonl") else log.stem
+    out = Path(args.out) if args.out else log.with_name(f"{name}-bits.png")
+    label = "expected bits" if args.kind == "expected" else "test-time bits"
+    line_plot(series, out, xlabel="epoch", ylabel=label, title=f"{name}: bit width per layer")
+    print(f"bit widths of {len(series)} tensors over {max(len(v) for v in series.values())} epochs: {out}")
+    return 0
 
 
 # ---- points ------------------------------------------------------------------------------------------------
@@ -117,6 +152,8 @@ def run_state(out: Path) -> str:
 
 
 def train_argv(args: argparse.Namespace, point: dict[str, Any], out: Path, state: str) -> list[str]:
+    """The ``bitalloc train`` command line of one point: ``--resume`` for a partial run, ``--overwrite`` for a
+    fresh one or with ``--retrain`` (which trains again from scratch, also over a partial run)."""
     argv = ["train", "--model", args.model, "--method", point["method"], "--out", str(out)]
     for flag, value in (("--dataset", args.dataset), ("--data", args.data), ("--epochs", args.epochs),
                         ("--steps", args.steps), ("--init", args.init), ("--progress", args.progress)):
@@ -127,30 +164,44 @@ def train_argv(args: argparse.Namespace, point: dict[str, Any], out: Path, state
     if extra and extra[0] == "--":
         extra = extra[1:]
     argv += extra
-    if state == "partial":
-        argv.append("--resume")
-    elif state == "fresh" or args.retrain:
+    if args.retrain or state == "fresh":
         argv.append("--overwrite")
+    elif state == "partial":
+        argv.append("--resume")
     return argv
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 
-def bits_history(log_path: Path) -> dict[str, list[tuple[float, float]]]:
-    """Each layer's expected weight / activation bits per epoch, from a training log's ``state`` records."""
+def bits_history(log_path: Path, *, kind: str = "expected", roles: str = "wa") -> dict[str, list[tuple[float, float]]]:
+    """Each layer's weight / activation bits per epoch, from a training log's ``state`` records.
+
+    ``kind``: "expected" (Bayesian Bits: E[bits] under the gate posteriors) or "test" (the test-time bits of
+    thresholded gates); LSQ / PACT logs have one fixed width ("bits") either way. ``roles``: "w", "a" or "wa".
+    Series are named ``"<layer> w"`` / ``"<layer> a"``."""
+    from bitalloc.errors import DataError
+
+    if kind not in ("expected", "test"):
+        raise ConfigError(f"bits kind {kind!r} must be 'expected' or 'test'")
+    key = "expected_bits" if kind == "expected" else "test_bits"
     series: dict[str, list[tuple[float, float]]] = {}
     if not log_path.exists():
         return series
-    for line in log_path.read_text().splitlines():
-        rec = json.loads(line)
+    for i, line in enumerate(log_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{log_path}:{i} is not JSON; give the .jsonl log written by `bitalloc train`") from None
         if rec.get("event") != "epoch" or "state" not in rec:
             continue
         for layer, d in (rec["state"].get("layers") or {}).items():
             for role in ("w", "a"):
                 q = d.get(role)
-                if q is None:
+                if q is None or role not in roles:
                     continue
-                b = q.get("expected_bits", q.get("bits"))
+                b = q.get(key, q.get("bits"))
                 if b is not None:
                     series.setdefault(f"{layer} {role}", []).append((float(rec["epoch"]), float(b)))
     return series
@@ -167,9 +218,20 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
     from bitalloc.train.loop import evaluate
     from bitalloc.train.methods import example_input
 
+    from bitalloc.cli.freeze import frozen_path
+    from bitalloc.model.freeze import save_frozen
+    from bitalloc.train import distributed as D
+
     state = load_checkpoint(out)
     model = load_model_checkpoint(out)
     frozen = freeze(model)
+    frozen_file = frozen_path(out)
+    if D.is_main_process() and (not frozen_file.exists() or frozen_file.stat().st_mtime < out.stat().st_mtime):
+        spec = state.get("model") or {}  # runs trained before `train` wrote frozen models: write it here
+        save_frozen(frozen, frozen_file, model_name=spec.get("name"),
+                    example_shape=(state.get("method_options") or {}).get("input_shape"),
+                    extra={"source_checkpoint": str(out), "method": state.get("method"),
+                           "method_options": state.get("method_options"), "model_factory": spec.get("factory")})
     _, val_set, _ = load_data(train_ns, augment=False)
     ev = evaluate(frozen, val_set, batch_size=eval_batch_size, progress="off")
     opts = state.get("method_options") or {}
@@ -190,7 +252,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
         "relative_bops_expected": last_state.get("relative_bops_expected"),
         "layers": [{"name": l.name, "w_bits": l.w_bits, "a_bits": l.a_bits, "kept_fraction": l.kept_fraction,
                     "macs": l.macs, "bops": l.bops} for l in rep.layers],
-        "options": opts,
+        "options": opts, "frozen": str(frozen_file),
     }
 
 
@@ -206,19 +268,44 @@ def fp32_point(path: str, train_ns: argparse.Namespace, eval_batch_size: int) ->
             "checkpoint": path}
 
 
-def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]]) -> dict[str, Path]:
+def mark_pareto(points: dict[str, dict[str, Any]]) -> None:
+    """Set ``pareto`` (on the front of all points) and ``pareto_method`` (on its method's front) on every point."""
+    allp = [p for p in points.values() if p.get("relative_bops") is not None and p.get("top1") is not None]
+    front = {id(p) for p in pareto_front(allp)}
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for p in allp:
+        by_method.setdefault(p["method"], []).append(p)
+    method_front = {id(p) for pts in by_method.values() for p in pareto_front(pts)}
+    for p in points.values():
+        p["pareto"] = id(p) in front
+        p["pareto_method"] = id(p) in method_front
+
+
+def _plots_missing(note: str) -> None:
+    from bitalloc.train import distributed as D
+
+    if D.is_main_process():
+        print(f"sweep: {note}: plots skipped (pip install 'bitalloc[plots]' for pareto.png and the bit-width plots)",
+              file=sys.stderr)
+
+
+def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]], *, plots: bool = True) -> dict[str, Path]:
+    """``sweep.json`` (Pareto points flagged) and, when matplotlib is installed, ``pareto.png``."""
     from bitalloc.io import write_json
 
+    mark_pareto(points)
     paths = {"json": write_json(out_dir / "sweep.json", {"points": list(points.values())})}
+    if not plots:
+        return paths
     series: dict[str, list[tuple[float, float]]] = {}
     for p in points.values():
         series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
-    try:
-        from bitalloc.report.plots import pareto_plot
+    from bitalloc.report.plots import PlotsUnavailable, pareto_plot
 
+    try:
         paths["pareto"] = pareto_plot(series, out_dir / "pareto.png", title="accuracy vs relative BOPs")
-    except ImportError:  # matplotlib is optional
-        pass
+    except PlotsUnavailable as exc:  # matplotlib is optional
+        _plots_missing(str(exc).split(":")[0])
     return paths
 
 
@@ -257,6 +344,11 @@ def run(args: argparse.Namespace) -> int:
             existing = {p["name"]: p for p in json.loads(sweep_json.read_text()).get("points", [])}
         except (json.JSONDecodeError, KeyError, TypeError):
             existing = {}
+    from bitalloc.report.plots import plots_available
+
+    plots = plots_available()
+    if not plots:
+        _plots_missing("matplotlib is not installed")
     parser = build_parser()
     train_ns = None
     for point in points:
@@ -266,8 +358,8 @@ def run(args: argparse.Namespace) -> int:
         train_ns = parser.parse_args(argv)
         if state != "done" or args.retrain:
             if D.is_main_process():
-                print(f"sweep: {point['name']}: {'resuming' if state == 'partial' else 'training'} "
-                      f"(bitalloc {' '.join(argv)})", file=sys.stderr)
+                doing = "resuming" if "--resume" in argv else ("retraining" if state != "fresh" else "training")
+                print(f"sweep: {point['name']}: {doing} (bitalloc {' '.join(argv)})", file=sys.stderr)
             code = main(argv)
             if code:
                 raise ConfigError(f"sweep run {point['name']} failed (exit code {code}); see its log {out.with_suffix('.jsonl')}")
@@ -278,29 +370,31 @@ def run(args: argparse.Namespace) -> int:
         existing[point["name"]] = rec
         if D.is_main_process():
             series = bits_history(out.with_suffix(".jsonl"))
-            if point["method"] == "bb" and series:
-                try:
-                    from bitalloc.report.plots import line_plot
+            if point["method"] == "bb" and series and plots:
+                from bitalloc.report.plots import PlotsUnavailable, line_plot
 
+                try:
                     rec["bits_plot"] = str(line_plot(series, out_dir / f"{point['name']}-bits.png", xlabel="epoch",
                                                      ylabel="expected bits", title=f"{point['name']}: bit width per layer"))
-                except ImportError:
-                    pass
-            write_outputs(out_dir, existing)
+                except PlotsUnavailable as exc:
+                    plots = False
+                    _plots_missing(str(exc).split(":")[0])
+            write_outputs(out_dir, existing, plots=plots)
             print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}% at {100 * rec['relative_bops']:.3f}% "
                   f"relative BOPs", file=sys.stderr)
     if args.fp32 and train_ns is not None:
         existing["fp32"] = fp32_point(args.fp32, train_ns, args.eval_batch_size)
     if D.is_main_process():
-        paths = write_outputs(out_dir, existing)
+        paths = write_outputs(out_dir, existing, plots=plots)
         rows = sorted(existing.values(), key=lambda p: (p["method"], p["relative_bops"]))
-        front = {p["name"] for p in pareto_front(rows)}
-        print(f"{'run':<22} {'top-1 %':>8} {'rel. BOPs %':>12}  Pareto")
+        print(f"{'run':<22} {'top-1 %':>8} {'rel. BOPs %':>12}  Pareto (all / method)")
         for p in rows:
-            print(f"{p['name']:<22} {100 * p['top1']:>8.2f} {100 * p['relative_bops']:>12.4f}  {'*' if p['name'] in front else ''}")
+            flag = ("*" if p.get("pareto") else "-") + " / " + ("*" if p.get("pareto_method") else "-")
+            print(f"{p['name']:<22} {100 * p['top1']:>8.2f} {100 * p['relative_bops']:>12.4f}  {flag}")
         for k, v in paths.items():
             print(f"{k}: {v}")
     return 0
 
 
-__all__ = ["register", "run", "sweep_points", "pareto_front", "bits_history", "evaluate_run", "train_argv", "run_state"]
+__all__ = ["register", "run", "run_plot_bits", "sweep_points", "pareto_front", "mark_pareto", "bits_history",
+           "evaluate_run", "train_argv", "run_state", "write_outputs"]

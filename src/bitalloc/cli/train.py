@@ -7,8 +7,11 @@ Examples::
     torchrun --nproc_per_node 2 -m bitalloc train --model resnet20 --dataset cifar10   # data-parallel
 
 Outputs (defaults derive from ``--out``, itself ``runs/<model>_<dataset>_<method>.pt``): the checkpoint
-(resumable with ``--resume``), a JSON-lines log (``.jsonl``, one record per epoch) and a JSON result
-(``.json``). A fresh run refuses to replace existing outputs unless ``--overwrite``.
+(resumable with ``--resume``), a JSON-lines log (``.jsonl``, one record per epoch), a JSON result (``.json``)
+and, for the quantization-aware methods (lsq, pact, bb), the frozen model (``-frozen.pt``: test-time bit widths
+and kept channels, :func:`bitalloc.model.freeze.freeze`, written with ``save_quantized``) that
+``bitalloc cost / export onnx / pack --quantized`` read. A fresh run refuses to replace existing outputs
+unless ``--overwrite``.
 
 Extension points (for tests and new data): :data:`DATASET_HOOKS` maps extra dataset names to loaders and
 :data:`MODEL_HOOKS` extra model names to importable factories; the hidden dataset ``synthetic`` and model
@@ -72,7 +75,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from bitalloc.train.presets import METHODS, PRESETS
 
     p = subparsers.add_parser(
-        "train", help="train a model (FP32 now; quantization-aware methods plug in via --method)",
+        "train", help="train a model: FP32, or quantization-aware with --method lsq|pact|bb (writes a frozen model too)",
         description="Train a zoo model on a dataset with its preset recipe; works under torchrun. Presets: "
                     + "; ".join(f"{k}: {v.notes}" for k, v in PRESETS.items()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -98,6 +101,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="checkpoint path (default: runs/<model>_<dataset>_<method>.pt)")
     p.add_argument("--log", default=None, help="JSON-lines log (default: <out without .pt>.jsonl)")
     p.add_argument("--json", default=None, help="JSON result (default: <out without .pt>.json)")
+    p.add_argument("--frozen", default=None,
+                   help="lsq/pact/bb: the frozen quantized model for --quantized (default: <out without .pt>-frozen.pt)")
     p.add_argument("--resume", action="store_true", help="continue training from --out")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of a previous run")
     p.add_argument("--init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
@@ -258,6 +263,42 @@ def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:
     return out, args.log or f"{stem}.jsonl", args.json or f"{stem}.json"
 
 
+def _frozen_out(args: argparse.Namespace, out: str) -> str | None:
+    """Where a quantization-aware run writes its frozen model (None for FP32 training)."""
+    if args.method == "fp32":
+        return None
+    from bitalloc.cli.freeze import frozen_path
+
+    return getattr(args, "frozen", None) or str(frozen_path(out))
+
+
+def write_frozen_model(model: nn.Module, path: str, args: argparse.Namespace, options: dict[str, Any],
+                       factory: str | None, model_kwargs: dict[str, Any]) -> Any:
+    """Freeze the trained model and write it for ``--quantized`` (see :func:`bitalloc.model.freeze.save_frozen`)."""
+    from bitalloc.model.freeze import save_frozen
+
+    extra = {"source_checkpoint": args.out, "method": args.method, "method_options": options, "dataset": args.dataset,
+             "model_factory": factory, "model_kwargs": model_kwargs}
+    frozen, _ = save_frozen(model, path, model_name=args.model, example_shape=options.get("input_shape"),
+                            extra=extra)
+    return frozen
+
+
+def config_overrides(args: argparse.Namespace, method: Any, options: dict[str, Any], preset: Any) -> dict[str, Any]:
+    """The training settings over the model's FP32 preset: the method's recipe (quantization-aware methods:
+    optimizer, schedule, and the dataset's epochs / batch size, see :mod:`bitalloc.train.methods`), then the
+    explicit command-line values."""
+    overrides: dict[str, Any] = method.overrides(preset, options)
+    explicit = dict(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+                    warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                    max_grad_norm=args.max_grad_norm)
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    if args.schedule is not None:
+        overrides.setdefault("schedule_args", {})
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
     from bitalloc.io import write_json
     from bitalloc.train import distributed as D
@@ -278,10 +319,13 @@ def run(args: argparse.Namespace) -> int:
 
         args.model = model_info(args.model).name
     out, log, json_path = _default_paths(args)
+    args.out = out
+    frozen_out = _frozen_out(args, out)
     # Refuse to replace earlier outputs before spending time on loading data (fit checks again, on rank 0).
     if check_output_path(out, resume=bool(args.resume), overwrite=bool(args.overwrite)) == "fresh":
-        for path, what, flag in ((log, "log", "--log"), (json_path, "result", "--json")):
-            if Path(path).exists():
+        for path, what, flag in ((log, "log", "--log"), (json_path, "result", "--json"), (frozen_out, "frozen model",
+                                                                                          "--frozen")):
+            if path is not None and Path(path).exists():
                 raise CheckpointError(f"{what} {path} already exists and this is a fresh run; pass --resume to "
                                       f"continue the run it belongs to, --overwrite to replace it, or choose "
                                       f"another {flag} / --out")
@@ -300,14 +344,7 @@ def run(args: argparse.Namespace) -> int:
             model.train()
         model = method.prepare(model, options)
         objective = method.make_objective(model, options)
-        overrides: dict[str, Any] = method.overrides(preset, options)
-        explicit = dict(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
-                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-                        max_grad_norm=args.max_grad_norm)
-        overrides.update({k: v for k, v in explicit.items() if v is not None})
-        if args.schedule is not None:
-            overrides.setdefault("schedule_args", {})
+        overrides = config_overrides(args, method, options, preset)
         cfg = preset.train_config(
             **overrides, seed=args.seed, workers=args.workers, eval_every=args.eval_every, checkpoint=out,
             resume=bool(args.resume), overwrite=bool(args.overwrite), log=log, device=str(device),
@@ -322,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
             header = {"model": args.model, "dataset": args.dataset, "method": args.method,
                       "world_size": result.world_size, "device": result.device}
             outputs = {"checkpoint": out, "log": log, "result": json_path}
+            if frozen_out is not None:
+                write_frozen_model(result.model, frozen_out, args, options, factory, model_kwargs)
+                outputs["frozen model"] = frozen_out
             write_json(json_path, {"command": "train", **header, "preset": preset.name, "config": cfg.to_dict(),
                                    "result": result.to_dict(), "outputs": outputs})
             print_summary(result, header, outputs)

@@ -2,8 +2,13 @@
 
 :class:`QuantLayer` keeps the original module (so its own ``forward`` runs: "same" padding of a Conv2d
 subclass, ``padding_mode``, dilation, groups all keep working) and substitutes the fake-quantized weight for
-the float one on each call: y = layer.forward(Q_a(x)) with weight Q_w(W). With both quantizers disabled it is
-exactly the original layer.
+the float one on each call: y = layer.forward(Q_a(x)) with weight Q_w(W) and bias g * b, where g is the weight
+quantizer's output-channel gate (its optional method ``output_gate() -> Tensor [C] | None``, read right after
+the weight forward: the Bayesian Bits z2 pruning gates, sampled in training, thresholded at test time; the kept
+mask of a frozen quantizer that prunes; None, i.e. 1, for quantizers without it or without pruning). Gating
+the bias with the same z2 as the weights makes a pruned output channel output exactly 0, in training as in the
+frozen model (where :func:`bitalloc.model.freeze.freeze` zeroes the pruned channels' bias), which is what the
+cost model counts (the channel removed). With both quantizers disabled it is exactly the original layer.
 """
 
 from __future__ import annotations
@@ -66,15 +71,26 @@ class QuantLayer(nn.Module):
         w = self.layer.weight
         return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
+    def gated_bias(self) -> Tensor | None:
+        """The bias times the weight quantizer's output-channel gate (call it after :meth:`quantized_weight`)."""
+        b = self.layer.bias
+        if b is None or self.weight_quantizer is None:
+            return b
+        gate = getattr(self.weight_quantizer, "output_gate", None)
+        g = gate() if gate is not None else None
+        return b if g is None else b * g.to(device=b.device, dtype=b.dtype).reshape(-1)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
+        b = self.gated_bias()
         if self._plain and not args and not kwargs:
             if isinstance(self.layer, nn.Linear):
-                return F.linear(x, w, self.layer.bias)
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return torch.func.functional_call(self.layer, {"weight": w}, (x, *args), kwargs)
+                return F.linear(x, w, b)
+            return self.layer._conv_forward(x, w, b)
+        params = {"weight": w} if b is None or b is self.layer.bias else {"weight": w, "bias": b}
+        return torch.func.functional_call(self.layer, params, (x, *args), kwargs)
 
     def quantizers(self) -> list[Quantizer]:
         return [q for q in (self.weight_quantizer, self.input_quantizer) if q is not None]

@@ -20,6 +20,17 @@ Modes:
 * evaluation (``module.eval()``): deterministic test-time gates (on iff P(z = 0) < 0.34), i.e. a fixed
   grid of ``test_bits()`` bits and a fixed mask of kept channels; the forward then computes exactly what the
   FrozenQuantizer of :meth:`qparams` computes (:func:`bitalloc.model.freeze.freeze`).
+* fixed-gate fine-tuning (``fix_gates(True)`` in training mode): the gates are the deterministic test-time
+  gates (no noise drawn), so the training forward is the nested decomposition with those 0/1 gates, i.e. the
+  test-time grid of ``test_bits()`` bits on the learned range, with pruned channels zeroed; the range and the
+  input still get gradients, the gates none. This is the Bayesian Bits recipe's last phase (paper section 4,
+  ImageNet; reference code ``--fixed-gate-finetune-epochs``, which swaps each quantizer for a PACT quantizer of
+  the test-time width, learned range and prune mask); :class:`bitalloc.train.methods.QATObjective` switches it
+  on for the last ``--bb-fix-gates-epochs`` epochs and drops the regulariser there.
+
+Pruning gates apply to the whole output channel: :meth:`output_gate` returns the z2 of the last forward (the
+sample in training, the kept mask at test time), and :class:`~bitalloc.model.layers.QuantLayer` multiplies
+the layer's bias by it, so a pruned channel outputs exactly 0 (not its bias), as the cost model assumes.
 
 Noise: the uniform noise of the gates comes from a generator seeded by ``(noise_key, noise_step)`` (buffers;
 ``noise_step`` counts training forwards), not from the global RNG, so that every data-parallel rank draws
@@ -106,6 +117,9 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         self.mac_weight = 1.0
         #: the last training sample of the gates (for logging)
         self.last_gates: list[float] | None = None
+        #: fixed-gate fine-tuning: deterministic test-time gates in training too (see the module docstring)
+        self.gates_fixed = False
+        self._last_z2: Tensor | None = None
 
     # -- initialisation ---------------------------------------------------------------------------------
     def _init_from_stats(self, stats: DataStats) -> None:
@@ -148,9 +162,28 @@ class BayesianBitsQuantizer(LearnedQuantizer):
             return None
         return G.test_gate(self.log_alpha_prune, self.gate_type, self.threshold).cpu() > 0.5
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_last_z2"] = None  # a per-forward sample (possibly part of an autograd graph): never copied
+        return state
+
+    def fix_gates(self, fixed: bool = True) -> None:
+        """Use the deterministic test-time gates in training as well (fixed-gate fine-tuning), or go back to
+        sampled gates (``fixed=False``)."""
+        self.gates_fixed = bool(fixed)
+
+    def output_gate(self) -> Tensor | None:
+        """The z2 gates of the output channels in the current forward ([C]; None without pruning): the sample
+        of the last training forward, or the 0/1 kept mask at test time / with fixed gates."""
+        if self.log_alpha_prune is None or not self.enabled or self._observing is not None:
+            return None
+        if self.training and self._last_z2 is not None:
+            return self._last_z2
+        return G.test_gate(self.log_alpha_prune, self.gate_type, self.threshold).to(self.log_alpha_prune.device)
+
     def bits_per_channel(self) -> Tensor:
-        """Expected bits in training mode, test-time bits in eval mode ([1], float64)."""
-        if self.training and not self.fixed:
+        """Expected bits in training mode, test-time bits in eval mode or with fixed gates ([1], float64)."""
+        if self.training and not self.fixed and not self.gates_fixed:
             return self.expected_bits().reshape(1).double()
         return torch.tensor([float(self.test_bits())], dtype=torch.float64)
 
@@ -170,6 +203,13 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         if self.fixed:
             one = torch.ones((), device=self.clip_max.device)
             return [one] * self.n_gates, None
+        if self.gates_fixed:  # fixed-gate fine-tuning: the test-time gates, no noise, no gradient to the gates
+            dev = self.clip_max.device
+            gates = [g.to(dev) for g in self.test_gates()]
+            z2 = (None if self.log_alpha_prune is None
+                  else G.test_gate(self.log_alpha_prune, self.gate_type, self.threshold).to(dev))
+            self.last_gates = [float(g) for g in gates]
+            return gates, z2
         n_prune = self.log_alpha_prune.numel() if self.log_alpha_prune is not None else 0
         u = self._noise(self.n_gates + n_prune, self.clip_max.device)
         kw: dict[str, Any] = {"tau": self.temperature, "hard": self.gumbel_hard}
@@ -192,11 +232,13 @@ class BayesianBitsQuantizer(LearnedQuantizer):
 
     def _quantize(self, x: Tensor) -> Tensor:
         if not self.training:
+            self._last_z2 = None
             return self._fake_quantize_frozen(x)
         a = self._range()
         signed = self.is_signed
         gates, z2 = self.sample_gates()
-        active = BB.leading_on(gates) if self.gate_type == "hard_concrete" else self.n_gates
+        self._last_z2 = z2
+        active = BB.leading_on(gates) if self.gate_type == "hard_concrete" or self.gates_fixed else self.n_gates
         xc = BB.clip_to_range(x, a, signed)
         scales = BB.nested_scales(BB.range_width(a, signed).to(x.dtype) / 3.0, active + 1)
         terms = BB.residual_terms(xc, scales, round_ste)
@@ -233,7 +275,8 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         return d
 
     def extra_repr(self) -> str:
-        extra = ", fixed" if self.fixed else f", {self.gate_type}, prune={self.prune}"
+        extra = ", fixed" if self.fixed else f", {self.gate_type}, prune={self.prune}" + (
+            ", gates fixed" if self.gates_fixed else "")
         return super().extra_repr() + extra
 
 

@@ -94,6 +94,14 @@ class FrozenQuantizer(Quantizer):
     def kept_mask(self) -> Tensor | None:
         return None if self.kept is None else self.kept.clone()
 
+    def output_gate(self) -> Tensor | None:
+        """The kept mask as a 0/1 multiplier of the output channels (None when nothing is pruned or the quantizer
+        is disabled); :class:`~bitalloc.model.layers.QuantLayer` gates the bias with it. ``freeze`` also zeroes
+        the pruned channels' bias, so this only matters for masks set or saved without that."""
+        if not self.enabled or self.kept is None or bool(self.kept.all()):
+            return None
+        return self.kept.to(self.scale.dtype)
+
     def _identity_corr(self) -> bool:
         return self.corr_scale is None or (bool((self.corr_scale == 1).all()) and bool((self.corr_shift == 0).all()))
 

@@ -1,7 +1,9 @@
 """PACT quantizer (Choi et al. 2018): a learned clip level ``alpha`` per tensor (or per channel).
 
 Forward and gradients: :func:`bitalloc.quant.pact.pact_quantize` (paper eq. 1-3; signed extension for weights
-and signed activations). The L2 decay on ``alpha`` is added by the training objective
+and signed activations: codes ``-(2^(k-1) - 1) .. 2^(k-1) - 1``, step ``alpha / (2^(k-1) - 1)``, i.e. exactly
+``clip(x, -alpha, alpha)``; see :mod:`bitalloc.quant.pact` for why weights use PACT rather than the paper's
+DoReFa). The L2 decay on ``alpha`` is added by the training objective
 (:mod:`bitalloc.train.methods`, ``--pact-decay``).
 
 Initial ``alpha`` (``TensorConfig.options["init"]``): "max" (default: the largest |value| of the weight, or of
@@ -16,8 +18,8 @@ from torch import Tensor, nn
 
 from bitalloc.config import TensorConfig
 from bitalloc.errors import ConfigError
-from bitalloc.quant.grid import MIN_SCALE, integer_range
-from bitalloc.quant.pact import pact_quantize, pact_step
+from bitalloc.quant.grid import MIN_SCALE
+from bitalloc.quant.pact import pact_quantize, pact_range, pact_step
 from bitalloc.quantizers.base import QuantParams
 from bitalloc.quantizers.lsq import DataStats, LearnedQuantizer
 
@@ -60,7 +62,8 @@ class PACTQuantizer(LearnedQuantizer):
         shape = self.alpha.shape
         signed = self.is_signed
         bits = torch.full(shape, self.bits, dtype=torch.int64, device=self.alpha.device)
-        qmin, qmax = integer_range(bits, signed=signed)
+        lo, hi = pact_range(self.bits, signed)  # signed: symmetric codes, the top code is exactly alpha
+        qmin, qmax = torch.full_like(bits, lo), torch.full_like(bits, hi)
         scale = pact_step(torch.clamp(self.alpha.detach(), min=MIN_SCALE), self.bits, signed)
         return QuantParams(bits=bits, scale=scale, zero_point=torch.zeros_like(bits), qmin=qmin, qmax=qmax,
                            axis=self.axis, signed=signed)

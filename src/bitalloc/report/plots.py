@@ -1,4 +1,9 @@
-"""PNG plots (matplotlib, optional extra ``bitalloc[plots]``). Every function writes atomically."""
+"""PNG plots (matplotlib, optional extra ``bitalloc[plots]``). Every function writes atomically.
+
+Without matplotlib every plot function raises :class:`PlotsUnavailable`, which is both a
+:class:`~bitalloc.errors.ConfigError` (the CLI prints it as one line) and an ``ImportError`` (callers that treat
+plots as optional catch it and go on); :func:`plots_available` asks first.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ from bitalloc.errors import ConfigError
 from bitalloc.io import atomic_path
 
 
+class PlotsUnavailable(ConfigError, ImportError):
+    """matplotlib is not installed (a ConfigError for the CLI, an ImportError for optional callers)."""
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -18,7 +34,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'bitalloc[plots]'") from None
+        raise PlotsUnavailable("matplotlib is not installed: plots need it (pip install 'bitalloc[plots]')") from None
     return plt
 
 
@@ -81,24 +97,40 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float]], path: s
     return _save(fig, path)
 
 
+def pareto_front_points(pts: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points not dominated by another (lower or equal cost and higher or equal accuracy,
+    one strictly), sorted by cost; duplicates kept once."""
+    uniq = sorted(set((float(c), float(a)) for c, a in pts))
+    front = [p for p in uniq
+             if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in uniq)]
+    return sorted(front)
+
+
 def pareto_plot(points: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str = "relative BOPs (%)",
                 ylabel: str = "top-1 (%)", title: str = "", logx: bool = True) -> Path:
-    """Scatter/line plot of (cost, accuracy) points per method; each series is drawn as its Pareto front."""
+    """Accuracy vs cost: every (cost, accuracy) point of each series as a marker, and the series' Pareto front
+    (:func:`pareto_front_points`, the points no other point of the series dominates) as a line through them.
+    Dominated points are drawn hollow."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, pts in points.items():
-        pts = sorted(pts)
+        pts = sorted((float(c), float(a)) for c, a in pts)
         if not pts:
             continue
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", label=name)
+        front = pareto_front_points(pts)
+        fx, fy = zip(*front)
+        (line,) = ax.plot(fx, fy, marker="o", linestyle="-", label=f"{name} (Pareto front)")
+        rest = [p for p in pts if p not in front]
+        if rest:
+            rx, ry = zip(*rest)
+            ax.scatter(rx, ry, facecolors="none", edgecolors=line.get_color(), label=f"{name} (dominated)")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

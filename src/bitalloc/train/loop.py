@@ -12,8 +12,11 @@ a convenient base class with no-op defaults):
   (``TrainConfig(schedule="constant_then_linear")``) while the gate group uses its own schedule.
 * ``extra_loss(model) -> (Tensor, dict[str, float])``: added to the task loss (e.g. ``mu * sum of Bayesian Bits
   regularisers``); the dict is averaged over the epoch's steps and logged.
+* ``on_train_start(model, info)``: once before the first epoch of this run (after a resume), with ``info``
+  ``{"epochs", "steps_per_epoch", "total_steps", "epoch", "step"}`` (e.g. Bayesian Bits' fixed-gate phase needs
+  the number of epochs).
 * ``on_step_end(model, step)``: after each optimizer step (e.g. clamp step sizes).
-* ``on_epoch_start(model, epoch)``: before each epoch.
+* ``on_epoch_start(model, epoch)``: before each epoch (0-based index).
 * ``log_state(model) -> dict``: logged with each epoch (expected bit widths, gate probabilities, kept channels).
 * ``state_dict()`` / ``load_state_dict(d)``: saved in / restored from checkpoints.
 
@@ -199,6 +202,9 @@ class Objective:
         return None
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        return None
+
+    def on_train_start(self, model: nn.Module, info: Mapping[str, Any]) -> None:
         return None
 
     def log_state(self, model: nn.Module) -> dict[str, Any]:
@@ -628,6 +634,9 @@ class _Trainer:
                               "lr": g["base_lr"], "weight_decay": g["weight_decay"], "schedule": s.to_dict()}
                              for g, s in zip(self.optimizer.param_groups, self.specs)],
         }
+        if (fn := _hook(self.objective, "on_train_start")):
+            fn(model, {"epochs": n_epochs, "steps_per_epoch": spe, "total_steps": self.total_steps,
+                       "epoch": self.epoch, "step": self.step})
         for cb in self.callbacks:
             if (fn := _hook(cb, "on_train_start")):
                 fn(dict(self.start_record))

@@ -23,6 +23,12 @@ for the last percent. VGG-7 is about 610 MMACs per image (15x ResNet-20): on CPU
 of 60k images is a few minutes on 2 idle cores (measured: ~0.46 s per batch of 128 on a heavily loaded
 2-core machine, i.e. ~3.5 min per epoch); 8 epochs reach about 99.2% (MNIST) / 91% (Fashion-MNIST).
 
+These presets are for FP32 training. The quantization-aware methods (``--method lsq|pact|bb``) replace the
+optimizer and schedule by the Bayesian Bits recipe (Adam 1e-3, weights constant for 2/3 of training then
+linearly to 0) and take epochs and batch size from their own per-dataset recipes
+(:data:`bitalloc.train.methods.QAT_RECIPES`: ``--qat-recipe cpu`` by default, ``paper`` for the Bayesian Bits
+reference commands' 100 MNIST / 300 CIFAR-10 epochs); see :mod:`bitalloc.train.methods`.
+
 **Methods.** ``--method`` picks a :class:`Method` from :data:`METHODS`. A method may prepare the model
 (e.g. swap layers for quantized ones), supply an objective hook (see :mod:`bitalloc.train.loop`), change the
 preset's training settings and add its own command-line options. Adding LSQ, PACT or Bayesian Bits is one
