@@ -247,12 +247,111 @@ def test_not_integer_executable_layers_are_clear_errors():
 
 def test_grid_bounds_and_product_widths():
     assert grid_accumulator_bound(4, 4, 1) == 8 * 15  # signed 4-bit x unsigned 4-bit (centred, any zero point)
-    assert 8 * 15 <= 127  # 4x4-bit products fit 8 bits (the SPEC's "8-bit products")
     assert grid_accumulator_bound(8, 8, 1) == 128 * 255 <= 2**15 - 1  # 8x8: fits int16
     assert signed_bits(120) == 8 and signed_bits(128) == 9 and signed_bits(0) == 1
     # int32 overflows at W8A8 once the fan-in exceeds (2^31 - 1) / (128 * 255)
     k = (2**31 - 1) // (128 * 255)
     assert grid_accumulator_bound(8, 8, k) <= 2**31 - 1 < grid_accumulator_bound(8, 8, k + 1)
+
+
+def _extreme_products(ql):
+    """Every product w * a the integer kernel can form: weight codes times the ends of the activation range."""
+    p = ql.input_quantizer.qparams()
+    w = ql.weight_quantizer.qparams().quantize(ql.layer.weight)
+    ends = torch.stack([(p.qmin - p.zero_point).reshape(()), (p.qmax - p.zero_point).reshape(())]).to(torch.int64)
+    return (w.reshape(-1, 1).to(torch.int64) * ends.reshape(1, -1)).abs()
+
+
+@pytest.mark.parametrize("wb,ab,fits8", [(4, 4, True), (8, 8, False)])
+def test_product_stage_of_real_layers(wb, ab, fits8):
+    """The SPEC's 4x4 "8-bit products" and the 8x8 int16 products, from quantized layers (not constants)."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 16) * 3 + 1  # asymmetric activations: a zero point inside the range
+    q = quantize_one(nn.Linear(16, 5), x, "minmax", wb, ab)
+    an = analyze_layer(q.layer)
+    worst = int(_extreme_products(q.layer).max())
+    assert an.weight_product_bound == worst  # exact: an input code at the end of its range attains it
+    assert worst <= an.product_bound <= grid_accumulator_bound(wb, ab, 1)
+    assert an.product_fits_int8 is fits8 and an.product_fits_int16 and an.product == "int16"
+    assert not an.product_widened and an.to_dict()["product"] == "int16"
+    # integer execution attains it: inputs saturating at both ends of the range
+    xin = torch.cat([torch.full((1, 16), 1e3), torch.full((1, 16), -1e3)])
+    _, (res,) = integer_forward(q.layer, xin, keep_codes=True)
+    formed = (res.x_codes.abs().reshape(2, 1, 16) * res.w_codes.abs().reshape(1, 5, 16)).max()
+    assert int(formed) == an.weight_product_bound
+
+
+def test_int16_product_stage_widens_or_raises():
+    """8-bit codes shifted left (per-channel power-of-two steps) or wider codes overflow the int16 products."""
+    w = torch.tensor([[127, -128]], dtype=torch.int64)
+    # 8-bit weights x 8-bit unsigned activations: 128 * 255 = 32640 fits int16
+    r = analyze("x", w_codes=w, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2)
+    assert r.weight_product_bound == 32640 and r.product == "int16" and r.product_fits_int16
+    # boundary: 32767 fits, 32768 does not
+    one = torch.tensor([[1]], dtype=torch.int64)
+    assert analyze("x", w_codes=one, w_bits=8, a_lo=0, a_hi=2**15 - 1, a_bits=16, fan_in=1).product == "int16"
+    r = analyze("x", w_codes=one, w_bits=8, a_lo=0, a_hi=2**15, a_bits=16, fan_in=1)
+    assert r.product == "int32" and r.product_widened and not r.product_fits_int16
+    # a shift of one bit on the channel of the -128 weight: 128 * (255 << 1) = 65280 needs 17 bits
+    shifts = torch.tensor([[0, 1]])
+    r = analyze("x", w_codes=w, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2, shifts=shifts)
+    assert r.weight_product_bound == 65280 and r.product == "int32" and r.accumulator == "int32"
+    assert r.to_dict()["product_widened"] is True
+    with pytest.raises(AccumulatorOverflowError, match=r"layer 'x'.*shifts up to 1 bits.*int16 product stage could overflow"):
+        analyze("x", w_codes=w, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2, shifts=shifts, on_overflow="raise")
+    with pytest.raises(AccumulatorOverflowError, match="int16 product stage"):
+        analyze("x", w_codes=w, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2, shifts=shifts, product="int16")
+    # the same shift on the small weight only: exact bound 127 * 510 = 64770 still > 2^15 - 1; on a weight of 64: fits
+    w2 = torch.tensor([[64, -128]], dtype=torch.int64)
+    r = analyze("x", w_codes=w2, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2, shifts=torch.tensor([[1, 0]]))
+    assert r.weight_product_bound == 64 * 510 == 32640 and r.product == "int16"
+    assert r.product_bound == 128 * 510  # the data-free bound would have widened
+    # products wider than 32 bits go to int64 registers, and the accumulator follows
+    big = analyze("x", w_codes=torch.tensor([[2**15]]), w_bits=17, a_lo=0, a_hi=2**17, a_bits=18, fan_in=1)
+    assert big.product == "int64" and big.accumulator == "int64"
+    with pytest.raises(ValueError):
+        analyze("x", w_codes=w, w_bits=8, a_lo=0, a_hi=255, a_bits=8, fan_in=2, product="int8")
+
+
+def test_wide_activations_widen_products_in_integer_execution():
+    """A real layer whose products overflow int16 (W8 x A10): widened and still exact, or a clear error."""
+    torch.manual_seed(4)
+    x = torch.randn(16, 12)
+    q = quantize_one(nn.Linear(12, 3), x, "minmax", 8, 10)
+    ql = q.layer
+    an = analyze_layer(ql)
+    assert not an.product_fits_int16 and an.product == "int32" and an.accumulator == "int32"
+    assert an.weight_product_bound == int(_extreme_products(ql).max()) > 2**15 - 1
+    out, (res,) = integer_forward(ql, x, with_bound=True, keep_codes=True)
+    a, w, _ = check_against_fake_quant(ql, x, res, out)
+    assert res.analysis.product == "int32"
+    with pytest.raises(AccumulatorOverflowError, match=r"layer 'layer'.*8-bit weights x 10-bit activations.*int16 product"):
+        integer_forward(ql, x, on_overflow="raise")
+    with pytest.raises(AccumulatorOverflowError, match="int16 product"):
+        analyze_layer(ql, product="int16")
+
+
+def test_integer_check_reports_every_layer():
+    from bitalloc.runtime import integer_check
+
+    torch.manual_seed(0)
+    net = make_net()
+    x = torch.randn(6, 3, 16, 16)
+    q = bitalloc.quantize(net, bitalloc.preset("minmax", w_bits=8, a_bits=8), [x])
+    chk = integer_check(q, [(x, None)], samples=4)
+    names = [n for n, _ in quant_layers(q)]
+    assert chk.samples == 4 and [l.layer for l in chk.layers] == names and not chk.fake_quant_layers
+    assert chk.within_bound and all(l.max_bound_ratio <= 1 for l in chk.layers)
+    assert all(l.analysis.product == "int16" and l.analysis.accumulator == "int32" for l in chk.layers)
+    assert chk.top1_agreement >= 75 and chk.output_max_abs_diff <= 1e-2 * max(1.0, chk.output_max_abs)
+    d = chk.to_dict()
+    assert d["layers"][0]["product"] == "int16" and d["within_bound"] is True
+    # a layer whose products overflow int16 raises under on_overflow="raise"
+    q10 = bitalloc.quantize(net, bitalloc.preset("minmax", w_bits=8, a_bits=10), [x])
+    with pytest.raises(AccumulatorOverflowError, match="int16 product"):
+        integer_check(q10, [x], samples=2, on_overflow="raise")
+    widened = integer_check(q10, [x], samples=2)
+    assert any(l.analysis.product_widened for l in widened.layers) and widened.within_bound
 
 
 def test_exact_weight_bound_equals_brute_force():
@@ -337,4 +436,5 @@ def test_frozen_model_with_pruned_channels():
     assert bool((res.w_codes[[1, 4]] == 0).all()) and bool((res.acc[0][:, [1, 4]] == 0).all())
     fq = q.layer(x).detach()
     assert bool(((out.double() - fq.double()).abs() <= res.bound).all())
-    assert torch.allclose(out[:, [1, 4]], q.layer.layer.bias.detach()[[1, 4]].reshape(1, 2, 1, 1).expand(4, 2, 6, 6))
+    # a pruned channel outputs exactly 0: its bias is gated like its weights (QuantLayer.gated_bias)
+    assert bool((out[:, [1, 4]] == 0).all()) and bool((fq[:, [1, 4]] == 0).all())

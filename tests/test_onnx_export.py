@@ -281,9 +281,12 @@ def test_export_and_bench_commands(tmp_path, monkeypatch):
     q = bitalloc.quantize(model, bitalloc.preset("minmax", w_bits=8, a_bits=8), [x[:16]])
     qpath = save_quantized(q, tmp_path / "q.pt", model_name="lenet5", example_shape=(1, 28, 28))
     out = tmp_path / "m.onnx"
-    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out)]) == 0
+    monkeypatch.delenv("BITALLOC_DATA", raising=False)
+    # the default --align model needs calibration images: a clear error without them
+    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out)]) == 2 and not out.exists()
+    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out), "--align", "none"]) == 0
     assert out.exists() and json.loads(out.with_suffix(".json").read_text())["int8_layers"] == 4
-    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out)]) == 2  # refuses to overwrite
+    assert main(["export", "onnx", "--quantized", str(qpath), "--out", str(out), "--align", "none"]) == 2  # no overwrite
     # the bench runner on in-memory batches (the CLI wraps it with data loading)
     calib, evaluation = [(x[:16], y[:16])], [(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)]
     res = bench_cli.bench_cpu(model, calib, evaluation, bench_cli.parse_configs("minmax/8x8/ort,minmax/4x4/none"),
@@ -311,3 +314,139 @@ def test_frozen_pruned_layer_exports_exactly():
     codes = inits(proto)["layer.weight_quantized"]
     assert not codes[[0, 3]].any()
     close_to_fake_quant(q, proto, x, exact=True)
+
+
+# ---- onnxruntime's int8 quantization points in the bitalloc model (runtime/align.py) ---------------------------------
+
+def _conv_biases_on_int32_grid(proto):
+    """Every Conv / Gemm bias fed by 8-bit per-tensor DQ inputs is an integer multiple of s_x * s_w[c] (float32)."""
+    vals = inits(proto)
+    prod = {o: n for n in proto.graph.node for o in n.output}
+    checked = 0
+    for n in proto.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 3 or n.input[2] not in vals:
+            continue
+        dx, dw = prod[n.input[0]], prod[n.input[1]]
+        sx = vals[dx.input[1]].astype(np.float32)
+        sw = vals[dw.input[1]].astype(np.float32).reshape(-1)
+        k = vals[n.input[2]].astype(np.float64) / (sx * sw).astype(np.float64)
+        # float32 biases hold k * step to float32 precision (2^-24 relative): onnxruntime's rounding recovers k
+        assert (np.abs(k - np.round(k)) <= 1e-3 + 2**-22 * np.abs(k)).all() and np.abs(k).max() < 2**31 - 1
+        checked += 1
+    return checked
+
+
+def test_align_model_puts_ort_points_in_the_model():
+    from bitalloc.runtime import integer_check
+    from bitalloc.runtime.align import align_for_ort, tensor_points
+
+    x = data((3, 16, 16))
+    q = quantized(Residual(), x)
+    bias0 = q.pw.layer.bias.detach().clone()
+    a = align_for_ort(q, [x])
+    rep = a.bitalloc_ort_alignment
+    # the skip input (after stem's ReLU6) shares dw's input grid; pw's output (into the add) and head's output
+    # (into the mean) get new uint8 min-max grids; every int8 layer's bias goes on the int32 grid
+    assert [(p.site, p.shares) for p in rep.points] == [("stem", "dw"), ("pw", None), ("head", None)]
+    assert rep.int32_biases == ["stem", "dw", "pw", "head", "fc"] and not rep.unsupported
+    assert not tensor_points(q) and torch.equal(q.pw.layer.bias.detach(), bias0)  # the original is untouched
+    assert set(tensor_points(a)) == {"p0", "p1", "p2"}
+    with pytest.raises(ConfigError, match="already aligned"):
+        align_for_ort(a, [x])
+    # exported: every conv and the add in int8, no export-only points, and the same function as the aligned model
+    proto, er = export_onnx(a, x[:2], align="ort", calibration_data=[x])
+    assert er.extra_qdq == [] and len(er.model_points) == 3
+    counts = optimized_op_counts(proto.SerializeToString())
+    assert counts.get("QLinearConv", 0) == 4 and counts.get("QLinearAdd", 0) == 1 and "Conv" not in counts
+    assert _conv_biases_on_int32_grid(proto) == 4
+    close_to_fake_quant(a, proto, x, exact=True)  # unfused onnxruntime: float32 rounding only
+    ref, _ = run_torch(a, [x])
+    got, _ = run_session(make_session(proto.SerializeToString()), [x])  # int8 kernels: requantization may move a code
+    fused = agreement(ref, got)
+    assert fused.top1_agreement >= 95 and fused.mean_abs_error <= 1e-3 * fused.max_abs_output
+    # the export-only points of align="ort" on the unaligned model are farther from their model
+    only, _ = export_onnx(q, x[:2], align="ort", calibration_data=[x])
+    ref0, _ = run_torch(q, [x])
+    got0, _ = run_session(make_session(only.SerializeToString()), [x])
+    assert agreement(ref0, got0).mean_abs_error > 3 * fused.mean_abs_error
+    # the aligned model still runs in integers (its tensor quantizers act on the integer layers' outputs)
+    chk = integer_check(a, [x], samples=4)
+    assert chk.within_bound and len(chk.layers) == 5
+
+
+def test_align_model_on_blocks_with_shortcuts():
+    """ResNet-20 (blocks returning relu(out + shortcut(x)), option-A shortcuts): points hooked on block modules."""
+    from bitalloc import models
+    from bitalloc.runtime.align import align_for_ort
+
+    torch.manual_seed(0)
+    net = models.create("resnet20").eval()
+    x = torch.randn(8, 3, 32, 32)
+    q = bitalloc.quantize(net, bitalloc.preset("minmax", w_bits=8, a_bits=8), [x])
+    a = align_for_ort(q, [x])
+    rep = a.bitalloc_ort_alignment
+    assert not rep.unsupported and any(p.site.endswith("relu2") or p.site.startswith("layer") for p in rep.points)
+    proto, er = export_onnx(a, x[:1], align="ort", calibration_data=[x])
+    assert er.extra_qdq == []
+    counts = optimized_op_counts(proto.SerializeToString())
+    assert counts.get("QLinearConv", 0) == 19 and "Conv" not in counts and counts.get("QLinearAdd", 0) == 9
+    close_to_fake_quant(a, proto, x)  # 19 layers: float32 rounding can move single codes (see the helper)
+
+
+def test_align_widens_weight_steps_whose_bias_overflows_int32():
+    """A dead output channel (weights ~1e-9, large bias) gets a tiny min-max step: b / (s_x s_w) overflows int32.
+    The aligned model enlarges that channel's step like onnxruntime's quantizer; the channel still outputs b."""
+    from bitalloc.runtime.align import align_for_ort
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[2].uniform_(-1e-9, 1e-9)
+        conv.bias[2] = 0.75
+    x = data((3, 8, 8))
+    q = quantized(One(conv), x)
+    p = q.layer.weight_quantizer.qparams()
+    sx = float(q.layer.input_quantizer.qparams().scale)
+    assert 0.75 / (sx * float(p.scale[2])) > 2**31  # would overflow
+    a = align_for_ort(q, [x])
+    assert a.bitalloc_ort_alignment.widened_weight_steps == {"layer": 1}
+    pa = a.layer.weight_quantizer.qparams()
+    assert 0.75 / (sx * float(pa.scale[2])) < 2**31 - 1
+    assert torch.equal(pa.scale[[0, 1, 3]], p.scale[[0, 1, 3]])  # the other channels keep their steps
+    with torch.no_grad():
+        out = a(x)
+    assert torch.allclose(out[:, 2], torch.full_like(out[:, 2], 0.75), atol=1e-6)
+    proto, _ = export_onnx(a, x[:2])
+    assert _conv_biases_on_int32_grid(proto) == 1
+    close_to_fake_quant(a, proto, x, exact=True)
+
+
+def test_align_model_with_requantized_bias_shifts():
+    """ACIQ's bias-correction shift requantized *into* the aligned model: int8 layers, and the export computes
+    what that model computes (single layer: to float32 rounding)."""
+    from bitalloc.runtime.align import align_for_ort
+
+    x = data((3, 7, 7), seed=4)
+    cfg = bitalloc.preset("aciq", w_bits=8, a_bits=8, first_last_bits=None)
+    torch.manual_seed(0)
+    q = bitalloc.quantize(One(nn.Conv2d(3, 6, 3, padding=1)), cfg, [x])
+    assert q.layer.weight_quantizer.qparams().corr_shift is not None
+    with pytest.raises(ConfigError, match="bias_shift"):
+        align_for_ort(q, [x], bias_shift="fold")
+    a = align_for_ort(q, [x], bias_shift="requantize")
+    rep = a.bitalloc_ort_alignment
+    assert set(rep.requantized_shifts) == {"layer"} and rep.int32_biases == ["layer"]
+    p = a.layer.weight_quantizer.qparams()
+    assert (p.corr_shift is None or not p.corr_shift.any()) and p.per_channel
+    proto, er = export_onnx(a, x[:2])
+    assert er.layers[0].bias_shift == "none" and er.layers[0].int8
+    close_to_fake_quant(a, proto, x, exact=True)
+    # the represented shift differs from beta by at most half a (finer) weight step
+    assert rep.requantized_shifts["layer"] <= float(q.layer.weight_quantizer.qparams().scale.max()) / 2 + 1e-9
+    # on the residual net: every conv in int8
+    xr = data((3, 16, 16))
+    qr = quantized(Residual(), xr, "aciq", 8, 8)
+    ar = align_for_ort(qr, [xr], bias_shift="requantize")
+    pr, _ = export_onnx(ar, xr[:2], align="ort", calibration_data=[xr])
+    counts = optimized_op_counts(pr.SerializeToString())
+    assert counts.get("QLinearConv", 0) == 4 and "Conv" not in counts
+    close_to_fake_quant(ar, pr, xr)

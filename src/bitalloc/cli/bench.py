@@ -5,12 +5,21 @@ uint8 activations, MinMax and Entropy calibration on the same calibration images
 bitalloc exports of the configurations given with ``--configs``. For each: top-1 on the evaluation set, the
 top-1 agreement and largest logit difference with bitalloc's fake-quant model (bitalloc rows), how many
 convolutions / matrix products onnxruntime runs with int8 kernels, and the median latency of batch 1 and
-batch 32 (``--batch-sizes``), measured in turns (each model: one untimed run, then 5 timed runs; model after model) so that background
-load affects all rows alike; speed-ups are ratios to FP32 within the same run.
+batch 32 (``--batch-sizes``), measured in turns (each model: one untimed run, then 5 timed runs; model after
+model) so that background load affects all rows alike; speed-ups are ratios to FP32 within the same run.
 
 A configuration is ``PRESET/WxA[/ALIGN[/BIAS_SHIFT[/ACT_GRANULARITY]]]``, e.g. ``minmax/8x8`` (defaults:
-align ``ort``, bias shift ``exact``, per-tensor activations), ``aciq/4x8/none/exact``; see
-:func:`bitalloc.runtime.onnx_export.export_onnx` for ALIGN and BIAS_SHIFT.
+align ``model``, bias shift ``exact``, per-tensor activations), ``aciq/4x8/none/exact``. ALIGN: ``none``
+(exactly bitalloc's quantization points), ``ort`` (onnxruntime's missing int8 points added to the ONNX file
+only) or ``model`` (added to the bitalloc model first, :func:`bitalloc.runtime.align.align_for_ort`, so that
+the model the agreement is measured against has them too); see
+:func:`bitalloc.runtime.onnx_export.export_onnx` for BIAS_SHIFT.
+
+Verdicts (:func:`verdicts`): the *claim row* is the first bitalloc row at W8A8 (the first configuration of
+the default list); it is checked for top-1 agreement >= 99% with its bitalloc model, top-1 >= every
+onnxruntime static anchor, and latency <= the onnxruntime static MinMax anchor at every batch size (a
+ratio within ``latency_tolerance``, default 3%, counts as "as fast": two graphs with the same int8
+kernels differ by timing noise only; the ratio is printed).
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from bitalloc.cli.common import add_data_args, add_model_args, batches, load_mod
 from bitalloc.errors import ConfigError
 from bitalloc.report.tables import print_table
 
-DEFAULT_CONFIGS = "minmax/8x8/ort,minmax/8x8/none"
+DEFAULT_CONFIGS = "percentile/8x8/model,minmax/8x8/model,minmax/8x8/ort,minmax/8x8/none"
+ALIGNS = ("none", "ort", "model")
+AGREEMENT_MIN = 99.0
+LATENCY_TOLERANCE = 0.03
 
 
 @dataclass
@@ -40,7 +52,7 @@ class BenchConfig:
     preset: str
     w_bits: float
     a_bits: float
-    align: str = "ort"
+    align: str = "model"
     bias_shift: str = "exact"
     act_granularity: str = "tensor"
 
@@ -49,6 +61,10 @@ class BenchConfig:
         g = "" if self.act_granularity == "tensor" else f", {self.act_granularity} acts"
         shift = "" if self.bias_shift == "exact" else f", shift {self.bias_shift}"
         return f"bitalloc {self.preset} W{self.w_bits:g}A{self.a_bits:g} (align {self.align}{shift}{g})"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.preset}/{self.w_bits:g}x{self.a_bits:g}/{self.align}/{self.bias_shift}/{self.act_granularity}"
 
     @classmethod
     def parse(cls, spec: str) -> "BenchConfig":
@@ -67,8 +83,8 @@ class BenchConfig:
             cfg.bias_shift = parts[3]
         if len(parts) > 4:
             cfg.act_granularity = parts[4]
-        if cfg.align not in ("none", "ort"):
-            raise ConfigError(f"--configs {spec!r}: align must be 'none' or 'ort'")
+        if cfg.align not in ALIGNS:
+            raise ConfigError(f"--configs {spec!r}: align must be one of {', '.join(ALIGNS)}")
         if cfg.bias_shift not in ("exact", "requantize", "fold"):
             raise ConfigError(f"--configs {spec!r}: bias shift must be exact, requantize or fold")
         if cfg.act_granularity not in ("tensor", "channel"):
@@ -96,6 +112,9 @@ class Row:
     size_mb: float = 0.0
     export: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    config: str | None = None  # bitalloc rows: PRESET/WxA/ALIGN/BIAS_SHIFT/ACT_GRANULARITY
+    w_bits: float | None = None
+    a_bits: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,7 +129,8 @@ def _logits(session: Any, data: list) -> tuple[np.ndarray, np.ndarray]:
 
 def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[BenchConfig], out_dir: Path, *,
               batch_sizes: tuple[int, ...] = (1, 32), threads: int = 2, runs: int = 20, warmup: int = 3,
-              anchors: tuple[str, ...] = ("minmax", "entropy"), log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              anchors: tuple[str, ...] = ("minmax", "entropy"), log: Callable[[str], None] | None = None,
+              latency_tolerance: float = LATENCY_TOLERANCE) -> dict[str, Any]:
     """Export, evaluate and time every row (see module docstring). ``calib`` / ``evaluation``: lists of
     (x, y) batches. ONNX files are written into ``out_dir``. Returns the JSON-ready result."""
     import bitalloc
@@ -119,6 +139,10 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
                                       make_session, optimized_op_counts, ort_static_quantize, run_torch, top1)
 
     log = log or (lambda s: print(s, file=sys.stderr))
+    n_eval = int(sum(b[0].shape[0] for b in evaluation))
+    for bs in batch_sizes:
+        if n_eval < bs:
+            raise ConfigError(f"batch size {bs} needs at least {bs} evaluation samples (have {n_eval})")
     torch.set_num_threads(threads)
     model = model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,20 +186,29 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
         if key not in quantized:
             qcfg = bitalloc.preset(cfg.preset, w_bits=cfg.w_bits, a_bits=cfg.a_bits, act_granularity=cfg.act_granularity)
             quantized[key] = bitalloc.quantize(model, qcfg, calib)
-        qmodel = quantized[key]
+        shift = "requantize" if cfg.bias_shift == "requantize" else "exact"
+        if cfg.align == "model" and key + ("model", shift) not in quantized:
+            from bitalloc.runtime.align import align_for_ort
+
+            quantized[key + ("model", shift)] = align_for_ort(quantized[key], calib, bias_shift=shift)
+        qmodel = quantized[key + ("model", shift)] if cfg.align == "model" else quantized[key]
         tq = time.perf_counter() - t
         ref, _ = run_torch(qmodel, evaluation)
         name = f"bitalloc_{cfg.preset}_w{cfg.w_bits:g}a{cfg.a_bits:g}_{cfg.align}_{cfg.bias_shift}_{cfg.act_granularity}.onnx"
         path = out_dir / name
         t = time.perf_counter()
-        _, report = export_onnx(qmodel, example, path, align=cfg.align, bias_shift=cfg.bias_shift,
-                                calibration_data=calib, threads=threads)
+        _, report = export_onnx(qmodel, example, path, align="none" if cfg.align == "none" else "ort",
+                                bias_shift=cfg.bias_shift, calibration_data=calib, threads=threads)
         te = time.perf_counter() - t
         sess = make_session(path, threads=threads)
         logits, _ = _logits(sess, evaluation)
         ag = agreement(ref, logits, labels)
         row = Row(cfg.label, "bitalloc", str(path), fake_quant_top1=ag.top1_a, agreement=ag.top1_agreement,
-                  max_abs_error=ag.max_abs_error, export=report.to_dict(), seconds={"quantize": tq, "export": te})
+                  max_abs_error=ag.max_abs_error, export=report.to_dict(), seconds={"quantize": tq, "export": te},
+                  config=cfg.spec, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
+        align_rep = getattr(qmodel, "bitalloc_ort_alignment", None)
+        if align_rep is not None:
+            row.export["model_alignment"] = align_rep.to_dict()
         finish(row, sess, labels, logits)
         log(f"{row.label}: top-1 {row.top1:.2f}% (fake quant {row.fake_quant_top1:.2f}%), agreement "
             f"{row.agreement:.2f}%, max |diff| {row.max_abs_error:.4g}, int8 ops {row.int8_ops}")
@@ -189,9 +222,63 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
             row.latency[str(bs)] = lat[row.label].to_dict()
             row.speedup[str(bs)] = base / lat[row.label].median_ms
         log(f"batch {bs}: " + ", ".join(f"{r.label}: {lat[r.label].median_ms:.2f} ms" for r in rows))
-    return {"threads": threads, "runs": runs, "warmup": warmup, "batch_sizes": list(batch_sizes),
-            "calibration_samples": int(sum(b[0].shape[0] for b in calib)),
-            "evaluation_samples": int(xs.shape[0]), "rows": [r.to_dict() for r in rows]}
+    result = {"threads": threads, "runs": runs, "warmup": warmup, "batch_sizes": list(batch_sizes),
+              "calibration_samples": int(sum(b[0].shape[0] for b in calib)),
+              "evaluation_samples": int(xs.shape[0]), "rows": [r.to_dict() for r in rows]}
+    result["verdicts"] = verdicts(result, latency_tolerance=latency_tolerance)
+    return result
+
+
+def claim_row(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The bitalloc row the checks refer to: the first bitalloc row at W8A8 (else the first bitalloc row)."""
+    rows = [r for r in result["rows"] if r["kind"] == "bitalloc"]
+    for r in rows:
+        if r.get("w_bits") == 8 and r.get("a_bits") == 8:
+            return r
+    return rows[0] if rows else None
+
+
+def verdicts(result: dict[str, Any], *, latency_tolerance: float = LATENCY_TOLERANCE) -> list[dict[str, Any]]:
+    """One verdict per check of the claim row (see module docstring): a list of {"name", "check" (bool),
+    "verdict" ("PASS" / "PASS (within timing noise)" / "FAIL"), "text"}."""
+    row = claim_row(result)
+    if row is None:
+        return []
+    anchors = [r for r in result["rows"] if r["kind"] == "ort"]
+    w8a8 = row.get("w_bits") == 8 and row.get("a_bits") == 8
+    bits = f"W{row.get('w_bits', 0):g}A{row.get('a_bits', 0):g}"
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, ok: bool, text: str, noise: bool = False) -> None:
+        verdict = "PASS (within timing noise)" if ok and noise else ("PASS" if ok else "FAIL")
+        out.append({"name": name, "check": bool(ok), "verdict": verdict, "text": text})
+
+    ag = row.get("agreement")
+    if ag is not None:
+        add("agreement", w8a8 and ag >= AGREEMENT_MIN,
+            f"top-1 agreement of onnxruntime with the bitalloc model ({bits}{'' if w8a8 else ', not W8A8'}): "
+            f"{ag:.2f}% (>= {AGREEMENT_MIN:g}% required)")
+    for a in anchors:
+        add(f"top1 >= {a['label']}", row["top1"] >= a["top1"],
+            f"top-1 {row['top1']:.2f}% vs {a['label']} {a['top1']:.2f}%")
+    ref = next((a for a in anchors if "minmax" in a["label"].lower()), anchors[0] if anchors else None)
+    if ref is not None:
+        for b in (str(x) for x in result["batch_sizes"]):
+            mine, theirs = row["latency"][b]["median_ms"], ref["latency"][b]["median_ms"]
+            ratio = mine / theirs
+            add(f"latency batch {b}", ratio <= 1.0 + latency_tolerance,
+                f"latency at batch {b}: {mine:.2f} ms vs {ref['label']} {theirs:.2f} ms (ratio {ratio:.3f}; <= 1 "
+                f"required, <= {1 + latency_tolerance:.2f} counted as timing noise)", noise=ratio > 1.0)
+    return out
+
+
+def verdict_lines(result: dict[str, Any], *, heading: bool = True) -> list[str]:
+    row = claim_row(result)
+    if row is None:
+        return []
+    lines = [f"Checks of the claim row \"{row['label']}\" (config {row.get('config')}):"] if heading else []
+    lines += [f"- {v['verdict']}: {v['text']}" for v in result.get("verdicts", [])]
+    return lines
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -222,6 +309,9 @@ def register_cpu(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model and batch size (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
     p.add_argument("--no-anchors", action="store_true", help="skip onnxruntime's own static quantization")
+    p.add_argument("--latency-tolerance", type=float, default=LATENCY_TOLERANCE,
+                   help=f"latency verdict: a ratio to onnxruntime's static MinMax up to 1 + this counts as timing "
+                        f"noise (default {LATENCY_TOLERANCE})")
     p.add_argument("--out", default="runs/bench-cpu", help="output folder (ONNX files, bench.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bench.json in --out")
     p.set_defaults(func=run_cpu)
@@ -261,12 +351,15 @@ def run_cpu(args: argparse.Namespace) -> int:
                                     cache_dir=args.cache_dir)
     result = bench_cpu(model, batches(calib, min(args.batch_size, args.calib)), batches(evaluation, args.batch_size),
                        configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
-                       warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"))
+                       warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
+                       latency_tolerance=args.latency_tolerance)
     result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(threads=args.threads),
               "command": "bitalloc " + " ".join(sys.argv[1:]), **result}
     write_json(out / "bench.json", result)
     cols, rows = table_rows(result)
     print_table(f"{name}: onnxruntime CPU, {args.threads} threads, median of {args.runs} runs", cols, rows)
+    for line in verdict_lines(result):
+        print(line)
     print(f"results: {out / 'bench.json'}", file=sys.stderr)
     return 0
 

@@ -30,9 +30,12 @@ sizes, summed in an int32 accumulator"). Details:
   separately: y[c] = sum_g s_g s_w[c] xi[c] acc_g[c] + ... . Per-tensor activations give one group.
 * **Bias correction.** xi folds into the per-channel rescale; the shift beta multiplies the exact integer
   sum of the input codes over the receptive field (second accumulator, also analysed for overflow).
-* **Overflow.** :func:`bitalloc.runtime.overflow.analyze` bounds every accumulator exactly (given the
-  weight codes) and picks int32 when it cannot overflow, else int64 (``on_overflow="widen"``) or raises
-  :class:`~bitalloc.runtime.overflow.AccumulatorOverflowError` (``"raise"``).
+* **Overflow.** :func:`bitalloc.runtime.overflow.analyze` bounds both integer stages exactly (given the
+  weight codes): the shifted products (int16 when they cannot overflow it, else widened to int32 / int64)
+  and the sums (int32 when they cannot overflow it, else int64), with ``on_overflow="widen"``; with
+  ``"raise"`` a stage that could overflow raises
+  :class:`~bitalloc.runtime.overflow.AccumulatorOverflowError` naming the layer, bits and fan-in. The
+  accumulator dtype of the kernels follows the analysis; :func:`integer_check` reports it per layer.
 * **Online quantizers** (scale recomputed per input) and layers with float weights or activations are not
   integer-executable: :class:`IntegerExecutionError`.
 
@@ -152,6 +155,18 @@ class LayerInts:
     a_bits: int
 
 
+def _layer_bias(layer: QuantLayer) -> Tensor | None:
+    """The bias the layer's forward adds (float64): times the weight quantizer's output-channel gate, if any
+    (a pruned channel adds no bias: its output is exactly 0)."""
+    with torch.no_grad():
+        if hasattr(layer, "gated_bias"):
+            layer.quantized_weight()  # the gate of a stochastic quantizer is the one of the last weight forward
+            bias = layer.gated_bias()
+        else:  # pragma: no cover - older QuantLayer
+            bias = layer.layer.bias
+    return None if bias is None else bias.detach().to(torch.float64)
+
+
 def layer_ints(layer: QuantLayer) -> LayerInts:
     """Weight codes and rescale terms of ``layer``; raises IntegerExecutionError when not integer-executable."""
     name = layer.layer_name
@@ -186,8 +201,7 @@ def layer_ints(layer: QuantLayer) -> LayerInts:
         w = w * reshape_for_axis(keep.to(torch.int64), w.ndim, 0)
         if beta is not None:
             beta = beta * keep.to(torch.float64)
-    bias = layer.layer.bias
-    bias = None if bias is None else bias.detach().to(torch.float64)
+    bias = _layer_bias(layer)
     a_axis = pa.axis if pa.per_channel else None
     if a_axis is not None:
         expect = -1 if isinstance(layer.layer, nn.Linear) else 1
@@ -290,8 +304,10 @@ class _Kernel:
         wm = w.reshape(groups, cout_g, r)  # [G, cout_g, R]
         accs, xsums, accs_abs, xsums_abs = [], [], [], []
         for g in range(self.sg.count):
-            mask = (gidx == g).to(torch.int64).reshape(1, groups, r, 1)
-            cg = cols * mask
+            if self.sg.count == 1:
+                cg = cols  # one step group (per-tensor activations): no masked copy
+            else:
+                cg = cols * (gidx == g).to(torch.int64).reshape(1, groups, r, 1)
             accs.append(self._matmul(wm, cg))  # [N, G, cout_g, L]
             if self.ints.beta is not None:
                 xsums.append(cg.sum(dim=2, keepdim=True, dtype=self.acc_dtype).to(torch.int64).expand(-1, -1, cout_g, -1))
@@ -316,7 +332,7 @@ class _Kernel:
         accs, xsums, accs_abs, xsums_abs = [], [], [], []
         out_shape = (*x.shape[:-1], w.shape[0])
         for g in range(self.sg.count):
-            xg = xi * (gidx == g).to(torch.int64)
+            xg = xi if self.sg.count == 1 else xi * (gidx == g).to(torch.int64)
             accs.append(self._matmul(xg, w.t()))
             if self.ints.beta is not None:
                 xsums.append(xg.sum(dim=-1, keepdim=True, dtype=self.acc_dtype).to(torch.int64).expand(out_shape))
@@ -327,7 +343,8 @@ class _Kernel:
         return st(accs), st(xsums), st(accs_abs), st(xsums_abs)
 
 
-def _analysis(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow: str, accumulator: str) -> AccumulatorAnalysis:
+def _analysis(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow: str, accumulator: str,
+              product: str = "auto") -> AccumulatorAnalysis:
     w = ints.w
     cout = w.shape[0]
     cin_g = w.shape[1]
@@ -341,18 +358,19 @@ def _analysis(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow
     chan = (grp.reshape(-1, 1) * cin_g + torch.arange(cin_g).reshape(1, -1)).repeat_interleave(kk, dim=1)  # [cout, R]
     return analyze(ints.name, w_codes=w.reshape(cout, -1), w_bits=ints.w_bits, a_lo=lo_c[chan], a_hi=hi_c[chan],
                    a_bits=ints.a_bits, fan_in=cin_g * kk, shifts=sh_c[chan], on_overflow=on_overflow,
-                   accumulator=accumulator)
+                   accumulator=accumulator, product=product)
 
 
-def analyze_layer(layer: QuantLayer, *, on_overflow: str = "widen", accumulator: str = "auto",
+def analyze_layer(layer: QuantLayer, *, on_overflow: str = "widen", accumulator: str = "auto", product: str = "auto",
                   merge_pow2: bool = True, max_shift: int = 8) -> AccumulatorAnalysis:
-    """Accumulator-width analysis of a QuantLayer (bits, fan-in, exact worst-case sums; see overflow.py)."""
+    """Product-stage and accumulator-width analysis of a QuantLayer (bits, fan-in, exact worst-case products
+    and sums; see overflow.py)."""
     ints = layer_ints(layer)
     sg = _groups_of(ints, merge_pow2, max_shift)
     inner = layer.layer
     groups = int(getattr(inner, "groups", 1)) if not isinstance(inner, nn.Linear) else 1
     kk = math.prod(ints.w.shape[2:]) if ints.w.ndim > 2 else 1
-    return _analysis(ints, sg, groups, kk, on_overflow, accumulator)
+    return _analysis(ints, sg, groups, kk, on_overflow, accumulator, product)
 
 
 def _groups_of(ints: LayerInts, merge_pow2: bool, max_shift: int) -> StepGroups:
@@ -407,12 +425,13 @@ class _IntegerMode(TorchFunctionMode):
 
 
 def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen", accumulator: str = "auto",
-                    merge_pow2: bool = True, max_shift: int = 8, with_bound: bool = False,
+                    product: str = "auto", merge_pow2: bool = True, max_shift: int = 8, with_bound: bool = False,
                     keep_codes: bool = False) -> tuple[Tensor, list[IntegerResult]]:
     """Run ``layer`` on ``x`` in integer arithmetic. Returns (output, one IntegerResult per conv/linear call).
 
     ``accumulator``: "auto" (int32 unless the analysis says it could overflow), "int32" or "int64";
-    ``on_overflow``: "widen" (int64) or "raise" (:class:`AccumulatorOverflowError`). ``with_bound`` also
+    ``on_overflow``: "widen" (int64) or "raise" (:class:`AccumulatorOverflowError`); ``product``: the product
+    register, "auto" (int16 unless it could overflow), "int16", "int32" or "int64". ``with_bound`` also
     computes the bound on |fake-quant - integer| of each output (module docstring).
     """
     ints = layer_ints(layer)
@@ -440,7 +459,7 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
             else:
                 groups = int(call.get("groups", 1))
                 kk = math.prod(ints.w.shape[2:])
-            an = _analysis(ints, sg, groups, kk, on_overflow, accumulator)
+            an = _analysis(ints, sg, groups, kk, on_overflow, accumulator, product)
             kern = _Kernel(ints, sg, torch.int32 if an.accumulator == "int32" else torch.int64, with_bound)
             if func is F.linear:
                 acc, xsum, acc_abs, xsum_abs = kern.linear(inp)
@@ -498,13 +517,15 @@ class IntegerRun:
 
 
 @contextlib.contextmanager
-def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: str = "auto",
-                 record: bool = False, strict: bool = False) -> Iterator[IntegerRun]:
+def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: str = "auto", product: str = "auto",
+                 record: bool = False, strict: bool = False, with_bound: bool = False) -> Iterator[IntegerRun]:
     """Run every integer-executable QuantLayer of ``model`` through :func:`integer_forward` inside the block.
 
     Layers that are not integer-executable (float activations or weights, online quantizers, unsupported
     forwards) run their fake-quant forward and are listed in ``run.fake_quant_layers`` with the reason, or
-    raise with ``strict=True``. Accumulator overflow errors (``on_overflow="raise"``) always propagate. ``record=True`` keeps every IntegerResult (memory!) in ``run.results``.
+    raise with ``strict=True``. Accumulator overflow errors (``on_overflow="raise"``) always propagate.
+    ``record=True`` keeps every IntegerResult (memory!) in ``run.results``; ``with_bound`` computes the
+    float32 rounding bound of each output (for checks).
     """
     run = IntegerRun()
     patched: list[QuantLayer] = []
@@ -513,7 +534,8 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
         try:
             if args or kwargs:
                 raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
-            out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator)
+            out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator, product=product,
+                                       with_bound=with_bound)
         except IntegerExecutionError as exc:
             if strict:
                 raise
@@ -554,3 +576,128 @@ def fake_quant_codes(x_hat: Tensor, scale: Tensor, zero_point: Tensor, axis: int
     if v.numel() and bool(((v - r).abs() > 1e-3 + v.abs() * 4 * U32).any()):
         raise ValueError("values are not on the quantization grid")
     return r.to(torch.int64) + z
+
+
+# ---- checking a whole model -----------------------------------------------------------------------------------
+
+@dataclass
+class LayerCheck:
+    """One layer of :func:`integer_check`: integer output against the fake-quant output on the same input."""
+
+    layer: str
+    max_abs_diff: float  # max |integer - fake quant| over the layer's outputs
+    max_abs_output: float  # max |fake-quant output| (scale of the difference)
+    max_bound_ratio: float  # max |diff| / (float32 rounding bound); <= 1 means within the stated bound
+    analysis: AccumulatorAnalysis
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "max_abs_diff": self.max_abs_diff, "max_abs_output": self.max_abs_output,
+                "max_bound_ratio": self.max_bound_ratio, "product": self.analysis.product,
+                "accumulator": self.analysis.accumulator, "analysis": self.analysis.to_dict()}
+
+
+@dataclass
+class IntegerCheck:
+    """What :func:`integer_check` measured."""
+
+    samples: int
+    layers: list[LayerCheck] = field(default_factory=list)
+    fake_quant_layers: dict[str, str] = field(default_factory=dict)  # not integer-executable, with the reason
+    output_max_abs_diff: float = 0.0  # whole model in integer mode against the fake-quant model
+    output_max_abs: float = 0.0
+    top1_agreement: float = 100.0  # % of samples with the same arg-max (classifier outputs)
+
+    @property
+    def within_bound(self) -> bool:
+        """Every layer's integer output lies within the float32 rounding bound of its fake-quant output."""
+        return all(l.max_bound_ratio <= 1.0 for l in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "layers": [l.to_dict() for l in self.layers],
+                "fake_quant_layers": dict(self.fake_quant_layers), "output_max_abs_diff": self.output_max_abs_diff,
+                "output_max_abs": self.output_max_abs, "top1_agreement": self.top1_agreement,
+                "within_bound": self.within_bound}
+
+
+def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", accumulator: str = "auto",
+                  product: str = "auto", samples: int | None = None) -> IntegerCheck:
+    """Run the integer path against the fake-quant model on ``data`` (tensors or (x, ...) batches).
+
+    Per layer: the layer's input is taken from the fake-quant model, the layer is executed in integers
+    (:func:`integer_forward`, with the float32 rounding bound) and compared with its fake-quant output
+    (max |difference| and its largest ratio to the bound); the analysis gives the product register and the
+    accumulator of each layer. Whole model: the output of the model in :func:`integer_mode` against the
+    fake-quant output (max |difference|, arg-max agreement), where small per-layer differences can move a
+    code of the next quantizer by one step. ``samples`` limits the number of inputs (im2col in int64 is
+    memory-hungry: a few images suffice for an ImageNet model).
+    """
+    was_training = model.training
+    model.eval()
+    xs: list[Tensor] = []
+    seen = 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if samples is not None:
+            x = x[: max(0, samples - seen)]
+        if x.shape[0] == 0:
+            break
+        xs.append(x)
+        seen += x.shape[0]
+        if samples is not None and seen >= samples:
+            break
+    if not xs:
+        raise BitallocError("integer_check needs at least one input")
+    res = IntegerCheck(samples=seen)
+    checks: dict[str, LayerCheck] = {}
+    hooks = []
+
+    def hook(layer: QuantLayer, inputs: tuple, output: Tensor) -> None:
+        if len(inputs) != 1 or not isinstance(output, Tensor):
+            res.fake_quant_layers[layer.layer_name] = "called with extra arguments"
+            return
+        try:
+            out, results = integer_forward(layer, inputs[0], on_overflow=on_overflow, accumulator=accumulator,
+                                           product=product, with_bound=True)
+        except IntegerExecutionError as exc:
+            res.fake_quant_layers[layer.layer_name] = str(exc)
+            return
+        diff = (out.to(torch.float64) - output.detach().to(torch.float64)).abs()
+        bound = results[-1].bound
+        ratio = float((diff / bound.clamp_min(1e-300)).max()) if diff.numel() else 0.0
+        prev = checks.get(layer.layer_name)
+        c = LayerCheck(layer.layer_name, float(diff.max()) if diff.numel() else 0.0,
+                       float(output.detach().abs().max()) if output.numel() else 0.0, ratio, results[-1].analysis)
+        if prev is not None:
+            c.max_abs_diff = max(c.max_abs_diff, prev.max_abs_diff)
+            c.max_abs_output = max(c.max_abs_output, prev.max_abs_output)
+            c.max_bound_ratio = max(c.max_bound_ratio, prev.max_bound_ratio)
+        checks[layer.layer_name] = c
+
+    order = [name for name, _ in quant_layers(model)]
+    try:
+        for _, layer in quant_layers(model):
+            hooks.append(layer.register_forward_hook(hook, prepend=True))  # before any output quantizer
+        refs = []
+        with torch.no_grad():
+            for x in xs:
+                refs.append(model(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    res.layers = [checks[n] for n in order if n in checks]
+    agree, total, dmax, omax = 0, 0, 0.0, 0.0
+    with torch.no_grad(), integer_mode(model, on_overflow=on_overflow, accumulator=accumulator, product=product):
+        for x, ref in zip(xs, refs):
+            got = model(x)
+            if not isinstance(got, Tensor):
+                continue
+            d = (got.to(torch.float64) - ref.to(torch.float64)).abs()
+            dmax = max(dmax, float(d.max()) if d.numel() else 0.0)
+            omax = max(omax, float(ref.abs().max()) if ref.numel() else 0.0)
+            if got.ndim >= 2:
+                agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+                total += int(got.argmax(-1).numel())
+    res.output_max_abs_diff, res.output_max_abs = dmax, omax
+    res.top1_agreement = 100.0 * agree / total if total else 100.0
+    model.train(was_training)
+    return res

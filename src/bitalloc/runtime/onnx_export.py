@@ -32,8 +32,9 @@ Approach (works for every model ``bitalloc.prepare`` accepts):
    (step xi s / M, codes M (q - z) + round(M beta / (xi s)), M the largest power of two that fits): int8
    kernels, shift error <= xi s / (2 M) (M = 1 for 8-bit channels: the shift is then rounded to whole steps).
    ``"fold"`` folds beta[c] * E[S] into the bias, E[S] the per-channel mean of S over ``calibration_data``
-   (ignores the variation of S). Both are approximations; on EfficientNet-Lite0 at W4A8 they cost much
-   accuracy (BENCHMARKS.md), so they are opt-in.
+   (ignores the variation of S). Both are approximations of the bitalloc model (the report gives each layer's
+   largest shift error; the agreement check of :func:`bitalloc.runtime.ort.compare_with_model` measures the
+   effect on the outputs), so they are opt-in.
 5. **Graph simplifications that keep the function** (``simplify=True``): zero ``Pad`` nodes are folded into
    the following Conv's pads; each QuantizeLinear is copied upstream across operators that commute with a
    monotone quantizer (MaxPool, Reshape, Flatten, Transpose, Relu, Clip, zero Pad, ...: same grid, no new
@@ -47,13 +48,18 @@ Approach (works for every model ``bitalloc.prepare`` accepts):
    nodes (reusing the next layer's Q/DQ when the tensor has one, else a min-max range measured on
    ``calibration_data``), which lets onnxruntime fuse QLinearConv / QLinearAdd / QLinearGlobalAveragePool.
    These are *extra* quantization points, not in the bitalloc model (listed in the report).
+   :func:`bitalloc.runtime.align.align_for_ort` puts the same points (and onnxruntime's int32 bias grid) into
+   a copy of the bitalloc model instead; exporting that model writes its tensor quantizers
+   (``bitalloc::TensorQuant`` markers) as Q/DQ, removes the re-quantizations on an identical grid and the
+   activations that are the identity on a grid (both exact), and ``align="ort"`` then finds nothing to add.
 
 Where the exported model differs from bitalloc's fake quantization: (a) onnxruntime's QuantizeLinear
 computes round(x / s), bitalloc round(x * (1 / s)); they differ only when x / s lies within about one
 float32 ulp of a half-integer (7.5e-7 of random values, measured); (b) float32 summation order; (c) the
 int32 Gemm bias rounding; (d) when onnxruntime fuses int8 kernels, its requantization of the int32
-accumulator to the next layer's uint8 grid (float multiplier, rounding) instead of float conv + Q; (e) the
-approximate bias-shift modes and the extra points of ``align="ort"``. (a)-(c) are float-rounding small, but a
+accumulator to the next layer's uint8 grid (float multiplier, rounding) instead of float conv + Q, and its
+own rounding of float convolution biases to int32 at s_x * s_w[c] (exact for an aligned model, whose biases
+lie on that grid); (e) the approximate bias-shift modes and the extra points of ``align="ort"``. (a)-(c) are float-rounding small, but a
 difference that straddles a rounding boundary of the next quantizer moves that code by one step;
 :func:`bitalloc.runtime.ort.compare_with_model` reports the top-1 agreement and largest difference.
 
@@ -136,11 +142,31 @@ class _Marked(nn.Module):
             layer._parameters["weight"] = param
 
 
+@torch.no_grad()
+def _gate_bias(ql: QuantLayer) -> None:
+    """Store the bias the QuantLayer's forward adds (times its weight quantizer's output-channel gate: a pruned
+    channel adds no bias) in the wrapped layer of a copy."""
+    if not hasattr(ql, "gated_bias") or ql.layer.bias is None:
+        return
+    ql.quantized_weight()
+    b = ql.gated_bias()
+    if b is not None and b is not ql.layer.bias:
+        ql.layer.bias.copy_(b)
+
+
 def marked_float_copy(model: nn.Module) -> nn.Module:
     """A float copy of a prepared model: every QuantLayer replaced by its wrapped layer between markers."""
     m = copy.deepcopy(model).eval()
     for name, ql in quant_layers(m):
-        set_submodule(m, name, _Marked(ql.layer, name))
+        _gate_bias(ql)
+        marked = _Marked(ql.layer, name)
+        # forward hooks on the layer (tensor quantizers of an aligned model) stay on its replacement
+        marked._forward_hooks.update(ql._forward_hooks)
+        set_submodule(m, name, marked)
+    from bitalloc.runtime.align import tensor_points
+
+    for tq in tensor_points(m).values():
+        tq.marker = True
     for attr in ("bitalloc_info", "bitalloc_calibration"):
         if attr in m.__dict__:
             del m.__dict__[attr]
@@ -212,6 +238,7 @@ class ExportReport:
     float_layers: list[dict[str, str]] = field(default_factory=list)
     extra_qdq: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    model_points: list[str] = field(default_factory=list)  # tensor quantizers of an aligned model (runtime/align.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -494,13 +521,16 @@ def _attr_layer(node: Any) -> str:
 
 
 def _rewrite(proto: Any, qlayers: dict[str, QuantLayer], *, bias_shift: str, folded: dict[str, Tensor] | None,
-             report: ExportReport, expose_shift_sums: bool = False) -> tuple[Any, dict[str, list[str]]]:
+             report: ExportReport, expose_shift_sums: bool = False,
+             points: dict[str, Any] | None = None) -> tuple[Any, dict[str, list[str]]]:
     """Replace markers by QDQ / integer weights (see module docstring). Returns (model, shift-sum tensors)."""
+    points = points or {}
     onnx = _require_onnx()
     from onnx import helper
 
     model = copy.deepcopy(proto)
     graph = model.graph
+    _inline_identity_constants(graph)
     rw = _Rewriter(model)
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -526,6 +556,14 @@ def _rewrite(proto: Any, qlayers: dict[str, QuantLayer], *, bias_shift: str, fol
         if node.domain != MARK_DOMAIN:
             continue
         name = _attr_layer(node)
+        if node.op_type == "TensorQuant":
+            tq = points.get(name)
+            if tq is None:
+                raise ConfigError(f"internal error: marker for unknown tensor quantizer {name!r}")
+            base = f"{tq.site or 'tensor'}_{name}"
+            nodes, _ = _act_nodes(rw, base, node.input[0], node.output[0], tq.qparams().detach(), None, 1)
+            replace[id(node)] = nodes
+            continue
         ql = qlayers.get(name)
         if ql is None:
             raise ConfigError(f"internal error: marker for unknown layer {name!r}")
@@ -668,6 +706,24 @@ def _rewrite(proto: Any, qlayers: dict[str, QuantLayer], *, bias_shift: str, fol
     _drop_domain(model, MARK_DOMAIN)
     report.layers = [infos[n] for n in qlayers if n in infos]
     return model, shift_sums
+
+
+def _inline_identity_constants(graph: Any) -> None:
+    """Replace Identity nodes of initializers by initializers of their own (the exporter deduplicates equal
+    constants, e.g. the all-zero biases of BatchNorm-folded layers, into one initializer behind Identity nodes)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    keep, added = [], []
+    for n in graph.node:
+        if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in inits:
+            added.append(numpy_helper.from_array(numpy_helper.to_array(inits[n.input[0]]), n.output[0]))
+            continue
+        keep.append(n)
+    if added:
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(added)
 
 
 def _drop_domain(model: Any, domain: str) -> None:
@@ -980,6 +1036,94 @@ def _drop_redundant_activations(model: Any) -> int:
     return removed
 
 
+def _per_tensor_qdq(inits: dict[str, Any], node: Any) -> tuple[float, int, Any] | None:
+    """(scale, zero point, numpy dtype) of a per-tensor QuantizeLinear / DequantizeLinear with constant
+    parameters, else None."""
+    from onnx import numpy_helper
+
+    if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+        return None
+    s = numpy_helper.to_array(inits[node.input[1]])
+    z = numpy_helper.to_array(inits[node.input[2]])
+    if s.size != 1 or z.size != 1:
+        return None
+    return float(np.float32(s.reshape(()))), int(z.reshape(())), z.dtype
+
+
+def _fold_requantize(model: Any) -> int:
+    """Remove QuantizeLinear nodes that re-quantize a DequantizeLinear's output on the same per-tensor grid.
+
+    Q(DQ(c)) = c for every 8-bit code c when both use the same scale, zero point and type ((c - z) s / s rounds
+    back to c - z), so the Q's consumers read the codes c directly (exact). This happens where an aligned model
+    quantizes a layer's output with the next layer's input grid. Returns the number of Q nodes removed.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    route: dict[str, str] = {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.output[0] in outputs:
+            continue
+        d = producers.get(q.input[0])
+        if d is None or d.op_type != "DequantizeLinear":
+            continue
+        a, b = _per_tensor_qdq(inits, q), _per_tensor_qdq(inits, d)
+        if a is None or b is None or a[0] != b[0] or a[1] != b[1] or a[2] != b[2]:
+            continue
+        route[q.output[0]] = d.input[0]
+        removed += 1
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            while i in route:
+                i = route[i]
+            n.input[k] = i
+    _prune(graph)
+    return removed
+
+
+def _drop_clips_after_dq(model: Any) -> int:
+    """Remove Relu / Clip nodes whose input comes from a per-tensor DequantizeLinear whose every value lies within
+    their bounds (the activation is the identity there; exact). An aligned model quantizes a layer's output
+    before its activation on a grid inside the activation's bounds; removing the activation lets onnxruntime
+    see DequantizeLinear -> Add / pooling. Returns the number of nodes removed."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    route: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type not in ("Relu", "Clip") or n.output[0] in outputs:
+            continue
+        if any(a.name in ("min", "max") for a in n.attribute):
+            continue
+        d = producers.get(n.input[0])
+        if d is None or d.op_type != "DequantizeLinear":
+            continue
+        p = _per_tensor_qdq(inits, d)
+        if p is None:
+            continue
+        s, z, dt = p
+        info = np.iinfo(dt)
+        vmin = float(np.float32(info.min - z) * np.float32(s))
+        vmax = float(np.float32(info.max - z) * np.float32(s))
+        if n.op_type == "Relu":
+            lo, hi = 0.0, None
+        else:
+            lo, hi = _scalar_input(model, n, 1), _scalar_input(model, n, 2)
+        if (lo is not None and vmin < lo) or (hi is not None and vmax > hi):
+            continue
+        route[n.output[0]] = n.input[0]
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            while i in route:
+                i = route[i]
+            n.input[k] = i
+    _prune(graph)
+    return len(route)
+
+
 def _int32_biases(model: Any, report: ExportReport) -> None:
     """Store the float bias of every int8-fusable Gemm as int32 codes at step s_x * s_w[c].
 
@@ -1245,10 +1389,23 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
         raise ConfigError(f"bias_shift={bias_shift!r} / align={align!r} need calibration_data")
     folded = None
     if bias_shift == "fold" and needs_data:
+        from bitalloc.runtime.align import tensor_points as _tp
+
         probe, sums = _rewrite(proto, qlayers, bias_shift="exact", folded=None,
-                               report=ExportReport(None, opset, "exact", "none"), expose_shift_sums=True)
+                               report=ExportReport(None, opset, "exact", "none"), expose_shift_sums=True,
+                               points=_tp(model))
         folded = _mean_shift_sums(probe, sums, feeds, threads)
-    out, _ = _rewrite(proto, qlayers, bias_shift=bias_shift, folded=folded, report=report)
+    from bitalloc.runtime.align import tensor_points
+
+    points = tensor_points(model)
+    report.model_points = [f"{k}: {tq.description} ({'shares ' + tq.shares + chr(39) + 's input grid' if tq.shares else 'uint8 min-max'})"
+                           for k, tq in points.items()]
+    out, _ = _rewrite(proto, qlayers, bias_shift=bias_shift, folded=folded, report=report, points=points)
+    if points:
+        n_cl = _drop_clips_after_dq(out)
+        n_dq = _fold_requantize(out)
+        report.notes.append(f"{len(points)} tensor quantizers of the aligned model exported as Q/DQ ({n_dq} re-quantizations "
+                            f"on the same grid and {n_cl} activations inside the grid removed, exact)")
     if simplify:
         n_pads = _fuse_zero_pads(out)
         if n_pads:
