@@ -174,6 +174,12 @@ def test_quantization_options_reach_the_config(capsys):
     assert (cfg.default.weight.min_bits, cfg.default.weight.max_bits) == (3, 6)
     assert _config(["--first-last-bits", "none"]).first_last_bits is None
     assert _config(["--first-last-bits", "6"]).first_last_bits == 6
+    # the GPTQ preset: allocation, MSE-searched weight grids, GPTQ rounding; each can be set on any preset
+    w = _config(["--preset", "aciq-gptq"]).default.weight
+    assert (w.allocate, w.method, w.rounding) == (True, "mse", "gptq")
+    w = _config(["--preset", "minmax", "--rounding", "gptq", "--weight-method", "mse"]).default.weight
+    assert (w.allocate, w.method, w.rounding) == (False, "mse", "gptq")
+    assert _config(["--preset", "aciq-gptq", "--rounding", "nearest"]).default.weight.rounding == "nearest"
     # the full ACIQ pipeline runs at 16 bits from the command line
     code, out, err = run(["cost", "--model", "lenet5", "--w-bits", "16", "--a-bits", "16"], capsys)
     assert code == 0, err
@@ -182,5 +188,6 @@ def test_quantization_options_reach_the_config(capsys):
         main(["ptq", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--k-sigma", "--percentile", "--min-bits", "--max-bits", "--allocation", "--first-last-bits"):
+    for flag in ("--k-sigma", "--percentile", "--min-bits", "--max-bits", "--allocation", "--first-last-bits",
+                 "--rounding", "--weight-method", "aciq-gptq"):
         assert flag in text, flag

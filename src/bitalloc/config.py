@@ -263,7 +263,7 @@ def match_pattern(pattern: str, name: str, type_names: str | list[str]) -> bool:
 
 # ---- presets ------------------------------------------------------------------------------------------
 
-PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "kld", "ksigma", "percentile", "mse")
+PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "aciq-gptq", "kld", "ksigma", "percentile", "mse")
 
 
 def _is_number(v: Any) -> bool:
@@ -286,7 +286,7 @@ def allocation_bounds(bits: float, *, symmetric: bool) -> tuple[int, int]:
 
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
            weight_granularity: str | None = None, online: bool = False, weight_method: str | None = None,
-           weight_options: dict[str, Any] | None = None, rounding: str = "nearest", min_bits: int | None = None,
+           weight_options: dict[str, Any] | None = None, rounding: str | None = None, min_bits: int | None = None,
            max_bits: int | None = None, **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
@@ -295,6 +295,11 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     * ``aciq-alloc``: + per-channel bit allocation at the average budgets: weights always; activations too
       when they are quantized per channel (``act_granularity="channel"``).
     * ``aciq``: + bias correction (mean shift) of the weights: the full ACIQ pipeline.
+    * ``aciq-gptq``: the full pipeline with the weights rounded by GPTQ (Frantar et al. 2023, error-compensating
+      rounding on calibration data) onto per-channel grids found by MSE search at each channel's allocated
+      width, instead of round-to-nearest on min-max grids plus the mean shift (GPTQ's compensation supersedes
+      it). bitalloc's most accurate post-training configuration at 4 bits (BENCHMARKS.md); calibration costs
+      one extra pass per layer.
 
     Activations are quantized per tensor (layer-wise) by default in every preset: that is what integer
     kernels can execute (one activation scale per tensor), and with 32 calibration images per-channel
@@ -311,7 +316,7 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     ``act_granularity`` / ``weight_granularity`` override the granularities ("tensor" or "channel"; per-tensor
     tensors are not allocated, so they need integer bits); ``online`` recomputes activation statistics on every
     input; ``weight_method`` / ``weight_options`` override the weights' range estimator (default per preset);
-    ``rounding="gptq"`` rounds weights with GPTQ instead of to nearest. Other keywords are QuantConfig fields.
+    ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid. Other keywords are QuantConfig fields.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -330,8 +335,10 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     bc = "none"
     if name.startswith("aciq"):
         act.method, act.options = "aciq", {"prior": "laplace"}
-        if name in ("aciq", "aciq-alloc"):
+        if name in ("aciq", "aciq-alloc", "aciq-gptq"):
             weight.allocate = act.allocate = True
+        if name == "aciq-gptq":
+            weight.method, weight.rounding = "mse", "gptq"
         if name == "aciq":
             bc = "mean"
     elif name == "kld":
@@ -342,7 +349,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         act.method, act.options = "percentile", {"percentile": 99.99}
     elif name == "mse":
         act.method = "mse"
-    weight.rounding = rounding
+    if rounding is not None:
+        weight.rounding = rounding
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:

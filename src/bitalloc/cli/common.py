@@ -164,7 +164,8 @@ def _set_method_option(layer: Any, method: str, key: str, value: Any, flag: str,
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--preset", default="aciq", choices=PRESETS,
-                   help="method: minmax (naive), aciq-clip, aciq-alloc, aciq (full pipeline), kld, ksigma, "
+                   help="method: minmax (naive), aciq-clip, aciq-alloc, aciq (full ACIQ pipeline), aciq-gptq "
+                        "(full pipeline with GPTQ-rounded weights: the most accurate at 4 bits), kld, ksigma, "
                         "percentile, mse (default aciq)")
     g.add_argument("--w-bits", type=float, default=4, help="weight bits (fractional = per-channel average; default 4)")
     g.add_argument("--a-bits", type=_bits_or_none, default=4.0, help="activation bits, or 'none' (default 4)")
@@ -178,6 +179,11 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percentile", metavar="P", help="percentile of the percentile preset, in [50, 100] "
                                                      "(default 99.99)")
     g.add_argument("--online", action="store_true", help="recompute activation statistics on every input")
+    g.add_argument("--weight-method", choices=("minmax", "aciq", "mse", "ksigma", "percentile", "kld"),
+                   help="range estimator of the weights (default: minmax; mse for aciq-gptq)")
+    g.add_argument("--rounding", choices=("nearest", "gptq"),
+                   help="rounding of the weights onto their grid: nearest, or gptq (error-compensating, uses the "
+                        "calibration data; default: gptq for aciq-gptq, else nearest)")
     g.add_argument("--bias-correction", choices=("none", "mean", "mean+norm"), help="override the preset's bias correction")
     g.add_argument("--allocation", choices=("optimal", "aciq"),
                    help="per-channel bit allocation rule (aciq, aciq-alloc presets): optimal (default: exact integer "
@@ -216,9 +222,10 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
     cfg = preset(args.preset, args.w_bits, args.a_bits, act_granularity=args.act_granularity,
                  weight_granularity=args.weight_granularity, online=args.online, first_last_bits=fl,
                  fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
-                 seed=getattr(args, "seed", 0), **bounds)
+                 seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
+                 rounding=getattr(args, "rounding", None), **bounds)
     layer = cfg.default
-    _set_method_option(layer, "aciq", "prior", args.prior, "--prior", "aciq, aciq-clip, aciq-alloc")
+    _set_method_option(layer, "aciq", "prior", args.prior, "--prior", "aciq, aciq-clip, aciq-alloc, aciq-gptq")
     if getattr(args, "k_sigma", None) is not None:
         k = _cli_number(args.k_sigma, "--k-sigma", lo=0.0, hi=float("inf"), lo_open=True)
         _set_method_option(layer, "ksigma", "k", k, "--k-sigma", "ksigma")
@@ -229,7 +236,7 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
         tensors = [t for t in (layer.weight, layer.act) if t is not None]
         if not any(t.allocate for t in tensors) and not args.override:
             raise ConfigError(f"--allocation applies to per-channel bit allocation, but --preset {args.preset} "
-                              "allocates no bits here: use --preset aciq or aciq-alloc")
+                              "allocates no bits here: use --preset aciq, aciq-alloc or aciq-gptq")
         for t in tensors:  # also reaches tensors that an --override switches to allocation
             t.allocation = args.allocation
     if args.bias_correction:
