@@ -301,6 +301,10 @@ def test_lenet5_parameter_overhead_is_636_gates():
     assert gates == 636
     assert ranges == 8
     assert base == 582_026
+    from bitalloc.model.layers import parameter_overhead
+
+    assert parameter_overhead(model) == {"model": 582_026, "quantizers_total": 644, "quantizers": {
+        "log_alpha": 28, "log_alpha_prune": 32 + 64 + 512, "clip_max": 8}}
 
 
 # ---- Gumbel-softmax gates (the rebuttal's variant) ------------------------------------------------------------

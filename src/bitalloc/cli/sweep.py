@@ -214,6 +214,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
     from bitalloc.cli.train import load_data
     from bitalloc.cost import cost_report
     from bitalloc.model.freeze import freeze
+    from bitalloc.model.layers import parameter_overhead
     from bitalloc.train.checkpoint import load_checkpoint, load_model_checkpoint
     from bitalloc.train.loop import evaluate
     from bitalloc.train.methods import example_input
@@ -252,7 +253,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
         "relative_bops_expected": last_state.get("relative_bops_expected"),
         "layers": [{"name": l.name, "w_bits": l.w_bits, "a_bits": l.a_bits, "kept_fraction": l.kept_fraction,
                     "macs": l.macs, "bops": l.bops} for l in rep.layers],
-        "options": opts, "frozen": str(frozen_file),
+        "options": opts, "frozen": str(frozen_file), "parameters": parameter_overhead(model),
     }
 
 

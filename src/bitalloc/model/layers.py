@@ -139,3 +139,22 @@ class float_mode:
         for q, enabled in self.saved:
             q.enabled = enabled
         self.saved.clear()
+
+
+def parameter_overhead(model: nn.Module) -> dict[str, Any]:
+    """Parameters the quantizers add to a model, by parameter name, next to the model's own.
+
+    Returns ``{"model": n, "quantizers": {name: count}, "quantizers_total": m}``; e.g. Bayesian Bits on LeNet-5:
+    582,026 model parameters, ``{"log_alpha": 28, "log_alpha_prune": 608, "clip_max": 8}`` (the 636 gates the
+    Bayesian Bits rebuttal counts: 4 per quantized tensor and one z2 per output channel; and one learned range
+    per tensor); LSQ: its
+    ``step`` sizes; PACT: its ``alpha`` clip levels."""
+    counts: dict[str, int] = {}
+    own = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if any(part.endswith("quantizer") for part in parts[:-1]):
+            counts[parts[-1]] = counts.get(parts[-1], 0) + p.numel()
+        else:
+            own += p.numel()
+    return {"model": own, "quantizers": counts, "quantizers_total": sum(counts.values())}

@@ -1074,13 +1074,18 @@ def _fold_requantize(model: Any) -> int:
             continue
         route[q.output[0]] = d.input[0]
         removed += 1
+    _reroute(graph, route)
+    return removed
+
+
+def _reroute(graph: Any, route: dict[str, str]) -> None:
+    """Make every node read ``route[name]`` (followed to its end) instead of ``name``, then drop dead nodes."""
     for n in graph.node:
         for k, i in enumerate(n.input):
             while i in route:
                 i = route[i]
             n.input[k] = i
     _prune(graph)
-    return removed
 
 
 def _drop_clips_after_dq(model: Any) -> int:
@@ -1115,12 +1120,7 @@ def _drop_clips_after_dq(model: Any) -> int:
         if (lo is not None and vmin < lo) or (hi is not None and vmax > hi):
             continue
         route[n.output[0]] = n.input[0]
-    for n in graph.node:
-        for k, i in enumerate(n.input):
-            while i in route:
-                i = route[i]
-            n.input[k] = i
-    _prune(graph)
+    _reroute(graph, route)
     return len(route)
 
 

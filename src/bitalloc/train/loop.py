@@ -642,8 +642,13 @@ class _Trainer:
                 fn(dict(self.start_record))
         if self.resumed_from is not None:
             self.say(f"resuming {cfg.checkpoint} after epoch {self.epoch} (step {self.step}/{self.total_steps})")
-        n_params = sum(p.numel() for p in model.parameters())
-        self.say(f"training {cfg.model_name or type(model).__name__} ({n_params:,} parameters) on "
+        from bitalloc.model.layers import parameter_overhead
+
+        over = parameter_overhead(model)
+        extra = ", ".join(f"{v:,} {k}" for k, v in over["quantizers"].items())
+        params = f"{over['model']:,} parameters" + (f" + {over['quantizers_total']:,} quantizer parameters ({extra})"
+                                                     if extra else "")
+        self.say(f"training {cfg.model_name or type(model).__name__} ({params}) on "
                  f"{len(self.train_set):,} samples: {n_epochs} epochs x {spe} steps, global batch {cfg.batch_size}, "
                  f"{self.world} process(es) on {self.device}")
 
