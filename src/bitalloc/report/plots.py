@@ -68,14 +68,22 @@ def bit_heatmap(layers: Sequence[dict[str, Any]], path: str | Path, *, title: st
         grid = np.full((len(layers), width), np.nan)
         for i, l in enumerate(layers):
             vals = l.get(key) or []
-            grid[i, : len(vals)] = vals
+            if len(vals) == 1:  # one bit width for the whole tensor: the full row, labelled
+                grid[i, :] = vals[0]
+                ax.text((width - 1) / 2, i, f"per tensor: {vals[0]:g} bits", ha="center", va="center", fontsize=7,
+                        color="white" if vals[0] < (vmin + vmax) / 2 else "black")
+            else:
+                grid[i, : len(vals)] = vals
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=7)
-        ax.set_xlabel("channel")
+        if width > 1:
+            ax.set_xlabel("channel")
+        else:
+            ax.set_xticks([])
         ax.set_title(label)
     fig.colorbar(im, ax=list(axes[0]), label="bits")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.0, va="bottom")
     return _save(fig, path)
 
 
