@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bitalloc.config import TensorConfig
+from bitalloc.errors import ConfigError
 from bitalloc.quant import bayesian_bits as BB
 from bitalloc.quant import gates as G
 from bitalloc.quantizers import BayesianBitsQuantizer
@@ -272,6 +273,47 @@ def test_training_forward_equals_nested_decomposition_with_its_gates():
     q.noise_step.fill_(step)
     q(x)
     assert q.last_gates == gates
+
+
+def test_per_channel_weight_ranges():
+    """granularity="channel": one learned range per output channel (bit gates per tensor). Reference: each
+    channel quantized on its own as a per-tensor quantizer with that channel's range (float64 nested
+    decomposition in training, direct quantization on the thresholded grid at test time); freezing is exact."""
+    from bitalloc.model.freeze import freeze_quantizer
+
+    torch.manual_seed(8)
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 10.0]).view(4, 1, 1, 1)  # BN-folded scales
+    cfg = TensorConfig(bits=32, granularity="channel", symmetric=True, quantizer="bb",
+                       options={"gate_init": [6.0, 3.0, -6.0, -6.0], "skip_below": None, "prune": False})
+    q = BayesianBitsQuantizer(cfg, "weight", 0, 4)
+    q.calibrate_weight(w)
+    assert q.clip_max.shape == (4,)
+    assert torch.allclose(q.clip_max.detach(), w.abs().amax(dim=(1, 2, 3)))
+    q.train()
+    y = q(w)
+    gates = [torch.tensor(g, dtype=torch.float64) for g in q.last_gates]
+    for c in range(4):
+        a = q._range()[c].detach().double()
+        xc = BB.clip_to_range(w[c].double(), a, True)
+        terms = BB.residual_terms(xc, BB.nested_scales(BB.range_width(a, True) / 3), torch.round)
+        assert torch.allclose(y[c].double(), BB.gated_sum(terms, [None] + gates), rtol=1e-5, atol=1e-6 * float(a))
+    y.sum().backward()
+    assert q.clip_max.grad.shape == (4,)  # each channel's range learns from its own channel
+    q.eval()
+    bits = q.test_bits()
+    with torch.no_grad():
+        y = q(w)
+    for c in range(4):
+        a = q._range()[c].detach().double()
+        ref = BB.direct_quantize(BB.clip_to_range(w[c].double(), a, True), a, bits, True)
+        assert torch.allclose(y[c].double(), ref, rtol=1e-5, atol=1e-6 * float(a))
+    p = q.qparams()
+    assert p.scale.shape == (4,) and p.per_channel and int(p.qmax.max()) == (1 << (bits - 1)) - 1
+    frozen = freeze_quantizer(q)
+    with torch.no_grad():
+        assert torch.equal(frozen(w), y)
+    with pytest.raises(ConfigError, match="per tensor"):
+        BayesianBitsQuantizer(TensorConfig(bits=8, granularity="channel", quantizer="bb"), "act", 1, 3)
 
 
 def test_regularizer_of_quantizer_uses_mac_weight_and_fixed_has_none():

@@ -56,10 +56,12 @@ def _bb_mixed(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("method", ["lsq", "pact", "bb"])
-def test_frozen_model_equals_trained_model_in_eval(method):
+def test_frozen_model_equals_trained_model_in_eval(method, granularity):
     torch.manual_seed(1)
-    model = prepare_qat(SmallConv(), method, {"input_shape": [2, 8, 8], "w_bits": 3, "a_bits": 3})
+    model = prepare_qat(SmallConv(), method, {"input_shape": [2, 8, 8], "w_bits": 3, "a_bits": 3,
+                                              "granularity": granularity})
     x = torch.randn(16, 2, 8, 8)
     model.train()
     y = model(x)  # initialises activation quantizers from the first batch
@@ -85,12 +87,18 @@ def test_frozen_model_equals_trained_model_in_eval(method):
         assert torch.equal(layer.weight_quantizer(w), p.dequantize(p.quantize(w))), name
     if method == "bb":
         layers = dict(quant_layers(frozen))
-        assert int(layers["c1"].weight_quantizer.bits) == 4 and int(layers["c2"].weight_quantizer.bits) == 2
+        def one(t):  # the single value of a per-tensor or per-channel (uniform) parameter
+            assert t.unique().numel() == 1, t
+            return int(t.reshape(-1)[0])
+
+        assert one(layers["c1"].weight_quantizer.bits) == 4 and one(layers["c2"].weight_quantizer.bits) == 2
         assert int(layers["c1"].input_quantizer.bits) == 8  # the network input: fixed 8 bits
         assert int(layers["c2"].input_quantizer.bits) == 16 and int(layers["fc"].input_quantizer.bits) == 4
         assert layers["c1"].weight_quantizer.kept.tolist() == [True, False, True, True, False, True]
         assert bool(layers["fc"].weight_quantizer.kept.all())  # the last layer is never pruned
-        assert int(layers["c2"].weight_quantizer.qmin) == -1 and int(layers["c2"].weight_quantizer.qmax) == 1
+        assert one(layers["c2"].weight_quantizer.qmin) == -1 and one(layers["c2"].weight_quantizer.qmax) == 1
+    if granularity == "channel":
+        assert all(l.weight_quantizer.scale.shape == (l.layer.weight.shape[0],) for _, l in quant_layers(frozen))
 
 
 def test_frozen_cost_carries_kept_fraction_into_next_layer():

@@ -80,9 +80,9 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         if cfg.allocate:
             raise ConfigError("Bayesian Bits learns bit widths itself; do not combine it with allocate=True")
         super().__init__(cfg, role, axis, channels)
-        if self.per_channel:
-            raise ConfigError("Bayesian Bits quantizes per tensor (one range and one set of bit gates per tensor); "
-                              "use granularity='tensor' (pruning gates are per output channel anyway)")
+        if self.per_channel and role != "weight":
+            raise ConfigError("Bayesian Bits quantizes activations per tensor (one range and one set of bit gates "
+                              "per tensor); use granularity='tensor' for activations")
         opts = dict(cfg.options)
         unknown = set(opts) - _KNOWN_OPTIONS
         if unknown:
@@ -104,7 +104,9 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         self.prune = bool(opts.get("prune", role == "weight")) and role == "weight" and not self.fixed
         if opts.get("prune") and role != "weight":
             raise ConfigError("Bayesian Bits prunes output channels of weights only (prune=True on an activation)")
-        self.clip_max = nn.Parameter(torch.ones(()))
+        # the learned range: one per tensor (the paper), or one per output channel of a weight (granularity
+        # "channel": BatchNorm-folded weights differ in scale per channel); the bit gates stay per tensor
+        self.clip_max = nn.Parameter(torch.ones((channels,) if self.per_channel else ()))
         la = torch.tensor(init[: self.n_gates], dtype=torch.float32)
         self.log_alpha: nn.Parameter | None = None if self.fixed else nn.Parameter(la)
         if self.prune:
@@ -124,7 +126,8 @@ class BayesianBitsQuantizer(LearnedQuantizer):
     # -- initialisation ---------------------------------------------------------------------------------
     def _init_from_stats(self, stats: DataStats) -> None:
         a = stats.abs_max() if self.is_signed else stats.max.clamp_min(0.0)
-        self.clip_max.copy_(torch.clamp(a.max(), min=MIN_SCALE).to(torch.float32))
+        a = a.reshape(self.clip_max.shape) if self.per_channel else a.max()
+        self.clip_max.copy_(torch.clamp(a, min=MIN_SCALE).to(torch.float32))
 
     def clamp_parameters(self) -> None:
         with torch.no_grad():
@@ -235,6 +238,8 @@ class BayesianBitsQuantizer(LearnedQuantizer):
             self._last_z2 = None
             return self._fake_quantize_frozen(x)
         a = self._range()
+        if self.per_channel:
+            a = reshape_for_axis(a, x.ndim, self.axis)
         signed = self.is_signed
         gates, z2 = self.sample_gates()
         self._last_z2 = z2
@@ -259,15 +264,17 @@ class BayesianBitsQuantizer(LearnedQuantizer):
             qmin = torch.tensor(0, dtype=torch.int64, device=dev)
             qmax = torch.tensor((1 << b) - 1, dtype=torch.int64, device=dev)
         kept = self.kept_mask()
-        return QuantParams(bits=torch.tensor(b, dtype=torch.int64, device=dev), scale=scale,
-                           zero_point=torch.zeros((), dtype=torch.int64, device=dev), qmin=qmin, qmax=qmax,
-                           axis=self.axis, signed=signed, kept=None if kept is None else kept.to(dev))
+        shape = scale.shape  # () per tensor, [C] with per-channel ranges
+        return QuantParams(bits=torch.full(shape, b, dtype=torch.int64, device=dev), scale=scale,
+                           zero_point=torch.zeros(shape, dtype=torch.int64, device=dev), qmin=qmin.expand(shape),
+                           qmax=qmax.expand(shape), axis=self.axis, signed=signed,
+                           kept=None if kept is None else kept.to(dev))
 
     def state_summary(self) -> dict[str, Any]:
         """Loggable state: expected and test bits, gate probabilities, kept channels."""
         d: dict[str, Any] = {"expected_bits": float(self.expected_bits()), "test_bits": self.test_bits(),
                              "p_on": [round(float(p), 5) for p in self.gate_probs().detach().cpu()],
-                             "range": float(self._range().detach())}
+                             "range": float(self._range().detach().mean())}
         pp = self.prune_probs()
         if pp is not None:
             kept = self.kept_mask()

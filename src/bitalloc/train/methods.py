@@ -216,7 +216,7 @@ def qat_config(method: str, options: Mapping[str, Any], order: list[str]) -> Qua
     if opts["threshold"] is not None:
         common["threshold"] = float(opts["threshold"])
     gate_opts = dict(common, gate_init=list(opts["gate_init"]))
-    w = TensorConfig(bits=int(opts["max_bits"]), symmetric=True, quantizer="bb",
+    w = TensorConfig(bits=int(opts["max_bits"]), granularity=opts["granularity"], symmetric=True, quantizer="bb",
                      options=dict(gate_opts, prune=bool(opts["prune"]), prune_init=float(opts["prune_init"])))
     a = TensorConfig(bits=int(opts["max_bits"]), quantizer="bb", options=dict(gate_opts))
     overrides: list[tuple[str, dict[str, Any]]] = []
@@ -421,7 +421,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--first-last-bits", type=int, default=8,
                    help="lsq/pact: bits of the first and last layers; bb: bits of the network input (0: off)")
     g.add_argument("--q-granularity", choices=["tensor", "channel"], default="tensor",
-                   help="lsq/pact: one weight step per tensor (the papers) or per output channel")
+                   help="one weight step (lsq/pact) or learned weight range (bb) per tensor (the papers) or per "
+                        "output channel (advisable with BatchNorm folded into the weights)")
     g.add_argument("--q-lr", type=float, default=None, help="lsq/pact: lr of step sizes / clip levels (default --lr)")
     g.add_argument("--input-shape", type=_shape, default=None, help="C,H,W of one input (default: the zoo model's)")
     g.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
