@@ -174,13 +174,16 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         for p in sorted(points, key=lambda p: (p["method"] != "fp32", p["method"], p["relative_bops"])):
             opts = p.get("options") or {}
             setting = ", ".join(f"{k}={v}" for k, v in (p.get("setting") or {}).items())
+            params = p.get("parameters") or {}
+            extra = ", ".join(f"{v:,} {k}" for k, v in (params.get("quantizers") or {}).items()) or "-"
             rows.append([p["name"], setting, _pct(p["top1"]), _pct(p["relative_bops"], 3),
-                         "*" if p["name"] in front else "", p.get("epochs") or "-",
+                         "*" if p["name"] in front else "", p.get("epochs") or "-", extra,
                          f"{1000 * p['time_per_step']:.0f}" if p.get("time_per_step") else "-",
                          _bits_summary(p) if p["method"] != "fp32" else "float"])
             if opts.get("gate_lr") and p["method"] == "bb":
                 rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
-        table = md_table(["run", "setting", "top-1 %", "rel. BOPs %", "Pareto", "epochs", "ms/step", "bits per layer (frozen)"],
+        table = md_table(["run", "setting", "top-1 %", "rel. BOPs %", "Pareto", "epochs", "quantizer parameters",
+                          "ms/step", "bits per layer (frozen)"],
                          rows)
         paper = PAPER.get(folder.name, {})
         paper_txt = "; ".join(f"{k}: {v}" for k, v in paper.items()) or "-"

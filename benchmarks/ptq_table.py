@@ -218,7 +218,12 @@ def render(s: dict) -> str:
         worst = max(fwd, key=lambda t: t[2])
         checks.append(f"- fake-quant forward time, offline statistics: at most {worst[2]:.2f}x FP32 ({worst[0]} "
                       f"{worst[1]}; goal: at most 1.5x): " + ("met" if worst[2] <= 1.5 else "NOT met"))
-    lines += ["Goals:", *checks, ""]
+    n = s["eval_images"]
+    fp = s["fp32_top1"] / 100
+    se = 100 * (fp * (1 - fp) / n) ** 0.5
+    lines += ["Goals:", *checks, "",
+              f"For scale: the binomial standard error of a top-1 near FP32 on these {n} images is {se:.2f} points "
+              f"({max(1, round(se / 100 * n))} images); smaller differences between rows are not meaningful.", ""]
     t = [[r["bits"], r["method"], r["timing"]["calibration_ratio"], r["timing"]["eval_ratio"],
           r["timing"].get("forward", {}).get("ratio")] for r in s["rows"] if r["bits"] == bits[0]]
     n_fwd = next((r["timing"]["forward"]["images"] for r in s["rows"] if "forward" in r["timing"]), 0)
