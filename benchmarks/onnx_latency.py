@@ -34,7 +34,7 @@ from bitalloc.io import write_json  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_latency.json"
 # the first configuration is the claim row of the verdicts (the W8A8 deployment recipe); then the others for context
 DEFAULT_CONFIGS = ("percentile/8x8/model,minmax/8x8/model,minmax/8x8/ort,minmax/8x8/none,"
-                   "aciq/4x8/none/exact,aciq/4x8/ort/requantize,aciq/4x4/none/exact,aciq/4x4/ort/requantize")
+                   "aciq-gptq/4x8/model,aciq-gptq/4x4/model,aciq/4x4/none/exact,aciq/4x4/ort/requantize")
 
 
 def markdown(model: str, dataset: str, result: dict) -> str:
