@@ -2,15 +2,19 @@
 
 Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
 
-    # LeNet-5 / MNIST: Bayesian Bits at mu = 0.1, LSQ 4/4 and PACT 4/4 (8-bit first/last layers)
+    # LeNet-5 / MNIST: Bayesian Bits mu sweep, LSQ 4/4 and PACT 4/4 (8-bit first/last layers), 10 epochs
     python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
-        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method bb --mu 0.1 \\
-        --epochs 12 -- --gate-lr 1e-2
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method bb --mu 0.1,0.2,0.3 \\
+        -- --gate-lr 1e-2 --bb-fix-gates-epochs 2
     python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
-        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method lsq,pact --bits 4 --epochs 4
-    # CIFAR-10 (ResNet-20 on 2 CPU cores; VGG-7 where a GPU is available): mu sweep + LSQ / PACT points
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method lsq,pact --bits 4
+    # CIFAR-10 (ResNet-20 on 2 CPU cores; VGG-7 where a GPU is available): LSQ / PACT points + mu sweep
     python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
-        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method bb --mu 0.01,0.1 --epochs 2 -- --gate-lr 1e-2
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method lsq,pact --bits 4 \\
+        --epochs 3 -- --lr 1e-4 --q-granularity channel
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method bb --mu 0.01,0.03 \\
+        --epochs 3 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 1
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section

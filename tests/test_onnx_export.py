@@ -386,10 +386,17 @@ def test_align_model_on_blocks_with_shortcuts():
     a = align_for_ort(q, [x])
     rep = a.bitalloc_ort_alignment
     assert not rep.unsupported and any(p.site.endswith("relu2") or p.site.startswith("layer") for p in rep.points)
+    # the two strided, zero-padded shortcuts select values of the block input: they take the grid of the
+    # conv reading that input (as onnxruntime propagates grids through Slice / Pad), so no requantization
+    shortcuts = {p.site: p.shares for p in rep.points if p.site.endswith("shortcut")}
+    assert shortcuts == {"layer2.0.shortcut": "layer2.0.conv1", "layer3.0.shortcut": "layer3.0.conv1"}
     proto, er = export_onnx(a, x[:1], align="ort", calibration_data=[x])
     assert er.extra_qdq == []
     counts = optimized_op_counts(proto.SerializeToString())
     assert counts.get("QLinearConv", 0) == 19 and "Conv" not in counts and counts.get("QLinearAdd", 0) == 9
+    # Q / DQ nodes left in onnxruntime's graph: the input's Q and the two shortcuts' DQ -> Pad -> Q (the
+    # logits leave QGemm in float); a requantization (DQ -> Q between two grids) would add a pair per shortcut
+    assert counts.get("QuantizeLinear", 0) == 3 and counts.get("DequantizeLinear", 0) == 2
     close_to_fake_quant(a, proto, x)  # 19 layers: float32 rounding can move single codes (see the helper)
 
 
@@ -450,3 +457,63 @@ def test_align_model_with_requantized_bias_shifts():
     counts = optimized_op_counts(pr.SerializeToString())
     assert counts.get("QLinearConv", 0) == 4 and "Conv" not in counts
     close_to_fake_quant(ar, pr, xr)
+
+
+def test_interleaved_latency_turns_pauses_and_minimum_time(monkeypatch):
+    """Turns of ``block`` timed runs after a pause and one untimed run, until every session has ``runs`` runs
+    and ``min_seconds`` of them; a fake clock makes the counts exact (session a: 10 ms per run, b: 1 ms)."""
+    from bitalloc.runtime import ort as ortmod
+
+    clock = {"t": 0.0}
+    calls = []
+
+    class Fake:
+        def __init__(self, name, dt):
+            self.name, self.dt = name, dt
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "x"})()]
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+            clock["t"] += self.dt
+
+    monkeypatch.setattr(ortmod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(ortmod.time, "sleep", lambda s: calls.append(f"pause {s}"))
+    lat = ortmod.interleaved_latency({"a": Fake("a", 0.010), "b": Fake("b", 0.001)}, np.zeros((1, 2), np.float32),
+                                     runs=10, warmup=2, block=5, pause=0.1, min_seconds=0.02)
+    # a: 10 runs (0.1 s >= 0.02 s); b: 10 runs are only 0.01 s, so it needs 20 (two more turns of 5)
+    assert lat["a"].runs == 10 and lat["b"].runs == 20
+    assert lat["a"].median_ms == pytest.approx(10.0) and lat["b"].median_ms == pytest.approx(1.0)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up
+    assert calls[4:11] == ["pause 0.1", "a"] + ["a"] * 5  # a turn: pause, untimed run, 5 timed runs
+    assert calls.count("pause 0.1") == 2 + 4  # a: 2 turns, b: 4 turns
+
+
+class PoolSkip(nn.Module):
+    """A strided skip of a quantized layer's input through a pooling module (``pool``) into a residual add."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.pool = pool
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.fc(F.relu(self.conv(x) + self.pool(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("pool, shares", [(nn.MaxPool2d(2), "conv"), (nn.AvgPool2d(2), None)])
+def test_align_shares_the_source_grid_through_value_selecting_modules(pool, shares):
+    from bitalloc.runtime.align import align_for_ort
+
+    x = data((3, 8, 8))
+    a = align_for_ort(quantized(PoolSkip(pool), x), [x])
+    skip = [p for p in a.bitalloc_ort_alignment.points if p.site == "pool"]
+    # max pooling keeps every value on conv's input grid (the point adds no rounding); averaging does not
+    assert len(skip) == 1 and skip[0].shares == shares
+    ref = F.relu(a.stem(x))
+    if shares:  # the point is exact: the pooled values are already on the grid
+        torch.testing.assert_close(a.pool(ref), pool(ref), rtol=0, atol=0)

@@ -5,8 +5,8 @@ uint8 activations, MinMax and Entropy calibration on the same calibration images
 bitalloc exports of the configurations given with ``--configs``. For each: top-1 on the evaluation set, the
 top-1 agreement and largest logit difference with bitalloc's fake-quant model (bitalloc rows), how many
 convolutions / matrix products onnxruntime runs with int8 kernels, and the median latency of batch 1 and
-batch 32 (``--batch-sizes``), measured in turns (each model: one untimed run, then 5 timed runs; model after
-model) so that background load affects all rows alike; speed-ups are ratios to FP32 within the same run.
+batch 32 (``--batch-sizes``), measured in turns (each model: a 0.1 s pause, one untimed run, then 5 timed
+runs; model after model, until each has --runs runs and 1 s of them) so that background load affects all rows alike; speed-ups are ratios to FP32 within the same run.
 
 A configuration is ``PRESET/WxA[/ALIGN[/BIAS_SHIFT[/ACT_GRANULARITY]]]``, e.g. ``minmax/8x8`` (defaults:
 align ``model``, bias shift ``exact``, per-tensor activations), ``aciq/4x8/none/exact``. ALIGN: ``none``
@@ -357,7 +357,7 @@ def run_cpu(args: argparse.Namespace) -> int:
               "command": "bitalloc " + " ".join(sys.argv[1:]), **result}
     write_json(out / "bench.json", result)
     cols, rows = table_rows(result)
-    print_table(f"{name}: onnxruntime CPU, {args.threads} threads, median of {args.runs} runs", cols, rows)
+    print_table(f"{name}: onnxruntime CPU, {args.threads} threads, median of at least {args.runs} runs / 1 s per model", cols, rows)
     for line in verdict_lines(result):
         print(line)
     print(f"results: {out / 'bench.json'}", file=sys.stderr)

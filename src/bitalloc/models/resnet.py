@@ -19,7 +19,13 @@ __all__ = ["PadShortcut", "BasicBlock", "CifarResNet", "resnet20"]
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: ``x[:, :, ::stride, ::stride]`` zero-padded to ``out_channels`` (split evenly)."""
+    """Option-A shortcut: ``x[:, :, ::stride, ::stride]`` zero-padded to ``out_channels`` (split evenly).
+
+    Every output value is an input value or 0 (``selects_values``): a quantization grid of the input that
+    holds 0 is also exact for the output (:func:`bitalloc.runtime.align_for_ort` uses this).
+    """
+
+    selects_values = True
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()

@@ -19,6 +19,9 @@ float32 rounding and onnxruntime's requantization arithmetic:
   addition that reaches anything other than quantized layers, and the inputs of additions / multiplications
   / global average pooling that are not quantized yet. A tensor that a quantized layer also reads gets that
   layer's input grid (the same quantizer object, shared: the layer's own re-quantization is then exact);
+  a tensor selected from such a tensor by slicing, reshapes, max pooling or zero padding (a strided,
+  zero-padded residual shortcut) gets the grid of a layer reading the source, as onnxruntime propagates
+  quantization parameters through those ops (no extra rounding, no requantization in onnxruntime's graph);
   any other gets a new per-tensor uint8 min-max grid measured on ``calibration_data``. When the tensor is
   the end of an activation chain after a layer's output, the quantizer is applied at the layer's output
   with a grid that lies inside the activation's bounds (then Q(act(y)) = Q(y) = act(Q(y)) exactly).
@@ -64,6 +67,10 @@ _ACT_FUNCS = {"relu": (0.0, math.inf), "relu_": (0.0, math.inf), "relu6": (0.0, 
 _SUM_FUNCS = {"add", "__add__", "__radd__"}
 _ADD_FUNCS = _SUM_FUNCS | {"mul", "__mul__", "__rmul__"}  # (in-place forms are not aligned)
 _POOL_FUNCS = {"adaptive_avg_pool2d", "adaptive_avg_pool1d"}
+# functions whose every output value is one of their (first) input's values, or 0 for "pad"
+_SELECT_FUNCS = {"__getitem__", "reshape", "view", "flatten", "permute", "transpose", "narrow", "squeeze",
+                 "unsqueeze", "max_pool1d", "max_pool2d", "pad"}
+_SELECT_MODULES = (nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.ZeroPad2d)
 
 
 # ---- the tensor quantizer ---------------------------------------------------------------------------------------
@@ -272,6 +279,20 @@ def _act_bounds(node: _Node) -> tuple[float, float] | None:
     return _ACT_FUNCS.get(node.target)
 
 
+def _selects_values(node: _Node) -> bool:
+    """Every output value of the node is a value of its first input, or 0 (slicing, reshapes, max pooling,
+    zero padding; modules with ``selects_values = True``): an input grid that holds 0 is exact on the output."""
+    if node.kind == "module":
+        return isinstance(node.module, _SELECT_MODULES) or bool(getattr(node.module, "selects_values", False))
+    if node.target not in _SELECT_FUNCS or len(node.outputs) != 1 or not node.inputs:
+        return False
+    if node.target == "pad":
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        return mode == "constant" and not value
+    return True
+
+
 def _is_passthrough(node: _Node) -> bool:
     """A node whose output is its input object (nn.Identity, eval-mode Dropout): invisible for dataflow."""
     return bool(node.outputs) and all(o in node.inputs for o in node.outputs)
@@ -386,6 +407,22 @@ def _targets(model: nn.Module, g: _Graph) -> tuple[list[_Target], list[str]]:
             if a.is_layer(c) and _shareable(c.module):
                 tg.shares = names.get(id(c.module), c.target)
                 break
+        if tg.shares is None:
+            # a tensor selected from another (a strided / padded residual shortcut, as onnxruntime's quantizer
+            # propagates a grid through Slice / Pad / Reshape / MaxPool): the grid of a layer reading the source,
+            # so that the point adds no rounding (and onnxruntime no requantization) where the source is on it
+            u, p = t, g.producer.get(t)
+            while p is not None and _selects_values(g.nodes[p]):
+                u = g.nodes[p].inputs[0]
+                p = g.producer.get(u)
+            for c in (a.consumers(u) if u != t else []):
+                if a.is_layer(c) and _shareable(c.module):
+                    q = c.module.input_quantizer.qparams()
+                    lo, hi = _grid_range(q)
+                    if lo <= 0.0 <= hi:
+                        tg.shares = names.get(id(c.module), c.target)
+                        tg.description += f" (selected from the input of {tg.shares}: its grid)"
+                        break
         # the site: the innermost module returning the tensor, called once, returning before any consumer
         first_use = min((c.index for c in a.consumers(t)), default=len(g.nodes))
         for mod, pos in g.outputs_of.get(t, []):
