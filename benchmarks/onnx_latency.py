@@ -43,7 +43,7 @@ def markdown(model: str, dataset: str, result: dict) -> str:
     lines = [f"### ONNX export and CPU latency: {model} ({dataset}, {result['calibration_samples']} calibration "
              f"images, {result['evaluation_samples']} evaluation images)", "",
              "onnxruntime CPU execution provider, "
-             f"{result['threads']} intra-op threads; latency = median of at least {result['runs']} runs (and at least 1 s of timed runs per model) after "
+             f"{result['threads']} intra-op threads; latency = median of at least {result['runs']} runs (and at least {result.get('min_seconds', 0):g} s of timed runs per model) after "
              f"{result['warmup']} warm-up runs, models timed in turns of 5 runs (each turn after a 0.1 s pause, so that the previous model's spinning worker threads go idle, and one untimed run), model after model; \"x FP32\" = FP32 latency / model "
              "latency in the same run. top-1 on the evaluation images; agreement and max |diff| (logits) compare "
              "onnxruntime's output with bitalloc's fake-quant PyTorch model (fake-quant top-1 column). int8 / float "

@@ -53,7 +53,7 @@ def test_bench_cpu_command(tiny, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "cpu", "--checkpoint", str(ckpt), "--data", str(data), "--calib", "16", "--limit", "24",
             "--batch-size", "8", "--configs", "minmax/8x8/ort,minmax/4x4/none", "--batch-sizes", "1,8",
-            "--runs", "2", "--warmup", "1", "--out", str(out)]
+            "--runs", "2", "--min-seconds", "0", "--warmup", "1", "--out", str(out)]
     code, stdout, err = run(args + ["--no-anchors"], capsys)
     assert code == 0, err
     res = json.loads((out / "bench.json").read_text())
@@ -88,7 +88,7 @@ def test_bench_cpu_command(tiny, tmp_path, capsys):
 def test_bench_cpu_rejects_bad_batch_sizes(tiny, tmp_path, capsys, sizes, message):
     data, ckpt = tiny
     code, _, err = run(["bench", "cpu", "--checkpoint", str(ckpt), "--data", str(data), "--calib", "8", "--limit", "16",
-                        "--configs", "minmax/8x8/none", "--no-anchors", "--runs", "1", "--batch-sizes", sizes,
+                        "--configs", "minmax/8x8/none", "--no-anchors", "--runs", "1", "--min-seconds", "0", "--batch-sizes", sizes,
                         "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "b" / "bench.json").exists()

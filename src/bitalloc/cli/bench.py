@@ -129,6 +129,7 @@ def _logits(session: Any, data: list) -> tuple[np.ndarray, np.ndarray]:
 
 def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[BenchConfig], out_dir: Path, *,
               batch_sizes: tuple[int, ...] = (1, 32), threads: int = 2, runs: int = 20, warmup: int = 3,
+              min_seconds: float = 1.0,
               anchors: tuple[str, ...] = ("minmax", "entropy"), log: Callable[[str], None] | None = None,
               latency_tolerance: float = LATENCY_TOLERANCE) -> dict[str, Any]:
     """Export, evaluate and time every row (see module docstring). ``calib`` / ``evaluation``: lists of
@@ -216,13 +217,13 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
     for bs in batch_sizes:
         if xs.shape[0] < bs:
             raise ConfigError(f"batch size {bs} needs at least {bs} evaluation samples (have {xs.shape[0]})")
-        lat = interleaved_latency(sessions, xs[:bs].numpy(), runs=runs, warmup=warmup)
+        lat = interleaved_latency(sessions, xs[:bs].numpy(), runs=runs, warmup=warmup, min_seconds=min_seconds)
         base = lat[rows[0].label].median_ms
         for row in rows:
             row.latency[str(bs)] = lat[row.label].to_dict()
             row.speedup[str(bs)] = base / lat[row.label].median_ms
         log(f"batch {bs}: " + ", ".join(f"{r.label}: {lat[r.label].median_ms:.2f} ms" for r in rows))
-    result = {"threads": threads, "runs": runs, "warmup": warmup, "batch_sizes": list(batch_sizes),
+    result = {"threads": threads, "runs": runs, "min_seconds": min_seconds, "warmup": warmup, "batch_sizes": list(batch_sizes),
               "calibration_samples": int(sum(b[0].shape[0] for b in calib)),
               "evaluation_samples": int(xs.shape[0]), "rows": [r.to_dict() for r in rows]}
     result["verdicts"] = verdicts(result, latency_tolerance=latency_tolerance)
@@ -308,6 +309,8 @@ def register_cpu(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model and batch size (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="time each model for at least this many seconds per batch size (default 1; 0: --runs only)")
     p.add_argument("--no-anchors", action="store_true", help="skip onnxruntime's own static quantization")
     p.add_argument("--latency-tolerance", type=float, default=LATENCY_TOLERANCE,
                    help=f"latency verdict: a ratio to onnxruntime's static MinMax up to 1 + this counts as timing "
@@ -342,6 +345,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-sizes: give positive batch sizes")
     if args.threads < 1 or args.runs < 1:
         raise ConfigError("--threads and --runs must be positive")
+    if not args.min_seconds >= 0:
+        raise ConfigError(f"--min-seconds must be >= 0, got {args.min_seconds}")
     out = Path(args.out)
     if (out / "bench.json").exists() and not args.overwrite:
         raise ConfigError(f"{out / 'bench.json'} exists; pass --overwrite or choose another --out")
@@ -350,7 +355,7 @@ def run_cpu(args: argparse.Namespace) -> int:
     calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
                                     cache_dir=args.cache_dir)
     result = bench_cpu(model, batches(calib, min(args.batch_size, args.calib)), batches(evaluation, args.batch_size),
-                       configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
+                       configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs, min_seconds=args.min_seconds,
                        warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
                        latency_tolerance=args.latency_tolerance)
     result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(threads=args.threads),

@@ -12,6 +12,7 @@ alike).
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +181,14 @@ def measure_latency(session: Any, x: np.ndarray, *, runs: int = 20, warmup: int 
 
 
 def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 20, warmup: int = 3,
-                        block: int = 5, pause: float = 0.1, min_seconds: float = 1.0) -> dict[str, Latency]:
+                        block: int = 5, pause: float = 0.1, min_seconds: float = 1.0,
+                        turn_seconds: float = 0.05) -> dict[str, Latency]:
     """Latency of several sessions on the same batch, measured in turns (fair under background load).
 
     Each turn of a session starts with a pause of ``pause`` seconds and one untimed run, then ``block``
     timed runs; turns repeat until each session has at least ``runs`` timed runs and ``min_seconds`` of timed
-    runs (sub-millisecond models get hundreds of runs, whose median is stable). Returns the median /
+    runs (sub-millisecond models get hundreds of runs, whose median is stable; once a session has ``runs``
+    runs, its further turns last about ``turn_seconds``). Returns the median /
     percentiles per session (``Latency.runs``: how many runs). The pause matters: onnxruntime's intra-op worker threads keep spinning for a while after a
     run, and without it the previous session's spinning threads compete with the next session's (measured
     on EfficientNet-Lite0, 2 threads, batch 1: FP32 12.3 ms and static int8 6.9 ms interleaved without a pause,
@@ -196,14 +199,19 @@ def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 
         for _ in range(warmup):
             s.run(None, feeds[k])
     times: dict[str, list[float]] = {k: [] for k in sessions}
+
     def short(v: list[float]) -> bool:
         return len(v) < runs or sum(v) < min_seconds
 
     while any(short(v) for v in times.values()):
         for k, s in sessions.items():
-            if not short(times[k]):
+            v = times[k]
+            if not short(v):
                 continue
-            n = block if len(times[k]) >= runs else min(block, runs - len(times[k]))
+            if len(v) < runs:
+                n = min(block, runs - len(v))
+            else:  # topping up to min_seconds: turns of about turn_seconds, so that pauses stay few
+                n = max(block, min(10_000, math.ceil(turn_seconds / max(float(np.median(v)), 1e-7))))
             if pause > 0:
                 time.sleep(pause)
             s.run(None, feeds[k])
