@@ -128,6 +128,10 @@ def main() -> int:
                          "images as one FP32 pass needs to last this long (default 0.5 s)")
     ap.add_argument("--channel-baselines", action="store_true",
                     help="also run every baseline with per-channel activations (slow: KLD searches per channel)")
+    ap.add_argument("--allocation", choices=("optimal", "aciq"),
+                    help="allocation rule of every row (aciq: eq. 11; default: each row's own, exact optimum unless "
+                         "the row says eq. 11); for exploration, with --no-md and --out")
+    ap.add_argument("--out", help="JSON results file (default benchmarks/results/ptq_MODEL.json)")
     ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args()
     from bitalloc import models
@@ -149,6 +153,8 @@ def main() -> int:
     models_by_key: dict = {}
     for w, a in bits_list:
         for label, key, kw in rows_for((w, a), args.quick, args.channel_baselines):
+            if args.allocation:
+                kw = {**kw, "allocation": args.allocation}
             cfg = row_config(key, w, a, kw, args.calib)
             t0 = time.perf_counter()
             res = run_ptq(model, cfg, calib_batches, evaluate, fp32_top1=fp32_top1, fp32_eval_seconds=fp32_s,
@@ -172,7 +178,7 @@ def main() -> int:
                "calibration_images": args.calib, "fp32_top1": fp32_top1, "fp32_eval_seconds": fp32_s,
                "aciq_kld_step_ratio": rho, "rows": results, "machine": machine(), "command": command_line(),
                "revision": git_revision()}
-    out = Path(__file__).resolve().parent / "results" / f"ptq_{name}.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"ptq_{name}.json"
     write_json(out, summary)
     print(f"results: {out}")
     if not args.no_md:
