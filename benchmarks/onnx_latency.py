@@ -4,10 +4,10 @@ static quantization (MinMax and Entropy calibration on the same 32 calibration i
     python benchmarks/onnx_latency.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip
     python benchmarks/onnx_latency.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data ../shared/data/cifar10-jpeg.zip
 
-Latencies: median of at least --runs timed runs (and 1 s of them per model) after --warmup runs, batch 1 and 32, onnxruntime CPU EP with 2
-intra-op threads, all models timed in turns (per turn and model: a 0.1 s pause, one untimed run, then 5 timed runs) so that background load on a shared
-machine hits every row alike; compare rows through the "x FP32" ratios of one run. Re-run on a quiet machine
-for absolute numbers. Writes benchmarks/results/onnx_latency.json (one entry per model) and the model's
+Latencies: median of at least --runs timed runs (and 1 s of them per model) after --warmup runs, batch 1
+and 32, onnxruntime CPU EP with 2 intra-op threads, all models timed in turns (per turn and model: a 0.1 s
+pause, one untimed run, then 5 timed runs) so that background load on a shared machine hits every row alike;
+compare rows through the "x FP32" ratios of one run. Re-run on a quiet machine for absolute numbers. Writes benchmarks/results/onnx_latency.json (one entry per model) and the model's
 section of BENCHMARKS.md, which ends with one verdict line per check of the claim row (the first W8A8
 bitalloc configuration, ``percentile/8x8/model`` by default): top-1 agreement >= 99% with the bitalloc model,
 top-1 >= each onnxruntime static anchor (MinMax, Entropy), latency at batch 1 and 32 <= onnxruntime static
@@ -43,8 +43,10 @@ def markdown(model: str, dataset: str, result: dict) -> str:
     lines = [f"### ONNX export and CPU latency: {model} ({dataset}, {result['calibration_samples']} calibration "
              f"images, {result['evaluation_samples']} evaluation images)", "",
              "onnxruntime CPU execution provider, "
-             f"{result['threads']} intra-op threads; latency = median of at least {result['runs']} runs (and at least {result.get('min_seconds', 0):g} s of timed runs per model) after "
-             f"{result['warmup']} warm-up runs, models timed in turns of 5 runs (each turn after a 0.1 s pause, so that the previous model's spinning worker threads go idle, and one untimed run), model after model; \"x FP32\" = FP32 latency / model "
+             f"{result['threads']} intra-op threads; latency = median of at least {result['runs']} runs (and at "
+             f"least {result.get('min_seconds', 0):g} s of timed runs per model) after {result['warmup']} warm-up "
+             "runs, models timed in turns of 5 runs (each turn after a 0.1 s pause, so that the previous model's "
+             "spinning worker threads go idle, and one untimed run), model after model; \"x FP32\" = FP32 latency / model "
              "latency in the same run. top-1 on the evaluation images; agreement and max |diff| (logits) compare "
              "onnxruntime's output with bitalloc's fake-quant PyTorch model (fake-quant top-1 column). int8 / float "
              "convs: convolutions and matrix products onnxruntime runs with integer kernels (QLinearConv, QGemm, "

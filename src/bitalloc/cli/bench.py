@@ -6,7 +6,8 @@ bitalloc exports of the configurations given with ``--configs``. For each: top-1
 top-1 agreement and largest logit difference with bitalloc's fake-quant model (bitalloc rows), how many
 convolutions / matrix products onnxruntime runs with int8 kernels, and the median latency of batch 1 and
 batch 32 (``--batch-sizes``), measured in turns (each model: a 0.1 s pause, one untimed run, then 5 timed
-runs; model after model, until each has --runs runs and 1 s of them) so that background load affects all rows alike; speed-ups are ratios to FP32 within the same run.
+runs; model after model, until each has --runs runs and --min-seconds of them) so that background load
+affects all rows alike; speed-ups are ratios to FP32 within the same run.
 
 A configuration is ``PRESET/WxA[/ALIGN[/BIAS_SHIFT[/ACT_GRANULARITY]]]``, e.g. ``minmax/8x8`` (defaults:
 align ``model``, bias shift ``exact``, per-tensor activations), ``aciq/4x8/none/exact``. ALIGN: ``none``
@@ -223,7 +224,8 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
             row.latency[str(bs)] = lat[row.label].to_dict()
             row.speedup[str(bs)] = base / lat[row.label].median_ms
         log(f"batch {bs}: " + ", ".join(f"{r.label}: {lat[r.label].median_ms:.2f} ms" for r in rows))
-    result = {"threads": threads, "runs": runs, "min_seconds": min_seconds, "warmup": warmup, "batch_sizes": list(batch_sizes),
+    result = {"threads": threads, "runs": runs, "min_seconds": min_seconds, "warmup": warmup,
+              "batch_sizes": list(batch_sizes),
               "calibration_samples": int(sum(b[0].shape[0] for b in calib)),
               "evaluation_samples": int(xs.shape[0]), "rows": [r.to_dict() for r in rows]}
     result["verdicts"] = verdicts(result, latency_tolerance=latency_tolerance)
@@ -355,14 +357,15 @@ def run_cpu(args: argparse.Namespace) -> int:
     calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
                                     cache_dir=args.cache_dir)
     result = bench_cpu(model, batches(calib, min(args.batch_size, args.calib)), batches(evaluation, args.batch_size),
-                       configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs, min_seconds=args.min_seconds,
-                       warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
+                       configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
+                       min_seconds=args.min_seconds, warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
                        latency_tolerance=args.latency_tolerance)
     result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(threads=args.threads),
               "command": "bitalloc " + " ".join(sys.argv[1:]), **result}
     write_json(out / "bench.json", result)
     cols, rows = table_rows(result)
-    print_table(f"{name}: onnxruntime CPU, {args.threads} threads, median of at least {args.runs} runs / 1 s per model", cols, rows)
+    print_table(f"{name}: onnxruntime CPU, {args.threads} threads, median of at least {args.runs} runs and "
+                f"{args.min_seconds:g} s per model", cols, rows)
     for line in verdict_lines(result):
         print(line)
     print(f"results: {out / 'bench.json'}", file=sys.stderr)

@@ -399,14 +399,20 @@ def _targets(model: nn.Module, g: _Graph) -> tuple[list[_Target], list[str]]:
             if t in quantized or t in targets:
                 continue
             want(t, f"{label(t)} (input of {n.target})")
+    def lender(t: int, holds_zero: bool = False) -> str | None:
+        """The first quantized layer reading tensor t whose input grid can be shared (and holds 0, if asked)."""
+        for c in a.consumers(t):
+            if a.is_layer(c) and _shareable(c.module):
+                lo, hi = _grid_range(c.module.input_quantizer.qparams())
+                if not holds_zero or lo <= 0.0 <= hi:
+                    return names.get(id(c.module), c.target)
+        return None
+
     kept: list[_Target] = []
     for t in order:
         tg = targets[t]
         # the grid: a quantized layer reading the tensor lends its input grid
-        for c in a.consumers(t):
-            if a.is_layer(c) and _shareable(c.module):
-                tg.shares = names.get(id(c.module), c.target)
-                break
+        tg.shares = lender(t)
         if tg.shares is None:
             # a tensor selected from another (a strided / padded residual shortcut, as onnxruntime's quantizer
             # propagates a grid through Slice / Pad / Reshape / MaxPool): the grid of a layer reading the source,
@@ -415,14 +421,10 @@ def _targets(model: nn.Module, g: _Graph) -> tuple[list[_Target], list[str]]:
             while p is not None and _selects_values(g.nodes[p]):
                 u = g.nodes[p].inputs[0]
                 p = g.producer.get(u)
-            for c in (a.consumers(u) if u != t else []):
-                if a.is_layer(c) and _shareable(c.module):
-                    q = c.module.input_quantizer.qparams()
-                    lo, hi = _grid_range(q)
-                    if lo <= 0.0 <= hi:
-                        tg.shares = names.get(id(c.module), c.target)
-                        tg.description += f" (selected from the input of {tg.shares}: its grid)"
-                        break
+            if u != t:
+                tg.shares = lender(u, holds_zero=True)
+                if tg.shares is not None:
+                    tg.description += f" (selected from the input of {tg.shares}: its grid)"
         # the site: the innermost module returning the tensor, called once, returning before any consumer
         first_use = min((c.index for c in a.consumers(t)), default=len(g.nodes))
         for mod, pos in g.outputs_of.get(t, []):

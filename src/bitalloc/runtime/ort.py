@@ -188,10 +188,12 @@ def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 
     Each turn of a session starts with a pause of ``pause`` seconds and one untimed run, then ``block``
     timed runs; turns repeat until each session has at least ``runs`` timed runs and ``min_seconds`` of timed
     runs (sub-millisecond models get hundreds of runs, whose median is stable; once a session has ``runs``
-    runs, its further turns last about ``turn_seconds``). Returns the median /
-    percentiles per session (``Latency.runs``: how many runs). The pause matters: onnxruntime's intra-op worker threads keep spinning for a while after a
-    run, and without it the previous session's spinning threads compete with the next session's (measured
-    on EfficientNet-Lite0, 2 threads, batch 1: FP32 12.3 ms and static int8 6.9 ms interleaved without a pause,
+    runs, its further turns last about ``turn_seconds``). Returns the median / percentiles per session
+    (``Latency.runs``: how many runs).
+
+    The pause matters: onnxruntime's intra-op worker threads keep spinning for a while after a run, and
+    without it the previous session's spinning threads compete with the next session's (measured on
+    EfficientNet-Lite0, 2 threads, batch 1: FP32 12.3 ms and static int8 6.9 ms interleaved without a pause,
     4.9 ms and 2.2 ms with a 50 ms pause, 7.7 ms and 2.8 ms timed one model at a time).
     """
     feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)} for k, s in sessions.items()}
