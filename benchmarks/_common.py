@@ -41,11 +41,15 @@ def command_line() -> str:
 
 
 def git_revision() -> str:
+    """HEAD's short hash, with " + uncommitted changes" when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:

@@ -48,6 +48,7 @@ PAPER = {
                      "bb-gumbel": "93.19% at 0.44%"},
     "resnet20-cifar10": {"none": "the paper's CIFAR-10 network is VGG-7 (Bayesian Bits 93.23% at 0.51% relative BOPs, "
                                  "LSQ / PACT 4/4 below it); ResNet-20 stands in for it on this machine (see above)"},
+    "resnet20-cifar10-6ep": {"none": "as resnet20-cifar10, with 6-epoch fine-tunes for every method (see above)"},
 }
 
 
@@ -65,9 +66,9 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
             args.progress]
     for flag, value in (("--dataset", args.dataset), ("--data", args.data), ("--epochs", args.epochs),
                         ("--init", args.init), ("--mu", args.mu), ("--bits", args.bits),
-                        ("--fp32", args.fp32 or args.init)):
+                        ("--fp32", args.fp32 or args.init), ("--tag", args.tag or None)):
         if value is not None:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")
     if extra:
         argv += ["--"] + extra
     return _cli(argv)
@@ -186,8 +187,13 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
                          "*" if p["name"] in front else "", p.get("epochs") or "-", extra,
                          f"{1000 * p['time_per_step']:.0f}" if p.get("time_per_step") else "-",
                          _bits_summary(p) if p["method"] != "fp32" else "float"])
-            if opts.get("gate_lr") and p["method"] == "bb":
-                rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
+            if p["method"] == "bb":
+                if opts.get("gate_lr"):
+                    rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
+                if opts.get("gate_init"):
+                    rows[-1][1] += ", gate init " + ",".join(f"{v:g}" for v in opts["gate_init"])
+                if opts.get("fix_gates_epochs"):
+                    rows[-1][1] += f", last {opts['fix_gates_epochs']:g} epoch(s) with fixed gates"
         table = md_table(["run", "setting", "top-1 %", "rel. BOPs %", "Pareto", "epochs", "quantizer parameters",
                           "ms/step (during the run, shared machine)", "bits per layer (frozen)"],
                          rows)
@@ -230,6 +236,7 @@ def main() -> int:
     s.add_argument("--mu")
     s.add_argument("--bits")
     s.add_argument("--epochs", type=int)
+    s.add_argument("--tag", help="suffix of the run names (runs of other train options in one folder)")
     s.add_argument("--progress", default="log")
     t = sub.add_parser("timing", help="time per training step relative to FP32")
     t.add_argument("--model", required=True)

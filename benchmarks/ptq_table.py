@@ -1,7 +1,8 @@
 """The ACIQ rebuttal's table on our data: naive min-max -> + ACIQ -> + per-channel bit allocation -> + bias
-correction (offline and online statistics; eq. 11 allocation; GPTQ weights), against KLD, 2 sigma, percentile
-and MSE clipping inside the same pipeline, layer-wise and channel-wise, at W4A4, W8A4, W4A8 and W8A8; the mean
-ACIQ/KLD quantization-step ratio; calibration, evaluation and forward time as ratios to FP32 on the same images.
+correction (offline and online statistics; the exact eq. 10 allocation instead of eq. 11; GPTQ weights), against
+the KLD, 2 sigma, percentile and MSE baselines (as used alone, and swapped into the pipeline in place of ACIQ's
+clipping), layer-wise and channel-wise, at W4A4, W8A4, W4A8 and W8A8; the mean ACIQ/KLD quantization-step
+ratio; calibration, evaluation and forward time as ratios to FP32 on the same images.
 
     python benchmarks/ptq_table.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip
     python benchmarks/ptq_table.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data ../shared/data/cifar10-jpeg.zip
@@ -36,16 +37,19 @@ PIPELINE = [
     ("+ per-channel bit allocation", "aciq-alloc", {}),
     (FULL, "aciq", {}),
     ("full pipeline, online statistics", "aciq", {"online": True}),
-    ("full pipeline, eq. 11 allocation", "aciq", {"allocation": "aciq"}),
+    ("full pipeline, exact eq. 10 allocation", "aciq", {"allocation": "optimal"}),
     ("full pipeline + GPTQ weights (aciq-gptq)", "aciq-gptq", {}),
 ]
-#: the activation clipping of the full pipeline replaced by each baseline (weights, allocation and bias
-#: correction unchanged), as in the ACIQ rebuttal's comparisons
+#: the baselines: their activation clipping with min-max per-channel weights, as each is used on its own
+#: (e.g. TensorRT's KLD calibration), and swapped into the full pipeline in place of ACIQ's clipping
+#: (weights, allocation and bias correction unchanged)
 BASELINES = [("KLD", "kld"), ("2 sigma", "ksigma"), ("percentile 99.99", "percentile"), ("MSE search", "mse")]
+ALONE = " (baseline alone)"
 
 
 def rows_for(bits: tuple[int, int], quick: bool, channel_baselines: bool = False) -> list[tuple[str, str, dict]]:
     rows = list(PIPELINE)
+    rows += [(f"{label} clipping{ALONE}", key, {}) for label, key in BASELINES]
     rows += [(f"full pipeline, {label} clipping", "aciq", {"act_from": key}) for label, key in BASELINES]
     rows += [("full pipeline, channel-wise activations", "aciq", {"act_granularity": "channel"})]
     if channel_baselines:  # opt-in: per-channel KLD runs one histogram search per channel (minutes on big models)
@@ -59,15 +63,10 @@ def rows_for(bits: tuple[int, int], quick: bool, channel_baselines: bool = False
 def row_config(key: str, w: int, a: int, kw: dict, calib: int):
     """The QuantConfig of a table row: a preset, with the activation range method of another preset
     (``act_from``) and the allocation rule (``allocation``) swapped in."""
-    kw_preset = {k: v for k, v in kw.items() if k not in ("allocation", "act_from")}
-    cfg = preset(key, w, a, calibration_samples=calib, **kw_preset)
+    cfg = preset(key, w, a, calibration_samples=calib, **{k: v for k, v in kw.items() if k != "act_from"})
     if "act_from" in kw:
         base = preset(kw["act_from"], w, a).default.act
         cfg.default.act.method, cfg.default.act.options = base.method, dict(base.options)
-    if "allocation" in kw:  # eq. 10-11 of ACIQ instead of the exact optimum of its objective
-        for t in (cfg.default.weight, cfg.default.act):
-            if t is not None:
-                t.allocation = kw["allocation"]
     return cfg.validate()
 
 
@@ -128,9 +127,9 @@ def main() -> int:
                          "images as one FP32 pass needs to last this long (default 0.5 s)")
     ap.add_argument("--channel-baselines", action="store_true",
                     help="also run every baseline with per-channel activations (slow: KLD searches per channel)")
-    ap.add_argument("--allocation", choices=("optimal", "aciq"),
-                    help="allocation rule of every row (aciq: eq. 11; default: each row's own, exact optimum unless "
-                         "the row says eq. 11); for exploration, with --no-md and --out")
+    ap.add_argument("--allocation", choices=("aciq", "optimal"),
+                    help="allocation rule of every row (default: each row's own, eq. 11 unless the row says exact "
+                         "eq. 10); for exploration, with --no-md and --out")
     ap.add_argument("--out", help="JSON results file (default benchmarks/results/ptq_MODEL.json)")
     ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args()
@@ -153,7 +152,7 @@ def main() -> int:
     models_by_key: dict = {}
     for w, a in bits_list:
         for label, key, kw in rows_for((w, a), args.quick, args.channel_baselines):
-            if args.allocation:
+            if args.allocation and key in ("aciq", "aciq-alloc", "aciq-gptq"):
                 kw = {**kw, "allocation": args.allocation}
             cfg = row_config(key, w, a, kw, args.calib)
             t0 = time.perf_counter()
@@ -196,24 +195,45 @@ def render(s: dict) -> str:
              f"FP32 top-1: **{s['fp32_top1']:.2f}%**. Top-1 (%) after post-training quantization (first and last "
              "layer at 8 bits, weights per channel, activations per tensor unless the row says channel-wise). "
              "Pipeline rows add one ACIQ stage at a time; the full pipeline is ACIQ clipping (Laplace prior) of "
-             "activations + per-channel bit allocation (exact optimum of the eq. 10 error model unless the row "
-             "says eq. 11) + mean bias correction of the weights. Baseline rows replace only the activation "
-             "clipping of the full pipeline (the ACIQ rebuttal's comparison); `aciq-gptq` rounds the weights with "
-             "GPTQ onto MSE-searched per-channel grids instead of round-to-nearest + mean shift.", "",
+             "activations + per-channel bit allocation of the weights (ACIQ eq. 11 unless the row says exact eq. "
+             "10) + mean bias correction of the weights. *Baseline alone* rows are each baseline as it is used on "
+             "its own (e.g. TensorRT's KLD calibration): its activation clipping with min-max per-channel weights, "
+             "no allocation, no bias correction; the goal compares the full pipeline with these. *Full pipeline, X "
+             "clipping* rows swap X in for ACIQ's clipping and keep everything else: they compare the clipping "
+             "rules alone. `aciq-gptq` rounds the weights with GPTQ onto MSE-searched per-channel grids instead of "
+             "round-to-nearest + mean shift.", "",
              md_table(["method"] + bits, rows), ""]
     full = FULL
     checks = []
+    n = s["eval_images"]
+
+    def se(p: float) -> float:  # binomial standard error of a top-1 of p % on n images, in points
+        return 100 * ((p / 100) * (1 - p / 100) / n) ** 0.5
+
     for b in bits:
         if (b, full) not in top:
             continue
         f = top[(b, full)]["top1"]
         others = [(m, top[(b, m)]["top1"]) for m in methods if (b, m) in top and (m == "naive min-max" or
-                                                                                 " clipping" in m and "ACIQ" not in m)]
-        beaten = [f"{m} ({v:.2f}%)" for m, v in others if v > f]
-        tied = [m for m, v in others if v == f]
-        verdict = ("beats naive min-max and every baseline" if not beaten and not tied else
-                   f"is NOT ahead of: {', '.join(beaten)}" if beaten else f"ties with: {', '.join(tied)}")
+                                                                                 m.endswith(ALONE))]
+        beaten = [f"{m} ({v:.2f}%)" for m, v in others if v > f + se(f)]
+        tied = [f"{m} ({v:.2f}%)" for m, v in others if f <= v <= f + se(f)]
+        best = max(others, key=lambda t: t[1], default=None)
+        margin = f - best[1] if best else 0.0
+        verdict = ((f"beats naive min-max and every baseline: {margin:.2f} points ahead of the best of them, "
+                    f"{best[0]} ({best[1]:.2f}%); " + (f"{margin / se(f):.1f} standard errors" if se(f) > 0 else "")
+                    + (" (within sampling error)" if margin < se(f) else "") if best
+                    else "(no baseline rows)") if not beaten and not tied else
+                   f"is NOT ahead of: {', '.join(beaten)}" if beaten else
+                   f"ties (within one standard error, {se(f):.2f} points) with: {', '.join(tied)}")
         checks.append(f"- {b}: full pipeline {f:.2f}% {verdict}")
+        swapped = [(m, top[(b, m)]["top1"]) for m in methods if (b, m) in top and m.startswith("full pipeline, ")
+                   and m.endswith(" clipping")]
+        if swapped:
+            ahead = [f"{m.split(', ')[1].replace(' clipping', '')} {v:.2f}" for m, v in swapped if v >= f]
+            checks.append(f"  - the clipping rule alone, inside the pipeline: ACIQ {f:.2f}%; "
+                          + ", ".join(f"{m.split(', ')[1].replace(' clipping', '')} {v:.2f}" for m, v in swapped)
+                          + (f" (at or above ACIQ: {', '.join(ahead)})" if ahead else " (all below ACIQ)"))
     if "W8A8" in bits and ("W8A8", full) in top:
         d = s["fp32_top1"] - top[("W8A8", full)]["top1"]
         checks.append(f"- W8A8: the full pipeline is {d:.2f} points below FP32 (goal: at most 0.5): "
@@ -224,12 +244,10 @@ def render(s: dict) -> str:
         worst = max(fwd, key=lambda t: t[2])
         checks.append(f"- fake-quant forward time, offline statistics: at most {worst[2]:.2f}x FP32 ({worst[0]} "
                       f"{worst[1]}; goal: at most 1.5x): " + ("met" if worst[2] <= 1.5 else "NOT met"))
-    n = s["eval_images"]
-    fp = s["fp32_top1"] / 100
-    se = 100 * (fp * (1 - fp) / n) ** 0.5
+    se_fp = se(s["fp32_top1"])
     lines += ["Goals:", *checks, "",
-              f"For scale: the binomial standard error of a top-1 near FP32 on these {n} images is {se:.2f} points "
-              f"({max(1, round(se / 100 * n))} images); smaller differences between rows are not meaningful.", ""]
+              f"For scale: the binomial standard error of a top-1 near FP32 on these {n} images is {se_fp:.2f} points "
+              f"({max(1, round(se_fp / 100 * n))} images); smaller differences between rows are not meaningful.", ""]
     t = [[r["bits"], r["method"], r["timing"]["calibration_ratio"], r["timing"]["eval_ratio"],
           r["timing"].get("forward", {}).get("ratio")] for r in s["rows"] if r["bits"] == bits[0]]
     n_fwd = next((r["timing"]["forward"]["images"] for r in s["rows"] if "forward" in r["timing"]), 0)

@@ -47,6 +47,7 @@ def test_optimal_equals_brute_force(prior, one_sided):
             for total in sorted({C * lo + 1, (C * (lo + hi)) // 2, C * hi - 1, C * lo, C * hi}):
                 avg = total / C
                 res = channel_bit_allocation(torch.from_numpy(a), avg, min_bits=lo, max_bits=hi, prior=prior,
+                                             method="optimal",
                                              one_sided=one_sided)
                 ref_err, _ = brute_force(a, total, lo, hi, prior, one_sided)
                 assert res.total_bits == total
@@ -57,30 +58,31 @@ def test_optimal_equals_brute_force(prior, one_sided):
 
 def test_optimal_budget_rounding_and_fractional():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    b = allocate_channel_bits(a, 3.5)
+    b = allocate_channel_bits(a, 3.5, method="optimal")
     assert b.dtype == torch.int64 and int(b.sum()) == 14
     assert torch.all(b[1:] >= b[:-1])  # a larger statistic never gets fewer bits
     # C = 3, avg 3.5 -> 10.5 bits: rounded half up to 11
-    res = channel_bit_allocation(torch.tensor([1.0, 1.5, 2.0]), 3.5)
+    res = channel_bit_allocation(torch.tensor([1.0, 1.5, 2.0]), 3.5, method="optimal")
     assert res.total_bits == 11 and res.mean_bits == pytest.approx(11 / 3) and res.target_bits == 3.5
     # integral budgets are met exactly
     for avg in (2, 4, 8):
-        assert int(allocate_channel_bits(torch.rand(17, generator=torch.Generator().manual_seed(1)), avg).sum()) \
-            == 17 * avg
+        a17 = torch.rand(17, generator=torch.Generator().manual_seed(1))
+        assert int(allocate_channel_bits(a17, avg, method="optimal").sum()) == 17 * avg
 
 
 def test_optimal_ties_dead_channels_and_determinism():
     # equal statistics: the extra bit goes to the lower index
-    b = allocate_channel_bits(torch.tensor([1.0, 1.0, 1.0]), 10 / 3, min_bits=2, max_bits=8)
+    b = allocate_channel_bits(torch.tensor([1.0, 1.0, 1.0]), 10 / 3, min_bits=2, max_bits=8, method="optimal")
     assert b.tolist() == [4, 3, 3]
     # dead channels stay at min_bits ...
-    b = allocate_channel_bits(torch.tensor([0.0, 2.0, 0.0, 1.0]), 4.0, min_bits=2, max_bits=8)
+    b = allocate_channel_bits(torch.tensor([0.0, 2.0, 0.0, 1.0]), 4.0, min_bits=2, max_bits=8, method="optimal")
     assert b[0] == 2 and b[2] == 2 and int(b.sum()) == 16
     # ... unless the live channels are saturated and the budget must still be met
-    b = allocate_channel_bits(torch.tensor([0.0, 2.0]), 7.0, min_bits=2, max_bits=8)
+    b = allocate_channel_bits(torch.tensor([0.0, 2.0]), 7.0, min_bits=2, max_bits=8, method="optimal")
     assert b.tolist() == [6, 8]
     a = torch.rand(64, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(allocate_channel_bits(a, 4.25), allocate_channel_bits(a.clone(), 4.25))
+    assert torch.equal(allocate_channel_bits(a, 4.25, method="optimal"),
+                       allocate_channel_bits(a.clone(), 4.25, method="optimal"))
 
 
 def reference_aciq_sweep(a: np.ndarray, avg: float, lo: int, hi: int) -> float:
@@ -136,9 +138,24 @@ def test_aciq_error_is_close_to_but_not_below_optimal():
     assert max(ratios) < 1.5
 
 
+def test_default_rule_is_eq_11_everywhere():
+    """One default for the function, the public entry point and the presets: ACIQ eq. 10-11."""
+    import bitalloc
+    from bitalloc.config import preset
+
+    a = torch.from_numpy(np.random.default_rng(2).lognormal(0.0, 1.0, 48))
+    assert channel_bit_allocation(a, 4.0).method == "aciq"
+    assert torch.equal(bitalloc.allocate_channel_bits(a, 4.0), allocate_channel_bits(a, 4.0, method="aciq"))
+    assert not torch.equal(allocate_channel_bits(a, 4.0, method="aciq"), allocate_channel_bits(a, 4.0, method="optimal"))
+    cfg = preset("aciq", 4, 4, act_granularity="channel")
+    assert cfg.default.weight.allocation == cfg.default.act.allocation == "aciq"
+    cfg = preset("aciq", 4, 4, allocation="optimal")
+    assert cfg.default.weight.allocation == "optimal"
+
+
 def test_allocation_error_and_result_fields():
     a = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
-    res = channel_bit_allocation(a, 4.0, prior="gauss")
+    res = channel_bit_allocation(a, 4.0, prior="gauss", method="optimal")
     assert isinstance(res, BitAllocation) and res.method == "optimal" and res.formula_bits is None
     assert res.error == pytest.approx(allocation_error(a, res.bits, prior="gauss"))
     assert res.error == pytest.approx(model_error(a.numpy(), res.bits.tolist(), "gauss"), rel=1e-12)
@@ -187,5 +204,6 @@ def test_batched_allocation_equals_row_by_row():
         for one_sided in (False, True):
             got = allocate_channel_bits_batched(stats, avg, min_bits=2, max_bits=8, one_sided=one_sided)
             for n in range(stats.shape[0]):
-                ref = allocate_channel_bits(stats[n], avg, min_bits=2, max_bits=8, one_sided=one_sided)
+                ref = allocate_channel_bits(stats[n], avg, min_bits=2, max_bits=8, one_sided=one_sided,
+                                            method="optimal")
                 assert torch.equal(got[n], ref), (avg, one_sided, n)

@@ -109,9 +109,11 @@ def test_cost_command_on_a_zoo_model(tmp_path, capsys):
 
 
 @needs_fashion
-def test_ptq_with_the_aciq_allocation_rule(lenet_checkpoint, tmp_path, capsys):
-    """--allocation aciq reaches the weights: per-channel bits are ACIQ eq. 10-11 on the channels' standard
-    deviations (reference: numpy std of the checkpoint's weights, and the allocation function)."""
+@pytest.mark.parametrize("rule", ["default", "optimal"])
+def test_ptq_allocation_rule_reaches_the_weights(lenet_checkpoint, tmp_path, capsys, rule):
+    """The allocation rule reaches the weights: per-channel bits are ACIQ eq. 10-11 (the default) or the exact
+    optimum (--allocation optimal) on the channels' standard deviations (reference: numpy std of the
+    checkpoint's weights, and the allocation function)."""
     import numpy as np
 
     from bitalloc.quant.allocation import allocate_channel_bits
@@ -119,15 +121,16 @@ def test_ptq_with_the_aciq_allocation_rule(lenet_checkpoint, tmp_path, capsys):
 
     out = tmp_path / "ptq"
     code, _, err = run(["ptq", "--checkpoint", str(lenet_checkpoint), "--data", str(FASHION), "--preset", "aciq",
-                        "--w-bits", "3.5", "--a-bits", "4", "--allocation", "aciq", "--limit", "200", "--no-plot",
-                        "--out", str(out)], capsys)
+                        "--w-bits", "3.5", "--a-bits", "4", "--limit", "200", "--no-plot", "--out", str(out)]
+                       + ([] if rule == "default" else ["--allocation", rule]), capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["default"]["weight"]["allocation"] == "aciq"
+    method = "aciq" if rule == "default" else rule
+    assert report["config"]["default"]["weight"]["allocation"] == method
     mid = report["layers"][1]
     w = load_model_checkpoint(lenet_checkpoint).get_submodule(mid["name"]).weight.detach().double().numpy()
     std = w.reshape(w.shape[0], -1).std(axis=1)
-    ref = allocate_channel_bits(torch.from_numpy(std), 3.5, method="aciq", min_bits=2, max_bits=8)
+    ref = allocate_channel_bits(torch.from_numpy(std), 3.5, method=method, min_bits=2, max_bits=8)
     assert mid["w_bits_per_channel"] == ref.tolist()
     assert abs(np.mean(mid["w_bits_per_channel"]) - 3.5) <= 0.0625  # within one channel's bit of the budget
 
@@ -165,8 +168,8 @@ def test_quantization_options_reach_the_config(capsys):
     assert cfg.default.act.options == {"k": 3.0} and cfg.default.weight.method == "minmax"
     assert _config(["--preset", "percentile", "--percentile", "99.9"]).default.act.options == {"percentile": 99.9}
     assert _config(["--prior", "gauss"]).default.act.options == {"prior": "gauss"}
-    cfg = _config(["--allocation", "aciq", "--act-granularity", "channel", "--a-bits", "3.5"])
-    assert cfg.default.weight.allocation == cfg.default.act.allocation == "aciq"
+    cfg = _config(["--allocation", "optimal", "--act-granularity", "channel", "--a-bits", "3.5"])
+    assert cfg.default.weight.allocation == cfg.default.act.allocation == "optimal"
     assert cfg.default.act.allocate and cfg.default.act.bits == 3.5
     cfg = _config(["--w-bits", "16", "--a-bits", "16"])
     assert (cfg.default.weight.min_bits, cfg.default.weight.max_bits) == (2, 16)

@@ -428,12 +428,18 @@ def test_torchrun_two_processes_match_one_quantized(tmp_path):
 
 def test_sweep_points_and_pareto_front():
     from bitalloc.cli.sweep import pareto_front, sweep_points
+    from bitalloc.errors import ConfigError
 
     pts = sweep_points(["bb", "lsq"], [0.01, 0.1], "4,2x8")
     assert [p["name"] for p in pts] == ["bb-mu0.01", "bb-mu0.1", "lsq-w4a4", "lsq-w2a8"]
     assert pts[3]["args"] == ["--w-bits", "2", "--a-bits", "8"]
     with pytest.raises(Exception):
         sweep_points(["bb"], None, None)
+    # --tag keeps runs of other train options apart in one folder
+    assert [p["name"] for p in sweep_points(["bb", "pact"], [0.03], "4", "-init4")] == ["bb-mu0.03-init4",
+                                                                                      "pact-w4a4-init4"]
+    with pytest.raises(ConfigError, match="--tag"):
+        sweep_points(["bb"], [0.03], None, "a/b")
     cands = [{"name": "a", "relative_bops": 0.01, "top1": 0.90}, {"name": "b", "relative_bops": 0.02, "top1": 0.95},
              {"name": "c", "relative_bops": 0.03, "top1": 0.94}, {"name": "d", "relative_bops": 0.01, "top1": 0.89},
              {"name": "e", "relative_bops": 0.05, "top1": 0.96}]

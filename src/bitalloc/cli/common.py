@@ -185,10 +185,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="rounding of the weights onto their grid: nearest, or gptq (error-compensating, uses the "
                         "calibration data; default: gptq for aciq-gptq, else nearest)")
     g.add_argument("--bias-correction", choices=("none", "mean", "mean+norm"), help="override the preset's bias correction")
-    g.add_argument("--allocation", choices=("optimal", "aciq"),
-                   help="per-channel bit allocation rule (aciq, aciq-alloc presets): optimal (default: exact integer "
-                        "minimum of the ACIQ eq. 10 error model) or aciq (eq. 10-11 with rounding, as the reference "
-                        "code)")
+    g.add_argument("--allocation", choices=("aciq", "optimal"),
+                   help="per-channel bit allocation rule (aciq, aciq-alloc presets): aciq (default: ACIQ eq. 10-11, "
+                        "bins proportional to a^(2/3), as the reference code) or optimal (the exact integer minimum "
+                        "of the eq. 10 error model; less accurate on real networks, see BENCHMARKS.md)")
     g.add_argument("--min-bits", metavar="B", help="lowest bit width of an allocated channel (default min(2, "
                                                    "floor(budget)); 2 for weights)")
     g.add_argument("--max-bits", metavar="B", help="highest bit width of an allocated channel (default max(8, "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--fp32", default=None, help="an FP32 checkpoint to add as the 100%% BOPs reference point")
     p.add_argument("--out-dir", required=True, help="folder of the runs and the sweep outputs")
     p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--tag", default="",
+                   help="suffix of every run name, to keep runs of other train options apart in one folder "
+                        "(e.g. --tag -init4 gives bb-mu0.03-init4)")
     p.add_argument("--retrain", action="store_true", help="train again even if a run is finished (overwrites it)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None)
     p.add_argument("train_args", nargs=argparse.REMAINDER,
@@ -107,15 +111,19 @@ def run_plot_bits(args: argparse.Namespace) -> int:
 
 # ---- points ------------------------------------------------------------------------------------------------
 
-def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None) -> list[dict[str, Any]]:
-    """The runs of a sweep: ``{"method", "name", "args": [...train options], "setting": {...}}``."""
+def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None, tag: str = "") -> list[dict[str, Any]]:
+    """The runs of a sweep: ``{"method", "name", "args": [...train options], "setting": {...}}``.
+
+    ``tag`` is appended to every name (runs of other train options can then share one folder and front)."""
+    if tag and not re.fullmatch(r"[A-Za-z0-9_.+-]+", tag):
+        raise ConfigError(f"--tag {tag!r}: use letters, digits and . _ + - only (it becomes part of file names)")
     points = []
     for method in methods:
         if method == "bb":
             if not mu:
                 raise ConfigError("--method bb needs --mu, e.g. --mu 0.01,0.03,0.1")
             for m in mu:
-                points.append({"method": "bb", "name": f"bb-mu{m:g}", "args": ["--mu", repr(float(m))],
+                points.append({"method": "bb", "name": f"bb-mu{m:g}{tag}", "args": ["--mu", repr(float(m))],
                                "setting": {"mu": float(m)}})
         elif method in ("lsq", "pact"):
             if not bits:
@@ -129,7 +137,7 @@ def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None) -
                     wb, ab = int(w), int(a or w)
                 except ValueError:
                     raise ConfigError(f"--bits item {item!r} must be B or WxA (integers)") from None
-                points.append({"method": method, "name": f"{method}-w{wb}a{ab}",
+                points.append({"method": method, "name": f"{method}-w{wb}a{ab}{tag}",
                                "args": ["--w-bits", str(wb), "--a-bits", str(ab)],
                                "setting": {"w_bits": wb, "a_bits": ab}})
         else:
@@ -335,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"no default dataset for model {args.model!r}; pass --dataset NAME")
         args.dataset = preset.datasets[0]
     methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
-    points = sweep_points(methods, args.mu, args.bits)
+    points = sweep_points(methods, args.mu, args.bits, getattr(args, "tag", ""))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     existing: dict[str, dict[str, Any]] = {}

@@ -6,19 +6,24 @@ err(M) = :func:`bitalloc.quant.clipping.aciq_min_mse` (M, prior, one_sided). The
 
 Methods:
 
-* ``"aciq"`` -- ACIQ eq. 10-11 as in the reference code: B_i = 2^M * C * a_i^(2/3) / sum_j a_j^(2/3) bins,
+* ``"aciq"`` (default) -- ACIQ eq. 10-11 as in the reference code: B_i = 2^M * C * a_i^(2/3) / sum_j a_j^(2/3) bins,
   M_i = round(log2 B_i) clipped to [min_bits, max_bits], and the target M of the formula adjusted until the
   mean of the rounded bits meets the budget. Channel i gains its (k+1)-th bit when M > k + 1/2 - log2(C a_i^(2/3)
   / sum_j a_j^(2/3)); the mean bits are a step function of M whose steps we enumerate, so instead of nudging M
   by small increments (the reference code, which stops within 0.01 of the budget) we pick the M whose mean
   is closest to the budget (ties: the lower mean). That mean is within 0.01 of the budget whenever any M
   achieves it; otherwise it is as close as the formula allows (e.g. all channels dead, or many equal stats).
-* ``"optimal"`` (default) -- the exact integer optimum of sum_i a_i^2 err(M_i) subject to sum_i M_i =
+* ``"optimal"`` -- the exact integer optimum of sum_i a_i^2 err(M_i) subject to sum_i M_i =
   round(avg_bits * C) (half up) and min_bits <= M_i <= max_bits: greedy marginal allocation (start everyone at
   min_bits, give one bit at a time to the channel whose error drops most). Exact because every err is convex
   and decreasing in M (a separable convex resource allocation; Fox 1966). Ties go to the lower channel index.
   Dead channels (a_i = 0) gain nothing from bits, so they stay at min_bits unless every live channel is at
   max_bits and the budget still has bits to place.
+
+Why eq. 10-11 is the default although ``"optimal"`` has the lower modelled error: the model counts each
+channel's absolute MSE, not its effect on the network's output; on real networks the exact optimum gives the
+small-range channels fewer bits than they need (ResNet-20, EfficientNet-Lite0: lower top-1 at every budget we
+measured, BENCHMARKS.md), and the softer a^(2/3) law of eq. 11 keeps them.
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ def _aciq(a: Tensor, avg_bits: float, min_bits: int, max_bits: int) -> tuple[Ten
 
 
 def channel_bit_allocation(channel_stats: Tensor, avg_bits: float, *, min_bits: int = 2, max_bits: int = 8,
-                           method: str = "optimal", prior: str = "laplace",
+                           method: str = "aciq", prior: str = "laplace",
                            one_sided: bool = False) -> BitAllocation:
     """Allocate integer bits to C channels for an average budget ``avg_bits``; see the module docstring.
 
@@ -158,9 +163,9 @@ def channel_bit_allocation(channel_stats: Tensor, avg_bits: float, *, min_bits: 
 
 
 def allocate_channel_bits(channel_stats: Tensor, avg_bits: float, *, min_bits: int = 2, max_bits: int = 8,
-                          method: str = "optimal", prior: str = "laplace", one_sided: bool = False) -> Tensor:
-    """Integer bits [C] (int64) per channel with mean ``avg_bits``: ``"optimal"`` (exact minimiser of the ACIQ
-    error model, default) or ``"aciq"`` (eq. 10-11 of Banner et al. 2019). See :func:`channel_bit_allocation`."""
+                          method: str = "aciq", prior: str = "laplace", one_sided: bool = False) -> Tensor:
+    """Integer bits [C] (int64) per channel with mean ``avg_bits``: ``"aciq"`` (eq. 10-11 of Banner et al. 2019,
+    default) or ``"optimal"`` (exact minimiser of the ACIQ error model). See :func:`channel_bit_allocation`."""
     return channel_bit_allocation(channel_stats, avg_bits, min_bits=min_bits, max_bits=max_bits, method=method,
                                   prior=prior, one_sided=one_sided).bits
 
