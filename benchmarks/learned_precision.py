@@ -15,6 +15,9 @@ Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
     python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method bb --mu 0.01,0.03 \\
         --epochs 3 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 1
+    # the same with 6 epochs for every method (folder resnet20-cifar10-6ep): --epochs 6, --bb-fix-gates-epochs 2,
+    # LSQ 4/4, Bayesian Bits mu 0.04 (8-bit start) and, with --tag=-init4 and --gate-init 6,-6,-6,-6, mu 0.03
+    # from a 4-bit start (--tag keeps runs of other train options apart in one folder)
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section

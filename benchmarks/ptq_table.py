@@ -150,6 +150,17 @@ def main() -> int:
     bits_list = [tuple(int(v) for v in b.split("x")) for b in args.bits.split(",")]
     results: list[dict] = []
     models_by_key: dict = {}
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"ptq_{name}.json"
+    partial = out.with_name(out.stem + ".partial.json")
+
+    def summary() -> dict:
+        rho = {f"W{w}A{a}": step_ratio(models_by_key[(w, a, "aciq")], models_by_key[(w, a, "kld")])
+               for w, a in bits_list if (w, a, "aciq") in models_by_key and (w, a, "kld") in models_by_key}
+        return {"model": name, "dataset": dataset, "data": args.data, "eval_images": len(evaluation),
+                "calibration_images": args.calib, "fp32_top1": fp32_top1, "fp32_eval_seconds": fp32_s,
+                "aciq_kld_step_ratio": rho, "rows": results, "machine": machine(), "command": command_line(),
+                "revision": git_revision()}
+
     for w, a in bits_list:
         for label, key, kw in rows_for((w, a), args.quick, args.channel_baselines):
             if args.allocation and key in ("aciq", "aciq-alloc", "aciq-gptq"):
@@ -171,17 +182,13 @@ def main() -> int:
                 models_by_key[(w, a, kw.get("act_from", "aciq"))] = res.model
             print(f"  W{w}A{a} {label:45s} top-1 {r['top1']:6.2f}  eval x{r['timing']['eval_ratio']:.2f}  "
                   f"(interleaved x{r['timing']['forward']['ratio']:.2f})  calib x{r['timing']['calibration_ratio']:.1f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rho = {f"W{w}A{a}": step_ratio(models_by_key[(w, a, "aciq")], models_by_key[(w, a, "kld")])
-           for w, a in bits_list if (w, a, "aciq") in models_by_key and (w, a, "kld") in models_by_key}
-    summary = {"model": name, "dataset": dataset, "data": args.data, "eval_images": len(evaluation),
-               "calibration_images": args.calib, "fp32_top1": fp32_top1, "fp32_eval_seconds": fp32_s,
-               "aciq_kld_step_ratio": rho, "rows": results, "machine": machine(), "command": command_line(),
-               "revision": git_revision()}
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"ptq_{name}.json"
-    write_json(out, summary)
+            write_json(partial, summary())  # the rows so far survive an interrupted run (render it by hand)
+    final = summary()
+    write_json(out, final)
+    partial.unlink(missing_ok=True)
     print(f"results: {out}")
     if not args.no_md:
-        update_section(f"ptq-{name}", render(summary))
+        update_section(f"ptq-{name}", render(final))
     return 0
 
 
