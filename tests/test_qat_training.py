@@ -131,6 +131,22 @@ def test_bb_training_lowers_bits_with_mu_and_logs_state():
     assert bitalloc.cost_report(frozen, torch.zeros(1, 16)).relative_bops == pytest.approx(s1["relative_bops"])
 
 
+def test_bb_range_lr_follows_the_weights_unless_set():
+    """The ranges' Adam lr is the weights' lr by default (1e-3 in the papers' recipe, as the reference code's
+    --learning-rate-s), --range-lr sets it; gates keep their own lr; both groups are constant."""
+    from bitalloc.train.loop import build_param_groups
+
+    for range_lr, expect in ((None, 2e-4), (5e-3, 5e-3)):
+        opts = {"input_shape": [16], "gate_lr": 0.05, "range_lr": range_lr}
+        model = prepare_qat(mlp(), "bb", opts)
+        groups, specs = build_param_groups(model, TrainConfig(**dict(CFG, lr=2e-4)), QATObjective(model, "bb", opts))
+        by_name = {g["name"]: (g, s) for g, s in zip(groups, specs)}
+        assert by_name["ranges"][0]["lr"] == pytest.approx(expect)
+        assert by_name["gates"][0]["lr"] == pytest.approx(0.05)
+        assert by_name["default"][0]["lr"] == pytest.approx(2e-4)
+        assert by_name["ranges"][1].to_dict()["name"] == by_name["gates"][1].to_dict()["name"] == "constant"
+
+
 def test_bb_resume_is_bitwise_identical(tmp_path):
     opts = {"gate_lr": 0.05, "mu": 0.5, "input_shape": [16]}
     full, _ = train("bb", opts, epochs=2)

@@ -23,8 +23,10 @@ method's parameter groups, loss terms and logs, and ``config_overrides`` sets th
   bits, as the reference MNIST command; 6,6,6,6 otherwise, as its CIFAR-10 command), z2 ``--prune-init 6``.
   Loss = cross-entropy + ``mu`` * sum of the quantizers' regularisers (``--mu``, default 0.1 on MNIST-like data
   and 0.01 otherwise, the reference commands' values). Gates in group "gates" (Adam lr ``--gate-lr`` 1e-3,
-  constant), ranges in group "ranges" (``--range-lr`` 1e-3, constant), as the reference code's
-  ``--learning-rate-q`` / ``--learning-rate-s``. MAC weight of each regulariser ``r = MACs of the layer / MACs of
+  constant), ranges in group "ranges" (``--range-lr``, constant; default: the weights' ``--lr``, 1e-3 unless
+  changed), as the reference code's ``--learning-rate-q`` / ``--learning-rate-s`` (all 1e-3 there). Following
+  the weights' lr matters when fine-tuning with a lower one: ResNet-20 at ``--lr 1e-4`` with the ranges at 1e-3
+  ended 0.56 points below LSQ 4/4, with the ranges at 1e-4 0.30 points above it (BENCHMARKS.md). MAC weight of each regulariser ``r = MACs of the layer / MACs of
   the largest layer`` (reference code ``get_bops``; ``--mac-weighting total`` uses the share of the total).
   ``--bb-fix-gates-epochs N`` (N >= 1 epochs, or a fraction in (0, 1) of the epochs; default 0) ends training
   with N epochs of fixed-gate fine-tuning: the gates are the deterministic test-time gates, the regulariser is
@@ -90,7 +92,7 @@ RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant_th
 
 DEFAULTS: dict[str, Any] = dict(w_bits=4, a_bits=4, first_last_bits=8, granularity="tensor", q_lr=None, mu=None,
                                 gates="hard_concrete", gate_init=None, prune=True, prune_init=6.0, gate_lr=1e-3,
-                                range_lr=1e-3, threshold=None, max_bits=32, mac_weighting="max", skip_below=-2.0,
+                                range_lr=None, threshold=None, max_bits=32, mac_weighting="max", skip_below=-2.0,
                                 pact_decay=2e-4, pact_init="max", input_shape=None, dataset=None, seed=0,
                                 fold_bn=True, fix_gates_epochs=0.0, recipe="cpu")
 
@@ -322,8 +324,9 @@ class QATObjective(Objective):
             ranges = [p for _, _, q in _learned(model) for n, p in q.quant_parameters().items() if n == "clip_max"]
             groups = [{"name": "gates", "params": gates, "lr": float(self.opts["gate_lr"]), "weight_decay": 0.0,
                        "schedule": "constant"},
-                      {"name": "ranges", "params": ranges, "lr": float(self.opts["range_lr"]), "weight_decay": 0.0,
-                       "schedule": "constant"}]
+                      {"name": "ranges", "params": ranges, "weight_decay": 0.0, "schedule": "constant"}]
+            if self.opts["range_lr"] is not None:  # default: the weights' lr
+                groups[1]["lr"] = float(self.opts["range_lr"])
             return [g for g in groups if g["params"]]
         params = [p for _, _, q in _learned(model) for p in q.quant_parameters().values()]
         group: dict[str, Any] = {"name": "quant", "params": params, "weight_decay": 0.0}
@@ -453,7 +456,8 @@ def _add_bb(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True, help="learn z2 pruning gates")
     g.add_argument("--prune-init", type=float, default=6.0, help="initial log-alpha of the z2 gates")
     g.add_argument("--gate-lr", type=float, default=1e-3, help="Adam lr of the gates (constant)")
-    g.add_argument("--range-lr", type=float, default=1e-3, help="Adam lr of the learned ranges (constant)")
+    g.add_argument("--range-lr", type=float, default=None,
+                   help="Adam lr of the learned ranges (constant; default: the weights' --lr)")
     g.add_argument("--bb-threshold", type=float, default=None, help="test-time P(off) threshold (0.34 / 0.5)")
     g.add_argument("--bb-max-bits", type=int, default=32, choices=[2, 4, 8, 16, 32], help="largest bit width")
     g.add_argument("--mac-weighting", choices=["max", "total"], default="max",
