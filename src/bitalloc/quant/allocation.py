@@ -22,8 +22,8 @@ Methods:
 
 Why eq. 10-11 is the default although ``"optimal"`` has the lower modelled error: the model counts each
 channel's absolute MSE, not its effect on the network's output; on real networks the exact optimum gives the
-small-range channels fewer bits than they need (ResNet-20, EfficientNet-Lite0: lower top-1 at every budget we
-measured, BENCHMARKS.md), and the softer a^(2/3) law of eq. 11 keeps them.
+small-range channels fewer bits than they need (ResNet-20, EfficientNet-Lite0: lower or equal top-1 at every
+budget we measured, BENCHMARKS.md), and the softer a^(2/3) law of eq. 11 keeps them.
 """
 
 from __future__ import annotations
