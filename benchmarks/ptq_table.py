@@ -226,20 +226,25 @@ def render(s: dict) -> str:
         beaten = [f"{m} ({v:.2f}%)" for m, v in others if v > f + se(f)]
         tied = [f"{m} ({v:.2f}%)" for m, v in others if f <= v <= f + se(f)]
         best = max(others, key=lambda t: t[1], default=None)
-        margin = f - best[1] if best else 0.0
-        verdict = ((f"beats naive min-max and every baseline: {margin:.2f} points ahead of the best of them, "
-                    f"{best[0]} ({best[1]:.2f}%); " + (f"{margin / se(f):.1f} standard errors" if se(f) > 0 else "")
-                    + (" (within sampling error)" if margin < se(f) else "") if best
-                    else "(no baseline rows)") if not beaten and not tied else
-                   f"is NOT ahead of: {', '.join(beaten)}" if beaten else
-                   f"ties (within one standard error, {se(f):.2f} points) with: {', '.join(tied)}")
+        if beaten:
+            verdict = f"is NOT ahead of: {', '.join(beaten)}"
+        elif tied:
+            verdict = f"ties (within one standard error, {se(f):.2f} points) with: {', '.join(tied)}"
+        elif best is None:
+            verdict = "(no baseline rows)"
+        else:
+            margin = f - best[1]
+            verdict = (f"beats naive min-max and every baseline: {margin:.2f} points ahead of the best of them, "
+                       f"{best[0]} ({best[1]:.2f}%); " + (f"{margin / se(f):.1f} standard errors" if se(f) > 0 else "")
+                       + (" (within sampling error)" if margin < se(f) else ""))
         checks.append(f"- {b}: full pipeline {f:.2f}% {verdict}")
-        swapped = [(m, top[(b, m)]["top1"]) for m in methods if (b, m) in top and m.startswith("full pipeline, ")
-                   and m.endswith(" clipping")]
+        # "full pipeline, KLD clipping" -> "KLD"
+        swapped = [(m.split(", ", 1)[1].removesuffix(" clipping"), top[(b, m)]["top1"]) for m in methods
+                   if (b, m) in top and m.startswith("full pipeline, ") and m.endswith(" clipping")]
         if swapped:
-            ahead = [f"{m.split(', ')[1].replace(' clipping', '')} {v:.2f}" for m, v in swapped if v >= f]
+            ahead = [f"{m} {v:.2f}" for m, v in swapped if v >= f]
             checks.append(f"  - the clipping rule alone, inside the pipeline: ACIQ {f:.2f}%; "
-                          + ", ".join(f"{m.split(', ')[1].replace(' clipping', '')} {v:.2f}" for m, v in swapped)
+                          + ", ".join(f"{m} {v:.2f}" for m, v in swapped)
                           + (f" (at or above ACIQ: {', '.join(ahead)})" if ahead else " (all below ACIQ)"))
     if "W8A8" in bits and ("W8A8", full) in top:
         d = s["fp32_top1"] - top[("W8A8", full)]["top1"]

@@ -69,7 +69,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--tag", default="",
                    help="suffix of every run name, to keep runs of other train options apart in one folder "
-                        "(e.g. --tag -init4 gives bb-mu0.03-init4)")
+                        "(e.g. --tag=-init4 gives bb-mu0.03-init4; a tag that starts with '-' needs the '=' form)")
     p.add_argument("--retrain", action="store_true", help="train again even if a run is finished (overwrites it)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None)
     p.add_argument("train_args", nargs=argparse.REMAINDER,

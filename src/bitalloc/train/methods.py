@@ -25,9 +25,10 @@ method's parameter groups, loss terms and logs, and ``config_overrides`` sets th
   and 0.01 otherwise, the reference commands' values). Gates in group "gates" (Adam lr ``--gate-lr`` 1e-3,
   constant), ranges in group "ranges" (``--range-lr``, constant; default: the weights' ``--lr``, 1e-3 unless
   changed), as the reference code's ``--learning-rate-q`` / ``--learning-rate-s`` (all 1e-3 there). Following
-  the weights' lr matters when fine-tuning with a lower one: ResNet-20 at ``--lr 1e-4`` with the ranges at 1e-3
-  ended 0.56 points below LSQ 4/4, with the ranges at 1e-4 0.30 points above it (BENCHMARKS.md). MAC weight of each regulariser ``r = MACs of the layer / MACs of
-  the largest layer`` (reference code ``get_bops``; ``--mac-weighting total`` uses the share of the total).
+  the weights' lr matters when fine-tuning with a lower one: ResNet-20 at ``--lr 1e-4``, started at 4 bits, ended
+  0.56 points below LSQ 4/4 with the ranges at 1e-3 (6 epochs) and 0.30 points above it with the ranges at 1e-4
+  (3 epochs; BENCHMARKS.md). MAC weight of each regulariser ``r = MACs of the layer / MACs of the largest
+  layer`` (reference code ``get_bops``; ``--mac-weighting total`` uses the share of the total).
   ``--bb-fix-gates-epochs N`` (N >= 1 epochs, or a fraction in (0, 1) of the epochs; default 0) ends training
   with N epochs of fixed-gate fine-tuning: the gates are the deterministic test-time gates, the regulariser is
   dropped and the gate parameters stay exactly where they were, while weights and ranges keep learning (paper
