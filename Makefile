@@ -31,7 +31,7 @@ demo: venv fashion-mnist
 	$(VENV)/bin/bitalloc demo --data $(FASHION_MNIST_DIR) --out runs/demo
 
 test: venv fashion-mnist
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --timeout 900 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --timeout 900 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Learned precision (Bayesian Bits, LSQ, PACT) against the Bayesian Bits paper, and training-step cost.
 
-Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
+Steps (each resumable; long runs are meant for ``nohup ... &``)::
 
     # LeNet-5 / MNIST: Bayesian Bits mu sweep, LSQ 4/4 and PACT 4/4 (8-bit first/last layers), 10 epochs
     python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
@@ -17,7 +17,15 @@ Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
         --epochs 3 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 1
     # the same with 6 epochs for every method (folder resnet20-cifar10-6ep): --epochs 6, --bb-fix-gates-epochs 2,
     # LSQ 4/4, Bayesian Bits mu 0.04 (8-bit start) and, with --tag=-init4 and --gate-init 6,-6,-6,-6, mu 0.03
-    # from a 4-bit start (--tag keeps runs of other train options apart in one folder)
+    # from a 4-bit start (--tag keeps runs of other train options apart in one folder); ranges at the weights' lr
+    # (the default since; runs tagged -rlr), mu 0.02,0.025,0.03, and seed replicates of LSQ 4/4 and mu 0.02:
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-6ep --method bb \
+        --mu 0.02,0.025,0.03 --epochs 6 --tag=-rlr -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 \
+        --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 2
+    #   ... --method bb --mu 0.02 --tag=-rlr-s1 -- <as above> --seed 1
+    #   ... --method lsq --bits 4 --tag=-s1 -- --lr 1e-4 --q-granularity channel --seed 1
+    # Sweeps may run at the same time into one folder (one per core: OMP_NUM_THREADS=1 each).
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
@@ -25,13 +33,16 @@ Steps (each resumable; long runs are meant for ``nohup ... &``, one at a time)::
 
 ``sweep`` is ``bitalloc sweep`` (every point trained, frozen, evaluated and costed; finished runs are skipped,
 interrupted ones resumed) plus the FP32 reference point. ``report`` reads ``sweep.json`` of every folder under
-``runs/learned`` and the timing files.
+``runs/learned`` and the timing files, and checks the CIFAR-10 goal with paired comparisons on the test images
+(:func:`goal_check`; points evaluated before per-sample outcomes were recorded get them by re-running their
+sweep command, which only re-evaluates finished runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -165,6 +176,73 @@ def _bits_summary(p: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _uniform(p: dict[str, Any]) -> bool:
+    """One weight and one activation bit width in every layer (the network input excepted) and nothing pruned:
+    a network the gates did not make mixed-precision."""
+    layers = p.get("layers") or []
+    return (len({l["w_bits"] for l in layers}) <= 1 and len({l["a_bits"] for l in layers[1:]}) <= 1
+            and all(l.get("kept_fraction", 1.0) >= 0.999 for l in layers))
+
+
+def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tuple[str, dict[str, Any]] | None:
+    """The issue's CIFAR-10 goal, "Bayesian Bits needs fewer BOPs than LSQ 4/4 at equal accuracy", checked with a
+    paired comparison on the same test images (:func:`bitalloc.report.stats.paired_comparison`).
+
+    The references are ``reference`` and its other seeds (``<reference>-s<seed>``, trained with ``--seed``);
+    every Bayesian Bits point with fewer relative BOPs is compared with the reference of its own seed (else
+    ``reference``): its top-1 difference with the paired standard error and McNemar's exact p-value. It is "as
+    accurate" when the difference is >= 0, "level" when it is below 0 by less than one paired standard error,
+    else "less accurate". Points whose frozen network has uniform precision and nothing pruned do not count
+    (their BOPs saving is not learned mixed precision). The goal is met when a counted point is as accurate or
+    level."""
+    from bitalloc.report.stats import decode_mask, paired_comparison
+
+    def seed(p: dict[str, Any]) -> int:
+        return int((p.get("options") or {}).get("seed") or 0)
+
+    refs = {seed(p): p for p in points if re.fullmatch(re.escape(reference) + r"(-s\d+)?", p["name"])}
+    base = next((p for p in points if p["name"] == reference), None)
+    if base is None:
+        return None
+    rows, results = [], []
+    for p in sorted((p for p in points if p["method"] == "bb" and p["relative_bops"] < base["relative_bops"]),
+                    key=lambda p: (p["relative_bops"], p["name"])):
+        ref = refs.get(seed(p), base)
+        if not (p.get("correct") and ref.get("correct")):
+            rows.append([p["name"], ref["name"], _pct(p["top1"]), _pct(p["relative_bops"], 3), "-", "-", "-", "-",
+                         "no per-sample outcomes: re-run its sweep command (finished runs are only re-evaluated)"])
+            continue
+        c = paired_comparison(decode_mask(p["correct"]), decode_mask(ref["correct"]))
+        verdict = "as accurate" if c.diff >= 0 else ("level" if -c.diff < c.se else "less accurate")
+        counted = not _uniform(p)
+        results.append({"name": p["name"], "reference": ref["name"], "top1": p["top1"],
+                        "relative_bops": p["relative_bops"], "diff": c.diff, "se": c.se, "p_value": c.p_value,
+                        "only_bb": c.only_a, "only_reference": c.only_b, "verdict": verdict, "mixed": counted})
+        rows.append([p["name"], f"{ref['name']} ({_pct(ref['top1'])}%)", _pct(p["top1"]), _pct(p["relative_bops"], 3),
+                     f"{p['relative_bops'] / ref['relative_bops']:.2f}x", f"{100 * c.diff:+.2f} ± {100 * c.se:.2f}",
+                     f"{c.p_value:.3f}", "yes" if counted else "no (uniform)", verdict])
+    met = [r for r in results if r["mixed"] and r["verdict"] != "less accurate"]
+    seeds = sorted(refs)
+    ref_txt = (f"{reference}: {_pct(base['top1'])}% at {_pct(base['relative_bops'], 3)}% relative BOPs"
+               + (f"; over seeds {', '.join(map(str, seeds))}: "
+                  f"{', '.join(_pct(refs[k]['top1']) for k in seeds)}%" if len(seeds) > 1 else ""))
+    head = (f"**Goal check** (fewer BOPs than LSQ 4/4 at equal accuracy; {ref_txt}). Each Bayesian Bits run is "
+            "compared with the LSQ 4/4 run of its seed on the same test images: top-1 difference in points with "
+            "its paired standard error, McNemar's exact two-sided p. \"as accurate\": difference >= 0; \"level\": "
+            "below by less than one standard error; uniform-precision networks (the gates made nothing mixed or "
+            "pruned) do not count. ")
+    if not rows:
+        text = head + "**Not met**: no Bayesian Bits point has fewer BOPs."
+    else:
+        best = max(met, key=lambda r: (r["diff"], -r["relative_bops"])) if met else None
+        text = head + (f"**Met** by {', '.join(r['name'] for r in met)} (best: {best['name']}, {_pct(best['top1'])}% "
+                       f"at {_pct(best['relative_bops'], 3)}%)." if met else "**Not met.**")
+        text += "\n\n" + md_table(["Bayesian Bits run", "against", "top-1 %", "rel. BOPs %", "BOPs vs LSQ 4/4",
+                                    "top-1 difference (points)", "McNemar p", "mixed precision", "verdict"], rows)
+    return text, {"reference": reference, "references": {str(k): v["name"] for k, v in refs.items()},
+                  "met": bool(met), "points": results}
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from bitalloc.cli.sweep import pareto_front
     from bitalloc.io import write_json
@@ -178,7 +256,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         if not data:
             continue
         points = data["points"]
-        summary["experiments"][folder.name] = points
+        summary["experiments"][folder.name] = [{k: v for k, v in p.items() if k != "correct"} for p in points]
         rows = []
         front = {p["name"] for p in pareto_front([p for p in points if p["method"] != "fp32"])}
         for p in sorted(points, key=lambda p: (p["method"] != "fp32", p["method"], p["relative_bops"])):
@@ -205,7 +283,13 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         paper = PAPER.get(folder.name, {})
         paper_txt = "; ".join(v if k == "none" else f"{k}: {v}" for k, v in paper.items()) or "-"
         pngs = [f"`{_rel(q)}`" for q in sorted(folder.glob("*.png"))]
-        sections.append(f"### {folder.name}\n\nPaper: {paper_txt}.\n\n{table}\n\nPlots: {', '.join(pngs) or '-'}\n")
+        check = goal_check(points) if folder.name != "lenet5-mnist" else None
+        goal_txt = ""
+        if check:
+            goal_txt = f"\n{check[0]}\n"
+            summary.setdefault("goal_checks", {})[folder.name] = check[1]
+        sections.append(f"### {folder.name}\n\nPaper: {paper_txt}.\n\n{table}\n{goal_txt}\nPlots: "
+                        f"{', '.join(pngs) or '-'}\n")
     for tfile in sorted(RESULTS.glob("learned_timing_*.json")):
         t = _load(tfile)
         summary["timing"][t["model"]] = t

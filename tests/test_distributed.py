@@ -15,19 +15,13 @@ Cases (one torchrun launch for all, to keep the test well under a minute):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from bitalloc.train import distributed as D
+from tests.torchrun import load_worker, run_torchrun
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -125,10 +119,11 @@ WORKER = textwrap.dedent('''
             D.all_reduce_tensors(a, [b, c])
             m = torch.tensor([float(rank)]); D.all_reduce_tensors(m, op="max")
             mean = torch.tensor([2.0 * rank]); D.all_reduce_tensors(mean, op="mean")
-            ev = evaluate(bn_net(), VAL(), batch_size=16, progress="off")
+            ev = evaluate(bn_net(), VAL(), batch_size=16, progress="off", per_sample=True)
             results["collectives"] = {"a": a.tolist(), "b": b.tolist(), "c": c.tolist(), "max": m.item(),
                                       "mean": mean.item(), "dict": D.all_reduce_dict({"x": rank + 1, "y": 2}),
-                                      "eval_count": ev.count, "gathered": D.all_gather_object(rank),
+                                      "eval_count": ev.count, "per_sample": ev.per_sample,
+                                      "gathered": D.all_gather_object(rank),
                                       "broadcast": D.broadcast_object("hello" if rank == 0 else None)}
             if rank == 0:
                 torch.save(results, out / "ddp.pt")
@@ -139,48 +134,17 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _load_worker(tmp_path: Path):
-    script = tmp_path / "ddp_worker.py"
-    script.write_text(WORKER)
-    spec = importlib.util.spec_from_file_location("ddp_worker", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return script, mod
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
     scale = max(float(b.abs().max()), 1e-12)
     return float((a.double() - b.double()).abs().max()) <= rel * scale
 
 
-def _launch(tmp_path: Path):
-    script, mod = _load_worker(tmp_path)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["BITALLOC_PROGRESS"] = "off"
-    t0 = time.perf_counter()
-    # A session of its own, so that a hang kills torchrun *and* its workers (not only the launcher).
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun hung for 120 s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return mod, torch.load(tmp_path / "ddp.pt", weights_only=False), elapsed
-
-
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_two_processes_match_one(tmp_path):
     """One torchrun launch (all checks in one test so that pytest-xdist never launches it twice)."""
-    mod, results, elapsed = _launch(tmp_path)
-    assert elapsed < 60, f"the 2-process torchrun run took {elapsed:.1f} s"
+    mod = load_worker(WORKER, tmp_path / "ddp_worker.py")
+    run_torchrun(tmp_path / "ddp_worker.py", str(tmp_path))
+    results = torch.load(tmp_path / "ddp.pt", weights_only=False)
 
     # 1. DDP == single process with the same seed and global batch (float tolerance)
     threads = torch.get_num_threads()
@@ -216,6 +180,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert c["a"] == [3.0, 10.0] and c["b"] == [[1, 2], [4, 1]] and c["c"] == [2.0]
     assert c["max"] == 1.0 and c["mean"] == 1.0 and c["dict"] == {"x": 3.0, "y": 4.0}
     assert c["eval_count"] == 70 and c["gathered"] == [0, 1] and c["broadcast"] == "hello"
+    # per-sample outcomes gathered across ranks in data order == one process
+    single_eval = mod.evaluate(mod.bn_net(), mod.VAL(), progress="off", per_sample=True)
+    assert torch.equal(c["per_sample"], single_eval.per_sample)
 
 
 # ---- single-process pieces ------------------------------------------------------------------------------------

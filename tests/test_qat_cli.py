@@ -157,7 +157,7 @@ def test_pareto_flags_and_plot_draws_points_and_front(tmp_path, monkeypatch):
     figs = []
     real_save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
-    paths = write_outputs(tmp_path, pts)
+    paths, _ = write_outputs(tmp_path, pts)
     assert paths["pareto"].exists() and json.loads(paths["json"].read_text())["points"][0]["pareto"] is True
     ax = figs[0].axes[0]
     lines = {l.get_label(): list(zip(l.get_xdata(), l.get_ydata())) for l in ax.lines}

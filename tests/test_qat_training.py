@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +20,8 @@ from bitalloc.model.layers import quant_layers
 from bitalloc.quantizers import BayesianBitsQuantizer, LSQQuantizer, PACTQuantizer
 from bitalloc.train import METHODS, StopAfter, TrainConfig, fit, load_model_checkpoint
 from bitalloc.train.methods import QATObjective, prepare_qat, resolve_options
+from bitalloc.report.stats import decode_mask
+from tests.torchrun import load_worker, run_torchrun
 
 
 @pytest.fixture(autouse=True)
@@ -309,6 +306,9 @@ def test_cli_train_and_sweep(tmp_path, capsys, monkeypatch):
     for p in data["points"]:
         assert 0 < p["relative_bops"] < 1 and 0 <= p["top1"] <= 1 and p["layers"]
         assert Path(p["frozen"]).exists() and isinstance(p["pareto"], bool) and isinstance(p["pareto_method"], bool)
+        # per-sample outcomes for paired comparisons: as many as the validation split, their mean is the top-1
+        correct = decode_mask(p["correct"])
+        assert correct.size > 0 and correct.mean() == pytest.approx(p["top1"])
     assert any(p["pareto"] for p in data["points"])
     lsq = next(p for p in data["points"] if p["method"] == "lsq")
     # the synthetic MLP has 2 layers, both first / last: 8 bits; the run recorded its 3-bit setting
@@ -385,32 +385,13 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_two_processes_match_one_quantized(tmp_path):
     """LSQ (activation steps initialised from the first global batch, reduced across ranks), PACT (clip levels
     initialised the same way, L2 decay on alpha counted once) and Bayesian Bits (gates with rank-invariant noise,
     regulariser counted once) under DDP == one process."""
-    script = tmp_path / "qat_worker.py"
-    script.write_text(WORKER)
-    spec = importlib.util.spec_from_file_location("qat_worker", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["BITALLOC_PROGRESS"] = "off"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun hung:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    assert elapsed < 60, f"the 2-process run took {elapsed:.1f} s"
+    mod = load_worker(WORKER, tmp_path / "qat_worker.py")
+    run_torchrun(tmp_path / "qat_worker.py", str(tmp_path))
     multi = torch.load(tmp_path / "qat_ddp.pt", weights_only=False)
     for name in mod.CASES:
         single = mod.run_case(name)
@@ -440,6 +421,27 @@ def test_torchrun_two_processes_match_one_quantized(tmp_path):
     moved = [k for k, v in multi["pact"]["weights"].items() if k.endswith("weight_quantizer.alpha")
              and not torch.equal(v, init.state_dict()[k])]
     assert moved
+
+
+def test_sweep_outputs_merge_points_of_concurrent_sweeps(tmp_path):
+    """Two sweeps into one folder each write only their own points: every write merges with sweep.json on disk
+    (under a lock), so neither loses the other's; a corrupt sweep.json is an error, not silently replaced."""
+    from bitalloc.cli.sweep import read_points, write_outputs
+    from bitalloc.errors import ConfigError
+
+    def pt(name, bops, top1):
+        return {name: {"name": name, "method": name.split("-")[0], "relative_bops": bops, "top1": top1}}
+
+    write_outputs(tmp_path, pt("bb-mu0.1", 0.01, 0.90), plots=False)
+    _, merged = write_outputs(tmp_path, pt("lsq-w4a4", 0.02, 0.91), plots=False)  # the other sweep's write
+    assert set(merged) == {"bb-mu0.1", "lsq-w4a4"} == set(read_points(tmp_path / "sweep.json"))
+    _, merged = write_outputs(tmp_path, pt("bb-mu0.1", 0.01, 0.92), plots=False)  # a re-evaluated point replaces
+    assert merged["bb-mu0.1"]["top1"] == 0.92 and merged["bb-mu0.1"]["pareto"] and len(merged) == 2
+    assert not merged["lsq-w4a4"]["pareto"]  # dominated by the re-evaluated point
+    (tmp_path / "sweep.json").write_text('{"points": [')
+    with pytest.raises(ConfigError, match="not a sweep result"):
+        write_outputs(tmp_path, pt("bb-mu1", 0.005, 0.8), plots=False)
+    assert (tmp_path / "sweep.json").read_text() == '{"points": ['
 
 
 def test_sweep_points_and_pareto_front():

@@ -139,6 +139,15 @@ def test_fit_learns_separable_data():
     # evaluate on a DataLoader gives the same numbers as on the Dataset
     loader = torch.utils.data.DataLoader(val, batch_size=50)
     assert evaluate(model, loader, progress="off").accuracy == pytest.approx(after.accuracy)
+    # per-sample outcomes (for paired comparisons): the model's argmax against the labels, in data order
+    x, y = val.tensors
+    with torch.no_grad():
+        ref = model(x).argmax(1) == y
+    for data in (val, loader):
+        ev = evaluate(model, data, batch_size=64, progress="off", per_sample=True)
+        assert ev.per_sample.dtype == torch.bool and torch.equal(ev.per_sample, ref)
+        assert int(ev.per_sample.sum()) == ev.correct and "per_sample" not in ev.to_dict()
+    assert after.per_sample is None
 
 
 def test_steps_mode_partial_epoch_and_eval_every():

@@ -16,9 +16,11 @@ widths and kept channels; written as ``<run>-frozen.pt``, readable with ``--quan
 validation split and costed (:func:`bitalloc.cost_report`, BOPs relative to 32x32 bits).
 
 Outputs in ``--out-dir``: ``sweep.json`` (every point so far, all methods: accuracy, relative BOPs, per-layer
-bits and kept fractions, time per training step, the frozen model's path, and ``pareto`` / ``pareto_method``:
-whether the point is on the Pareto front of all points / of its method; points of earlier sweeps into the same
-folder are kept), ``pareto.png`` (accuracy vs relative BOPs: every point, and each method's Pareto front as a
+bits and kept fractions, time per training step, the frozen model's path, ``correct``: which validation samples
+the point classifies correctly (:func:`bitalloc.report.stats.encode_mask`, for paired comparisons of points with
+:func:`bitalloc.report.stats.paired_comparison`), and ``pareto`` / ``pareto_method``: whether the point is on the
+Pareto front of all points / of its method; points of earlier sweeps into the same folder are kept, also of
+sweeps running at the same time), ``pareto.png`` (accuracy vs relative BOPs: every point, and each method's Pareto front as a
 line) and, for Bayesian Bits runs, ``<run>-bits.png`` (each layer's expected weight and activation bit width
 over training, from the log; ``bitalloc plot-bits LOG.jsonl`` draws it for any run). Without matplotlib the
 plots are skipped with a note.
@@ -30,10 +32,12 @@ import argparse
 import json
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bitalloc.errors import CheckpointError, ConfigError
+from bitalloc.report.stats import encode_mask
 
 
 def _floats(text: str) -> list[float]:
@@ -242,7 +246,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
                     extra={"source_checkpoint": str(out), "method": state.get("method"),
                            "method_options": state.get("method_options"), "model_factory": spec.get("factory")})
     _, val_set, _ = load_data(train_ns, augment=False)
-    ev = evaluate(frozen, val_set, batch_size=eval_batch_size, progress="off")
+    ev = evaluate(frozen, val_set, batch_size=eval_batch_size, progress="off", per_sample=True)
     opts = state.get("method_options") or {}
     shape = opts.get("input_shape")
     if shape is None:
@@ -262,6 +266,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
         "layers": [{"name": l.name, "w_bits": l.w_bits, "a_bits": l.a_bits, "kept_fraction": l.kept_fraction,
                     "macs": l.macs, "bops": l.bops} for l in rep.layers],
         "options": opts, "frozen": str(frozen_file), "parameters": parameter_overhead(model),
+        "correct": encode_mask(ev.per_sample),
     }
 
 
@@ -272,9 +277,9 @@ def fp32_point(path: str, train_ns: argparse.Namespace, eval_batch_size: int) ->
 
     model = load_model_checkpoint(path)
     _, val_set, _ = load_data(train_ns, augment=False)
-    ev = evaluate(model, val_set, batch_size=eval_batch_size, progress="off")
+    ev = evaluate(model, val_set, batch_size=eval_batch_size, progress="off", per_sample=True)
     return {"method": "fp32", "name": "fp32", "setting": {}, "top1": ev.accuracy, "relative_bops": 1.0,
-            "checkpoint": path}
+            "checkpoint": path, "correct": encode_mask(ev.per_sample)}
 
 
 def mark_pareto(points: dict[str, dict[str, Any]]) -> None:
@@ -298,16 +303,51 @@ def _plots_missing(note: str) -> None:
               file=sys.stderr)
 
 
-def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]], *, plots: bool = True) -> dict[str, Path]:
-    """``sweep.json`` (Pareto points flagged) and, when matplotlib is installed, ``pareto.png``."""
+def read_points(sweep_json: Path) -> dict[str, dict[str, Any]]:
+    """The points of an existing ``sweep.json`` by name ({} if there is none); a corrupt file is an error, not
+    silently replaced (its points would be lost)."""
+    if not sweep_json.exists():
+        return {}
+    try:
+        return {p["name"]: p for p in json.loads(sweep_json.read_text())["points"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{sweep_json} is not a sweep result ({exc.__class__.__name__}: {exc}); move it away "
+                          "(the runs' checkpoints are kept next to it: the sweep re-evaluates them)") from exc
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; without fcntl, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]], *, plots: bool = True
+                  ) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Merge ``points`` into ``sweep.json`` (Pareto points flagged) and, when matplotlib is installed, draw
+    ``pareto.png``; returns the paths and all points. The read-merge-write holds a lock on ``.sweep.lock``, so
+    that sweeps running at the same time into one folder keep each other's points."""
     from bitalloc.io import write_json
 
-    mark_pareto(points)
-    paths = {"json": write_json(out_dir / "sweep.json", {"points": list(points.values())})}
+    sweep_json = out_dir / "sweep.json"
+    with _locked(out_dir / ".sweep.lock"):
+        merged = read_points(sweep_json)
+        merged.update(points)
+        mark_pareto(merged)
+        paths = {"json": write_json(sweep_json, {"points": list(merged.values())})}
     if not plots:
-        return paths
+        return paths, merged
     series: dict[str, list[tuple[float, float]]] = {}
-    for p in points.values():
+    for p in merged.values():
         series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
     from bitalloc.report.plots import PlotsUnavailable, pareto_plot
 
@@ -315,7 +355,7 @@ def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]], *, plots: bo
         paths["pareto"] = pareto_plot(series, out_dir / "pareto.png", title="accuracy vs relative BOPs")
     except PlotsUnavailable as exc:  # matplotlib is optional
         _plots_missing(str(exc).split(":")[0])
-    return paths
+    return paths, merged
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -346,13 +386,8 @@ def run(args: argparse.Namespace) -> int:
     points = sweep_points(methods, args.mu, args.bits, getattr(args, "tag", ""))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing: dict[str, dict[str, Any]] = {}
-    sweep_json = out_dir / "sweep.json"
-    if sweep_json.exists():
-        try:
-            existing = {p["name"]: p for p in json.loads(sweep_json.read_text()).get("points", [])}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            existing = {}
+    read_points(out_dir / "sweep.json")  # a corrupt sweep.json stops the sweep before any training
+    done: dict[str, dict[str, Any]] = {}  # this sweep's points (merged into sweep.json at every write)
     from bitalloc.report.plots import plots_available
 
     plots = plots_available()
@@ -376,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"sweep: {point['name']}: finished earlier ({out}); evaluating", file=sys.stderr)
         rec = evaluate_run(out, train_ns, args.eval_batch_size)
         rec.update(method=point["method"], name=point["name"], setting=point["setting"], checkpoint=str(out))
-        existing[point["name"]] = rec
+        done[point["name"]] = rec
         if D.is_main_process():
             series = bits_history(out.with_suffix(".jsonl"))
             if point["method"] == "bb" and series and plots:
@@ -388,14 +423,14 @@ def run(args: argparse.Namespace) -> int:
                 except PlotsUnavailable as exc:
                     plots = False
                     _plots_missing(str(exc).split(":")[0])
-            write_outputs(out_dir, existing, plots=plots)
+            write_outputs(out_dir, done, plots=plots)
             print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}% at {100 * rec['relative_bops']:.3f}% "
                   f"relative BOPs", file=sys.stderr)
     if args.fp32 and train_ns is not None:
-        existing["fp32"] = fp32_point(args.fp32, train_ns, args.eval_batch_size)
+        done["fp32"] = fp32_point(args.fp32, train_ns, args.eval_batch_size)
     if D.is_main_process():
-        paths = write_outputs(out_dir, existing, plots=plots)
-        rows = sorted(existing.values(), key=lambda p: (p["method"], p["relative_bops"]))
+        paths, merged = write_outputs(out_dir, done, plots=plots)
+        rows = sorted(merged.values(), key=lambda p: (p["method"], p["relative_bops"]))
         print(f"{'run':<22} {'top-1 %':>8} {'rel. BOPs %':>12}  Pareto (all / method)")
         for p in rows:
             flag = ("*" if p.get("pareto") else "-") + " / " + ("*" if p.get("pareto_method") else "-")
@@ -406,4 +441,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["register", "run", "run_plot_bits", "sweep_points", "pareto_front", "mark_pareto", "bits_history",
-           "evaluate_run", "train_argv", "run_state", "write_outputs"]
+           "evaluate_run", "train_argv", "run_state", "write_outputs", "read_points"]

@@ -246,15 +246,18 @@ def _hook(obj: Any, name: str):
 
 @dataclass
 class EvalResult:
-    """Top-1 accuracy (a fraction in [0, 1]) and mean loss over ``count`` samples."""
+    """Top-1 accuracy (a fraction in [0, 1]) and mean loss over ``count`` samples; with
+    ``evaluate(..., per_sample=True)`` also ``per_sample``, a bool tensor (one entry per sample, in data order)
+    telling which samples were classified correctly (for paired comparisons of two models on one test set)."""
 
     accuracy: float
     loss: float
     count: int
     correct: int
+    per_sample: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "per_sample"}
 
 
 @dataclass
@@ -311,7 +314,8 @@ def _model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str | torch.device | None = None,
              workers: int = 0, loss_fn: Any = None, progress: str | bool | None = None, desc: str = "eval",
-             distributed: bool | None = None, max_batches: int | None = None) -> EvalResult:
+             distributed: bool | None = None, max_batches: int | None = None,
+             per_sample: bool = False) -> EvalResult:
     """Top-1 accuracy and mean cross-entropy of ``model`` on a Dataset or an iterable of ``(inputs, labels)``.
 
     ``data`` as a map-style Dataset: in a distributed run each rank evaluates a contiguous share and the
@@ -319,6 +323,8 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str 
     ``data`` as a DataLoader/iterable: iterated as given; sums are reduced across ranks only with
     ``distributed=True``. ``loss_fn(logits, labels)`` must return the *sum* over the batch (default:
     ``F.cross_entropy(..., reduction="sum")``). The model's train/eval mode is restored afterwards.
+    ``per_sample=True`` also returns which samples were right (gathered across ranks in rank order, which is
+    data order for a sharded Dataset).
     """
     model = D.unwrap(model)
     dev = torch.device(device) if device is not None else _model_device(model)
@@ -348,6 +354,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str 
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    hits: list[torch.Tensor] = []
     try:
         with Progress(total, desc, mode=progress, leave=False) as bar:
             for i, batch in enumerate(loader):
@@ -358,7 +365,10 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str 
                 y = y.to(dev, non_blocking=True)
                 logits = _first_output(model(x))
                 sums[0] += loss_fn(logits, y).double()
-                sums[1] += (logits.argmax(1) == y).sum()
+                right = logits.argmax(1) == y
+                sums[1] += right.sum()
+                if per_sample:
+                    hits.append(right.cpu())
                 sums[2] += y.shape[0]
                 bar.update(1)
     finally:
@@ -366,9 +376,15 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: str 
     if reduce:
         D.all_reduce_tensors(sums)
     loss_sum, correct, count = sums.tolist()
+    mask = None
+    if per_sample:
+        mask = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+        if reduce:
+            mask = torch.cat(D.all_gather_object(mask))
     if count == 0:
-        return EvalResult(accuracy=float("nan"), loss=float("nan"), count=0, correct=0)
-    return EvalResult(accuracy=correct / count, loss=loss_sum / count, count=int(count), correct=int(correct))
+        return EvalResult(accuracy=float("nan"), loss=float("nan"), count=0, correct=0, per_sample=mask)
+    return EvalResult(accuracy=correct / count, loss=loss_sum / count, count=int(count), correct=int(correct),
+                      per_sample=mask)
 
 
 # ---- optimizer -----------------------------------------------------------------------------------------------

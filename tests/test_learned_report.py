@@ -1,0 +1,85 @@
+"""The CIFAR-10 goal check of ``benchmarks/learned_precision.py report``: paired verdicts of Bayesian Bits points
+against LSQ 4/4 (as accurate / level / less accurate; uniform-precision networks not counted)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitalloc.report.stats import encode_mask
+
+
+@pytest.fixture(scope="module")
+def report():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_precision.py"
+    spec = importlib.util.spec_from_file_location("learned_precision_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _point(name, method, bops, correct, layers, seed=0):
+    correct = np.asarray(correct, dtype=bool)
+    return {"name": name, "method": method, "relative_bops": bops, "top1": float(correct.mean()),
+            "correct": encode_mask(correct), "options": {"seed": seed},
+            "layers": [{"w_bits": w, "a_bits": a, "kept_fraction": k} for w, a, k in layers]}
+
+
+MIXED = [(8, 8, 1.0), (4, 4, 1.0), (2, 4, 1.0), (8, 8, 1.0)]
+UNIFORM = [(4, 8, 1.0), (4, 4, 1.0), (4, 4, 1.0), (4, 4, 1.0)]
+
+
+def test_goal_check_verdicts(report):
+    rng = np.random.default_rng(0)
+    n = 4000
+    ref = rng.random(n) < 0.86
+    flip = lambda mask, k, to: np.where(np.arange(n) < k, to, mask)  # noqa: E731
+    better = flip(ref, 300, True)           # gains on up to 300 samples
+    level = ref.copy()  # loses 30 samples, gains 28: -2 / n, within one paired SE (sqrt(58) / n)
+    level[np.flatnonzero(ref)[:30]] = False
+    level[np.flatnonzero(~ref)[:28]] = True
+    worse = ref.copy()  # loses 200 samples: far below
+    worse[np.flatnonzero(ref)[:200]] = False
+    points = [_point("lsq-w4a4", "lsq", 0.016, ref, [(8, 8, 1.0)] + [(4, 4, 1.0)] * 3),
+              _point("bb-better", "bb", 0.014, better, MIXED), _point("bb-level", "bb", 0.013, level, MIXED),
+              _point("bb-worse", "bb", 0.010, worse, MIXED), _point("bb-uniform", "bb", 0.015, better, UNIFORM),
+              _point("bb-costly", "bb", 0.02, better, MIXED), {"name": "fp32", "method": "fp32", "top1": 0.87,
+                                                               "relative_bops": 1.0}]
+    text, res = report.goal_check(points)
+    by = {r["name"]: r for r in res["points"]}
+    assert set(by) == {"bb-better", "bb-level", "bb-worse", "bb-uniform"}  # only fewer BOPs than LSQ 4/4
+    assert by["bb-better"]["verdict"] == "as accurate" and by["bb-level"]["verdict"] == "level"
+    assert by["bb-worse"]["verdict"] == "less accurate" and by["bb-worse"]["p_value"] < 1e-6
+    assert by["bb-level"]["diff"] == pytest.approx(-2 / n) and by["bb-level"]["only_reference"] == 30
+    assert by["bb-level"]["se"] == pytest.approx(np.sqrt(58 / n - (2 / n) ** 2) / np.sqrt(n))
+    assert not by["bb-uniform"]["mixed"] and by["bb-better"]["mixed"]
+    assert res["met"] and "**Met** by bb-level, bb-better (best: bb-better" in text  # listed by BOPs
+    # without the mixed-precision points that are as accurate or level: not met
+    text, res = report.goal_check([p for p in points if p["name"] not in ("bb-better", "bb-level")])
+    assert not res["met"] and "**Not met.**" in text
+    # points without per-sample outcomes get no verdict and say how to get one
+    old = dict(points[1]); old.pop("correct")
+    text, res = report.goal_check([points[0], old])
+    assert not res["met"] and res["points"] == [] and "re-run its sweep command" in text
+    assert report.goal_check(points[1:]) is None  # no LSQ 4/4 point: nothing to check
+
+
+def test_goal_check_pairs_each_seed_with_its_lsq_run(report):
+    rng = np.random.default_rng(1)
+    n = 2000
+    ref0, ref1 = rng.random(n) < 0.86, rng.random(n) < 0.80
+    lsq = [(8, 8, 1.0)] + [(4, 4, 1.0)] * 3
+    points = [_point("lsq-w4a4", "lsq", 0.016, ref0, lsq), _point("lsq-w4a4-s1", "lsq", 0.016, ref1, lsq, seed=1),
+              _point("lsq-w4a4-other", "lsq", 0.016, ~ref0, lsq, seed=1),  # another option, not a seed replicate
+              _point("bb-a", "bb", 0.014, ref0, MIXED), _point("bb-a-s1", "bb", 0.014, ref1, MIXED, seed=1),
+              _point("bb-a-s2", "bb", 0.014, ref0, MIXED, seed=2)]
+    text, res = report.goal_check(points)
+    by = {r["name"]: r for r in res["points"]}
+    assert res["references"] == {"0": "lsq-w4a4", "1": "lsq-w4a4-s1"}
+    assert by["bb-a"]["reference"] == "lsq-w4a4" and by["bb-a-s1"]["reference"] == "lsq-w4a4-s1"
+    assert by["bb-a-s2"]["reference"] == "lsq-w4a4"  # no LSQ run of seed 2: the seed-0 reference
+    assert all(r["diff"] == 0 and r["se"] == 0 and r["verdict"] == "as accurate" for r in by.values())
+    assert "over seeds 0, 1" in text
