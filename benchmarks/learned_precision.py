@@ -194,7 +194,8 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
     accurate" when the difference is >= 0, "level" when it is below 0 by less than one paired standard error,
     else "less accurate". Points whose frozen network has uniform precision and nothing pruned do not count
     (their BOPs saving is not learned mixed precision). The goal is met when a counted point is as accurate or
-    level."""
+    level and so is every seed replicate of its setting (``<run>-s<seed>``; a replicate that lands at the
+    reference's BOPs or above fails)."""
     from bitalloc.report.stats import decode_mask, paired_comparison
 
     def seed(p: dict[str, Any]) -> int:
@@ -221,7 +222,16 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
         rows.append([p["name"], f"{ref['name']} ({_pct(ref['top1'])}%)", _pct(p["top1"]), _pct(p["relative_bops"], 3),
                      f"{p['relative_bops'] / ref['relative_bops']:.2f}x", f"{100 * c.diff:+.2f} ± {100 * c.se:.2f}",
                      f"{c.p_value:.3f}", "yes" if counted else "no (uniform)", verdict])
-    met = [r for r in results if r["mixed"] and r["verdict"] != "less accurate"]
+    # a setting counts only if every seed replicate of it (``<run>-s<seed>``) has fewer BOPs and is level or better
+    passed = {r["name"] for r in results if r["mixed"] and r["verdict"] != "less accurate"}
+    replicates: dict[str, list[str]] = {}
+    for p in points:
+        if p["method"] == "bb":
+            replicates.setdefault(re.sub(r"-s\d+$", "", p["name"]), []).append(p["name"])
+    met = [r for r in results if r["name"] in passed
+           and all(n in passed for n in replicates[re.sub(r"-s\d+$", "", r["name"])])]
+    failed_replicates = {r["name"]: [n for n in replicates[re.sub(r"-s\d+$", "", r["name"])] if n not in passed]
+                         for r in results if r["name"] in passed and r not in met}
     seeds = sorted(refs)
     ref_txt = (f"{reference}: {_pct(base['top1'])}% at {_pct(base['relative_bops'], 3)}% relative BOPs"
                + (f"; over seeds {', '.join(map(str, seeds))}: "
@@ -237,10 +247,14 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
         best = max(met, key=lambda r: (r["diff"], -r["relative_bops"])) if met else None
         text = head + (f"**Met** by {', '.join(r['name'] for r in met)} (best: {best['name']}, {_pct(best['top1'])}% "
                        f"at {_pct(best['relative_bops'], 3)}%)." if met else "**Not met.**")
+        for name, others in failed_replicates.items():
+            text += (f" {name} passes, but not its seed replicate{'s' if len(others) > 1 else ''} "
+                     f"{', '.join(others)} (a setting counts only if every seed of it passes).")
         text += "\n\n" + md_table(["Bayesian Bits run", "against", "top-1 %", "rel. BOPs %", "BOPs vs LSQ 4/4",
                                     "top-1 difference (points)", "McNemar p", "mixed precision", "verdict"], rows)
     return text, {"reference": reference, "references": {str(k): v["name"] for k, v in refs.items()},
-                  "met": bool(met), "points": results}
+                  "met": bool(met), "met_by": [r["name"] for r in met], "failed_replicates": failed_replicates,
+                  "points": results}
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:

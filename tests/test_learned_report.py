@@ -83,3 +83,8 @@ def test_goal_check_pairs_each_seed_with_its_lsq_run(report):
     assert by["bb-a-s2"]["reference"] == "lsq-w4a4"  # no LSQ run of seed 2: the seed-0 reference
     assert all(r["diff"] == 0 and r["se"] == 0 and r["verdict"] == "as accurate" for r in by.values())
     assert "over seeds 0, 1" in text
+    assert res["met_by"] == ["bb-a", "bb-a-s1", "bb-a-s2"]
+    # a seed replicate that does not reach fewer BOPs (or is less accurate) fails the whole setting
+    text, res = report.goal_check(points + [_point("bb-a-s3", "bb", 0.016, ref0, MIXED, seed=3)])
+    assert not res["met"] and res["failed_replicates"]["bb-a"] == ["bb-a-s3"]
+    assert "bb-a passes, but not its seed replicate bb-a-s3" in text and "**Not met.**" in text
