@@ -285,8 +285,8 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
             if p["method"] == "bb":
                 if opts.get("gate_lr"):
                     rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
-                if opts.get("range_lr"):
-                    rows[-1][1] += f", range lr {opts['range_lr']:g}"
+                rows[-1][1] += (f", range lr {opts['range_lr']:g}" if opts.get("range_lr")
+                                else ", range lr = weights' lr")
                 if opts.get("gate_init"):
                     rows[-1][1] += ", gate init " + ",".join(f"{v:g}" for v in opts["gate_init"])
                 if opts.get("fix_gates_epochs"):
