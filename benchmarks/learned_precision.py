@@ -26,6 +26,7 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     #   ... --method bb --mu 0.02 --tag=-rlr-s1 -- <as above> --seed 1
     #   ... --method lsq --bits 4 --tag=-s1 -- --lr 1e-4 --q-granularity channel --seed 1
     # Sweeps may run at the same time into one folder (one per core: OMP_NUM_THREADS=1 each).
+    # 20-epoch runs (folder resnet20-cifar10-20ep): --epochs 20, Bayesian Bits with --bb-fix-gates-epochs 5
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
@@ -63,6 +64,8 @@ PAPER = {
     "resnet20-cifar10": {"none": "the paper's CIFAR-10 network is VGG-7 (Bayesian Bits 93.23% at 0.51% relative BOPs, "
                                  "LSQ / PACT 4/4 below it); ResNet-20 stands in for it on this machine (see above)"},
     "resnet20-cifar10-6ep": {"none": "as resnet20-cifar10, with 6-epoch fine-tunes for every method (see above)"},
+    "resnet20-cifar10-20ep": {"none": "as resnet20-cifar10, with 20-epoch fine-tunes (Bayesian Bits: the last 5 "
+                                      "with fixed gates)"},
 }
 
 
