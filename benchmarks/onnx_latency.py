@@ -8,10 +8,11 @@ Latencies: median of at least --runs timed runs (and 1 s of them per model) afte
 and 32, onnxruntime CPU EP with 2 intra-op threads, all models timed in turns (per turn and model: a 0.1 s
 pause, one untimed run, then 5 timed runs) so that background load on a shared machine hits every row alike;
 compare rows through the "x FP32" ratios of one run. Re-run on a quiet machine for absolute numbers. Writes
-benchmarks/results/onnx_latency.json (one entry per model) and the model's section of BENCHMARKS.md, which ends with one verdict line per check of the claim row (the first W8A8
-bitalloc configuration, ``percentile/8x8/model`` by default): top-1 agreement >= 99% with the bitalloc model,
-top-1 >= each onnxruntime static anchor (MinMax, Entropy), latency at batch 1 and 32 <= onnxruntime static
-MinMax (ratios up to 1 + --latency-tolerance are reported as "within timing noise").
+benchmarks/results/onnx_latency.json (one entry per model) and the model's section of BENCHMARKS.md, which
+ends with one verdict line per check of the claim row (the first W8A8 bitalloc configuration,
+``percentile/8x8/model`` by default): top-1 agreement >= 99% with the bitalloc model, top-1 >= each onnxruntime
+static anchor (MinMax, Entropy), latency at batch 1 and 32 <= onnxruntime static MinMax (ratios up to
+1 + --latency-tolerance are reported as "within timing noise").
 """
 
 from __future__ import annotations

@@ -315,8 +315,9 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     and ResNet-20 (W4A4 43.0% against 55.6%, 85.7% against 86.0%; a tie on LeNet-5; BENCHMARKS.md): the model
     counts each channel's absolute weight MSE, and its optimum spreads the bits more, giving small-range channels
     2-3 bits that the network needs more than the model says. Allocated tensors get per-channel bounds
-    ``min_bits = min(2, floor(bits))`` (2 for symmetric weights) and ``max_bits = max(8, ceil(bits))`` (:func:`allocation_bounds`), so every budget from 1 to 32 bits
-    is valid; ``min_bits`` / ``max_bits`` set them explicitly (an error when nothing is allocated).
+    ``min_bits = min(2, floor(bits))`` (2 for symmetric weights) and ``max_bits = max(8, ceil(bits))``
+    (:func:`allocation_bounds`), so every budget from 1 to 32 bits is valid; ``min_bits`` / ``max_bits`` set
+    them explicitly (an error when nothing is allocated).
 
     ``act_granularity`` / ``weight_granularity`` override the granularities ("tensor" or "channel"; per-tensor
     tensors are not allocated, so they need integer bits); ``online`` recomputes activation statistics on every
