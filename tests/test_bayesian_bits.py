@@ -65,6 +65,87 @@ def test_sum_of_first_k_terms_equals_direct_quantization(signed):
             assert float(codes_nested.max()) == hi
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_collapsed_terms_equal_the_full_decomposition_in_values_and_gradients(signed, per_channel):
+    """Leading gates at exactly 1 folded into one direct quantization: same output and straight-through
+    gradients (to the input, the range and the remaining gates) as the term-by-term decomposition (float64)."""
+    torch.manual_seed(11)
+    shape = (6, 50)
+    x0 = torch.randn(shape, dtype=torch.float64) * 0.8 + (0.0 if signed else 0.5)
+    a0 = (torch.rand(6, 1, dtype=torch.float64) + 0.7) if per_channel else torch.tensor(1.1, dtype=torch.float64)
+    tail = [0.63, 0.0, 0.37, 0.81]
+    for j in range(len(BB.LEVELS)):  # j leading gates at 1, then partial / off gates
+        gate_vals = [1.0] * j + tail[: len(BB.LEVELS) - 1 - j]
+        results = []
+        for collapsed in (0, j):
+            x = x0.clone().requires_grad_(True)
+            a = a0.clone().requires_grad_(True)
+            gates = [torch.tensor(g, dtype=torch.float64, requires_grad=True) for g in gate_vals]
+            xc = BB.clip_to_range(x, a, signed)
+            scales = BB.nested_scales(BB.range_width(a, signed) / 3)
+            terms = BB.residual_terms(xc, scales, BB.round_ste, collapsed=collapsed)
+            assert len(terms) == len(BB.LEVELS) - collapsed
+            y = BB.gated_sum(terms, [None] + gates[collapsed:])
+            (y * torch.linspace(-1, 2, y.numel(), dtype=torch.float64).view(shape)).sum().backward()
+            grads = [g.grad if g.grad is not None else torch.zeros(()) for g in gates[j:]]
+            results.append((y.detach(), x.grad, a.grad, grads))
+        (y0, gx0, ga0, gz0), (y1, gx1, ga1, gz1) = results
+        assert torch.allclose(y0, y1, rtol=0, atol=1e-12), j
+        assert torch.allclose(gx0, gx1, rtol=0, atol=1e-12), j
+        assert torch.allclose(ga0, ga1, rtol=1e-9, atol=1e-12), j
+        assert float(ga0.abs().sum()) > 0
+        for g0, g1 in zip(gz0, gz1):
+            assert torch.allclose(g0.double(), g1.double(), rtol=1e-9, atol=1e-12), j
+    with pytest.raises(ValueError, match="collapsed"):
+        BB.residual_terms(x0, BB.nested_scales(torch.tensor(1.0, dtype=torch.float64), 3), collapsed=3)
+
+
+def test_training_gradients_equal_the_full_decomposition_with_the_sampled_gates():
+    """The quantizer's training forward (collapsing gates sampled at exactly 1) gives the gradients of the
+    term-by-term decomposition with the same differentiable gate samples, to the input, range and log-alpha."""
+    torch.manual_seed(12)
+    q = make_bb(role="act", channels=3, gate_init=[6.0, 4.0, 0.3, -1.0], skip_below=None)
+    x0 = torch.relu(torch.randn(8, 3, 5, 5)) + 0.05 * torch.randn(8, 3, 5, 5)
+    q.train()
+    q(x0)  # initialises the range (signed: the data has negative values)
+    assert q.is_signed
+    seen, gate_grad_seen = set(), False
+    for _ in range(40):
+        step = int(q.noise_step)
+        q.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        weights = torch.randn_like(x0)
+        (q(x) * weights).sum().backward()
+        grad_or_0 = lambda p: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # noqa: E731
+        got = (x.grad, grad_or_0(q.clip_max), grad_or_0(q.log_alpha))
+        seen.add(BB.leading_ones(q.last_gates))
+        gate_grad_seen = gate_grad_seen or float(got[2].abs().sum()) > 0
+        q.noise_step.fill_(step)
+        q.zero_grad()
+        gates, _ = q.sample_gates()
+        x = x0.clone().requires_grad_(True)
+        a, signed = q._range(), q.is_signed
+        xc = BB.clip_to_range(x, a, signed)
+        terms = BB.residual_terms(xc, BB.nested_scales(BB.range_width(a, signed) / 3), BB.round_ste)
+        (BB.gated_sum(terms, [None] + gates) * weights).sum().backward()
+        assert torch.allclose(got[0], x.grad, atol=1e-6)
+        assert torch.allclose(got[1], grad_or_0(q.clip_max), rtol=1e-4, atol=1e-4)
+        assert float(got[1].abs()) > 0
+        assert torch.allclose(got[2], grad_or_0(q.log_alpha), rtol=1e-4, atol=1e-5)
+    assert {1, 2} <= seen  # both collapsed prefixes occurred
+    assert gate_grad_seen  # and samples strictly between 0 and 1 that pass gradients to log-alpha
+
+
+def test_hard_concrete_gate_at_log_alpha_6_is_exactly_one_99_percent_of_the_time():
+    """Why collapsing pays: P(z = 1) = 1 - sigmoid(beta log((1 - gamma) / (zeta - 1)) - log_alpha) (Monte Carlo)."""
+    u = G.uniform_noise((200_000,), torch.Generator().manual_seed(3))
+    z = G.hard_concrete_sample(torch.tensor(6.0), u)
+    closed = 1.0 - 1.0 / (1.0 + math.exp(-(G.HC_BETA * math.log((1 - G.HC_GAMMA) / (G.HC_ZETA - 1)) - 6.0)))
+    assert float((z == 1.0).double().mean()) == pytest.approx(closed, abs=3e-3)
+    assert closed > 0.98
+
+
 def test_gated_sum_selects_the_level_and_prunes():
     torch.manual_seed(1)
     a = torch.tensor(1.0, dtype=torch.float64)

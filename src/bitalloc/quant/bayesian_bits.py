@@ -90,15 +90,27 @@ def clip_to_range(x: Tensor, a: Tensor, signed: bool, shrink: float = CLIP_SHRIN
     return torch.minimum(torch.maximum(x, lo), hi)
 
 
-def residual_terms(xc: Tensor, scales: Sequence[Tensor], round_fn: Callable[[Tensor], Tensor] = round_ste) -> list[Tensor]:
-    """``[x2, e4, e8, ...]`` (one term per scale) of the decomposition of the clipped tensor ``xc``."""
-    terms: list[Tensor] = []
-    acc: Tensor | None = None
-    for s in scales:
-        r = xc if acc is None else xc - acc
-        t = s * round_fn(r / s)
+def residual_terms(xc: Tensor, scales: Sequence[Tensor], round_fn: Callable[[Tensor], Tensor] = round_ste,
+                   collapsed: int = 0) -> list[Tensor]:
+    """``[x2, e4, e8, ...]`` (one term per scale) of the decomposition of the clipped tensor ``xc``.
+
+    ``collapsed = j > 0`` folds the first ``j + 1`` terms into one: the list starts with the direct
+    quantization ``s_j round(xc / s_j)`` on the grid of level j (``scales[j]``), which equals
+    ``x2 + e4 + ... + e_j`` (paper eq. 3), followed by the residuals of the levels above it; one rounding
+    replaces ``j + 1``. The straight-through gradients agree as well: to ``xc`` both are 1, and to the steps
+    both give ``round(xc / s_j) - xc / s_j`` per unit of ``s_j`` (the residual of level j divided by its step
+    differs from ``xc / s_j`` by an integer, ``x_{j-1} / s_j``). Returns ``len(scales) - collapsed`` terms.
+    """
+    if not 0 <= collapsed < len(scales):
+        raise ValueError(f"collapsed must be in [0, {len(scales) - 1}], got {collapsed}")
+    s0 = scales[collapsed]
+    first = s0 * round_fn(xc / s0)
+    terms: list[Tensor] = [first]
+    acc = first
+    for s in scales[collapsed + 1:]:
+        t = s * round_fn((xc - acc) / s)
         terms.append(t)
-        acc = t if acc is None else acc + t
+        acc = acc + t
     return terms
 
 
@@ -123,6 +135,16 @@ def direct_quantize(xc: Tensor, a: Tensor, bits: int, signed: bool) -> Tensor:
     """``s_b * round(xc / s_b)``: direct quantization of the clipped tensor on the grid of ``bits``."""
     s = level_scale(a, bits, signed)
     return s * torch.round(xc / s)
+
+
+def leading_ones(gates: Sequence[Tensor | float]) -> int:
+    """How many of ``gates`` are exactly 1 before the first that is not (levels that can be collapsed)."""
+    n = 0
+    for g in gates:
+        if float(g if not isinstance(g, Tensor) else g.detach().reshape(-1)[0]) != 1.0:
+            break
+        n += 1
+    return n
 
 
 def leading_on(gates: Sequence[Tensor | float]) -> int:
@@ -163,5 +185,5 @@ def regularizer(probs: Tensor, mac_weight: float | Tensor = 1.0, prune_probs: Te
 
 __all__ = [
     "LEVELS", "CLIP_SHRINK", "check_level", "range_width", "level_scale", "nested_scales", "clip_to_range",
-    "residual_terms", "gated_sum", "direct_quantize", "leading_on", "bits_from_gates", "expected_bits", "regularizer",
+    "residual_terms", "gated_sum", "direct_quantize", "leading_ones", "leading_on", "bits_from_gates", "expected_bits", "regularizer",
 ]

@@ -13,7 +13,12 @@ unsigned; initialised to the largest |value| of the weight or of the first batch
 Modes:
 
 * training (``module.train()``): gates sampled (hard-concrete, or Gumbel-softmax with ``gates="gumbel"``);
-  residual levels above a gate sampled exactly 0 are not computed (their contribution and gradients are 0).
+  residual levels above a gate sampled exactly 0 are not computed (their contribution and gradients are 0),
+  and the levels up to the last of the leading gates sampled exactly 1 are computed as one direct
+  quantization on that level's grid (``residual_terms(..., collapsed=j)``: the same values and straight-through
+  gradients; a hard-concrete gate clamped at 1 passes no gradient to its log-alpha, so nothing is lost). With
+  the usual initial log-alpha of 6 about 99% of the gate samples are exactly 1, which makes a training step
+  about as cheap as LSQ's instead of one rounding per level.
   As in the reference code, a hard-concrete bit gate whose ``log_alpha <= skip_below`` (-2) is treated as
   off during training without sampling, and so are all gates above it (``options["skip_below"] = None``
   samples every gate, as the paper's text describes).
@@ -243,11 +248,13 @@ class BayesianBitsQuantizer(LearnedQuantizer):
         signed = self.is_signed
         gates, z2 = self.sample_gates()
         self._last_z2 = z2
-        active = BB.leading_on(gates) if self.gate_type == "hard_concrete" or self.gates_fixed else self.n_gates
+        exact_01 = self.gate_type == "hard_concrete" or self.gates_fixed or self.fixed
+        active = BB.leading_on(gates) if exact_01 else self.n_gates
+        ones = BB.leading_ones(gates[:active]) if exact_01 else 0
         xc = BB.clip_to_range(x, a, signed)
         scales = BB.nested_scales(BB.range_width(a, signed).to(x.dtype) / 3.0, active + 1)
-        terms = BB.residual_terms(xc, scales, round_ste)
-        out = BB.gated_sum(terms, [None] + gates[:active])
+        terms = BB.residual_terms(xc, scales, round_ste, collapsed=ones)
+        out = BB.gated_sum(terms, [None] + gates[ones:active])
         if z2 is not None:
             out = out * reshape_for_axis(z2.to(out.dtype), out.ndim, self.axis)
         return out
