@@ -26,9 +26,15 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     #   ... --method bb --mu 0.02 --tag=-rlr-s1 -- <as above> --seed 1
     #   ... --method lsq --bits 4 --tag=-s1 -- --lr 1e-4 --q-granularity channel --seed 1
     # Sweeps may run at the same time into one folder (one per core: OMP_NUM_THREADS=1 each).
-    # 20-epoch runs (folder resnet20-cifar10-20ep): --epochs 20, Bayesian Bits with --bb-fix-gates-epochs 5
+    # 20-epoch runs (folder resnet20-cifar10-20ep): --epochs 20; LSQ 4/4, and Bayesian Bits mu 0.03, 0.015, 0.01
+    # (one sweep per mu, so that each runs on its own core) with --bb-fix-gates-epochs 5:
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-20ep --method bb --mu 0.015 \
+        --epochs 20 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 5
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
-    python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 30
+    python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
+    python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
+        --steps 6 --warmup 2 --rounds 2
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
     python benchmarks/learned_precision.py report
 
