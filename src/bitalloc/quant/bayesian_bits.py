@@ -185,5 +185,6 @@ def regularizer(probs: Tensor, mac_weight: float | Tensor = 1.0, prune_probs: Te
 
 __all__ = [
     "LEVELS", "CLIP_SHRINK", "check_level", "range_width", "level_scale", "nested_scales", "clip_to_range",
-    "residual_terms", "gated_sum", "direct_quantize", "leading_ones", "leading_on", "bits_from_gates", "expected_bits", "regularizer",
+    "residual_terms", "gated_sum", "direct_quantize", "leading_ones", "leading_on", "bits_from_gates",
+    "expected_bits", "regularizer",
 ]
