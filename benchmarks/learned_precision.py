@@ -19,21 +19,21 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     # LSQ 4/4, Bayesian Bits mu 0.04 (8-bit start) and, with --tag=-init4 and --gate-init 6,-6,-6,-6, mu 0.03
     # from a 4-bit start (--tag keeps runs of other train options apart in one folder); ranges at the weights' lr
     # (the default since; runs tagged -rlr), mu 0.02,0.025,0.03, and seed replicates of LSQ 4/4 and mu 0.02:
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
-        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-6ep --method bb \
-        --mu 0.02,0.025,0.03 --epochs 6 --tag=-rlr -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 \
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-6ep --method bb \\
+        --mu 0.02,0.025,0.03 --epochs 6 --tag=-rlr -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 \\
         --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 2
     #   ... --method bb --mu 0.02 --tag=-rlr-s1 -- <as above> --seed 1
     #   ... --method lsq --bits 4 --tag=-s1 -- --lr 1e-4 --q-granularity channel --seed 1
     # Sweeps may run at the same time into one folder (one per core: OMP_NUM_THREADS=1 each).
     # 20-epoch runs (folder resnet20-cifar10-20ep): --epochs 20; LSQ 4/4, and Bayesian Bits mu 0.03, 0.015, 0.01
     # (one sweep per mu, so that each runs on its own core) with --bb-fix-gates-epochs 5:
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
-        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-20ep --method bb --mu 0.015 \
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-20ep --method bb --mu 0.015 \\
         --epochs 20 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 5
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
-    python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \
+    python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
         --steps 6 --warmup 2 --rounds 2
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
     python benchmarks/learned_precision.py report

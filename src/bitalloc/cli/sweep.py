@@ -21,8 +21,8 @@ the point classifies correctly (:func:`bitalloc.report.stats.encode_mask`, for p
 :func:`bitalloc.report.stats.paired_comparison`), and ``pareto`` / ``pareto_method``: whether the point is on the
 Pareto front of all points / of its method; points of earlier sweeps into the same folder are kept, also of
 sweeps running at the same time), ``pareto.png`` (accuracy vs relative BOPs: every point, and each method's
-Pareto front as a line) and, for Bayesian Bits runs, ``<run>-bits.png`` (each layer's expected weight and activation bit width
-over training, from the log; ``bitalloc plot-bits LOG.jsonl`` draws it for any run). Without matplotlib the
+Pareto front as a line) and, for Bayesian Bits runs, ``<run>-bits.png`` (each layer's expected weight and
+activation bit width over training, from the log; ``bitalloc plot-bits LOG.jsonl`` draws it for any run). Without matplotlib the
 plots are skipped with a note.
 """
 

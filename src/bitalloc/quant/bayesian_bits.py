@@ -137,24 +137,24 @@ def direct_quantize(xc: Tensor, a: Tensor, bits: int, signed: bool) -> Tensor:
     return s * torch.round(xc / s)
 
 
-def leading_ones(gates: Sequence[Tensor | float]) -> int:
-    """How many of ``gates`` are exactly 1 before the first that is not (levels that can be collapsed)."""
+def _leading(gates: Sequence[Tensor | float], keep: Callable[[float], bool]) -> int:
+    """How many of ``gates`` satisfy ``keep`` before the first that does not."""
     n = 0
     for g in gates:
-        if float(g if not isinstance(g, Tensor) else g.detach().reshape(-1)[0]) != 1.0:
+        if not keep(float(g.detach().reshape(-1)[0]) if isinstance(g, Tensor) else float(g)):
             break
         n += 1
     return n
+
+
+def leading_ones(gates: Sequence[Tensor | float]) -> int:
+    """How many of ``gates`` are exactly 1 before the first that is not (levels that can be collapsed)."""
+    return _leading(gates, lambda v: v == 1.0)
 
 
 def leading_on(gates: Sequence[Tensor | float]) -> int:
     """How many of ``gates`` (z4, z8, ...) are nonzero before the first zero (the active residual levels)."""
-    n = 0
-    for g in gates:
-        if float(g if not isinstance(g, Tensor) else g.detach().reshape(-1)[0]) <= 0.0:
-            break
-        n += 1
-    return n
+    return _leading(gates, lambda v: v > 0.0)
 
 
 def bits_from_gates(gates: Sequence[Tensor | float]) -> int:
