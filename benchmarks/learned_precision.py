@@ -40,9 +40,10 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
 
 ``sweep`` is ``bitalloc sweep`` (every point trained, frozen, evaluated and costed; finished runs are skipped,
 interrupted ones resumed) plus the FP32 reference point. ``report`` reads ``sweep.json`` of every folder under
-``runs/learned`` and the timing files, and checks the CIFAR-10 goal with paired comparisons on the test images
-(:func:`goal_check`; points evaluated before per-sample outcomes were recorded get them by re-running their
-sweep command, which only re-evaluates finished runs).
+``runs/learned`` and the timing files, keeps the points of the previous results file whose run folders are not
+there (``--drop-missing`` drops them; :func:`carry_points`), and checks the CIFAR-10 goal with paired comparisons
+on the test images (:func:`goal_check`; points evaluated before per-sample outcomes were recorded get them by
+re-running their sweep command, which only re-evaluates finished runs, or keep their earlier comparison).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def _setting(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
 
 
-def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tuple[str, dict[str, Any]] | None:
+def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4",
+               previous: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
     """The issue's CIFAR-10 goal, "Bayesian Bits needs fewer BOPs than LSQ 4/4 at equal accuracy", checked with a
     paired comparison on the same test images (:func:`bitalloc.report.stats.paired_comparison`).
 
@@ -209,7 +211,11 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
     else "less accurate". Points whose frozen network has uniform precision and nothing pruned do not count
     (their BOPs saving is not learned mixed precision). The goal is met when a counted point is as accurate or
     level and so is every seed replicate of its setting (``<run>-s<seed>``; a replicate that lands at the
-    reference's BOPs or above fails)."""
+    reference's BOPs or above fails).
+
+    ``previous`` is this function's result dict from an earlier report: a point without per-sample outcomes (its
+    run folder is gone and it was recorded before they were kept in the results file) reuses its comparison
+    there against the same reference instead of going without a verdict."""
     from bitalloc.report.stats import decode_mask, paired_comparison
 
     def seed(p: dict[str, Any]) -> int:
@@ -219,23 +225,25 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
     base = next((p for p in points if p["name"] == reference), None)
     if base is None:
         return None
+    stored = {(r["name"], r["reference"]): r for r in (previous or {}).get("points", [])}
     rows, results = [], []
     for p in sorted((p for p in points if p["method"] == "bb" and p["relative_bops"] < base["relative_bops"]),
                     key=lambda p: (p["relative_bops"], p["name"])):
         ref = refs.get(seed(p), base)
-        if not (p.get("correct") and ref.get("correct")):
+        if p.get("correct") and ref.get("correct"):
+            c = paired_comparison(decode_mask(p["correct"]), decode_mask(ref["correct"]))
+            verdict = "as accurate" if c.diff >= 0 else ("level" if -c.diff < c.se else "less accurate")
+            r = {"name": p["name"], "reference": ref["name"], "top1": p["top1"],
+                 "relative_bops": p["relative_bops"], "diff": c.diff, "se": c.se, "p_value": c.p_value,
+                 "only_bb": c.only_a, "only_reference": c.only_b, "verdict": verdict, "mixed": not _uniform(p)}
+        elif (r := stored.get((p["name"], ref["name"]))) is None:
             rows.append([p["name"], ref["name"], _pct(p["top1"]), _pct(p["relative_bops"], 3), "-", "-", "-", "-",
                          "no per-sample outcomes: re-run its sweep command (finished runs are only re-evaluated)"])
             continue
-        c = paired_comparison(decode_mask(p["correct"]), decode_mask(ref["correct"]))
-        verdict = "as accurate" if c.diff >= 0 else ("level" if -c.diff < c.se else "less accurate")
-        counted = not _uniform(p)
-        results.append({"name": p["name"], "reference": ref["name"], "top1": p["top1"],
-                        "relative_bops": p["relative_bops"], "diff": c.diff, "se": c.se, "p_value": c.p_value,
-                        "only_bb": c.only_a, "only_reference": c.only_b, "verdict": verdict, "mixed": counted})
+        results.append(r)
         rows.append([p["name"], f"{ref['name']} ({_pct(ref['top1'])}%)", _pct(p["top1"]), _pct(p["relative_bops"], 3),
-                     f"{p['relative_bops'] / ref['relative_bops']:.2f}x", f"{100 * c.diff:+.2f} ± {100 * c.se:.2f}",
-                     f"{c.p_value:.3f}", "yes" if counted else "no (uniform)", verdict])
+                     f"{p['relative_bops'] / ref['relative_bops']:.2f}x", f"{100 * r['diff']:+.2f} ± {100 * r['se']:.2f}",
+                     f"{r['p_value']:.3f}", "yes" if r["mixed"] else "no (uniform)", r["verdict"]])
     # a setting counts only if every seed replicate of it (``<run>-s<seed>``) has fewer BOPs and is level or better
     passed = {r["name"] for r in results if r["mixed"] and r["verdict"] != "less accurate"}
     replicates: dict[str, list[str]] = {}
@@ -271,20 +279,44 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4") -> tup
                   "points": results}
 
 
+def carry_points(stored: list[dict[str, Any]], fresh: list[dict[str, Any]],
+                 stored_revision: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One experiment's points for the report: every point of its ``sweep.json`` (``fresh``), plus the points of
+    the previous results file (``stored``) whose runs are not there, so that regenerating the report on a machine
+    without an earlier session's run folders loses nothing. Returns the points (stored order, then new ones) and
+    the names of the carried ones; a carried point keeps the revision it was reported at (``stored_revision``
+    for points recorded before each point carried its own)."""
+    by_name = {p["name"]: p for p in fresh}
+    points = [by_name.pop(p["name"], None) or {"revision": stored_revision, **p} for p in stored]
+    carried = [p["name"] for p in stored if p["name"] not in {q["name"] for q in fresh}]
+    return points + list(by_name.values()), carried
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from bitalloc.cli.sweep import pareto_front
     from bitalloc.io import write_json
 
-    runs_dir = Path(args.runs)
+    runs_dir, results_path = Path(args.runs), Path(args.results)
+    revision = git_revision()
+    previous = None if args.drop_missing else _load(results_path)
     sections: list[str] = []
-    summary: dict[str, Any] = {"experiments": {}, "timing": {}, "machine": machine(), "revision": git_revision(),
+    summary: dict[str, Any] = {"experiments": {}, "timing": {}, "machine": machine(), "revision": revision,
                                "command": command_line()}
+    fresh: dict[str, list[dict[str, Any]]] = {}
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.exists() else []:
         data = _load(folder / "sweep.json")
-        if not data:
-            continue
-        points = data["points"]
-        summary["experiments"][folder.name] = [{k: v for k, v in p.items() if k != "correct"} for p in points]
+        if data:
+            fresh[folder.name] = [{**p, "revision": revision} for p in data["points"]]
+    stored = (previous or {}).get("experiments", {})
+    for name in sorted(set(fresh) | set(stored)):
+        folder = runs_dir / name
+        points, carried = carry_points(stored.get(name, []), fresh.get(name, []),
+                                       (previous or {}).get("revision", "unknown"))
+        if carried:
+            summary.setdefault("carried", {})[name] = carried
+            print(f"{name}: {len(carried)} point(s) kept from {_rel(results_path)} (their runs are not under "
+                  f"{_rel(runs_dir)}): {', '.join(carried)}")
+        summary["experiments"][name] = points
         rows = []
         front = {p["name"] for p in pareto_front([p for p in points if p["method"] != "fp32"])}
         for p in sorted(points, key=lambda p: (p["method"] != "fp32", p["method"], p["relative_bops"])):
@@ -308,16 +340,20 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         table = md_table(["run", "setting", "top-1 %", "rel. BOPs %", "Pareto", "epochs", "quantizer parameters",
                           "ms/step (during the run, shared machine)", "bits per layer (frozen)"],
                          rows)
-        paper = PAPER.get(folder.name, {})
+        paper = PAPER.get(name, {})
         paper_txt = "; ".join(v if k == "none" else f"{k}: {v}" for k, v in paper.items()) or "-"
         pngs = [f"`{_rel(q)}`" for q in sorted(folder.glob("*.png"))]
         cifar = any((p.get("options") or {}).get("dataset") == "cifar10" for p in points)
-        check = goal_check(points) if cifar else None  # the CIFAR-10 goal; LeNet-5's is absolute (notes)
+        # the CIFAR-10 goal; LeNet-5's is absolute (notes)
+        check = goal_check(points, previous=(previous or {}).get("goal_checks", {}).get(name)) if cifar else None
         goal_txt = ""
         if check:
             goal_txt = f"\n{check[0]}\n"
-            summary.setdefault("goal_checks", {})[folder.name] = check[1]
-        sections.append(f"### {folder.name}\n\nPaper: {paper_txt}.\n\n{table}\n{goal_txt}\nPlots: "
+            summary.setdefault("goal_checks", {})[name] = check[1]
+        kept = ", ".join(f"{p['name']} ({p['revision']})" for p in points if p["name"] in carried)
+        carried_txt = (f"Kept from the previous results file (their run folders were not on the machine that made "
+                       f"this report; the revision each was reported at): {kept}.\n\n" if carried else "")
+        sections.append(f"### {name}\n\nPaper: {paper_txt}.\n\n{carried_txt}{table}\n{goal_txt}\nPlots: "
                         f"{', '.join(pngs) or '-'}\n")
     for tfile in sorted(RESULTS.glob("learned_timing_*.json")):
         t = _load(tfile)
@@ -332,7 +368,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     body = (f"Machine: {machine()}. Revision {git_revision()}. Generated by `python benchmarks/learned_precision.py "
             f"report` from `runs/learned/*/sweep.json` (each point: trained, frozen with test-time gates, "
             f"evaluated on the test split, costed with `bitalloc.cost_report`).\n\n" + notes + "\n" + "\n".join(sections))
-    path = write_json(RESULTS / "learned_precision.json", summary)
+    path = write_json(results_path, summary)
     print(f"results: {path}")
     if not args.no_md:
         update_section("learned-precision", body)
@@ -369,6 +405,10 @@ def main() -> int:
     r.add_argument("--runs", default=str(RUNS))
     r.add_argument("--notes", default=str(RESULTS / "learned_precision_notes.md"),
                    help="markdown inserted before the tables (what was run and why)")
+    r.add_argument("--results", default=str(RESULTS / "learned_precision.json"),
+                   help="results JSON, rewritten; its points whose runs are not under --runs are kept")
+    r.add_argument("--drop-missing", action="store_true",
+                   help="do not keep points of the previous --results file whose runs are not under --runs")
     r.add_argument("--no-md", action="store_true")
     argv = sys.argv[1:]
     extra: list[str] = []

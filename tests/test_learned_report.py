@@ -88,3 +88,58 @@ def test_goal_check_pairs_each_seed_with_its_lsq_run(report):
     text, res = report.goal_check(points + [_point("bb-a-s3", "bb", 0.016, ref0, MIXED, seed=3)])
     assert not res["met"] and res["failed_replicates"]["bb-a"] == ["bb-a-s3"]
     assert "bb-a passes, but not its seed replicate bb-a-s3" in text and "**Not met.**" in text
+
+
+def test_carry_points_keeps_stored_points_whose_runs_are_gone(report):
+    stored = [{"name": "a", "top1": 0.1}, {"name": "b", "top1": 0.2, "revision": "r1"}]
+    fresh = [{"name": "b", "top1": 0.3, "revision": "r3"}, {"name": "c", "top1": 0.4, "revision": "r3"}]
+    points, carried = report.carry_points(stored, fresh, "r0")
+    assert [p["name"] for p in points] == ["a", "b", "c"] and carried == ["a"]
+    assert points[0]["revision"] == "r0" and points[1] == fresh[0]  # a re-run point replaces its stored one
+    assert report.carry_points([], fresh, "r0") == (fresh, [])
+
+
+def test_report_keeps_results_when_run_folders_are_gone(report, tmp_path):
+    import argparse
+    import json
+    import shutil
+
+    rng = np.random.default_rng(2)
+    n = 3000
+    ref = rng.random(n) < 0.86
+    worse = ref.copy()
+    worse[np.flatnonzero(ref)[:150]] = False
+    lsq = [(8, 8, 1.0)] + [(4, 4, 1.0)] * 3
+    pts = [_point("lsq-w4a4", "lsq", 0.016, ref, lsq), _point("bb-mu1", "bb", 0.012, worse, MIXED)]
+    for p, layers in zip(pts, (lsq, MIXED)):
+        p["options"]["dataset"] = "cifar10"
+        p["layers"] = [{"name": f"l{i}", "w_bits": w, "a_bits": a, "kept_fraction": k}
+                       for i, (w, a, k) in enumerate(layers)]
+    runs = tmp_path / "runs"
+    (runs / "exp").mkdir(parents=True)
+    (runs / "exp" / "sweep.json").write_text(json.dumps({"points": pts}))
+    results = tmp_path / "results.json"
+    args = argparse.Namespace(runs=str(runs), results=str(results), drop_missing=False, no_md=True, notes="")
+
+    def run() -> dict:
+        assert report.cmd_report(args, []) == 0
+        return json.loads(results.read_text())
+
+    first = run()
+    assert [p["name"] for p in first["experiments"]["exp"]] == ["lsq-w4a4", "bb-mu1"]
+    assert first["experiments"]["exp"][1]["correct"] == pts[1]["correct"]  # per-sample outcomes are kept
+    check = first["goal_checks"]["exp"]["points"][0]
+    assert check["verdict"] == "less accurate" and check["diff"] == pytest.approx(-150 / n)
+    shutil.rmtree(runs / "exp")  # the run folders are lost (a new machine): nothing is dropped
+    second = run()
+    assert second["carried"] == {"exp": ["lsq-w4a4", "bb-mu1"]}
+    assert second["experiments"]["exp"] == first["experiments"]["exp"]
+    assert second["goal_checks"]["exp"] == first["goal_checks"]["exp"]
+    # results recorded before the outcomes were kept: the earlier comparison is reused, not recomputed
+    for p in second["experiments"]["exp"]:
+        p.pop("correct")
+    results.write_text(json.dumps(second))
+    third = run()
+    assert third["goal_checks"]["exp"]["points"] == first["goal_checks"]["exp"]["points"]
+    args.drop_missing = True
+    assert run()["experiments"] == {}
