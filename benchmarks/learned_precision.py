@@ -31,6 +31,16 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-20ep --method bb --mu 0.015 \\
         --epochs 20 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 5
+    # 8-epoch runs (folder resnet20-cifar10-8ep): LSQ 4/4 and Bayesian Bits mu 0.02, seeds 0 and 1 (--tag=-s1 ...
+    # --seed 1), the last 2 epochs with fixed gates; their per-sample outcomes are kept in the results file, so
+    # runs of later sessions from the same FP32 checkpoint pair with them without their run folders:
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method lsq \\
+        --bits 4 --epochs 8 -- --lr 1e-4 --q-granularity channel
+    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method bb \\
+        --mu 0.02 --epochs 8 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 \\
+        --bb-fix-gates-epochs 2
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
     python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
@@ -72,6 +82,8 @@ PAPER = {
                                  "LSQ / PACT 4/4 below it); ResNet-20 stands in for it on this machine (see above)"},
     "resnet20-cifar10-6ep": {"none": "as resnet20-cifar10, with 6-epoch fine-tunes for every method (see above)"},
     "resnet20-cifar10-20ep": {"none": "as resnet20-cifar10, with 20-epoch fine-tunes (Bayesian Bits: the last 5 "
+                                      "with fixed gates)"},
+    "resnet20-cifar10-8ep": {"none": "as resnet20-cifar10, with 8-epoch fine-tunes (Bayesian Bits: the last 2 "
                                       "with fixed gates)"},
 }
 
