@@ -53,7 +53,9 @@ interrupted ones resumed) plus the FP32 reference point. ``report`` reads ``swee
 ``runs/learned`` and the timing files, keeps the points of the previous results file whose run folders are not
 there (``--drop-missing`` drops them; :func:`carry_points`), and checks the CIFAR-10 goal with paired comparisons
 on the test images (:func:`goal_check`; points evaluated before per-sample outcomes were recorded get them by
-re-running their sweep command, which only re-evaluates finished runs, or keep their earlier comparison).
+re-running their sweep command, which only re-evaluates finished runs, or keep their earlier comparison). Each
+experiment's Pareto plot (from all its points) and copies of its runs' bit-width plots are kept in
+``benchmarks/results/learned_precision/<experiment>/`` (:func:`keep_plots`).
 """
 
 from __future__ import annotations
@@ -304,6 +306,31 @@ def carry_points(stored: list[dict[str, Any]], fresh: list[dict[str, Any]],
     return points + list(by_name.values()), carried
 
 
+def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir: Path) -> list[Path]:
+    """The experiment's plots, kept next to the results file so that they outlive the run folders: its Pareto
+    front drawn from ``points`` (every point, carried ones included; one series per method) and copies of the
+    runs' bit-width-over-training plots (``<run>-bits.png``; copies made by an earlier report stay when the run
+    folder is gone). Returns every PNG in ``plots_dir / name``; none are drawn without matplotlib."""
+    import shutil
+
+    from bitalloc.io import atomic_path
+    from bitalloc.report.plots import PlotsUnavailable, pareto_plot
+
+    out = plots_dir / name
+    series: dict[str, list[tuple[float, float]]] = {}
+    for p in points:
+        series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+    try:
+        if series:
+            pareto_plot(series, out / "pareto.png", title=f"{name}: top-1 vs relative BOPs")
+    except PlotsUnavailable as exc:  # matplotlib is an optional extra
+        print(f"{name}: no Pareto plot ({exc})")
+    for png in sorted(folder.glob("*-bits.png")) if folder.is_dir() else []:
+        with atomic_path(out / png.name) as tmp:
+            shutil.copyfile(png, tmp)
+    return sorted(out.glob("*.png"))
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from bitalloc.cli.sweep import pareto_front
     from bitalloc.io import write_json
@@ -354,7 +381,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
                          rows)
         paper = PAPER.get(name, {})
         paper_txt = "; ".join(v if k == "none" else f"{k}: {v}" for k, v in paper.items()) or "-"
-        pngs = [f"`{_rel(q)}`" for q in sorted(folder.glob("*.png"))]
+        pngs = [f"`{_rel(q)}`" for q in keep_plots(name, points, folder, results_path.with_suffix(""))]
         cifar = any((p.get("options") or {}).get("dataset") == "cifar10" for p in points)
         # the CIFAR-10 goal; LeNet-5's is absolute (notes)
         check = goal_check(points, previous=previous.get("goal_checks", {}).get(name)) if cifar else None

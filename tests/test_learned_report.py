@@ -118,6 +118,7 @@ def test_report_keeps_results_when_run_folders_are_gone(report, tmp_path):
     runs = tmp_path / "runs"
     (runs / "exp").mkdir(parents=True)
     (runs / "exp" / "sweep.json").write_text(json.dumps({"points": pts}))
+    (runs / "exp" / "bb-mu1-bits.png").write_bytes(b"bits over training")
     results = tmp_path / "results.json"
     args = argparse.Namespace(runs=str(runs), results=str(results), drop_missing=False, no_md=True, notes="")
 
@@ -130,8 +131,12 @@ def test_report_keeps_results_when_run_folders_are_gone(report, tmp_path):
     assert first["experiments"]["exp"][1]["correct"] == pts[1]["correct"]  # per-sample outcomes are kept
     check = first["goal_checks"]["exp"]["points"][0]
     assert check["verdict"] == "less accurate" and check["diff"] == pytest.approx(-150 / n)
+    plots = tmp_path / "results" / "exp"  # next to the results file, so that they outlive the run folders
     shutil.rmtree(runs / "exp")  # the run folders are lost (a new machine): nothing is dropped
     second = run()
+    assert (plots / "bb-mu1-bits.png").read_bytes() == b"bits over training"
+    if importlib.util.find_spec("matplotlib"):
+        assert (plots / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert second["carried"] == {"exp": ["lsq-w4a4", "bb-mu1"]}
     assert second["experiments"]["exp"] == first["experiments"]["exp"]
     assert second["goal_checks"]["exp"] == first["goal_checks"]["exp"]
