@@ -213,6 +213,53 @@ def _setting(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
 
 
+def _seed(p: dict[str, Any]) -> int:
+    return int((p.get("options") or {}).get("seed") or 0)
+
+
+def _compare(p: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
+    """``p`` against ``ref`` on the same test images (:func:`bitalloc.report.stats.paired_comparison` of their
+    per-sample outcomes): top-1 difference, its paired standard error and McNemar's exact p; None when either
+    point has no per-sample outcomes."""
+    from bitalloc.report.stats import decode_mask, paired_comparison
+
+    if not (p.get("correct") and ref.get("correct")):
+        return None
+    c = paired_comparison(decode_mask(p["correct"]), decode_mask(ref["correct"]))
+    return {"name": p["name"], "reference": ref["name"], "top1": p["top1"], "relative_bops": p["relative_bops"],
+            "diff": c.diff, "se": c.se, "p_value": c.p_value, "only_bb": c.only_a, "only_reference": c.only_b}
+
+
+def uniform_check(points: list[dict[str, Any]], method: str = "lsq") -> tuple[str, dict[str, Any]] | None:
+    """Bayesian Bits against uniform precision at no more cost: each Bayesian Bits point is compared, on the
+    same test images (:func:`_compare`), with the ``method`` run of its seed (else of seed 0) that has the most
+    relative BOPs not above its own (e.g. LSQ 3/4 for a point between LSQ 3/4 and 4/4): the question the
+    paper's Pareto fronts answer, whether the learned allocation beats the best uniform network it can afford.
+    None when no Bayesian Bits point has such a run."""
+    uniform = [q for q in points if q["method"] == method and q.get("correct")]
+    rows, results = [], []
+    for p in sorted((p for p in points if p["method"] == "bb"), key=lambda p: (p["relative_bops"], p["name"])):
+        cheaper = [q for q in uniform if q["relative_bops"] <= p["relative_bops"] * (1 + 1e-9)]
+        same_seed = [q for q in cheaper if _seed(q) == _seed(p)] or [q for q in cheaper if _seed(q) == 0]
+        if not same_seed or (r := _compare(p, max(same_seed, key=lambda q: (q["relative_bops"], q["top1"])))) is None:
+            continue
+        ref = next(q for q in uniform if q["name"] == r["reference"])
+        r["verdict"] = ("more accurate" if r["diff"] > r["se"] else
+                        "less accurate" if -r["diff"] > r["se"] else "within one standard error")
+        results.append(r)
+        rows.append([p["name"], f"{ref['name']} ({_pct(ref['top1'])}% at {_pct(ref['relative_bops'], 3)}%)",
+                     _pct(p["top1"]), _pct(p["relative_bops"], 3), f"{p['relative_bops'] / ref['relative_bops']:.2f}x",
+                     f"{100 * r['diff']:+.2f} ± {100 * r['se']:.2f}", f"{r['p_value']:.3f}", r["verdict"]])
+    if not rows:
+        return None
+    text = (f"**Against uniform precision at no more cost:** each Bayesian Bits run against the {method.upper()} run "
+            "of its seed with the most BOPs not above its own, on the same test images (\"more accurate\" / \"less "
+            "accurate\": by more than one paired standard error).\n\n"
+            + md_table(["Bayesian Bits run", "against", "top-1 %", "rel. BOPs %", "BOPs vs it",
+                        "top-1 difference (points)", "McNemar p", "verdict"], rows))
+    return text, {"method": method, "points": results}
+
+
 def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4",
                previous: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
     """The issue's CIFAR-10 goal, "Bayesian Bits needs fewer BOPs than LSQ 4/4 at equal accuracy", checked with a
@@ -230,12 +277,7 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4",
     ``previous`` is this function's result dict from an earlier report: a point without per-sample outcomes (its
     run folder is gone and it was recorded before they were kept in the results file) reuses its comparison
     there against the same reference instead of going without a verdict."""
-    from bitalloc.report.stats import decode_mask, paired_comparison
-
-    def seed(p: dict[str, Any]) -> int:
-        return int((p.get("options") or {}).get("seed") or 0)
-
-    refs = {seed(p): p for p in points if _setting(p["name"]) == reference}
+    refs = {_seed(p): p for p in points if _setting(p["name"]) == reference}
     base = next((p for p in points if p["name"] == reference), None)
     if base is None:
         return None
@@ -243,13 +285,10 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4",
     rows, results = [], []
     for p in sorted((p for p in points if p["method"] == "bb" and p["relative_bops"] < base["relative_bops"]),
                     key=lambda p: (p["relative_bops"], p["name"])):
-        ref = refs.get(seed(p), base)
-        if p.get("correct") and ref.get("correct"):
-            c = paired_comparison(decode_mask(p["correct"]), decode_mask(ref["correct"]))
-            verdict = "as accurate" if c.diff >= 0 else ("level" if -c.diff < c.se else "less accurate")
-            r = {"name": p["name"], "reference": ref["name"], "top1": p["top1"],
-                 "relative_bops": p["relative_bops"], "diff": c.diff, "se": c.se, "p_value": c.p_value,
-                 "only_bb": c.only_a, "only_reference": c.only_b, "verdict": verdict, "mixed": not _uniform(p)}
+        ref = refs.get(_seed(p), base)
+        if (r := _compare(p, ref)) is not None:
+            r["verdict"] = "as accurate" if r["diff"] >= 0 else ("level" if -r["diff"] < r["se"] else "less accurate")
+            r["mixed"] = not _uniform(p)
         elif (r := stored.get((p["name"], ref["name"]))) is None:
             rows.append([p["name"], ref["name"], _pct(p["top1"]), _pct(p["relative_bops"], 3), "-", "-", "-", "-",
                          "no per-sample outcomes: re-run its sweep command (finished runs are only re-evaluated)"])
@@ -389,6 +428,9 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         if check:
             goal_txt = f"\n{check[0]}\n"
             summary.setdefault("goal_checks", {})[name] = check[1]
+        if cifar and (front_check := uniform_check(points)):
+            goal_txt += f"\n{front_check[0]}\n"
+            summary.setdefault("uniform_checks", {})[name] = front_check[1]
         kept = ", ".join(f"{p['name']} ({p['revision']})" for p in points if p["name"] in carried)
         carried_txt = (f"Kept from the previous results file (their run folders were not on the machine that made "
                        f"this report; the revision each was reported at): {kept}.\n\n" if carried else "")

@@ -90,6 +90,33 @@ def test_goal_check_pairs_each_seed_with_its_lsq_run(report):
     assert "bb-a passes, but not its seed replicate bb-a-s3" in text and "**Not met.**" in text
 
 
+def test_uniform_check_compares_with_the_best_uniform_run_it_can_afford(report):
+    rng = np.random.default_rng(3)
+    n = 2000
+    w3, w4, w4s1 = (rng.random(n) < q for q in (0.80, 0.86, 0.85))
+    better = w3.copy()
+    better[np.flatnonzero(~w3)[:100]] = True  # +100 / n over LSQ 3/4
+    lsq = [(8, 8, 1.0)] + [(3, 4, 1.0)] * 3
+    points = [_point("lsq-w3a4", "lsq", 0.012, w3, lsq), _point("lsq-w4a4", "lsq", 0.016, w4, lsq),
+              _point("lsq-w4a4-s1", "lsq", 0.016, w4s1, lsq, seed=1),
+              _point("bb-a", "bb", 0.014, better, MIXED),          # between 3/4 and 4/4: against 3/4
+              _point("bb-b", "bb", 0.011, better, MIXED),          # cheaper than every LSQ run: not compared
+              _point("bb-c-s1", "bb", 0.016, w3, MIXED, seed=1),   # seed 1: its own LSQ run at equal BOPs
+              _point("bb-d", "bb", 0.013, w3, MIXED),              # identical outcomes: within one SE
+              {"name": "fp32", "method": "fp32", "top1": 0.87, "relative_bops": 1.0}]
+    text, res = report.uniform_check(points)
+    by = {r["name"]: r for r in res["points"]}
+    assert set(by) == {"bb-a", "bb-c-s1", "bb-d"}
+    assert by["bb-a"]["reference"] == "lsq-w3a4" and by["bb-a"]["diff"] == pytest.approx(100 / n)
+    assert by["bb-a"]["verdict"] == "more accurate" and by["bb-d"]["verdict"] == "within one standard error"
+    assert by["bb-c-s1"]["reference"] == "lsq-w4a4-s1"
+    expected = (w3.sum() - w4s1.sum()) / n
+    assert by["bb-c-s1"]["diff"] == pytest.approx(expected)
+    assert by["bb-c-s1"]["verdict"] == ("less accurate" if -expected > by["bb-c-s1"]["se"] else "within one standard error")
+    assert f"| bb-a | lsq-w3a4 ({100 * w3.mean():.2f}% at 1.200%) |" in text and "| bb-b |" not in text
+    assert report.uniform_check([p for p in points if p["method"] != "lsq"]) is None
+
+
 def test_carry_points_keeps_stored_points_whose_runs_are_gone(report):
     stored = [{"name": "a", "top1": 0.1}, {"name": "b", "top1": 0.2, "revision": "r1"}]
     fresh = [{"name": "b", "top1": 0.3, "revision": "r3"}, {"name": "c", "top1": 0.4, "revision": "r3"}]
