@@ -347,7 +347,8 @@ def carry_points(stored: list[dict[str, Any]], fresh: list[dict[str, Any]],
 
 def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir: Path) -> list[Path]:
     """The experiment's plots, kept next to the results file so that they outlive the run folders: its Pareto
-    front drawn from ``points`` (every point, carried ones included; one series per method) and copies of the
+    front drawn from ``points`` (every quantized point, carried ones included; one series per method; FP32's
+    accuracy in the title) and copies of the
     runs' bit-width-over-training plots (``<run>-bits.png``; copies made by an earlier report stay when the run
     folder is gone). Returns every PNG in ``plots_dir / name``; none are drawn without matplotlib."""
     import shutil
@@ -358,10 +359,14 @@ def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir:
     out = plots_dir / name
     series: dict[str, list[tuple[float, float]]] = {}
     for p in points:
-        series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+        if p["method"] != "fp32":  # at 100% it would squeeze the quantized points into one corner: in the title
+            series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+    fp32 = next((f", FP32 {_pct(p['top1'])}%" for p in points if p["method"] == "fp32"), "")
+    costs = [c for pts in series.values() for c, _ in pts]
     try:
-        if series:
-            pareto_plot(series, out / "pareto.png", title=f"{name}: top-1 vs relative BOPs")
+        if series:  # a log axis only where the costs span a decade (its tick labels are unreadable otherwise)
+            pareto_plot(series, out / "pareto.png", title=f"{name}: top-1 vs relative BOPs{fp32}",
+                        logx=max(costs) > 10 * min(costs))
     except PlotsUnavailable as exc:  # matplotlib is an optional extra
         print(f"{name}: no Pareto plot ({exc})")
     for png in sorted(folder.glob("*-bits.png")) if folder.is_dir() else []:
