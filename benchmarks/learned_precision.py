@@ -41,6 +41,8 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method bb \\
         --mu 0.02 --epochs 8 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 \\
         --bb-fix-gates-epochs 2
+    #   ... likewise --mu 0.015 and --mu 0.04 (one sweep per mu and seed, one per core), and LSQ 3/4 (0.76x the
+    #   BOPs of 4/4): --method lsq --bits 3x4 (seed 1: --tag=-s1 ... --seed 1)
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
     python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
