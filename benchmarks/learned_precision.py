@@ -243,9 +243,12 @@ def uniform_check(points: list[dict[str, Any]], method: str = "lsq") -> tuple[st
     for p in sorted((p for p in points if p["method"] == "bb"), key=lambda p: (p["relative_bops"], p["name"])):
         cheaper = [q for q in uniform if q["relative_bops"] <= p["relative_bops"] * (1 + 1e-9)]
         same_seed = [q for q in cheaper if _seed(q) == _seed(p)] or [q for q in cheaper if _seed(q) == 0]
-        if not same_seed or (r := _compare(p, max(same_seed, key=lambda q: (q["relative_bops"], q["top1"])))) is None:
+        if not same_seed:
             continue
-        ref = next(q for q in uniform if q["name"] == r["reference"])
+        ref = max(same_seed, key=lambda q: (q["relative_bops"], q["top1"]))
+        r = _compare(p, ref)  # None when the Bayesian Bits point has no per-sample outcomes (an old carried one)
+        if r is None:
+            continue
         r["verdict"] = ("more accurate" if r["diff"] > r["se"] else
                         "less accurate" if -r["diff"] > r["se"] else "within one standard error")
         results.append(r)
@@ -350,9 +353,9 @@ def carry_points(stored: list[dict[str, Any]], fresh: list[dict[str, Any]],
 def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir: Path) -> list[Path]:
     """The experiment's plots, kept next to the results file so that they outlive the run folders: its Pareto
     front drawn from ``points`` (every quantized point, carried ones included; one series per method; FP32's
-    accuracy in the title) and copies of the
-    runs' bit-width-over-training plots (``<run>-bits.png``; copies made by an earlier report stay when the run
-    folder is gone). Returns every PNG in ``plots_dir / name``; none are drawn without matplotlib."""
+    accuracy in the title) and copies of the runs' bit-width-over-training plots (``<run>-bits.png``; copies
+    made by an earlier report stay when the run folder is gone). Returns every PNG in ``plots_dir / name``;
+    no Pareto plot is drawn without matplotlib."""
     import shutil
 
     from bitalloc.io import atomic_path
