@@ -2,42 +2,38 @@
 
 from __future__ import annotations
 
-import os
-import platform
+import argparse
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    """One line describing the machine the numbers come from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores{mem}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    """One line describing the machine the numbers come from (:func:`bitalloc.report.machine.machine_description`)."""
+    from bitalloc.report.machine import machine_description
+
+    return machine_description()
+
+
+def model_data_parser(description: str | None, *, batch_size: int) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: --model, --checkpoint, --dataset, --data, --calib, --batch-size."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--dataset")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    return ap
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name if False else "python"] + sys.argv)
+    return " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
 
 
 def git_revision() -> str:

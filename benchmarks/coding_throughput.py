@@ -17,7 +17,6 @@ Writes benchmarks/results/coding_<model>.json and the section ``coding-<model>``
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, update_section  # noqa: E402
+from _common import command_line, git_revision, machine, md_table, model_data_parser, update_section  # noqa: E402
 
 from bitalloc.cli.common import batches, load_model, load_splits  # noqa: E402
 from bitalloc.coding import huffman  # noqa: E402
@@ -152,13 +151,7 @@ def throughput(streams: list[np.ndarray], limit_constriction: int) -> list[dict]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--dataset")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--calib", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap = model_data_parser(__doc__, batch_size=32)
     ap.add_argument("--stream-images", type=int, default=8, help="images whose activation codes feed the throughput runs")
     ap.add_argument("--stream-limit", type=int, default=8_000_000, help="codes per stream kind for zlib / canonical")
     ap.add_argument("--constriction-limit", type=int, default=1_000_000,

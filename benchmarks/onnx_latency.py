@@ -17,7 +17,6 @@ static anchor (MinMax, Entropy), latency at batch 1 and 32 <= onnxruntime static
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,12 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, update_section  # noqa: E402
+from _common import command_line, git_revision, md_table, model_data_parser, update_section  # noqa: E402
 
-from bitalloc.cli.bench import (LATENCY_TOLERANCE, bench_cpu, claim_row, machine_description,  # noqa: E402
+from bitalloc.cli.bench import (LATENCY_TOLERANCE, bench_cpu, claim_row,  # noqa: E402
                                 parse_configs, table_rows, verdict_lines)
 from bitalloc.cli.common import batches, load_model, load_splits  # noqa: E402
 from bitalloc.io import write_json  # noqa: E402
+from bitalloc.report.machine import machine_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_latency.json"
 # the first configuration is the claim row of the verdicts (the W8A8 deployment recipe); then the others for context
@@ -77,13 +77,7 @@ def markdown(model: str, dataset: str, result: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--dataset")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--calib", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap = model_data_parser(__doc__, batch_size=32)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
@@ -108,8 +102,8 @@ def main() -> int:
                        parse_configs(args.configs), out, threads=args.threads, runs=args.runs, warmup=args.warmup,
                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                        latency_tolerance=args.latency_tolerance)
-    result = {"model": name, "dataset": dataset, "checkpoint": args.checkpoint, "machine": machine_description(args.threads),
-              "machine_torch": machine(), "revision": git_revision(), "command": command_line(), **result}
+    result = {"model": name, "dataset": dataset, "checkpoint": args.checkpoint, "machine": machine_description(args.threads, onnxruntime=True),
+              "revision": git_revision(), "command": command_line(), **result}
     cols, rows = table_rows(result)
     from bitalloc.report.tables import print_table
 

@@ -13,7 +13,6 @@ Writes benchmarks/results/ptq_<model>.json and the model's section of BENCHMARKS
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, update_section  # noqa: E402
+from _common import command_line, git_revision, machine, md_table, model_data_parser, update_section  # noqa: E402
 
 from bitalloc.cli.common import batches, load_model, load_splits, make_eval_fn  # noqa: E402
 from bitalloc.config import preset  # noqa: E402
@@ -112,13 +111,7 @@ def step_ratio(a_model, b_model) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--dataset")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--calib", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap = model_data_parser(__doc__, batch_size=50)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--bits", default="4x4,8x4,4x8,8x8", help="comma list of WxA")
     ap.add_argument("--quick", action="store_true", help="skip online rows")

@@ -21,12 +21,7 @@ from bitalloc.quant import gates as G
 from bitalloc.quantizers import BayesianBitsQuantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- decomposition ---------------------------------------------------------------------------------------
@@ -300,7 +295,7 @@ def test_skip_below_turns_low_gates_off_in_training():
     w = torch.randn(4, 10)
     q.calibrate_weight(w)
     q.train()
-    y = q(w)
+    q(w)
     assert q.last_gates[1:] == [0.0, 0.0, 0.0]
     assert q.last_gates[0] > 0
     assert q.test_bits() == 4

@@ -129,3 +129,32 @@ def test_export_integer_check_and_accumulators(tiny, tmp_path, capsys):
                         "--on-overflow", "raise", "--out", str(tmp_path / "m10r.onnx")], capsys)
     assert code == 2 and "int16 product stage could overflow" in err and "Traceback" not in err
     assert not (tmp_path / "m10r.onnx").exists()
+
+
+def test_machine_description_names_cpu_cores_threads_and_versions(monkeypatch):
+    """The machine line of bench.json and of every benchmark result, against what os / torch / onnxruntime report;
+    a missing /proc (not Linux) falls back to platform and leaves the memory out."""
+    import os
+    import platform
+
+    import onnxruntime
+    import torch
+
+    from bitalloc.report import machine as M
+
+    line = M.machine_description(3, onnxruntime=True)
+    assert line.startswith(M.cpu_name() + f", {os.cpu_count()} cores")
+    assert f"onnxruntime {onnxruntime.__version__}" in line and f"torch {torch.__version__} (3 threads)" in line
+    assert "onnxruntime" not in M.machine_description()
+    assert f"({torch.get_num_threads()} threads)" in M.machine_description()
+    if os.path.exists("/proc/meminfo"):
+        kb = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
+        assert M.memory_gib() == pytest.approx(kb / 2**20) and "GiB RAM" in line
+
+    def no_proc(self, *a, **k):
+        raise OSError("no such file")
+
+    monkeypatch.setattr(M.Path, "read_text", no_proc)
+    assert M.memory_gib() is None
+    assert M.cpu_name() == (platform.processor() or platform.machine())
+    assert "GiB RAM" not in M.machine_description()

@@ -32,15 +32,7 @@ WORKER = textwrap.dedent('''
 
     from bitalloc.train import TrainConfig, StopAfter, evaluate, fit, load_checkpoint
     from bitalloc.train import distributed as D
-
-
-    def blobs(n, noise_seed=1, classes=4, dim=16, sep=3.0):
-        g = torch.Generator().manual_seed(0)
-        means = torch.randn(classes, dim, generator=g)
-        means = means / means.norm(dim=1, keepdim=True)
-        g2 = torch.Generator().manual_seed(noise_seed)
-        y = torch.randint(0, classes, (n,), generator=g2)
-        return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
+    from tests.synthetic import blobs
 
 
     class ItemsAug(torch.utils.data.Dataset):

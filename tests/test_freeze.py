@@ -22,12 +22,7 @@ from bitalloc.quantizers import FrozenQuantizer
 from bitalloc.train.methods import prepare_qat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallConv(nn.Module):

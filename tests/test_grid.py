@@ -235,3 +235,25 @@ def test_straight_through_gradient_mixed_fused_path():
     1) the clamp gives 0. The bands are not asserted here; see the report that introduced this test."""
     grad, inside, band = _grad_and_mask([3, 4, 5, 6, 7, 8])
     torch.testing.assert_close(grad[~band], inside.float()[~band], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+def test_sum_to_axis_is_the_adjoint_of_reshape_for_axis(axis):
+    """float64 numpy reference: the sum over every axis but ``axis`` (all of them for a 0-d parameter)."""
+    from bitalloc.quant.grid import reshape_for_axis, sum_to_axis
+
+    t = torch.randn(3, 4, 5, dtype=torch.float64)
+    if axis is None:
+        like, ref = torch.tensor(0.0), t.numpy().sum()
+    else:
+        ax = axis % t.ndim
+        like = torch.zeros(t.shape[ax])
+        ref = t.numpy().sum(axis=tuple(i for i in range(t.ndim) if i != ax))
+    got = sum_to_axis(t, like, axis)
+    assert got.shape == like.shape
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+    # adjoint: <sum_to_axis(t), p> == <t, broadcast(p)>
+    p = torch.randn(like.shape, dtype=torch.float64)
+    lhs = (got * p).sum()
+    rhs = (t * reshape_for_axis(p, t.ndim, axis)).sum()
+    assert torch.allclose(lhs, rhs)

@@ -25,12 +25,7 @@ from bitalloc.quant.pact import pact_l2, pact_quantize, pact_range, pact_step
 from bitalloc.quantizers import LSQQuantizer, PACTQuantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def away_from_ties(v: torch.Tensor, s: torch.Tensor | float, q_n: int, q_p: int) -> torch.Tensor:

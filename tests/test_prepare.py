@@ -7,11 +7,9 @@ layers are quantized / left in float.
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bitalloc

@@ -21,24 +21,11 @@ from bitalloc.quantizers import BayesianBitsQuantizer, LSQQuantizer, PACTQuantiz
 from bitalloc.train import METHODS, StopAfter, TrainConfig, fit, load_model_checkpoint
 from bitalloc.train.methods import QATObjective, prepare_qat, resolve_options
 from bitalloc.report.stats import decode_mask
+from tests.synthetic import blobs
 from tests.torchrun import load_worker, run_torchrun
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def blobs(n: int, noise_seed: int = 1, classes: int = 4, dim: int = 16, sep: float = 3.0):
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(classes, dim, generator=g)
-    means = means / means.norm(dim=1, keepdim=True)
-    g2 = torch.Generator().manual_seed(noise_seed)
-    y = torch.randint(0, classes, (n,), generator=g2)
-    return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:
@@ -333,16 +320,8 @@ WORKER = textwrap.dedent('''
 
     from bitalloc.train import TrainConfig, fit
     from bitalloc.train import distributed as D
+    from tests.synthetic import blobs
     from bitalloc.train.methods import QATObjective, prepare_qat
-
-
-    def blobs(n, noise_seed=1, classes=4, dim=16, sep=3.0):
-        g = torch.Generator().manual_seed(0)
-        means = torch.randn(classes, dim, generator=g)
-        means = means / means.norm(dim=1, keepdim=True)
-        g2 = torch.Generator().manual_seed(noise_seed)
-        y = torch.randint(0, classes, (n,), generator=g2)
-        return torch.utils.data.TensorDataset(sep * means[y] + torch.randn(n, dim, generator=g2), y)
 
 
     def mlp():

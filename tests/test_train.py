@@ -18,28 +18,11 @@ from bitalloc.errors import CheckpointError, ConfigError
 from bitalloc.train import (Objective, StopAfter, TrainConfig, evaluate, fit, load_checkpoint, load_model_checkpoint)
 from bitalloc.train import schedules as S
 from bitalloc.train.progress import Progress
+from tests.synthetic import blobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
-def blobs(n: int, *, seed: int = 0, noise_seed: int = 1, classes: int = 4, dim: int = 16, sep: float = 3.0):
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(classes, dim, generator=g)
-    means = means / means.norm(dim=1, keepdim=True)
-    g2 = torch.Generator().manual_seed(noise_seed)
-    y = torch.randint(0, classes, (n,), generator=g2)
-    x = sep * means[y] + torch.randn(n, dim, generator=g2)
-    return torch.utils.data.TensorDataset(x, y)
 
 
 def mlp(seed: int = 0, dim: int = 16, classes: int = 4, dropout: float = 0.0) -> nn.Module:

@@ -36,7 +36,8 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2) -> None:
     if it fails or hangs (the launcher gets a session of its own, so a hang kills its workers too)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    root = Path(__file__).resolve().parents[1]  # src for bitalloc, the root for the shared test helpers
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env["BITALLOC_PROGRESS"] = "off"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

@@ -14,16 +14,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from bitalloc.batches import batch_inputs, take_inputs
 from bitalloc.calibration.calibrate import calibrate
 from bitalloc.config import QuantConfig
 from bitalloc.cost import CostReport, cost_report
 from bitalloc.errors import DataError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.model.prepare import prepare, prepare_info
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def replayable(data: Iterable, num_samples: int) -> Iterable:
@@ -38,7 +35,7 @@ def replayable(data: Iterable, num_samples: int) -> Iterable:
     batches, seen = [], 0
     for batch in data:
         batches.append(batch)
-        x = _inputs(batch)
+        x = batch_inputs(batch)
         seen += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1
         if seen >= num_samples:
             break
@@ -48,7 +45,7 @@ def replayable(data: Iterable, num_samples: int) -> Iterable:
 def _first_batch(data: Iterable) -> torch.Tensor:
     """The inputs of the first batch of re-iterable ``data`` (see :func:`replayable`)."""
     for batch in data:
-        return _inputs(batch)
+        return batch_inputs(batch)
     raise DataError("the calibration set is empty: give at least one calibration sample")
 
 
@@ -170,14 +167,9 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
 @torch.no_grad()
 def fp32_pass_seconds(model: nn.Module, data: Iterable, num_samples: int) -> float:
     """Seconds of one FP32 forward pass over the first ``num_samples`` inputs of ``data``."""
-    seen, start = 0, time.perf_counter()
-    for batch in data:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        x = x[: num_samples - seen]
+    start = time.perf_counter()
+    for x in take_inputs(data, num_samples):
         model(x)
-        seen += x.shape[0]
-        if seen >= num_samples:
-            break
     return time.perf_counter() - start
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from bitalloc.batches import take_inputs
 from bitalloc.errors import DataError
 from bitalloc.model.layers import quant_layers
 
@@ -74,18 +75,11 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = 32, *,
     seen = 0
     start = time.perf_counter()
     with calibration(model, seed=seed):
-        for batch in data:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if num_samples is not None and seen + x.shape[0] > num_samples:
-                x = x[: num_samples - seen]
-            if x.shape[0] == 0:
-                break
+        for x in take_inputs(data, num_samples):
             model(x)
             seen += x.shape[0]
             if progress is not None:
                 progress(x.shape[0])
-            if num_samples is not None and seen >= num_samples:
-                break
         if seen == 0:
             raise DataError("the calibration set is empty: give at least one calibration sample")
     return {"calibration_samples": seen, "calibration_seconds": time.perf_counter() - start}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bitalloc.batches import take_inputs
 from bitalloc.errors import DataError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.model.prepare import prepare_info
@@ -115,20 +116,12 @@ def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_sampl
         raise _Stop
 
     handle = layer.register_forward_pre_hook(hook)
-    seen = 0
     try:
-        for batch in data:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            x = x[: num_samples - seen]
-            if x.shape[0] == 0:
-                break
+        for x in take_inputs(data, num_samples):
             try:
                 model(x)
             except _Stop:
                 pass
-            seen += x.shape[0]
-            if seen >= num_samples:
-                break
     finally:
         handle.remove()
     if not H:

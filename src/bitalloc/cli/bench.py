@@ -38,6 +38,7 @@ from torch import nn
 
 from bitalloc.cli.common import add_data_args, add_model_args, batches, load_model, load_splits
 from bitalloc.errors import ConfigError
+from bitalloc.report.machine import machine_description
 from bitalloc.report.tables import print_table
 
 DEFAULT_CONFIGS = "percentile/8x8/model,minmax/8x8/model,minmax/8x8/ort,minmax/8x8/none"
@@ -360,7 +361,7 @@ def run_cpu(args: argparse.Namespace) -> int:
                        configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
                        min_seconds=args.min_seconds, warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
                        latency_tolerance=args.latency_tolerance)
-    result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(threads=args.threads),
+    result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(args.threads, onnxruntime=True),
               "command": "bitalloc " + " ".join(sys.argv[1:]), **result}
     write_json(out / "bench.json", result)
     cols, rows = table_rows(result)
@@ -370,26 +371,3 @@ def run_cpu(args: argparse.Namespace) -> int:
         print(line)
     print(f"results: {out / 'bench.json'}", file=sys.stderr)
     return 0
-
-
-def machine_description(threads: int | None = None) -> str:
-    """CPU model, cores, memory, and the onnxruntime / torch versions."""
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import onnxruntime
-
-        ort_v = onnxruntime.__version__
-    except ImportError:  # pragma: no cover
-        ort_v = "absent"
-    t = f", {threads} threads" if threads else ""
-    return f"{cpu}, {os.cpu_count()} cores; onnxruntime {ort_v}{t}; torch {torch.__version__}"

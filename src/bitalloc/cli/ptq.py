@@ -9,7 +9,7 @@ from typing import Any
 
 from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, load_model,
                                  load_splits, make_eval_fn, output_dir)
-from bitalloc.io import torch_save, write_json
+from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bitalloc.batches import take_inputs
 from bitalloc.coding import huffman
 from bitalloc.errors import ConfigError, DataError
 from bitalloc.quant.grid import quantize
@@ -193,16 +194,9 @@ def activation_code_stats(qmodel: nn.Module, data: Iterable, num_samples: int | 
     qmodel.eval()
     seen = 0
     try:
-        for batch in data:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if num_samples is not None and seen + x.shape[0] > num_samples:
-                x = x[:num_samples - seen]
-            if x.shape[0] == 0:
-                break
+        for x in take_inputs(data, num_samples):
             qmodel(x)
             seen += x.shape[0]
-            if num_samples is not None and seen >= num_samples:
-                break
     finally:
         for h in handles:
             h.remove()

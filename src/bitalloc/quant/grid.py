@@ -53,6 +53,16 @@ def reshape_for_axis(t: Tensor, ndim: int, axis: int | None) -> Tensor:
     return t.reshape(shape)
 
 
+def sum_to_axis(t: Tensor, like: Tensor, axis: int | None) -> Tensor:
+    """Sum ``t`` (shaped like the data) down to the shape of the per-tensor or per-channel parameter ``like``
+    (0-d, or [C] along ``axis``): the reverse of :func:`reshape_for_axis`, for the gradient of a step size or
+    clip level that every element of its tensor or channel shares."""
+    if like.ndim == 0 or axis is None:
+        return t.sum().reshape(like.shape)
+    ax = axis % t.ndim
+    return t.movedim(ax, 0).reshape(t.shape[ax], -1).sum(1)
+
+
 def qparams_from_range(
     lo: Tensor, hi: Tensor, bits: Tensor | int, *, symmetric: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

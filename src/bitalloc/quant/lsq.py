@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bitalloc.errors import ConfigError
-from bitalloc.quant.grid import reshape_for_axis
+from bitalloc.quant.grid import reshape_for_axis, sum_to_axis
 
 
 def lsq_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -58,14 +58,6 @@ def lsq_init_step(v: Tensor, q_p: int, axis: int | None = None) -> Tensor:
     return (2.0 * m / math.sqrt(max(q_p, 1))).to(torch.float32)
 
 
-def _reduce_to(t: Tensor, like: Tensor, axis: int | None) -> Tensor:
-    """Sum ``t`` (shaped like the data) down to the shape of the step (0-d or [C] along ``axis``)."""
-    if like.ndim == 0 or axis is None:
-        return t.sum().reshape(like.shape)
-    ax = axis % t.ndim
-    return t.movedim(ax, 0).reshape(t.shape[ax], -1).sum(1)
-
-
 class LSQFunction(torch.autograd.Function):
     """LSQ fake quantization with the paper's gradients (eq. 3 and 5) and gradient scale ``g``."""
 
@@ -90,7 +82,7 @@ class LSQFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             local = torch.where(inside, torch.round(ratio) - ratio,
                                 torch.where(below, torch.full_like(ratio, -float(q_n)), torch.full_like(ratio, float(q_p))))
-            grad_s = (_reduce_to(grad * local, s, axis) * g).to(s.dtype)
+            grad_s = (sum_to_axis(grad * local, s, axis) * g).to(s.dtype)
         return grad_v, grad_s, None, None, None, None
 
 

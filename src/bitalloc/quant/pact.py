@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from bitalloc.errors import ConfigError
-from bitalloc.quant.grid import reshape_for_axis
+from bitalloc.quant.grid import reshape_for_axis, sum_to_axis
 
 
 def pact_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -59,13 +59,6 @@ def pact_step(alpha: Tensor, bits: int, signed: bool) -> Tensor:
     """Step of the PACT grid: ``alpha / (2^k - 1)`` (unsigned) or ``alpha / (2^(k-1) - 1)`` (signed), i.e.
     ``alpha / qmax``: the top code is exactly ``alpha``."""
     return alpha / float(pact_range(bits, signed)[1])
-
-
-def _reduce_to(t: Tensor, like: Tensor, axis: int | None) -> Tensor:
-    if like.ndim == 0 or axis is None:
-        return t.sum().reshape(like.shape)
-    ax = axis % t.ndim
-    return t.movedim(ax, 0).reshape(t.shape[ax], -1).sum(1)
 
 
 class PACTFunction(torch.autograd.Function):
@@ -93,7 +86,7 @@ class PACTFunction(torch.autograd.Function):
             inside = (x >= 0) & (x < a)
             d_alpha = (x >= a).to(x.dtype)
         grad_x = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_a = _reduce_to(grad * d_alpha, alpha, axis).to(alpha.dtype) if ctx.needs_input_grad[1] else None
+        grad_a = sum_to_axis(grad * d_alpha, alpha, axis).to(alpha.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_a, None, None, None
 
 

@@ -26,7 +26,7 @@ from bitalloc.quant.allocation import allocate_channel_bits, allocate_channel_bi
 from bitalloc.quant.bias_correction import bias_correct
 from bitalloc.quant.grid import fake_quantize, integer_range, qparams_from_range, reshape_for_axis
 from bitalloc.quant.ranges import RANGE_ESTIMATORS, estimate_range
-from bitalloc.quant.stats import ChannelStats, to_rows
+from bitalloc.quant.stats import ChannelStats
 from bitalloc.quantizers.base import QuantParams, Quantizer
 
 #: range methods that need the distribution itself (a subsample), not only moments

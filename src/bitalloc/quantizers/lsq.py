@@ -24,7 +24,6 @@ default) unsigned iff the initialisation data has no negative value (e.g. after 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn

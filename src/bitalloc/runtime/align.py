@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bitalloc.batches import batch_inputs
 from bitalloc.errors import ConfigError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.quant.grid import qparams_from_range, reshape_for_axis
@@ -456,9 +457,6 @@ def _targets(model: nn.Module, g: _Graph) -> tuple[list[_Target], list[str]]:
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
 
-def _x(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
 
 def _fits_in(p: QuantParams, bounds: tuple[float, float]) -> bool:
     lo, hi = _grid_range(p)
@@ -605,7 +603,7 @@ def align_for_ort(model: nn.Module, calibration_data: Iterable, *, int32_bias: b
     batches = []
     seen = 0
     for batch in calibration_data:
-        x = _x(batch)
+        x = batch_inputs(batch)
         batches.append(x)
         seen += x.shape[0] if isinstance(x, Tensor) else 1
         if samples is not None and seen >= samples:

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bitalloc.batches import take_inputs
 from bitalloc.errors import BitallocError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.quant.grid import reshape_for_axis
@@ -633,21 +634,10 @@ def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", ac
     """
     was_training = model.training
     model.eval()
-    xs: list[Tensor] = []
-    seen = 0
-    for batch in data:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if samples is not None:
-            x = x[: max(0, samples - seen)]
-        if x.shape[0] == 0:
-            break
-        xs.append(x)
-        seen += x.shape[0]
-        if samples is not None and seen >= samples:
-            break
+    xs: list[Tensor] = list(take_inputs(data, samples))
     if not xs:
         raise BitallocError("integer_check needs at least one input")
-    res = IntegerCheck(samples=seen)
+    res = IntegerCheck(samples=sum(x.shape[0] for x in xs))
     checks: dict[str, LayerCheck] = {}
     hooks = []
 

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bitalloc.batches import batch_inputs
 from bitalloc.errors import ConfigError
 from bitalloc.model.fold_bn import set_submodule
 from bitalloc.model.layers import _PLAIN_FORWARDS, QuantLayer, quant_layers
@@ -895,7 +896,7 @@ def _hoist_quantizers(model: Any) -> int:
     can fuse the producer of x (Conv -> Q) and run the operator on 8-bit codes. Only linear chains are
     rewritten (every intermediate tensor has one consumer). Returns the number of chains.
     """
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -1138,9 +1139,7 @@ def _int32_biases(model: Any, report: ExportReport) -> None:
 
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
-    cons = _consumers(graph)
     inits = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
     by_weight = {}
     for l in report.layers:
         by_weight[f"{l.name}.weight_quantized"] = l
@@ -1316,7 +1315,7 @@ def _feeds(data: Iterable | None, input_names: list[str], limit: int | None = No
     feeds = []
     seen = 0
     for batch in data or []:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = batch_inputs(batch)
         xs = x if isinstance(x, tuple) else (x,)
         feeds.append({n: t.detach().cpu().numpy().astype(np.float32) for n, t in zip(input_names, xs)})
         seen += xs[0].shape[0]

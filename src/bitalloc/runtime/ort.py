@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitalloc.batches import batch_inputs
 from bitalloc.errors import ConfigError
 
 
@@ -82,16 +83,13 @@ def float_compute_ops(counts: dict[str, int]) -> int:
 
 # ---- running ---------------------------------------------------------------------------------------------------
 
-def _x(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
 
 def run_session(session: Any, data: Iterable, *, input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of ``session`` on every batch of ``data`` ((x, y) batches or tensors) and the labels (or None)."""
     name = input_name or session.get_inputs()[0].name
     outs, labels = [], []
     for batch in data:
-        x = _x(batch)
+        x = batch_inputs(batch)
         outs.append(session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0])
         if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
             labels.append(np.asarray(batch[1]))
@@ -104,7 +102,7 @@ def run_torch(model: nn.Module, data: Iterable) -> tuple[np.ndarray, np.ndarray 
     model.eval()
     outs, labels = [], []
     for batch in data:
-        outs.append(model(_x(batch)).float().numpy())
+        outs.append(model(batch_inputs(batch)).float().numpy())
         if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
             labels.append(np.asarray(batch[1]))
     return np.concatenate(outs), (np.concatenate(labels) if labels else None)
@@ -258,7 +256,7 @@ def ort_static_quantize(fp32_model: str | Path, out_path: str | Path, calibratio
     name = onnx.load(str(fp32_model), load_external_data=False).graph.input[0].name
     samples = []
     for batch in calibration:
-        x = _x(batch).detach().cpu().numpy().astype(np.float32)
+        x = batch_inputs(batch).detach().cpu().numpy().astype(np.float32)
         samples += [x[i:i + 1] for i in range(x.shape[0])]
 
     class Reader(CalibrationDataReader):
