@@ -196,3 +196,26 @@ def test_one_shot_generators_calibrate_like_lists():
     assert res.report["timing"]["calibration_samples"] == 4
     with pytest.raises(DataError, match="empty"):
         bitalloc.quantize(net, cfg, _batches(0))
+
+
+def test_take_inputs_cuts_the_last_batch_and_reads_no_further():
+    """Brute-force reference: the first ``n`` rows of the concatenated inputs; a one-shot generator is read up to
+    the batch that completes ``n`` and no further; an empty batch ends the data."""
+    from bitalloc.batches import batch_inputs, take_inputs
+
+    xs = [torch.arange(5 * i, 5 * i + 5, dtype=torch.float32)[:, None] for i in range(3)]
+    for n in (None, 0, 1, 5, 7, 15, 40):
+        got = list(take_inputs([(x, torch.zeros(5)) for x in xs], n))
+        ref = torch.cat(xs)[: (15 if n is None else n)]
+        assert torch.equal(torch.cat(got) if got else torch.empty(0, 1), ref), n
+        assert all(g.shape[0] > 0 for g in got)
+    read = []
+
+    def stream():
+        for x in xs:
+            read.append(x)
+            yield x
+
+    assert [g.shape[0] for g in take_inputs(stream(), 7)] == [5, 2] and len(read) == 2
+    assert len(list(take_inputs([xs[0], xs[0][:0], xs[1]], None))) == 1
+    assert batch_inputs([xs[0], 1]) is xs[0] and batch_inputs(xs[0]) is xs[0]
