@@ -421,3 +421,19 @@ def test_cli_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
     code = _cli(["train", "--model", "resnet20", "--dataset", "cifar10", "--out", str(tmp_path / "x.pt")])
     assert code == 2
     assert "BITALLOC_DATA" in capsys.readouterr().err
+
+
+def test_default_dataset_and_unknown_model(tmp_path, capsys, monkeypatch):
+    """Without --dataset, train and sweep take the model's preset / zoo dataset; an unknown model name is named
+    as such, with the valid names (it used to read "no default dataset")."""
+    from bitalloc.models import model_info
+    from bitalloc.train.presets import default_dataset
+
+    for name in ("lenet5", "resnet20", "vgg7", "efficientnet_lite0"):
+        assert default_dataset(name) == model_info(name).default_dataset
+    monkeypatch.setenv("BITALLOC_PROGRESS", "off")
+    for argv in (["train", "--out", str(tmp_path / "x.pt")], ["sweep", "--method", "lsq", "--out-dir", str(tmp_path / "sw")]):
+        assert _cli(argv[:1] + ["--model", "resnet99", "--data", str(tmp_path)] + argv[1:]) == 2
+        err = capsys.readouterr().err
+        assert "unknown model 'resnet99'" in err and "lenet5" in err, err
+    assert not (tmp_path / "sw").exists()

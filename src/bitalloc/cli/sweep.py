@@ -375,13 +375,10 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.cli import build_parser, main
     from bitalloc.train import distributed as D
 
-    if args.dataset is None:  # as `bitalloc train` does: the model's preset dataset
-        from bitalloc.train.presets import get_preset
+    if args.dataset is None:  # as `bitalloc train` does
+        from bitalloc.train.presets import default_dataset
 
-        preset = get_preset(args.model)
-        if not preset.datasets:
-            raise ConfigError(f"no default dataset for model {args.model!r}; pass --dataset NAME")
-        args.dataset = preset.datasets[0]
+        args.dataset = default_dataset(args.model)
     methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
     points = sweep_points(methods, args.mu, args.bits, getattr(args, "tag", ""))
     out_dir = Path(args.out_dir)

@@ -304,15 +304,13 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.train import distributed as D
     from bitalloc.train.checkpoint import check_output_path, load_model_checkpoint
     from bitalloc.train.loop import fit, seed_everything
-    from bitalloc.train.presets import get_method, get_preset
+    from bitalloc.train.presets import default_dataset, get_method, get_preset
 
     method = get_method(args.method)
     options = method.options(args)
     preset = get_preset(args.model, args.dataset)
     if args.dataset is None:
-        if not preset.datasets:
-            raise ConfigError(f"no default dataset for model {args.model!r}; pass --dataset NAME")
-        args.dataset = preset.datasets[0]
+        args.dataset = default_dataset(args.model)
     args.dataset = _canonical_dataset(args.dataset)
     if args.model not in MODEL_HOOKS:
         from bitalloc.models import model_info

@@ -129,6 +129,21 @@ def get_preset(model: str, dataset: str | None = None) -> Preset:
                   notes="no tuned preset for this model: Adam 1e-3, cosine, 10 epochs")
 
 
+def default_dataset(model: str) -> str:
+    """The dataset ``bitalloc train`` and ``bitalloc sweep`` use for ``model`` when none is given: its preset's,
+    else the model zoo's default. A name the zoo does not know raises the zoo's ConfigError, which lists the
+    valid names."""
+    preset = get_preset(model)
+    if preset.datasets:
+        return preset.datasets[0]
+    from bitalloc.models import model_info
+
+    dataset = model_info(model).default_dataset
+    if not dataset:
+        raise ConfigError(f"no default dataset for model {model!r}; pass --dataset NAME")
+    return dataset
+
+
 # ---- methods ----------------------------------------------------------------------------------------------
 
 def _identity(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
@@ -191,4 +206,4 @@ register_method(Method("fp32", "full-precision training (no quantization)"))
 # The quantization-aware methods (lsq, pact, bb) register themselves on import.
 from bitalloc.train import methods as _qat_methods  # noqa: E402,F401
 
-__all__ = ["Preset", "PRESETS", "preset_names", "get_preset", "Method", "METHODS", "register_method", "get_method"]
+__all__ = ["Preset", "PRESETS", "preset_names", "get_preset", "default_dataset", "Method", "METHODS", "register_method", "get_method"]
