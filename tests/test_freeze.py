@@ -136,6 +136,15 @@ def test_serialize_round_trip_of_frozen_model(tmp_path):
     assert all(isinstance(q, FrozenQuantizer) for _, l in quant_layers(loaded) for q in l.quantizers())
     with torch.no_grad():
         assert torch.equal(loaded(x), frozen(x))
+    from bitalloc.errors import CheckpointError
+
+    data = path.read_bytes()
+    for name, content, reason in [("truncated.pt", data[: len(data) // 2], "corrupt or truncated"),
+                                  ("pickled.pt", b"\x80\x02cos\nsystem\nq\x00.", "unpickling failed")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name} is not a readable bitalloc quantized model") as e:
+            load_quantized(tmp_path / name, SmallConv())
+        assert reason in str(e.value) and "bitalloc freeze" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_freeze_ptq_model_and_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,22 @@ def torch_save(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> 
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line saying why ``torch.load`` failed: the first sentence of torch's message (at most 200 characters), or for a file the
+    ``weights_only`` unpickler rejects, the unpickler's own complaint. Torch's advice in that case (load with
+    ``weights_only=False``) is wrong for a file that should be bitalloc's: that is not what it is."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    paragraphs = [q.strip() for q in re.split(r"\n\s*\n", text) if q.strip()]
+    if paragraphs[0].startswith("Weights only load failed"):  # then advice, the unpickler's words, a doc link
+        detail = " ".join(q for q in paragraphs[1:] if not q.startswith(("Please file an issue", "Check the doc")))
+        detail = " ".join(detail.split()) or "no detail given"
+        return f"not a file bitalloc wrote: unpickling failed, {detail[:200]}"
+    first = text.splitlines()[0]
+    return re.split(r"(?<=\.)\s", first, maxsplit=1)[0][:200]  # its first sentence
 
 
 def to_jsonable(obj: Any) -> Any:

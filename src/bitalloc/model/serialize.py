@@ -17,7 +17,7 @@ from torch import nn
 
 from bitalloc.config import QuantConfig
 from bitalloc.errors import CheckpointError
-from bitalloc.io import torch_save
+from bitalloc.io import load_failure, torch_save
 from bitalloc.model.prepare import prepare, prepare_info
 
 FORMAT = "bitalloc-quantized-model"
@@ -44,8 +44,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable bitalloc quantized model (corrupt or truncated: {exc}); "
-                              "re-create it with `bitalloc ptq --save-model`") from None
+        raise CheckpointError(f"{p} is not a readable bitalloc quantized model (corrupt or truncated: "
+                              f"{load_failure(exc)}); re-create it with `bitalloc ptq --save-model`, or with "
+                              "`bitalloc freeze` from a training checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a bitalloc quantized model file")
     if int(state.get("version", 0)) > VERSION:

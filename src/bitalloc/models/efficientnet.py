@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bitalloc.errors import CheckpointError, ConfigError
+from bitalloc.io import load_failure
 
 __all__ = ["efficientnet_lite0", "efficientnet_lite0_weights_path", "efficientnet_available"]
 
@@ -66,7 +67,7 @@ def efficientnet_lite0(num_classes: int = 1000, pretrained: bool = False) -> nn.
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise CheckpointError(f"{path}: cannot read the EfficientNet-Lite0 weights ({exc}); reinstall: "
+            raise CheckpointError(f"{path}: cannot read the EfficientNet-Lite0 weights ({load_failure(exc)}); reinstall: "
                                   f"{_INSTALL}") from None
         try:
             model.load_state_dict(state, strict=True)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bitalloc.errors import CheckpointError
-from bitalloc.io import torch_save
+from bitalloc.io import load_failure, torch_save
 
 FORMAT = "bitalloc.train.checkpoint"
 VERSION = 1
@@ -118,9 +118,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be read ({reason[:200]}); "
-                              f"delete it and train again (or pass --overwrite), or restore it from a backup") from None
+        raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be read ({load_failure(exc)}); "
+                              f"train again (`bitalloc train ... --overwrite` replaces it), or restore it from a "
+                              f"backup") from None
     if not isinstance(state, dict) or "model_state" not in state:
         raise CheckpointError(f"{p} is not a bitalloc checkpoint (no model_state entry); give a file written by "
                               f"bitalloc train, or load plain state dicts with torch.load")
