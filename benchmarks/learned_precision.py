@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -380,6 +381,107 @@ def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir:
     return sorted(out.glob("*.png"))
 
 
+#: unit-variance weight / activation models for :func:`grid_mse`: Gaussian and Laplace weights, and a ReLU of a
+#: Gaussian (half the mass at exactly 0) for unsigned activations
+DISTRIBUTIONS = ("gauss", "laplace", "relu-gauss")
+
+
+def _cell_error(a: float, b: float, c: float, dist: str) -> float:
+    """``integral_a^b (x - c)^2 p(x) dx`` in closed form for the unit-variance density ``p`` of ``dist``.
+
+    Gaussian (``Phi``, ``phi``): ``(1 + c^2)(Phi(b) - Phi(a)) - (b phi(b) - a phi(a)) + 2c (phi(b) - phi(a))``.
+    Laplace (``p = (l/2) exp(-l|x|)``, ``l = sqrt 2``): on ``x >= 0`` the antiderivative is
+    ``-(1/2) exp(-l x) ((x - c)^2 + 2 (x - c) / l + 2 / l^2)``; the negative half by symmetry (``x -> -x``,
+    ``c -> -c``)."""
+    if dist == "laplace":
+        lam = math.sqrt(2.0)
+
+        def prim(x: float, c: float) -> float:
+            if math.isinf(x):
+                return 0.0
+            return -0.5 * math.exp(-lam * x) * ((x - c) ** 2 + 2 * (x - c) / lam + 2 / lam ** 2)
+
+        total = 0.0
+        if b > 0:
+            total += prim(b, c) - prim(max(a, 0.0), c)
+        if a < 0:
+            total += prim(-a, -c) - prim(max(-b, 0.0), -c)
+        return total
+
+    def pdf(x: float) -> float:
+        return 0.0 if math.isinf(x) else math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    def x_pdf(x: float) -> float:
+        return 0.0 if math.isinf(x) else x * pdf(x)
+
+    return (1 + c * c) * (cdf(b) - cdf(a)) - (x_pdf(b) - x_pdf(a)) + 2 * c * (pdf(b) - pdf(a))
+
+
+def grid_mse(q_n: int, q_p: int, step: float, dist: str = "gauss") -> float:
+    """Exact expected squared error ``E[(x - step * clip(round(x / step), -q_n, q_p))^2]`` of a uniform grid with
+    codes ``-q_n..q_p`` for ``x`` from ``dist`` (see :data:`DISTRIBUTIONS`; unit variance): the sum over the
+    codes of the closed-form error over each code's rounding cell (:func:`_cell_error`)."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    relu = dist == "relu-gauss"
+    lo_code = 0 if relu else -q_n  # a ReLU output is >= 0: only codes >= 0 are reached
+    total = 0.0
+    for c in range(lo_code, q_p + 1):  # the cell of code c: [(c - 1/2) step, (c + 1/2) step], open at the ends
+        a = -math.inf if c == lo_code else (c - 0.5) * step
+        b = math.inf if c == q_p else (c + 0.5) * step
+        if relu:
+            a = max(a, 0.0)  # the negative half is 0 after the ReLU: quantized exactly
+        total += _cell_error(a, b, c * step, "laplace" if dist == "laplace" else "gauss")
+    return total
+
+
+def best_step(q_n: int, q_p: int, dist: str = "gauss") -> tuple[float, float]:
+    """The step that minimises :func:`grid_mse` (grid search over 0.05..3, then scipy's bounded scalar search around
+    the best) and that minimum: ``(step, mse)``."""
+    from scipy import optimize
+
+    coarse = [0.05 * k for k in range(1, 61)]  # a grid search first: the error need not be unimodal in the step
+    s0 = min(coarse, key=lambda s: grid_mse(q_n, q_p, s, dist))
+    r = optimize.minimize_scalar(lambda s: grid_mse(q_n, q_p, s, dist), bounds=(s0 - 0.05, s0 + 0.05),
+                                 method="bounded", options={"xatol": 1e-6})
+    return float(r.x), float(r.fun)
+
+
+def two_bit_grids() -> tuple[str, list[dict[str, Any]]]:
+    """LSQ's and Bayesian Bits' 2-bit grids compared by expected squared error on unit-variance data.
+
+    Both are costed at 2 bits, but a signed Bayesian Bits tensor on ``[-a, a]`` with ``s2 = 2a/3`` has the codes
+    ``-1, 0, 1`` (three levels; module docstring of :mod:`bitalloc.quant.bayesian_bits`) where LSQ's signed
+    2-bit grid has ``-2..1`` (four); and Bayesian Bits' step is tied to its higher levels (``s2 = 5 s4``), so a
+    tensor lowered from 4 to 2 bits starts from the range its 4-bit grid learned. Rows: each grid at its best
+    step, and Bayesian Bits' 2-bit grid at five times the best 4-bit step (codes ``-7..7`` / ``0..15``)."""
+    rows, out = [], []
+    for dist in DISTRIBUTIONS:
+        signed = dist != "relu-gauss"
+        lsq = (2, 1) if signed else (0, 3)
+        bb2, bb4 = ((1, 1), (7, 7)) if signed else ((0, 3), (0, 15))
+        s_lsq, m_lsq = best_step(*lsq, dist)
+        s_bb, m_bb = best_step(*bb2, dist)
+        s4, _ = best_step(*bb4, dist)
+        m_tied = grid_mse(*bb2, 5 * s4, dist)
+        out.append({"dist": dist, "lsq": {"codes": [-lsq[0], lsq[1]], "step": s_lsq, "mse": m_lsq},
+                    "bb_best": {"codes": [-bb2[0], bb2[1]], "step": s_bb, "mse": m_bb},
+                    "bb_from_4bit": {"step": 5 * s4, "mse": m_tied}})
+        rows.append([dist, f"{-lsq[0]}..{lsq[1]}", f"{m_lsq:.4f} (step {s_lsq:.3f})",
+                     f"{-bb2[0]}..{bb2[1]}", f"{m_bb:.4f} (step {s_bb:.3f}, {m_bb / m_lsq:.2f}x)",
+                     f"{m_tied:.4f} (step {5 * s4:.3f}, {m_tied / m_lsq:.2f}x)"])
+    text = ("### 2-bit grids: LSQ against Bayesian Bits (expected squared error, unit-variance data)\n\n"
+            "Both are costed at 2 bits. Closed-form integrals (`grid_mse` in `benchmarks/learned_precision.py`, "
+            "tested against Monte Carlo); weights modelled as Gaussian or Laplace, activations after a ReLU as a "
+            "rectified Gaussian.\n\n"
+            + md_table(["data", "LSQ codes", "LSQ best MSE", "Bayesian Bits codes", "Bayesian Bits best MSE",
+                        "Bayesian Bits at 5x its best 4-bit step"], rows) + "\n")
+    return text, out
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from bitalloc.cli.sweep import pareto_front
     from bitalloc.io import write_json
@@ -455,6 +557,8 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         sections.append(f"### Time per training step, {t['model']} ({t['dataset']}, batch {t['batch_size']}, "
                         f"Adam; fastest of {t['rounds']} interleaved rounds of {t['steps']} steps)\n\n"
                         + md_table(["method", "ms/step", "relative to FP32 (fastest)", "relative (median)"], rows) + "\n")
+    grids_text, summary["two_bit_grids"] = two_bit_grids()
+    sections.append(grids_text)
     notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else ""
     body = (f"Machine: {machine()}. Revision {revision}. Generated by `python benchmarks/learned_precision.py "
             f"report` from `runs/learned/*/sweep.json` and the points of the previous results file whose runs are "
