@@ -364,15 +364,17 @@ def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir:
 
     out = plots_dir / name
     series: dict[str, list[tuple[float, float]]] = {}
+    names: dict[str, list[str]] = {}
     for p in points:
         if p["method"] != "fp32":  # at 100% it would squeeze the quantized points into one corner: in the title
             series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+            names.setdefault(p["method"], []).append(p["name"])
     fp32 = next((f", FP32 {_pct(p['top1'])}%" for p in points if p["method"] == "fp32"), "")
     costs = [c for pts in series.values() for c, _ in pts]
     try:
         if series:  # a log axis only where the costs span a decade (its tick labels are unreadable otherwise)
             pareto_plot(series, out / "pareto.png", title=f"{name}: top-1 vs relative BOPs{fp32}",
-                        logx=max(costs) > 10 * min(costs))
+                        logx=max(costs) > 10 * min(costs), labels=names)
     except PlotsUnavailable as exc:  # matplotlib is an optional extra
         print(f"{name}: no Pareto plot ({exc})")
     for png in sorted(folder.glob("*-bits.png")) if folder.is_dir() else []:

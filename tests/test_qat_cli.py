@@ -165,6 +165,10 @@ def test_pareto_flags_and_plot_draws_points_and_front(tmp_path, monkeypatch):
     assert lines["lsq (Pareto front)"] == [(1.5, 96.0)]
     hollow = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
     assert hollow == {"bb (dominated)": [[3.0, 94.0]], "lsq (dominated)": [[5.0, 95.5]]}
+    assert {t.get_text(): tuple(t.xy) for t in ax.texts} == {  # each point named where it is drawn
+        n: (100.0 * p["relative_bops"], 100.0 * p["top1"]) for n, p in pts.items()}
+    with pytest.raises(ValueError, match="2 names for 3 points"):
+        plots.pareto_plot({"bb": [(1, 2), (2, 3), (3, 4)]}, tmp_path / "x.png", labels={"bb": ["a", "b"]})
 
 
 def test_plot_bits_command(tmp_path, capsys):

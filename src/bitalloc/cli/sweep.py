@@ -347,12 +347,15 @@ def write_outputs(out_dir: Path, points: dict[str, dict[str, Any]], *, plots: bo
     if not plots:
         return paths, merged
     series: dict[str, list[tuple[float, float]]] = {}
+    names: dict[str, list[str]] = {}
     for p in merged.values():
         series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+        names.setdefault(p["method"], []).append(p["name"])
     from bitalloc.report.plots import PlotsUnavailable, pareto_plot
 
     try:
-        paths["pareto"] = pareto_plot(series, out_dir / "pareto.png", title="accuracy vs relative BOPs")
+        paths["pareto"] = pareto_plot(series, out_dir / "pareto.png", title="accuracy vs relative BOPs",
+                                      labels=names)
     except PlotsUnavailable as exc:  # matplotlib is optional
         _plots_missing(str(exc).split(":")[0])
     return paths, merged

@@ -115,13 +115,24 @@ def pareto_front_points(pts: Sequence[tuple[float, float]]) -> list[tuple[float,
 
 
 def pareto_plot(points: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str = "relative BOPs (%)",
-                ylabel: str = "top-1 (%)", title: str = "", logx: bool = True) -> Path:
+                ylabel: str = "top-1 (%)", title: str = "", logx: bool = True,
+                labels: dict[str, Sequence[str]] | None = None) -> Path:
     """Accuracy vs cost: every (cost, accuracy) point of each series as a marker, and the series' Pareto front
     (:func:`pareto_front_points`, the points no other point of the series dominates) as a line through them.
-    Dominated points are drawn hollow."""
+    Dominated points are drawn hollow. ``labels[series]`` (in the order of ``points[series]``) names each point
+    in small type next to it (points at the same place share one label, names joined by commas)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, pts in points.items():
+        if labels and name in labels:
+            if len(labels[name]) != len(pts):
+                raise ValueError(f"labels[{name!r}] has {len(labels[name])} names for {len(pts)} points")
+            at: dict[tuple[float, float], list[str]] = {}
+            for (c, a), text in zip(pts, labels[name]):
+                at.setdefault((float(c), float(a)), []).append(str(text))
+            for (c, a), texts in at.items():
+                ax.annotate(", ".join(texts), (c, a), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                            alpha=0.8)
         pts = sorted((float(c), float(a)) for c, a in pts)
         if not pts:
             continue
