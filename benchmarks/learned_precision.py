@@ -42,11 +42,21 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
         --mu 0.02 --epochs 8 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 \\
         --bb-fix-gates-epochs 2
     #   ... likewise --mu 0.015 and --mu 0.04 (one sweep per mu and seed, one per core), and LSQ 3/4 (0.76x the
-    #   BOPs of 4/4): --method lsq --bits 3x4 (seed 1: --tag=-s1 ... --seed 1)
+    #   BOPs of 4/4): --method lsq --bits 3x4 (seed 1: --tag=-s1 ... --seed 1); likewise --bits 2x4 (two seeds)
+    #   and 3x3, and --method pact --bits 4
+    # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
+    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb --mu 0.1 \\
+        -- --gate-lr 1e-2 --bb-fix-gates-epochs 2 --gates hard_concrete
+    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+        --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb \\
+        --mu 0.1 --tag=-gumbel -- --gate-lr 1e-2 --bb-fix-gates-epochs 2 --gates gumbel   # and --mu 0.03, 0.01
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
     python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
     python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
         --steps 6 --warmup 2 --rounds 2
+    python benchmarks/learned_precision.py timing --model vgg7 --data ../shared/data/cifar10-jpeg.zip \\
+        --steps 3 --warmup 1 --rounds 1
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
     python benchmarks/learned_precision.py report
 
@@ -81,6 +91,8 @@ RUNS = ROOT / "runs" / "learned"
 PAPER = {
     "lenet5-mnist": {"bb": "99.30% at 0.36% relative BOPs (mu = 0.1; 636 extra parameters)",
                      "bb-gumbel": "99.38% at 0.38%"},
+    "lenet5-mnist-gates": {"bb": "hard-concrete gates 99.30% at 0.36% (mu = 0.1)",
+                           "bb-gumbel": "Gumbel-softmax gates 99.38% at 0.38%; here both from one FP32 start"},
     "vgg7-cifar10": {"bb": "93.23% at 0.51% relative BOPs (mu = 0.01); 91.96% at 0.29% (mu = 0.1)",
                      "bb-gumbel": "93.19% at 0.44%"},
     "resnet20-cifar10": {"none": "the paper's CIFAR-10 network is VGG-7 (Bayesian Bits 93.23% at 0.51% relative BOPs, "
@@ -521,6 +533,8 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
                          f"{1000 * p['time_per_step']:.0f}" if p.get("time_per_step") else "-",
                          _bits_summary(p) if p["method"] != "fp32" else "float"])
             if p["method"] == "bb":
+                if opts.get("gates", "hard_concrete") != "hard_concrete":
+                    rows[-1][1] += f", {opts['gates']} gates"
                 if opts.get("gate_lr"):
                     rows[-1][1] += f", gate lr {opts['gate_lr']:g}"
                 rows[-1][1] += (f", range lr {opts['range_lr']:g}" if opts.get("range_lr")

@@ -169,6 +169,10 @@ def test_pareto_flags_and_plot_draws_points_and_front(tmp_path, monkeypatch):
         n: (100.0 * p["relative_bops"], 100.0 * p["top1"]) for n, p in pts.items()}
     with pytest.raises(ValueError, match="2 names for 3 points"):
         plots.pareto_plot({"bb": [(1, 2), (2, 3), (3, 4)]}, tmp_path / "x.png", labels={"bb": ["a", "b"]})
+    # labels of points within 2.5% of the axes' spans of each other are merged (they would print over each other)
+    groups = plots._label_groups([((1.0, 90.0), "a"), ((1.01, 90.05), "a-s1"), ((2.0, 90.05), "b"),
+                                  ((1.0, 95.0), "c")], logx=False)
+    assert groups == [((1.0, 90.0), "a, a-s1"), ((2.0, 90.05), "b"), ((1.0, 95.0), "c")]
 
 
 def test_plot_bits_command(tmp_path, capsys):

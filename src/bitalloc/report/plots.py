@@ -7,6 +7,7 @@ plots as optional catch it and go on); :func:`plots_available` asks first.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,25 +115,47 @@ def pareto_front_points(pts: Sequence[tuple[float, float]]) -> list[tuple[float,
     return sorted(front)
 
 
+def _label_groups(named: list[tuple[tuple[float, float], str]], logx: bool,
+                  near: float = 0.025) -> list[tuple[tuple[float, float], str]]:
+    """Point names grouped so that labels do not print over each other: points closer than ``near`` of the
+    axes' spans (in both directions; cost on a log scale when ``logx``) share one label at the first of them,
+    the names joined by commas."""
+    if not named:
+        return []
+
+    def x_of(c: float) -> float:
+        return math.log10(c) if logx and c > 0 else c
+
+    xs, ys = [x_of(c) for (c, _), _ in named], [a for (_, a), _ in named]
+    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[tuple[tuple[float, float], list[str]]] = []
+    for (c, a), text in named:
+        for anchor, texts in groups:
+            if abs(x_of(anchor[0]) - x_of(c)) <= near * sx and abs(anchor[1] - a) <= near * sy:
+                texts.append(text)
+                break
+        else:
+            groups.append(((c, a), [text]))
+    return [(anchor, ", ".join(texts)) for anchor, texts in groups]
+
+
 def pareto_plot(points: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str = "relative BOPs (%)",
                 ylabel: str = "top-1 (%)", title: str = "", logx: bool = True,
                 labels: dict[str, Sequence[str]] | None = None) -> Path:
     """Accuracy vs cost: every (cost, accuracy) point of each series as a marker, and the series' Pareto front
     (:func:`pareto_front_points`, the points no other point of the series dominates) as a line through them.
     Dominated points are drawn hollow. ``labels[series]`` (in the order of ``points[series]``) names each point
-    in small type next to it (points at the same place share one label, names joined by commas)."""
+    in small type next to it (points closer than 2.5% of the axes' spans share one label: :func:`_label_groups`)."""
+    for name in labels or {}:
+        if name in points and len(labels[name]) != len(points[name]):  # type: ignore[index]
+            raise ValueError(f"labels[{name!r}] has {len(labels[name])} names for {len(points[name])} points")  # type: ignore[index]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    named = [((float(c), float(a)), str(t)) for n, pts in points.items() for (c, a), t in
+             zip(pts, (labels or {}).get(n, []))]
+    for (c, a), text in _label_groups(named, logx):
+        ax.annotate(text, (c, a), textcoords="offset points", xytext=(4, 4), fontsize=6, alpha=0.8)
     for name, pts in points.items():
-        if labels and name in labels:
-            if len(labels[name]) != len(pts):
-                raise ValueError(f"labels[{name!r}] has {len(labels[name])} names for {len(pts)} points")
-            at: dict[tuple[float, float], list[str]] = {}
-            for (c, a), text in zip(pts, labels[name]):
-                at.setdefault((float(c), float(a)), []).append(str(text))
-            for (c, a), texts in at.items():
-                ax.annotate(", ".join(texts), (c, a), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                            alpha=0.8)
         pts = sorted((float(c), float(a)) for c, a in pts)
         if not pts:
             continue
