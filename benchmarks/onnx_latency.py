@@ -102,7 +102,8 @@ def main() -> int:
                        parse_configs(args.configs), out, threads=args.threads, runs=args.runs, warmup=args.warmup,
                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                        latency_tolerance=args.latency_tolerance)
-    result = {"model": name, "dataset": dataset, "checkpoint": args.checkpoint, "machine": machine_description(args.threads, onnxruntime=True),
+    result = {"model": name, "dataset": dataset, "checkpoint": args.checkpoint,
+              "machine": machine_description(args.threads, onnxruntime=True),
               "revision": git_revision(), "command": command_line(), **result}
     cols, rows = table_rows(result)
     from bitalloc.report.tables import print_table

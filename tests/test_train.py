@@ -438,7 +438,8 @@ def test_default_dataset_and_unknown_model(tmp_path, capsys, monkeypatch):
     for name in ("lenet5", "resnet20", "vgg7", "efficientnet_lite0"):
         assert default_dataset(name) == model_info(name).default_dataset
     monkeypatch.setenv("BITALLOC_PROGRESS", "off")
-    for argv in (["train", "--out", str(tmp_path / "x.pt")], ["sweep", "--method", "lsq", "--out-dir", str(tmp_path / "sw")]):
+    for argv in (["train", "--out", str(tmp_path / "x.pt")],
+                 ["sweep", "--method", "lsq", "--out-dir", str(tmp_path / "sw")]):
         assert _cli(argv[:1] + ["--model", "resnet99", "--data", str(tmp_path)] + argv[1:]) == 2
         err = capsys.readouterr().err
         assert "unknown model 'resnet99'" in err and "lenet5" in err, err

@@ -60,9 +60,9 @@ def torch_save(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> 
 
 
 def load_failure(exc: BaseException) -> str:
-    """One line saying why ``torch.load`` failed: the first sentence of torch's message (at most 200 characters), or for a file the
-    ``weights_only`` unpickler rejects, the unpickler's own complaint. Torch's advice in that case (load with
-    ``weights_only=False``) is wrong for a file that should be bitalloc's: that is not what it is."""
+    """One line saying why ``torch.load`` failed: the first sentence of torch's message (at most 200 characters),
+    or for a file the ``weights_only`` unpickler rejects, the unpickler's own complaint. Torch's advice in that
+    case (load with ``weights_only=False``) is wrong for a file that should be bitalloc's: that is not what it is."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__

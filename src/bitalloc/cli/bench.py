@@ -361,7 +361,8 @@ def run_cpu(args: argparse.Namespace) -> int:
                        configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
                        min_seconds=args.min_seconds, warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
                        latency_tolerance=args.latency_tolerance)
-    result = {"model": name, "dataset": dataset, "data": args.data, "machine": machine_description(args.threads, onnxruntime=True),
+    result = {"model": name, "dataset": dataset, "data": args.data,
+              "machine": machine_description(args.threads, onnxruntime=True),
               "command": "bitalloc " + " ".join(sys.argv[1:]), **result}
     write_json(out / "bench.json", result)
     cols, rows = table_rows(result)

@@ -67,8 +67,8 @@ def efficientnet_lite0(num_classes: int = 1000, pretrained: bool = False) -> nn.
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise CheckpointError(f"{path}: cannot read the EfficientNet-Lite0 weights ({load_failure(exc)}); reinstall: "
-                                  f"{_INSTALL}") from None
+            raise CheckpointError(f"{path}: cannot read the EfficientNet-Lite0 weights ({load_failure(exc)}); "
+                                  f"reinstall: {_INSTALL}") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -146,13 +146,13 @@ def pareto_plot(points: dict[str, Sequence[tuple[float, float]]], path: str | Pa
     (:func:`pareto_front_points`, the points no other point of the series dominates) as a line through them.
     Dominated points are drawn hollow. ``labels[series]`` (in the order of ``points[series]``) names each point
     in small type next to it (points closer than 2.5% of the axes' spans share one label: :func:`_label_groups`)."""
-    for name in labels or {}:
-        if name in points and len(labels[name]) != len(points[name]):  # type: ignore[index]
-            raise ValueError(f"labels[{name!r}] has {len(labels[name])} names for {len(points[name])} points")  # type: ignore[index]
+    labels = labels or {}
+    for name, texts in labels.items():
+        if name in points and len(texts) != len(points[name]):
+            raise ValueError(f"labels[{name!r}] has {len(texts)} names for {len(points[name])} points")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    named = [((float(c), float(a)), str(t)) for n, pts in points.items() for (c, a), t in
-             zip(pts, (labels or {}).get(n, []))]
+    named = [((float(c), float(a)), str(t)) for n, pts in points.items() for (c, a), t in zip(pts, labels.get(n, []))]
     for (c, a), text in _label_groups(named, logx):
         ax.annotate(text, (c, a), textcoords="offset points", xytext=(4, 4), fontsize=6, alpha=0.8)
     for name, pts in points.items():

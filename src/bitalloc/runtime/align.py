@@ -457,7 +457,6 @@ def _targets(model: nn.Module, g: _Graph) -> tuple[list[_Target], list[str]]:
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
 
-
 def _fits_in(p: QuantParams, bounds: tuple[float, float]) -> bool:
     lo, hi = _grid_range(p)
     return lo >= bounds[0] and hi <= bounds[1]

@@ -83,7 +83,6 @@ def float_compute_ops(counts: dict[str, int]) -> int:
 
 # ---- running ---------------------------------------------------------------------------------------------------
 
-
 def run_session(session: Any, data: Iterable, *, input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of ``session`` on every batch of ``data`` ((x, y) batches or tensors) and the labels (or None)."""
     name = input_name or session.get_inputs()[0].name

@@ -206,4 +206,5 @@ register_method(Method("fp32", "full-precision training (no quantization)"))
 # The quantization-aware methods (lsq, pact, bb) register themselves on import.
 from bitalloc.train import methods as _qat_methods  # noqa: E402,F401
 
-__all__ = ["Preset", "PRESETS", "preset_names", "get_preset", "default_dataset", "Method", "METHODS", "register_method", "get_method"]
+__all__ = ["Preset", "PRESETS", "preset_names", "get_preset", "default_dataset", "Method", "METHODS",
+           "register_method", "get_method"]
