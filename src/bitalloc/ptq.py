@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,13 +15,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from bitalloc.batches import batch_inputs, take_inputs
+from bitalloc.batches import batch_inputs, batch_size, call_model, cut_inputs, take_inputs
 from bitalloc.calibration.calibrate import calibrate
 from bitalloc.config import QuantConfig
 from bitalloc.cost import CostReport, cost_report
-from bitalloc.errors import DataError
-from bitalloc.model.layers import QuantLayer, quant_layers
-from bitalloc.model.prepare import prepare, prepare_info
+from bitalloc.errors import ConfigError, DataError
+from bitalloc.model.layers import QuantLayer, call_counts, quant_layers
+from bitalloc.model.prepare import demote_uncalled, prepare, prepare_info
 
 
 def replayable(data: Iterable, num_samples: int) -> Iterable:
@@ -35,17 +36,16 @@ def replayable(data: Iterable, num_samples: int) -> Iterable:
     batches, seen = [], 0
     for batch in data:
         batches.append(batch)
-        x = batch_inputs(batch)
-        seen += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1
+        seen += batch_size(batch_inputs(batch))
         if seen >= num_samples:
             break
     return batches
 
 
-def _first_batch(data: Iterable) -> torch.Tensor:
-    """The inputs of the first batch of re-iterable ``data`` (see :func:`replayable`)."""
+def _first_batch(data: Iterable) -> Any:
+    """The inputs of the first batch of re-iterable ``data`` (see :func:`replayable`), cut to two samples."""
     for batch in data:
-        return batch_inputs(batch)
+        return cut_inputs(batch_inputs(batch), 2)
     raise DataError("the calibration set is empty: give at least one calibration sample")
 
 
@@ -58,10 +58,17 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
     :func:`replayable`). ``num_samples`` defaults to ``config.calibration_samples`` (32). ``example_inputs``
     defaults to the first calibration batch (two samples of it).
     """
-    n = num_samples or config.calibration_samples
+    n = config.calibration_samples if num_samples is None else num_samples
+    try:
+        n = operator.index(n)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"num_samples={num_samples!r}: give the number of calibration samples, an integer >= 1 "
+                          f"(None: the configuration's calibration_samples, {config.calibration_samples})")
     calibration_data = replayable(calibration_data, n)
     if example_inputs is None:
-        example_inputs = _first_batch(calibration_data)[:2]
+        example_inputs = _first_batch(calibration_data)
     qmodel = prepare(model, config, example_inputs)
     info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
     if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
@@ -130,15 +137,18 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
     time ratio); measured here when None.
     """
     calibration_data = replayable(calibration_data, config.calibration_samples)
-    example = _first_batch(calibration_data)[:2]
+    example = _first_batch(calibration_data)
     model = model.eval()
     if fp32_top1 is None or fp32_eval_seconds is None:
         fp32_top1, fp32_eval_seconds = evaluate_fn(model)
     if fp32_calib_seconds is None:
         fp32_calib_seconds = fp32_pass_seconds(model, calibration_data, config.calibration_samples)
     qmodel = quantize(model, config, calibration_data, example_inputs=example)
+    before = call_counts(qmodel)
     top1, eval_seconds = evaluate_fn(qmodel)
-    cost = cost_report(qmodel, example[:1])
+    if call_counts(qmodel) != before:  # report as float what did not run in the evaluation measured
+        demote_uncalled(qmodel, before, "evaluation")
+    cost = cost_report(qmodel, cut_inputs(example, 1))
     info = prepare_info(qmodel)
     calib = qmodel.bitalloc_calibration
     report = {
@@ -150,6 +160,7 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
         "layers": layer_table(qmodel, cost),
         "float_layers": [{"name": r.name, "type": r.type, "reason": r.reason} for r in info.floating()],
         "folded_batchnorms": [{"batchnorm": d.batchnorm, "into": d.layer} for d in info.folds if d.folded],
+        "rewritten": [{"name": r.name, "type": r.type, "what": r.reason} for r in info.rewritten()],
         "timing": {
             "calibration_samples": calib["calibration_samples"],
             "calibration_seconds": calib["calibration_seconds"],
@@ -169,7 +180,7 @@ def fp32_pass_seconds(model: nn.Module, data: Iterable, num_samples: int) -> flo
     """Seconds of one FP32 forward pass over the first ``num_samples`` inputs of ``data``."""
     start = time.perf_counter()
     for x in take_inputs(data, num_samples):
-        model(x)
+        call_model(model, x)
     return time.perf_counter() - start
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bitalloc.batches import take_inputs
+from bitalloc.batches import call_model, take_inputs
 from bitalloc.errors import DataError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.model.prepare import prepare_info
@@ -119,7 +119,7 @@ def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_sampl
     try:
         for x in take_inputs(data, num_samples):
             try:
-                model(x)
+                call_model(model, x)
             except _Stop:
                 pass
     finally:

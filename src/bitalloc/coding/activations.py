@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bitalloc.batches import take_inputs
+from bitalloc.batches import batch_size, call_model, take_inputs
 from bitalloc.coding import huffman
 from bitalloc.errors import ConfigError, DataError
 from bitalloc.quant.grid import quantize
@@ -195,8 +195,8 @@ def activation_code_stats(qmodel: nn.Module, data: Iterable, num_samples: int | 
     seen = 0
     try:
         for x in take_inputs(data, num_samples):
-            qmodel(x)
-            seen += x.shape[0]
+            call_model(qmodel, x)
+            seen += batch_size(x)
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,10 @@ mask of a frozen quantizer that prunes; None, i.e. 1, for quantizers without it 
 the bias with the same z2 as the weights makes a pruned output channel output exactly 0, in training as in the
 frozen model (where :func:`bitalloc.model.freeze.freeze` zeroes the pruned channels' bias), which is what the
 cost model counts (the channel removed). With both quantizers disabled it is exactly the original layer.
+
+Each QuantLayer counts its forward calls (``calls``, not saved): a parent that reads the wrapped layer's weight
+directly (a fused fast path) bypasses the quantizers, and :func:`call_counts` lets prepare, calibration and
+PTQ evaluation find such layers and report them as float (:func:`bitalloc.model.prepare.demote_uncalled`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class QuantLayer(nn.Module):
         self.layer_name = name
         self.bias_correction = bias_correction
         self._plain = type(layer).forward in _PLAIN_FORWARDS
+        #: forward calls so far (quantizers ran, or were disabled on purpose); a plain attribute, not state
+        self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -81,6 +87,7 @@ class QuantLayer(nn.Module):
         return b if g is None else b * g.to(device=b.device, dtype=b.dtype).reshape(-1)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
@@ -110,6 +117,12 @@ class QuantLayer(nn.Module):
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """All QuantLayers of a model with their qualified names."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def call_counts(model: nn.Module) -> dict[str, int]:
+    """Forward calls of every QuantLayer of ``model`` so far, by name (compare two snapshots to find the layers
+    that did not run in between)."""
+    return {n: getattr(m, "calls", 0) for n, m in quant_layers(model)}
 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool, *, weights: bool = True, acts: bool = True) -> None:

@@ -7,8 +7,18 @@ every module that owns parameters (``weight`` or any other: a GRU's ``weight_ih_
 ``in_proj_weight``, a bare ``nn.Parameter`` of the model itself, recorded under the name ""), so every
 parameter of the model is either in a quantized layer or listed in float with the reason.
 
+PyTorch's attention blocks are first rewritten into explicit forms (:mod:`bitalloc.model.attention`:
+``nn.MultiheadAttention`` into q/k/v/out ``nn.Linear`` layers, ``nn.TransformerEncoderLayer`` without its fused
+fast path), recorded with status "rewritten", so that their Linear layers really are quantized.
+
 No rewrite may change the model's FP32 function: with quantizers disabled, the prepared model's output on the
-example inputs is checked against the original's, and a BatchNorm fold that would change it is undone. The
+example inputs is checked against the original's, and a BatchNorm fold or attention rewrite that would change
+it is undone.
+
+A layer is reported as quantized only if its quantizers run: the last check is a plain eval-mode forward pass
+under ``torch.no_grad()`` (no hooks, no tracing), and a wrapped layer that it does not call (a parent read its
+weight directly, e.g. a fused fast path) is unwrapped and listed in float with the reason. Calibration and PTQ
+evaluation check the same (:func:`demote_uncalled`). The
 function preserved is the *inference* (eval-mode) function: folding uses a BatchNorm's running statistics,
 which a train-mode BatchNorm does not use. So prepare works in eval mode whatever mode ``model`` is in, and
 returns the prepared model in eval mode (quantized models are for inference; calibration runs in eval mode).
@@ -19,16 +29,21 @@ the weights (BatchNorm folding with frozen statistics), BatchNorms left unfolded
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bitalloc.batches import call_model
 from bitalloc.config import QuantConfig, TensorConfig, match_pattern
 from bitalloc.errors import BitallocError, ConfigError, UnsupportedLayerError
 from bitalloc.model.fold_bn import BATCHNORMS, FoldDecision, find_foldable_pairs, fold_pair, set_submodule
-from bitalloc.model.layers import QuantLayer, activation_axis, float_mode, input_channels, is_supported, SUPPORTED_LAYERS
+from bitalloc.model.attention import rewrite_attention
+from bitalloc.model.layers import (QuantLayer, activation_axis, call_counts, float_mode, input_channels, is_supported,
+                                   SUPPORTED_LAYERS)
 from bitalloc.model.trace import _flatten_tensors, trace_model
 from bitalloc.quantizers import make_quantizer
 
@@ -42,7 +57,7 @@ class LayerRecord:
 
     name: str
     type: str
-    status: str  # "quantized" | "float" | "folded"
+    status: str  # "quantized" | "float" | "folded" | "rewritten"
     reason: str = ""
     rules: list[str] = field(default_factory=list)
     weight: dict[str, Any] | None = None
@@ -62,6 +77,9 @@ class PrepareInfo:
 
     def floating(self) -> list[LayerRecord]:
         return [r for r in self.layers if r.status == "float"]
+
+    def rewritten(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.status == "rewritten"]
 
 
 def _type_names(m: nn.Module) -> list[str]:
@@ -98,9 +116,8 @@ def _float_reason(name: str, m: nn.Module) -> str:
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[Tensor]:
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with torch.no_grad():
-        return [t.detach().clone() for t in _flatten_tensors(model(*args), [])]
+        return [t.detach().clone() for t in _flatten_tensors(call_model(model, example_inputs), [])]
 
 
 def output_change(a: list[Tensor], b: list[Tensor]) -> float:
@@ -149,6 +166,54 @@ def _fold_batchnorms(model: nn.Module, example_inputs: Any, reference: list[Tens
     return decisions
 
 
+def _rewrite_attention(model: nn.Module, example_inputs: Any, reference: list[Tensor]) -> list[LayerRecord]:
+    """Rewrite the attention blocks (:func:`bitalloc.model.attention.rewrite_attention`) if that keeps the FP32
+    output; otherwise undo it (with a warning: the blocks' layers then stay in float, with the reason)."""
+    done = rewrite_attention(model)
+    if not done:
+        return []
+    try:
+        change, why = output_change(reference, _run(model, example_inputs)), "changed the model's output"
+    except Exception as exc:  # e.g. the model reads in_proj_weight itself
+        change, why = float("inf"), f"failed ({type(exc).__name__}: {exc})"
+    if change <= FP32_TOLERANCE:
+        return [LayerRecord(r.name, r.type, "rewritten", r.what) for r in done]
+    for r in reversed(done):
+        r.undo()
+    warnings.warn(f"rewriting the attention blocks {', '.join(r.name or '(model)' for r in done)} into explicit "
+                  f"Linear layers {why}; they stay as they are (their layers in float)", stacklevel=3)
+    return []
+
+
+def demote_uncalled(model: nn.Module, before: dict[str, int], when: str, *, pin: bool = True) -> list[str]:
+    """Unwrap the QuantLayers of ``model`` that did not run since the :func:`~bitalloc.model.layers.call_counts`
+    snapshot ``before`` and list them in float, with the reason (``when``: the pass, e.g. "calibration").
+
+    Such a layer's quantizers never ran (its parent reads the weight directly, e.g. a fused fast path, or the
+    layer is not used on this data), so reporting it as quantized would be false, and its input statistics
+    would be empty. ``pin`` adds an override ``{"quantize": False}`` for each to the model's configuration, so
+    that a saved model is prepared the same way when it is loaded. Warns, and returns the names."""
+    counts = call_counts(model)
+    names = [n for n, c in counts.items() if c == before.get(n, 0)]
+    if not names:
+        return []
+    info = getattr(model, "bitalloc_info", None)
+    reason = (f"its forward never ran during {when} (a parent uses its weight directly, e.g. a fused fast path, "
+              "or the layer is unused on this data), so it runs in float")
+    for name in names:
+        set_submodule(model, name, model.get_submodule(name).layer)
+    if info is not None:
+        for r in info.layers:
+            if r.name in names:
+                r.status, r.reason, r.weight, r.act, r.bias_correction = "float", reason, None, None, "none"
+        if pin:
+            info.config = copy.deepcopy(info.config)
+            info.config.overrides.extend(("re:" + re.escape(n), {"quantize": False}) for n in names)
+    warnings.warn(f"{len(names)} layer(s) did not run during {when} and are left in float: {', '.join(names[:8])}"
+                  + (", ..." if len(names) > 8 else ""), stacklevel=2)
+    return names
+
+
 def _check_explicit_overrides(config: QuantConfig, unsupported: dict[str, str], layers: dict[str, list[str]]) -> None:
     """Overrides that cannot do anything are errors, never silent skips: one that names an unsupported layer
     exactly (no wildcard), one that selects only layers bitalloc cannot quantize, and one that selects no
@@ -181,9 +246,10 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
             other module owning parameters is listed in float with the reason. Its train/eval mode does not
             matter: prepare folds BatchNorms with their running statistics and checks the eval-mode function.
         config: a :class:`~bitalloc.config.QuantConfig` (default: 8-bit min-max).
-        example_inputs: a tensor or tuple of positional arguments for one real forward pass (required: it
-            finds BatchNorm pairs, the execution order, layers that never run and input shapes, and checks
-            the FP32 function is unchanged).
+        example_inputs: the inputs of one real forward pass: a tensor, a tuple (or list) of positional
+            arguments, or a dict of keyword arguments (:func:`bitalloc.batches.call_model`). Required: it finds
+            BatchNorm pairs, the execution order, layers that never run and input shapes, and checks that the
+            FP32 function is unchanged.
         inplace: transform ``model`` itself (which is left in eval mode) instead of a deep copy.
 
     Returns the prepared model in eval mode: with quantizers disabled it computes the input model's eval-mode
@@ -203,10 +269,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
         reference = _run(model, example_inputs)
     except Exception as exc:  # the model itself does not run on these inputs
         raise ConfigError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}") from exc
+    rewrites = _rewrite_attention(model, example_inputs, reference)
     atomic = lambda name, m: is_supported(m) or isinstance(m, BATCHNORMS)  # noqa: E731
     trace = trace_model(model, example_inputs, atomic=atomic)
 
-    records: list[LayerRecord] = []
+    records: list[LayerRecord] = list(rewrites)
     folds: list[FoldDecision] = []
     if config.fold_bn:
         folds = _fold_batchnorms(model, example_inputs, reference, trace)
@@ -251,6 +318,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
         set_submodule(model, name, qlayer)
         records.append(LayerRecord(name, tname, "quantized", "", rules, _summary(lcfg.weight), _summary(lcfg.act),
                                    qlayer.bias_correction))
+    before = call_counts(model)
     with float_mode(model):
         change = output_change(reference, _run(model, example_inputs))
     if change > FP32_TOLERANCE:
@@ -258,6 +326,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
                             f"{change:.3g}); please report this with the model definition")
     model.eval()
     model.bitalloc_info = PrepareInfo(config, records, order, folds)
+    demote_uncalled(model, before, "a plain eval-mode forward pass under torch.no_grad()", pin=False)
     return model
 
 

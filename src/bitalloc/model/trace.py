@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bitalloc.batches import model_args
+
 
 @dataclass
 class Node:
@@ -112,7 +114,8 @@ def trace_model(model: nn.Module, example_inputs: Any, *,
                 atomic: Callable[[str, nn.Module], bool] | None = None) -> Trace:
     """Run ``model(*example_inputs)`` under no_grad and record its dataflow graph.
 
-    ``example_inputs``: a tensor or a tuple of positional arguments. ``atomic(name, module)`` marks extra
+    ``example_inputs``: a tensor, a tuple of positional arguments or a dict of keyword arguments (as
+    :func:`bitalloc.batches.call_model` passes them). ``atomic(name, module)`` marks extra
     modules whose internals are not traced (modules without children always are).
     """
     tracer = _Tracer()
@@ -139,10 +142,10 @@ def trace_model(model: nn.Module, example_inputs: Any, *,
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args, kwargs = model_args(model, example_inputs)
     try:
         with torch.no_grad(), _Recorder(tracer):
-            out = model(*args)
+            out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -83,13 +83,16 @@ class FixedQuantizer(Quantizer):
 
         self.observer = Observer(self.stat_axis, seed=seed, name=name)
 
-    def finish_observing(self) -> None:
-        """Set bits and ranges from what the observer saw (raises DataError if it saw nothing)."""
+    def finish_observing(self) -> ChannelStats | None:
+        """Set bits and ranges from what the observer saw (raises DataError if it saw nothing); returns the
+        statistics used (None when nothing was observing)."""
         obs, self.observer = self.observer, None
         if obs is None:
-            return
+            return None
         obs.merge_distributed()
-        self.set_from_stats(obs.stats())
+        stats = obs.stats()
+        self.set_from_stats(stats)
+        return stats
 
     def lock(self) -> None:
         """Keep the current grid and corrections through later calls of :meth:`calibrate_weight`."""
