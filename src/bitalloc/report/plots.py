@@ -47,6 +47,18 @@ def _save(fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def _finish(fig: Any, ax: Any, path: str | Path, *, xlabel: str, ylabel: str, title: str, logx: bool) -> Path:
+    """Axis labels, title, grid and legend of a one-panel plot, then save it."""
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def bit_heatmap(layers: Sequence[dict[str, Any]], path: str | Path, *, title: str = "Bits per channel") -> Path:
     """Heat map of per-channel bit widths: one row per layer, weights (left) and input activations (right).
 
@@ -166,14 +178,7 @@ def pareto_plot(points: dict[str, Sequence[tuple[float, float]]], path: str | Pa
         if rest:
             rx, ry = zip(*rest)
             ax.scatter(rx, ry, facecolors="none", edgecolors=line.get_color(), label=f"{name} (dominated)")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
 
 
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str,
@@ -192,3 +197,18 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path
     if len(series) <= 20:
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def rd_plot(curves: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, title: str, xlabel: str = "kbps",
+            ylabel: str = "PSNR (dB)", logx: bool = False) -> Path:
+    """Rate-distortion curves: one line with markers per codec through its (rate, quality) points, sorted by
+    rate (e.g. ``{"x265 medium": [(kbps, psnr_yuv), ...], "bitalloc": [...]}``); rate on a log axis when
+    ``logx``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, pts in curves.items():
+        pts = sorted((float(r), float(q)) for r, q in pts)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", linestyle="-", label=name)
+    return _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
