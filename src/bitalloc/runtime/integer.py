@@ -39,6 +39,17 @@ sizes, summed in an int32 accumulator"). Details:
 * **Online quantizers** (scale recomputed per input) and layers with float weights or activations are not
   integer-executable: :class:`IntegerExecutionError`.
 
+**Kernels.** ``kernel="reference"`` forms the sums with im2col and integer matmuls (int32 / int64, as an
+integer accelerator would). ``kernel="float"`` gives the *same integers* faster, through the ordinary float
+convolution / matmul of the codes: every product w * a of integer codes and every partial sum of them is an
+integer bounded in magnitude by the analysis' exact weight bound B (overflow.py: it bounds every partial sum, in
+any order), and floating point represents all integers up to 2^24 (float32) / 2^53 (float64) exactly, so when
+B <= 2^24 a float32 kernel, whatever its summation order, blocking or thread count, returns the exact integer
+sums (float64 when B <= 2^53; otherwise the reference kernel). This is what makes a decoder built from such layers
+bit-exact across processes and thread counts at the speed of float kernels (Balle et al., "Integer networks for
+data compression", ICLR 2019). It applies to layers with one activation step group and no bias-correction shift;
+other layers use the reference kernel.
+
 Where the output differs from fake quantization: the integer accumulators are *equal* to the sums of the
 fake-quant codes (tests compare them as int64). The rescale is done in float64 (s_x * s_w * xi is exact in
 float64, the products and sums round at 2^-53) and the result rounded once to float32. The fake-quant path
@@ -154,6 +165,26 @@ class LayerInts:
     wparams: QuantParams
     w_bits: int
     a_bits: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def float_weight(self, dtype: torch.dtype) -> Tensor:
+        """The centred weight codes as ``dtype`` (cached): exact for codes below 2^24 / 2^53."""
+        if dtype not in self._cache:
+            self._cache[dtype] = self.w.to(dtype)
+        return self._cache[dtype]
+
+
+def exact_float_dtype(bound: int) -> torch.dtype | None:
+    """The narrowest float type whose sums of integers bounded by ``bound`` are exact: float32 up to 2^24,
+    float64 up to 2^53, else None."""
+    if bound <= 2**24:
+        return torch.float32
+    if bound <= 2**53:
+        return torch.float64
+    return None
+
+
+KERNELS = ("reference", "float")
 
 
 def _layer_bias(layer: QuantLayer) -> Tensor | None:
@@ -362,6 +393,15 @@ def _analysis(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow
                    accumulator=accumulator, product=product)
 
 
+def _analysis_cached(ints: LayerInts, sg: StepGroups, groups: int, kk: int, on_overflow: str, accumulator: str,
+                     product: str) -> AccumulatorAnalysis:
+    """:func:`_analysis`, memoised on the LayerInts object (its weights do not change while it is reused)."""
+    key = ("analysis", groups, kk, on_overflow, accumulator, product)
+    if key not in ints._cache:
+        ints._cache[key] = _analysis(ints, sg, groups, kk, on_overflow, accumulator, product)
+    return ints._cache[key]
+
+
 def analyze_layer(layer: QuantLayer, *, on_overflow: str = "widen", accumulator: str = "auto", product: str = "auto",
                   merge_pow2: bool = True, max_shift: int = 8) -> AccumulatorAnalysis:
     """Product-stage and accumulator-width analysis of a QuantLayer (bits, fan-in, exact worst-case products
@@ -427,15 +467,21 @@ class _IntegerMode(TorchFunctionMode):
 
 def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen", accumulator: str = "auto",
                     product: str = "auto", merge_pow2: bool = True, max_shift: int = 8, with_bound: bool = False,
-                    keep_codes: bool = False) -> tuple[Tensor, list[IntegerResult]]:
+                    keep_codes: bool = False, kernel: str = "reference",
+                    ints: LayerInts | None = None) -> tuple[Tensor, list[IntegerResult]]:
     """Run ``layer`` on ``x`` in integer arithmetic. Returns (output, one IntegerResult per conv/linear call).
 
     ``accumulator``: "auto" (int32 unless the analysis says it could overflow), "int32" or "int64";
     ``on_overflow``: "widen" (int64) or "raise" (:class:`AccumulatorOverflowError`); ``product``: the product
     register, "auto" (int16 unless it could overflow), "int16", "int32" or "int64". ``with_bound`` also
-    computes the bound on |fake-quant - integer| of each output (module docstring).
+    computes the bound on |fake-quant - integer| of each output (module docstring). ``kernel``: "reference"
+    (im2col, integer matmuls) or "float" (the same sums through float kernels, exact by the analysis; module
+    docstring). ``ints``: the layer's precomputed :func:`layer_ints` (weights unchanged since), to save
+    re-quantizing the weights on every call.
     """
-    ints = layer_ints(layer)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    ints = layer_ints(layer) if ints is None else ints
     sg = _groups_of(ints, merge_pow2, max_shift)
     inner = layer.layer
     pa = ints.act
@@ -460,7 +506,24 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
             else:
                 groups = int(call.get("groups", 1))
                 kk = math.prod(ints.w.shape[2:])
-            an = _analysis(ints, sg, groups, kk, on_overflow, accumulator, product)
+            an = _analysis_cached(ints, sg, groups, kk, on_overflow, accumulator, product)
+            fdt = exact_float_dtype(an.bound) if kernel == "float" else None
+            if fdt is not None and sg.count == 1 and ints.beta is None and not with_bound:
+                w = ints.float_weight(fdt)
+                if func is F.linear:
+                    acc = F.linear(inp.to(fdt), w)
+                    ch_axis = -1
+                else:
+                    acc = func(inp.to(fdt), w, None, call.get("stride", 1), call.get("padding", 0),
+                               call.get("dilation", 1), groups)
+                    ch_axis = 1
+                y = acc.to(torch.float64) * reshape_for_axis(ints.w_scale * float(sg.base[0]), acc.ndim, ch_axis)
+                if ints.bias is not None:
+                    y = y + reshape_for_axis(ints.bias, acc.ndim, ch_axis)
+                out = y.to(torch.float32)
+                results.append(IntegerResult(ints.name, acc.unsqueeze(0), None, sg.base, out, an, fdt, None,
+                                             codes if keep_codes else None, ints.w if keep_codes else None))
+                return out
             kern = _Kernel(ints, sg, torch.int32 if an.accumulator == "int32" else torch.int64, with_bound)
             if func is F.linear:
                 acc, xsum, acc_abs, xsum_abs = kern.linear(inp)
@@ -519,24 +582,27 @@ class IntegerRun:
 
 @contextlib.contextmanager
 def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: str = "auto", product: str = "auto",
-                 record: bool = False, strict: bool = False, with_bound: bool = False) -> Iterator[IntegerRun]:
+                 record: bool = False, strict: bool = False, with_bound: bool = False,
+                 kernel: str = "reference") -> Iterator[IntegerRun]:
     """Run every integer-executable QuantLayer of ``model`` through :func:`integer_forward` inside the block.
 
     Layers that are not integer-executable (float activations or weights, online quantizers, unsupported
     forwards) run their fake-quant forward and are listed in ``run.fake_quant_layers`` with the reason, or
     raise with ``strict=True``. Accumulator overflow errors (``on_overflow="raise"``) always propagate.
     ``record=True`` keeps every IntegerResult (memory!) in ``run.results``; ``with_bound`` computes the
-    float32 rounding bound of each output (for checks).
+    float32 rounding bound of each output (for checks). ``kernel``: see :func:`integer_forward`; the weights'
+    integer codes are computed once, on entry (do not change weights inside the block).
     """
     run = IntegerRun()
     patched: list[QuantLayer] = []
+    prepared: dict[int, LayerInts] = {}
 
     def forward(layer: QuantLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         try:
             if args or kwargs:
                 raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
             out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator, product=product,
-                                       with_bound=with_bound)
+                                       with_bound=with_bound, kernel=kernel, ints=prepared.get(id(layer)))
         except IntegerExecutionError as exc:
             if strict:
                 raise
@@ -549,7 +615,7 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
 
     for name, layer in quant_layers(model):
         try:
-            layer_ints(layer)
+            prepared[id(layer)] = layer_ints(layer)
         except IntegerExecutionError as exc:
             if strict:
                 raise

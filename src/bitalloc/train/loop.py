@@ -19,6 +19,11 @@ a convenient base class with no-op defaults):
 * ``on_epoch_start(model, epoch)``: before each epoch (0-based index).
 * ``log_state(model) -> dict``: logged with each epoch (expected bit widths, gate probabilities, kept channels).
 * ``state_dict()`` / ``load_state_dict(d)``: saved in / restored from checkpoints.
+* ``task_loss(model, x, y) -> (Tensor, dict[str, float])``: replaces the classification task (cross-entropy
+  of ``model(x)`` against ``y``, accuracy) for models trained on another objective, e.g. the video codec's
+  rate-distortion loss. It calls ``model`` (the DDP wrapper under torchrun) itself and returns the *sum* of the
+  task losses of the batch and per-batch metrics (averaged over the epoch's steps and logged, like
+  ``extra_loss``'s); accuracy is then not computed.
 
 The ``model`` passed to hooks is always the bare module (never the DDP wrapper).
 
@@ -209,6 +214,9 @@ class Objective:
 
     def log_state(self, model: nn.Module) -> dict[str, Any]:
         return {}
+
+    # task_loss(model, x, y) is looked up by name (see the module docstring); the base class has none, so the
+    # classification task is the default.
 
 
 class Callback:
@@ -674,6 +682,7 @@ class _Trainer:
         stopped = False
         criterion_ls = cfg.label_smoothing
         extra_fn = _hook(self.objective, "extra_loss")
+        task_fn = _hook(self.objective, "task_loss")
         step_fn = _hook(self.objective, "on_step_end")
         epoch_fn = _hook(self.objective, "on_epoch_start")
         log_fn = _hook(self.objective, "log_state")
@@ -702,10 +711,15 @@ class _Trainer:
                         g["lr"] = g["base_lr"] * fn(self.step)
                     x = x.to(self.device, non_blocking=True)
                     y = y.to(self.device, non_blocking=True)
-                    logits = _first_output(ddp(x))
-                    task_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=criterion_ls)
-                    loss = task_sum * (self.world / bg)
                     logs: dict[str, float] = {}
+                    if task_fn:
+                        task_sum, task_logs = task_fn(ddp, x, y)
+                        logs.update(task_logs)
+                        logits = None
+                    else:
+                        logits = _first_output(ddp(x))
+                        task_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=criterion_ls)
+                    loss = task_sum * (self.world / bg)
                     if extra_fn:
                         extra, logs = extra_fn(model)
                         logs = dict(logs or {})
@@ -725,7 +739,8 @@ class _Trainer:
                         step_fn(model, self.step)
                     with torch.no_grad():
                         sums[0] += task_sum.detach().double()
-                        sums[1] += (logits.detach().argmax(1) == y).sum()
+                        if logits is not None:
+                            sums[1] += (logits.detach().argmax(1) == y).sum()
                         sums[2] += y.shape[0]
                     for k, v in logs.items():
                         extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
@@ -733,8 +748,9 @@ class _Trainer:
                         f(self.step, {"loss": float(task_sum.detach()) / max(1, y.shape[0]), **logs})
                     if bar.mode != "off":
                         if n_steps % 10 == 1 or n_steps == remaining:  # float() syncs: not every step
-                            bar.set(loss=float(sums[0] / sums[2]), acc=float(sums[1] / sums[2]),
-                                    lr=self.optimizer.param_groups[0]["lr"])
+                            shown = ({k: v / n_steps for k, v in extra_sums.items()} if task_fn
+                                     else {"acc": float(sums[1] / sums[2])})
+                            bar.set(loss=float(sums[0] / sums[2]), **shown, lr=self.optimizer.param_groups[0]["lr"])
                         bar.update(1)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -749,7 +765,7 @@ class _Trainer:
                 "epoch": self.epoch, "step": self.step,
                 "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
                 "train_loss": loss_sum / count if count else float("nan"),
-                "train_accuracy": correct / count if count else float("nan"),
+                "train_accuracy": (correct / count if count else float("nan")) if not task_fn else None,
                 "train_samples": int(count),
                 "time": epoch_time, "time_per_step": epoch_time / max(1, n_steps),
             }
@@ -824,8 +840,11 @@ class _Trainer:
 
 
 def _epoch_line(r: Mapping[str, Any], n_epochs: int) -> str:
-    parts = [f"epoch {r['epoch']}/{n_epochs}", f"train loss {r['train_loss']:.4f}",
-             f"acc {100 * r['train_accuracy']:.2f}%"]
+    parts = [f"epoch {r['epoch']}/{n_epochs}", f"train loss {r['train_loss']:.4f}"]
+    if r.get("train_accuracy") is not None:
+        parts.append(f"acc {100 * r['train_accuracy']:.2f}%")
+    else:
+        parts += [f"{k} {v:.4g}" for k, v in (r.get("extra") or {}).items()]
     if "val_accuracy" in r:
         parts.append(f"val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%")
     parts.append(f"{r['time']:.1f}s ({1000 * r['time_per_step']:.1f} ms/step)")

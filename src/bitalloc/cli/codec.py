@@ -1,0 +1,270 @@
+"""``bitalloc codec``: the learned video codec from the command line.
+
+::
+
+    bitalloc codec encode INPUT -o OUT.bav --quality Q [--frames N] [--intra-period P]   # any FFmpeg input
+    bitalloc codec decode OUT.bav -o REC.y4m | REC.mkv | FOLDER/ [--reference INPUT]
+    bitalloc codec info OUT.bav
+    bitalloc codec eval --clips a.mp4 b.avi [--images imagenet-sample.zip] --out DIR
+    bitalloc codec train --stage intra|inter|joint|qat ...                              (see docs/codec.md)
+
+Encoding prints a summary (frames, bytes, bits per pixel, kbps, PSNR, encode and decode fps) and, with
+``--verify`` (the default), decodes the written file again and checks that it reproduces the encoder's
+reconstruction bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bitalloc.errors import ConfigError, DataError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("codec", help="the learned video codec: encode, decode, info, eval, train",
+                       description="Encode and decode video with bitalloc's learned codec (integer-exact decoder, "
+                                   "per-frame bit widths in the stream), evaluate it against x265 and JPEG, train it.")
+    cs = p.add_subparsers(dest="codec_command", metavar="SUBCOMMAND")
+    cs.required = True
+
+    e = cs.add_parser("encode", help="encode a video (any FFmpeg input, y4m, PNG folder, image) into a .bav stream")
+    e.add_argument("input", help="video file (mp4, avi, mkv, y4m ...), folder of PNG frames, or an image")
+    e.add_argument("-o", "--output", required=True, help="the .bav stream to write")
+    e.add_argument("--quality", "-q", type=int, required=True, help="quality level (0 = lowest rate; see `codec info`)")
+    e.add_argument("--frames", type=int, help="encode only the first N frames")
+    e.add_argument("--start", type=int, default=0, help="first frame to encode (default 0)")
+    e.add_argument("--intra-period", type=int, default=32, help="an I frame every P frames; -1: only the first (32)")
+    e.add_argument("--motion-preset", choices=("ultrafast", "fast", "medium"), default="medium",
+                   help="speed of the encoder's motion estimation (DIS optical flow preset)")
+    _common(e)
+    e.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
+    e.add_argument("--reconstruction", help="also write the encoder's reconstruction (.y4m / .mkv / folder)")
+    e.set_defaults(func=run_encode)
+
+    d = cs.add_parser("decode", help="decode a .bav stream into y4m, lossless video (FFV1 .mkv) or PNG frames")
+    d.add_argument("input", help="the .bav stream")
+    d.add_argument("-o", "--output", required=True, help="REC.y4m, REC.mkv (lossless FFV1) or a folder for PNG frames")
+    d.add_argument("--frames", type=int, help="decode only the first N frames")
+    d.add_argument("--reference", help="the source video, to report PSNR")
+    _common(d)
+    d.set_defaults(func=run_decode)
+
+    i = cs.add_parser("info", help="print a .bav stream's header and frames, or the codec's quality levels")
+    i.add_argument("input", nargs="?", help="a .bav stream (omit to describe the codec weights)")
+    i.add_argument("--weights", help="codec weights file (default: the weights shipped with bitalloc)")
+    i.add_argument("--json", help="write the description as JSON here")
+    i.set_defaults(func=run_info)
+
+    from bitalloc.codec.evaluate import add_eval_args
+    from bitalloc.train.codec import add_train_args
+
+    ev = cs.add_parser("eval", help="rate-distortion evaluation against x265 (and JPEG / x265 intra on images)")
+    add_eval_args(ev)
+    ev.set_defaults(func=run_eval)
+
+    t = cs.add_parser("train", help="train the codec (stages: intra, inter, joint, qat); see docs/codec.md")
+    add_train_args(t)
+    t.set_defaults(func=run_train)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="codec weights file (default: the weights shipped with bitalloc)")
+    p.add_argument("--json", help="write the summary as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+
+
+def _check_out(path: str | None, overwrite: bool) -> None:
+    if path and Path(path).exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
+
+
+def _setup(args: argparse.Namespace) -> Any:
+    import torch
+
+    from bitalloc.codec.codec import VideoCoder
+    from bitalloc.codec.weights import load_default_or
+
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give a positive number")
+        torch.set_num_threads(args.threads)
+    model = load_default_or(getattr(args, "weights", None))
+    return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"))
+
+
+def _bar(total: int, desc: str) -> Any:
+    from bitalloc.train.progress import Progress
+
+    return Progress(total, desc, mode="auto")
+
+
+def _frames_target(path: str) -> str:
+    """The form of a frames output by its name: "y4m", "mkv" (lossless FFV1) or "png" (a folder)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".y4m", ".mkv"):
+        return suffix[1:]
+    if suffix:
+        raise ConfigError(f"output {path}: unsupported extension {suffix!r}; use .y4m, .mkv (lossless FFV1) or a "
+                          "folder name (PNG frames)")
+    return "png"
+
+
+def write_frames(path: str, frames: Any) -> Path:
+    """Write decoded frames by the output's form: .y4m, .mkv (lossless FFV1), or a folder of PNG frames."""
+    from bitalloc.codec.video_io import write_lossless, write_png_frames, write_y4m
+
+    writer = {"y4m": write_y4m, "mkv": write_lossless, "png": write_png_frames}[_frames_target(path)]
+    return writer(path, frames)
+
+
+def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
+    keys = [("frames", "frames"), ("size", "size"), ("bytes", "bytes"), ("bits per pixel", "bpp"), ("kbps", "kbps"),
+            ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
+            ("encode fps", "encode_fps"), ("decode fps", "decode_fps"), ("exact decode", "exact")]
+    return [[label, s[k]] for label, k in keys if s.get(k) is not None]
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_rgb, psnr_yuv
+    from bitalloc.codec.video_io import read_video
+    from bitalloc.io import write_bytes, write_json
+    from bitalloc.report.tables import print_table
+
+    for path in (args.output, args.json, args.reconstruction):
+        _check_out(path, args.overwrite)
+    if args.reconstruction:
+        _frames_target(args.reconstruction)
+    if args.frames is not None and args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: give a positive number of frames")
+    frames = read_video(args.input, frames=args.frames, start=args.start)
+    coder = _setup(args)
+    with _bar(len(frames), "encode") as bar:
+        res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update)
+    checked: dict[str, Any] = {}
+
+    def verify(tmp: Path) -> None:  # decode the written file before it replaces anything
+        t0 = time.perf_counter()
+        with _bar(len(frames), "verify (decode)") as bar:
+            dec = coder.decompress(tmp.read_bytes(), source=str(args.output), progress=bar.update)
+        checked["decode_fps"] = len(frames) / (time.perf_counter() - t0)
+        checked["exact"] = bool(dec.equal(res.reconstruction))
+        if not checked["exact"]:
+            raise DataError(f"{args.output}: decoding the written stream did not reproduce the encoder's "
+                            "reconstruction, so it was not written; please report this (it is a bug)")
+
+    write_bytes(args.output, res.stream, verify=verify if args.verify else None)
+    p = psnr_yuv(frames, res.reconstruction)
+    summary: dict[str, Any] = {
+        "input": str(args.input), "output": str(args.output), "frames": len(frames),
+        "size": f"{frames.width}x{frames.height}", "width": frames.width, "height": frames.height,
+        "fps": frames.fps, "quality": args.quality, "intra_period": args.intra_period, "bytes": res.bytes,
+        "bpp": bits_per_pixel(res.bytes, len(frames), frames.height, frames.width),
+        "kbps": kbps(res.bytes, len(frames), frames.fps), "psnr_yuv": p["psnr_yuv"], "psnr_y": p["psnr_y"],
+        "psnr_rgb": psnr_rgb(frames, res.reconstruction)["psnr_rgb"],
+        "encode_fps": len(frames) / res.encode_seconds,
+        "frame_types": "".join(f.kind for f in res.frames),
+        "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr} for f in res.frames],
+        "clamped_symbols": sum(f.clamped for f in res.frames),
+    }
+    summary.update(checked)
+    if args.reconstruction:
+        write_frames(args.reconstruction, res.reconstruction)
+    print_table(f"{args.input} -> {args.output} (quality {args.quality})", ["", "value"], _summary_rows(summary))
+    if args.json:
+        write_json(args.json, summary, overwrite=True)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_rgb, psnr_yuv
+    from bitalloc.codec.video_io import read_video
+    from bitalloc.io import write_json
+    from bitalloc.report.tables import print_table
+
+    _check_out(args.output, args.overwrite)
+    _check_out(args.json, args.overwrite)
+    _frames_target(args.output)
+    src = Path(args.input)
+    if not src.is_file():
+        raise DataError(f"{src}: no such stream file; give the .bav file written by `bitalloc codec encode`")
+    data = src.read_bytes()
+    coder = _setup(args)
+    from bitalloc.codec.bitstream import read_stream
+
+    header, _ = read_stream(data, source=str(src), limit=0)
+    n = header.frame_count if args.frames is None else min(args.frames, header.frame_count)
+    t0 = time.perf_counter()
+    with _bar(n, "decode") as bar:
+        frames = coder.decompress(data, frames=args.frames, source=str(src), progress=bar.update)
+    seconds = time.perf_counter() - t0
+    write_frames(args.output, frames)
+    summary: dict[str, Any] = {"input": str(src), "output": str(args.output), "frames": len(frames),
+                               "size": f"{frames.width}x{frames.height}", "bytes": len(data),
+                               "bpp": bits_per_pixel(len(data), header.frame_count, frames.height, frames.width),
+                               "kbps": kbps(len(data), header.frame_count, float(header.fps)),
+                               "decode_fps": len(frames) / seconds, "quality": header.quality}
+    if args.reference:
+        ref = read_video(args.reference, frames=len(frames))
+        if (ref.width, ref.height) != (frames.width, frames.height):
+            raise DataError(f"--reference {args.reference} is {ref.width}x{ref.height}, the stream is "
+                            f"{frames.width}x{frames.height}; give the source the stream was encoded from")
+        p = psnr_yuv(ref, frames)
+        summary.update(psnr_yuv=p["psnr_yuv"], psnr_y=p["psnr_y"], psnr_rgb=psnr_rgb(ref, frames)["psnr_rgb"])
+    print_table(f"{src} -> {args.output}", ["", "value"], _summary_rows(summary))
+    if args.json:
+        write_json(args.json, summary, overwrite=True)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from bitalloc.codec.bitstream import FRAME_TYPES, read_stream
+    from bitalloc.codec.weights import describe_weights, load_default_or
+    from bitalloc.io import write_json
+    from bitalloc.report.tables import print_table
+
+    if args.input is None:
+        model = load_default_or(args.weights)
+        desc = describe_weights(model, args.weights)
+        print_table("codec weights " + desc["path"], ["", "value"],
+                    [[k, v] for k, v in desc.items() if k not in ("levels", "networks")])
+        print_table("quality levels", ["level", "lambda"], [[i, lam] for i, lam in enumerate(desc["levels"])])
+        print_table("decoder networks", ["network", "quantized layers", "float layers", "bits"],
+                    [[n["name"], n["quantized"], n["float"], n["bits"]] for n in desc["networks"]])
+        if args.json:
+            write_json(args.json, desc, overwrite=True)
+        return 0
+    src = Path(args.input)
+    if not src.is_file():
+        raise DataError(f"{src}: no such stream file")
+    data = src.read_bytes()
+    header, records = read_stream(data, source=str(src))
+    rows = [[i, FRAME_TYPES[r.kind], r.size, r.roi_bits, r.non_roi_bits] for i, r in enumerate(records)]
+    out = {"file": str(src), "bytes": len(data), "model_id": header.model_id.hex(), "quality": header.quality,
+           "width": header.width, "height": header.height, "frames": header.frame_count, "fps": float(header.fps),
+           "intra_period": header.intra_period, "version": header.version,
+           "frame_records": [{"index": r[0], "type": r[1], "bytes": r[2], "roi_bits": r[3], "non_roi_bits": r[4]}
+                             for r in rows]}
+    print_table(f"{src}: {header.width}x{header.height}, {header.frame_count} frames at {float(header.fps):.3g} fps, "
+                f"quality {header.quality}, intra period {header.intra_period}, model {header.model_id.hex()}",
+                ["frame", "type", "bytes", "ROI bits", "non-ROI bits"], rows)
+    if args.json:
+        write_json(args.json, out, overwrite=True)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bitalloc.codec.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from bitalloc.train.codec import run_train_cli
+
+    return run_train_cli(args)

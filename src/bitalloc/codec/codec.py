@@ -1,0 +1,350 @@
+"""Compressing and decompressing video with a trained (quantized) :class:`~bitalloc.codec.model.VideoCodec`.
+
+CompressAI-style verbs: :meth:`VideoCoder.compress` (frames -> stream bytes, plus the encoder's reconstruction)
+and :meth:`VideoCoder.decompress` (stream -> frames). Frames are :class:`~bitalloc.codec.frames.YUVFrames` of any
+size: padded by edge replication to a multiple of 16 luma pixels for the networks and cropped back.
+
+**Exactness.** Everything the decoder computes is reproducible bit for bit on any machine and thread count:
+
+* decoder networks are quantized and frozen (:mod:`bitalloc.codec.precision`) and run in
+  :func:`~bitalloc.runtime.integer.integer_mode` with the exact float kernel;
+* between them only exactly rounded elementwise operations run (gains, means, ReLU, rounding, clamping);
+* scales become table indices by comparisons; probabilities come from stored tables or from ``constriction``;
+* motion compensation is integer (:func:`bitalloc.codec.motion.warp_int`), reconstructions are 8-bit integers.
+
+The encoder computes the same decoder-side values (it *is* the decoder, plus analysis transforms and motion
+estimation), so the encoder's reconstruction is the decoder's output.
+
+Per frame (one range-coded payload, FIFO): I frames code the hyper-latent z then the latent y of the intra coder;
+P frames code the motion coder's z and y, then the residual coder's z and y. Symbols outside the coder's support
+are clamped at the encoder (``clamped`` counts them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bitalloc.codec.bitstream import (FRAME_I, FRAME_P, BitstreamError, FrameRecord, StreamHeader, read_stream,
+                                      write_stream)
+from bitalloc.codec.entropy import Y_RANGE, Z_RANGE
+from bitalloc.codec.frames import YUVFrames
+from bitalloc.codec.model import FLOW_SCALE, HyperpriorCoder, VideoCodec
+from bitalloc.codec.motion import estimate_flow_packed, quantize_flow, warp_int
+from bitalloc.codec.networks import pack_yuv, unpack_yuv
+from bitalloc.codec.precision import is_quantized, model_id
+from bitalloc.errors import ConfigError
+
+#: spatial granularity of the networks (luma pixels): latents are at 1/16
+ALIGN = 16
+
+
+def _constriction() -> Any:
+    try:
+        import constriction
+    except ImportError as exc:  # pragma: no cover - the codec extra is installed with `all`
+        raise ConfigError("the video codec needs constriction: pip install 'bitalloc[codec]'") from exc
+    return constriction
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    return -(-height // ALIGN) * ALIGN, -(-width // ALIGN) * ALIGN
+
+
+def frame_tensor(frames: YUVFrames, index: int, size: tuple[int, int]) -> Tensor:
+    """Frame ``index`` as packed int64 codes [1, 6, H/2, W/2], edge-padded to ``size`` (luma, multiples of 2)."""
+    hp, wp = size
+    y = torch.from_numpy(frames.y[index].astype(np.int64))
+    u = torch.from_numpy(frames.u[index].astype(np.int64))
+    v = torch.from_numpy(frames.v[index].astype(np.int64))
+
+    def pad(p: Tensor, h: int, w: int) -> Tensor:
+        return F.pad(p[None, None].float(), (0, w - p.shape[1], 0, h - p.shape[0]), mode="replicate")[0, 0].long()
+
+    return pack_yuv(pad(y, hp, wp)[None], pad(u, hp // 2, wp // 2)[None], pad(v, hp // 2, wp // 2)[None])
+
+
+def crop_frame(packed: Tensor, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed int codes [1, 6, h, w] -> cropped uint8 planes."""
+    y, u, v = unpack_yuv(packed)
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    to8 = lambda t: t[0].to(torch.uint8).numpy()  # noqa: E731
+    return to8(y[:, :height, :width]), to8(u[:, :ch, :cw]), to8(v[:, :ch, :cw])
+
+
+def to_pixels(x: Tensor) -> Tensor:
+    """Network output in [0, 1] units -> 8-bit codes (int64): clamp(round(255 x), 0, 255)."""
+    return torch.round(x * 255.0).clamp_(0, 255).to(torch.int64)
+
+
+@dataclass
+class LatentStats:
+    """Symbols and bits of one coded latent pair (filled by the encoder)."""
+
+    z_symbols: int = 0
+    y_symbols: int = 0
+    clamped: int = 0
+
+
+class _Latents:
+    """Entropy coding of one :class:`HyperpriorCoder`'s latents into / out of a range-coded payload."""
+
+    def __init__(self, coder: HyperpriorCoder):
+        self.coder = coder
+        c = _constriction()
+        self.gauss = c.stream.model.QuantizedGaussian(-Y_RANGE, Y_RANGE)
+        self.categorical = c.stream.model.Categorical(perfect=False)
+
+    def _level(self, level: int) -> Tensor:
+        return torch.tensor([level])
+
+    def _z_rows(self, shape: tuple[int, ...]) -> np.ndarray:
+        ch = np.repeat(np.arange(shape[1]), shape[2] * shape[3])
+        return self.coder.entropy_bottleneck.symbol_probabilities(ch)
+
+    def _synthesize(self, z_hat: Tensor, y_from: Callable[[Tensor, Tensor], Tensor], level: int,
+                    y_size: tuple[int, int]) -> Tensor:
+        lv = self._level(level)
+        mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size)
+        y_hat = y_from(mu, log_scale)
+        return self.coder.synthesis(y_hat * self.coder._per_sample(self.coder.inv_gain, lv))
+
+    def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+        """Code x's latents into ``enc``; returns the decoder's synthesis output (float)."""
+        lv = self._level(level)
+        c = self.coder
+        yg = c.analysis(x) * c._per_sample(c.gain, lv)
+        zg = c.hyper_analysis(yg) * c._per_sample(c.hyper_gain, lv)
+        z_sym = torch.round(zg)
+        stats.clamped += int((z_sym.abs() > Z_RANGE).sum())
+        z_sym = z_sym.clamp(-Z_RANGE, Z_RANGE)
+        zi = z_sym.to(torch.int64)
+        enc.encode((zi + Z_RANGE).reshape(-1).numpy().astype(np.int32), self.categorical,
+                   self._z_rows(tuple(zi.shape)))
+        stats.z_symbols += zi.numel()
+
+        def y_from(mu: Tensor, log_scale: Tensor) -> Tensor:
+            y_sym = torch.round(yg - mu)
+            stats.clamped += int((y_sym.abs() > Y_RANGE).sum())
+            y_sym = y_sym.clamp(-Y_RANGE, Y_RANGE)
+            idx = c.gaussian_conditional.scale_index(log_scale)
+            enc.encode(y_sym.reshape(-1).to(torch.int32).numpy(), self.gauss, np.zeros(y_sym.numel()),
+                       c.gaussian_conditional.table_scales(idx))
+            stats.y_symbols += y_sym.numel()
+            return y_sym + mu
+
+        return self._synthesize(z_sym, y_from, level, tuple(yg.shape[-2:]))
+
+    def decode(self, dec: Any, level: int, y_shape: tuple[int, int, int, int]) -> Tensor:
+        """Decode latents of shape ``y_shape`` (its hyper-latent's shape follows) from ``dec``."""
+        c = self.coder
+        nz = c.entropy_bottleneck.channels
+        hz, wz = -(-y_shape[2] // 4), -(-y_shape[3] // 4)
+        z_shape = (1, nz, hz, wz)
+        z = dec.decode(self.categorical, self._z_rows(z_shape)).astype(np.int64) - Z_RANGE
+        z_hat = torch.from_numpy(z).reshape(z_shape).to(torch.float32)
+
+        def y_from(mu: Tensor, log_scale: Tensor) -> Tensor:
+            idx = c.gaussian_conditional.scale_index(log_scale)
+            n = mu.numel()
+            y = dec.decode(self.gauss, np.zeros(n), c.gaussian_conditional.table_scales(idx))
+            return torch.from_numpy(y.astype(np.float32)).reshape(mu.shape) + mu
+
+        return self._synthesize(z_hat, y_from, level, (y_shape[2], y_shape[3]))
+
+
+@dataclass
+class FrameInfo:
+    """One coded frame: type, bytes of its record, bits per pixel, and PSNR_YUV when the source was at hand."""
+
+    index: int
+    kind: str
+    bytes: int
+    psnr: float | None = None
+    encode_s: float = 0.0
+    symbols: int = 0
+    clamped: int = 0
+
+
+@dataclass
+class CompressResult:
+    """What :meth:`VideoCoder.compress` returns: the stream, the reconstruction (= the decoder's), per-frame info."""
+
+    stream: bytes
+    reconstruction: YUVFrames
+    frames: list[FrameInfo] = field(default_factory=list)
+    encode_seconds: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return len(self.stream)
+
+
+class VideoCoder:
+    """Codes video with a quantized, frozen :class:`VideoCodec` (see the module docstring).
+
+    ``roi_bits`` / ``non_roi_bits``: the widths written in every frame's side information (the codec's fixed
+    precision here). ``motion_preset``: DIS preset of the encoder's motion estimation.
+    """
+
+    def __init__(self, model: VideoCodec, *, motion_preset: str = "medium"):
+        if not is_quantized(model):
+            raise ConfigError("the codec's decoder networks are not quantized: its stream would not decode exactly "
+                              "elsewhere; load shipped weights (bitalloc.codec.load_codec) or quantize and freeze "
+                              "them (bitalloc.codec.precision)")
+        self.model = model.eval()
+        self.motion_preset = motion_preset
+        self.id = model_id(model)
+        self.bits = _decoder_bits(model)
+        self.intra = _Latents(model.intra.coder)
+        self.motion = _Latents(model.inter.motion)
+        self.residual = _Latents(model.inter.residual)
+        for c in (model.intra.coder, model.inter.motion, model.inter.residual):
+            if not c.entropy_bottleneck.ready:
+                c.entropy_bottleneck.update()
+
+    def _check_level(self, quality: int) -> None:
+        if not 0 <= quality < self.model.cfg.levels:
+            raise ConfigError(f"quality {quality} is out of range; this codec has levels 0..{self.model.cfg.levels - 1} "
+                              "(0 = lowest rate)")
+
+    # -- one frame ------------------------------------------------------------------------------------------
+    def _intra(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+        return to_pixels(self.intra.encode(x.float() / 255.0, level, enc, stats))
+
+    def _inter(self, x: Tensor, ref: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+        xf, rf = x.float() / 255.0, ref.float() / 255.0
+        flow = estimate_flow_packed(xf, rf, self.motion_preset)
+        flow_hat = self.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats) * FLOW_SCALE
+        pred = warp_int(ref, quantize_flow(flow_hat))
+        pf = pred.float() / 255.0
+        res = self.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats)
+        return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
+
+    def _decode_intra(self, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
+        return to_pixels(self.intra.decode(dec, level, shape))
+
+    def _decode_inter(self, dec: Any, ref: Tensor, level: int, mshape: tuple, rshape: tuple) -> Tensor:
+        flow_hat = self.motion.decode(dec, level, mshape) * FLOW_SCALE
+        pred = warp_int(ref, quantize_flow(flow_hat))
+        res = self.residual.decode(dec, level, rshape)
+        return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
+
+    def _shapes(self, size: tuple[int, int]) -> tuple[tuple, tuple]:
+        hp, wp = size
+        cfg = self.model.cfg
+        return (1, cfg.motion_m, hp // 16, wp // 16), (1, cfg.m, hp // 16, wp // 16)
+
+    # -- whole videos ---------------------------------------------------------------------------------------
+    def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
+                 progress: Callable[[int], None] | None = None) -> CompressResult:
+        """Code ``frames`` at quality level ``quality`` (0 = lowest rate) with an I frame every
+        ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction."""
+        from bitalloc.codec.metrics import psnr_yuv
+        from bitalloc.runtime.integer import integer_mode
+
+        self._check_level(quality)
+        if intra_period == 0 or intra_period < -1:
+            raise ConfigError(f"intra period {intra_period}: give a positive period, or -1 for one intra frame")
+        if len(frames) == 0:
+            raise ConfigError("no frames to encode")
+        c = _constriction()
+        h, w = frames.height, frames.width
+        size = padded_size(h, w)
+        mshape, rshape = self._shapes(size)
+        records: list[FrameRecord] = []
+        infos: list[FrameInfo] = []
+        ys, us, vs = [], [], []
+        ref = None
+        t_all = time.perf_counter()
+        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True):
+            for i in range(len(frames)):
+                t0 = time.perf_counter()
+                x = frame_tensor(frames, i, size)
+                enc = c.stream.queue.RangeEncoder()
+                stats = LatentStats()
+                intra = ref is None or (intra_period > 0 and i % intra_period == 0)
+                rec = self._intra(x, quality, enc, stats) if intra else self._inter(x, ref, quality, enc, stats)
+                payload = enc.get_compressed().tobytes()
+                fr = FrameRecord(FRAME_I if intra else FRAME_P, self.bits, self.bits, payload)
+                records.append(fr)
+                ref = rec
+                y, u, v = crop_frame(rec, h, w)
+                ys.append(y), us.append(u), vs.append(v)
+                infos.append(FrameInfo(i, "I" if intra else "P", len(fr.pack()), encode_s=time.perf_counter() - t0,
+                                       symbols=stats.y_symbols + stats.z_symbols, clamped=stats.clamped))
+                if progress:
+                    progress(1)
+        recon = YUVFrames(np.stack(ys), np.stack(us), np.stack(vs), fps=frames.fps)
+        header = StreamHeader(self.id, quality, w, h, len(frames), Fraction(frames.fps).limit_denominator(1001),
+                              intra_period)
+        stream = write_stream(header, records)
+        for info, p in zip(infos, psnr_yuv(frames, recon)["per_frame"]["psnr_yuv"]):
+            info.psnr = float(p)
+        return CompressResult(stream, recon, infos, time.perf_counter() - t_all)
+
+    def decompress(self, stream: bytes, *, frames: int | None = None, source: str = "stream",
+                   progress: Callable[[int], None] | None = None) -> YUVFrames:
+        """Decode a stream written by :meth:`compress` (by this model; checked) into frames; ``frames``: only
+        the first N."""
+        from bitalloc.runtime.integer import integer_mode
+
+        header, records = read_stream(stream, source=source, limit=frames)
+        if header.model_id != self.id:
+            raise BitstreamError(f"{source} was made by another codec model (id {header.model_id.hex()}, this one is "
+                                 f"{self.id.hex()}); decode it with the weights that encoded it (--weights)")
+        self._check_level(header.quality)
+        c = _constriction()
+        size = padded_size(header.height, header.width)
+        mshape, rshape = self._shapes(size)
+        ys, us, vs = [], [], []
+        ref = None
+        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True):
+            for i, rec in enumerate(records):
+                if rec.roi_bits != self.bits or rec.non_roi_bits != self.bits:
+                    raise BitstreamError(f"{source}: frame {i} signals bit widths {rec.roi_bits}/{rec.non_roi_bits} "
+                                         f"(ROI / non-ROI) but this codec decodes at {self.bits} bits only; decode it "
+                                         "with the dynamic-precision codec that wrote it")
+                words = np.frombuffer(rec.payload, dtype=np.uint32) if len(rec.payload) % 4 == 0 else None
+                if words is None:
+                    raise BitstreamError(f"{source}: frame {i} has a payload of {len(rec.payload)} bytes, not whole "
+                                         "32-bit words; the stream is corrupted")
+                dec = c.stream.queue.RangeDecoder(words.copy())
+                try:
+                    if rec.kind == FRAME_I:
+                        out = self._decode_intra(dec, header.quality, rshape)
+                    else:
+                        out = self._decode_inter(dec, ref, header.quality, mshape, rshape)
+                except (ValueError, RuntimeError, AssertionError) as exc:
+                    raise BitstreamError(f"{source}: frame {i} cannot be decoded ({exc}); the stream does not fit this "
+                                         "model") from None
+                ref = out
+                y, u, v = crop_frame(out, header.height, header.width)
+                ys.append(y), us.append(u), vs.append(v)
+                if progress:
+                    progress(1)
+        return YUVFrames(np.stack(ys), np.stack(us), np.stack(vs), fps=float(header.fps))
+
+
+def _decoder_bits(model: VideoCodec) -> int:
+    """The (single) bit width of the decoder networks' quantizers."""
+    from bitalloc.codec.precision import decoder_networks
+    from bitalloc.model.layers import quant_layers
+
+    bits = set()
+    for _, net in decoder_networks(model):
+        for _, layer in quant_layers(net):
+            for q in layer.quantizers():
+                bits.add(int(q.qparams().bits.max()))
+    if len(bits) != 1:
+        raise ConfigError(f"the codec's decoder networks mix bit widths {sorted(bits)}; a fixed-precision stream "
+                          "signals one width")
+    return bits.pop()

@@ -1,0 +1,110 @@
+"""Training data of the codec: random crops of consecutive frames from videos, and crops of images.
+
+Sources are :class:`~bitalloc.codec.frames.YUVFrames` (videos as read by :func:`bitalloc.codec.video_io.read_video`;
+images converted from RGB with the codec's one colour convention). Each item is ``(clip, level)``: a clip
+[T, 6, crop/2, crop/2] of packed YUV 4:2:0 in [0, 1] (T consecutive frames, same crop window, random horizontal
+flip) and a random quality level, drawn from torch's RNG (seeded per item by the training loop, so data order
+and crops are reproducible and identical under torchrun).
+
+Images are held out for evaluation by their index in sorted order: every ``HOLD_OUT_EVERY``-th image
+(i % 10 == 0) is never trained on (:func:`image_split`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from bitalloc.codec.frames import YUVFrames, rgb_to_yuv420
+from bitalloc.codec.networks import pack_yuv
+from bitalloc.errors import DataError
+
+HOLD_OUT_EVERY = 10
+
+
+def image_split(n: int, part: str) -> list[int]:
+    """Indices of the images of ``part`` ("train": i % 10 != 0, "test": i % 10 == 0) among n sorted images."""
+    if part == "train":
+        return [i for i in range(n) if i % HOLD_OUT_EVERY != 0]
+    if part == "test":
+        return [i for i in range(n) if i % HOLD_OUT_EVERY == 0]
+    raise ValueError(f"part={part!r}: use 'train' or 'test'")
+
+
+def load_images(path: str | os.PathLike, part: str = "train", *, limit: int | None = None,
+                min_size: int = 0) -> list[YUVFrames]:
+    """Images of an ImageFolder folder / zip (e.g. the ImageNet sample) as one-frame YUVFrames, the ``part``
+    of :func:`image_split`; even-sized (a trailing odd row / column is dropped)."""
+    from bitalloc.data.imagefolder import ImageFolder
+
+    folder = ImageFolder(path, split=None)
+    out: list[YUVFrames] = []
+    for i in image_split(len(folder), part)[:limit]:
+        img, _ = folder.load(i)
+        rgb = np.asarray(img.convert("RGB"))
+        h, w = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
+        if min(h, w) < min_size:
+            continue
+        out.append(rgb_to_yuv420(rgb[None, :h, :w]))
+    if not out:
+        raise DataError(f"no images found in {path} ({part} part); pass a folder or zip of images")
+    return out
+
+
+def frames_to_tensor(frames: YUVFrames, start: int = 0, count: int | None = None) -> Tensor:
+    """Packed frames [T, 6, H/2, W/2] in [0, 1] (H, W even) from YUVFrames."""
+    count = len(frames) - start if count is None else count
+    y = torch.from_numpy(frames.y[start:start + count]).float() / 255.0
+    u = torch.from_numpy(frames.u[start:start + count]).float() / 255.0
+    v = torch.from_numpy(frames.v[start:start + count]).float() / 255.0
+    return pack_yuv(y, u, v)
+
+
+class ClipDataset(Dataset):
+    """Random (crop x crop)-pixel windows of ``frames`` consecutive frames, with a random quality level.
+
+    ``sources``: YUVFrames (one-frame sources are images and serve only ``frames == 1``); a source is drawn with
+    probability proportional to its number of usable windows times its area (so every pixel is about equally
+    likely); ``samples``: items per epoch; ``levels``: quality levels drawn uniformly.
+    """
+
+    def __init__(self, sources: Sequence[YUVFrames], *, crop: int = 128, frames: int = 1, samples: int = 4096,
+                 levels: int = 8):
+        if crop % 16:
+            raise ValueError(f"crop={crop} must be a multiple of 16")
+        usable = [s for s in sources if len(s) >= frames and s.height >= crop and s.width >= crop]
+        if not usable:
+            raise DataError(f"no source has {frames} frames of at least {crop}x{crop} pixels; lower --crop")
+        self.sources = usable
+        self.crop, self.frames, self.samples, self.levels = crop, frames, samples, levels
+        w = np.array([(len(s) - frames + 1) * s.height * s.width for s in usable], dtype=np.float64)
+        self.weights = torch.tensor(w / w.sum())
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        s = self.sources[int(torch.multinomial(self.weights, 1))]
+        t0 = int(torch.randint(0, len(s) - self.frames + 1, ()))
+        top = int(torch.randint(0, (s.height - self.crop) // 2 + 1, ())) * 2
+        left = int(torch.randint(0, (s.width - self.crop) // 2 + 1, ())) * 2
+        c, hc = self.crop, self.crop // 2
+        y = torch.from_numpy(s.y[t0:t0 + self.frames, top:top + c, left:left + c].astype(np.float32))
+        u = torch.from_numpy(s.u[t0:t0 + self.frames, top // 2:top // 2 + hc, left // 2:left // 2 + hc].astype(np.float32))
+        v = torch.from_numpy(s.v[t0:t0 + self.frames, top // 2:top // 2 + hc, left // 2:left // 2 + hc].astype(np.float32))
+        clip = pack_yuv(y / 255.0, u / 255.0, v / 255.0)
+        if bool(torch.rand(()) < 0.5):
+            clip = pack_yuv(*(p.flip(-1) for p in _unpack(clip)))
+        level = torch.randint(0, self.levels, ())
+        return clip, level
+
+
+def _unpack(clip: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from bitalloc.codec.networks import unpack_yuv
+
+    return unpack_yuv(clip)

@@ -1,0 +1,213 @@
+"""The codec's models: a mean-scale hyperprior coder, the intra (I) and inter (P) codecs, and the video codec.
+
+:class:`HyperpriorCoder` is one latent with its hyperprior (Minnen et al. 2018, mean-scale, without context model)
+and *gain units* for variable rate (Cui et al., "Asymmetric gained deep image compression with continuous rate
+adaptation", CVPR 2021): for quality level l, y_g = y * g_l (per channel), z_g = z * h_l, and the decoder
+multiplies by the learned inverse gains g'_l, h'_l. One model covers every rate point; level l is trained with
+its own lambda_l.
+
+* intra: x (packed YUV 4:2:0) -> y -> x_hat;
+* inter (low-delay P, DVC-style with an encoder-side motion estimate, Lu et al. 2019): the flow estimate f (DIS,
+  :mod:`bitalloc.codec.motion`) with the current frame and the reference goes through a motion coder whose decoder
+  outputs the flow f_hat; the reference warped by f_hat predicts the frame; the residual (with the prediction, at
+  the encoder only) goes through a residual coder; x_hat = prediction + residual_hat.
+
+``forward`` returns reconstructions and likelihoods (CompressAI's convention) for training; coding to bytes is in
+:mod:`bitalloc.codec.codec`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitalloc.codec.entropy import EntropyBottleneck, GaussianConditional, noisy, ste_round
+from bitalloc.codec.motion import estimate_flow_packed, warp
+from bitalloc.codec.networks import Analysis, HyperAnalysis, HyperSynthesis, Synthesis, weighted_mse
+
+#: lambda of each quality level (loss = bits per pixel + lambda * 255^2 * MSE_YUV, CompressAI's MSE lambdas)
+DEFAULT_LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
+#: the flow enters the motion encoder divided by this (pixels)
+FLOW_SCALE = 8.0
+
+
+@dataclass
+class CodecConfig:
+    """Sizes of the video codec (plain data, stored with the weights)."""
+
+    n: int = 64  # channels of the intra / residual transforms
+    m: int = 96  # latent channels (intra / residual)
+    nz: int = 64  # hyper-latent channels
+    motion_n: int = 48
+    motion_m: int = 64
+    motion_nz: int = 32
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+
+    @property
+    def levels(self) -> int:
+        return len(self.lambdas)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lambdas"] = list(self.lambdas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CodecConfig":
+        d = dict(d)
+        d["lambdas"] = tuple(float(v) for v in d.get("lambdas", DEFAULT_LAMBDAS))
+        return cls(**d)
+
+
+def _gains(levels: int, channels: int, lo: float, hi: float) -> Tensor:
+    g = torch.exp(torch.linspace(math.log(lo), math.log(hi), levels)).reshape(levels, 1)
+    return g.expand(levels, channels).clone()
+
+
+class HyperpriorCoder(nn.Module):
+    """One latent y = g_a(x) with a mean-scale hyperprior and per-level gains; x_hat = g_s(y_hat)."""
+
+    def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int):
+        super().__init__()
+        self.analysis = Analysis(cin, n, m)
+        self.synthesis = Synthesis(m, n, cout)
+        self.hyper_analysis = HyperAnalysis(m, n, nz)
+        self.hyper_synthesis = HyperSynthesis(nz, n, m)
+        self.entropy_bottleneck = EntropyBottleneck(nz)
+        self.gaussian_conditional = GaussianConditional()
+        # gains: higher levels (higher quality) quantize finer; initialised geometrically, learned
+        self.gain = nn.Parameter(_gains(levels, m, 0.5, 4.0))
+        self.inv_gain = nn.Parameter(1.0 / _gains(levels, m, 0.5, 4.0))
+        self.hyper_gain = nn.Parameter(torch.ones(levels, nz))
+        self.hyper_inv_gain = nn.Parameter(torch.ones(levels, nz))
+
+    @staticmethod
+    def _per_sample(table: Tensor, level: Tensor) -> Tensor:
+        return table[level].unsqueeze(-1).unsqueeze(-1)
+
+    def entropy_parameters(self, z_hat: Tensor, level: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(mu, log_scale) of y_g from the decoded hyper-latent z_hat (gained domain)."""
+        params = self.hyper_synthesis(z_hat * self._per_sample(self.hyper_inv_gain, level))
+        params = params[..., : size[0], : size[1]]
+        mu, log_scale = params.chunk(2, dim=1)
+        return mu, log_scale
+
+    def forward(self, x: Tensor, level: Tensor) -> dict[str, Any]:
+        y = self.analysis(x)
+        yg = y * self._per_sample(self.gain, level)
+        z = self.hyper_analysis(yg)
+        zg = z * self._per_sample(self.hyper_gain, level)
+        z_hat, z_lik = self.entropy_bottleneck(zg)
+        mu, log_scale = self.entropy_parameters(z_hat, level, yg.shape[-2:])
+        v = noisy(yg - mu) if self.training else torch.round(yg - mu)
+        y_lik = self.gaussian_conditional.likelihood(v, log_scale)
+        y_hat = ste_round(yg - mu) + mu
+        x_hat = self.synthesis(y_hat * self._per_sample(self.inv_gain, level))
+        return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
+
+
+def bits_of(likelihoods: dict[str, Tensor]) -> Tensor:
+    """Per-sample bits, -sum log2 p, over every likelihood tensor [B, ...] -> [B]."""
+    total = None
+    for lik in likelihoods.values():
+        b = -torch.log2(lik).flatten(1).sum(1)
+        total = b if total is None else total + b
+    assert total is not None
+    return total
+
+
+class IntraCodec(nn.Module):
+    """I-frame / image codec: one :class:`HyperpriorCoder` on packed YUV 4:2:0 (6 channels at 1/2 resolution)."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.coder = HyperpriorCoder(6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels)
+
+    def forward(self, x: Tensor, level: Tensor) -> dict[str, Any]:
+        return self.coder(x, level)
+
+
+class InterCodec(nn.Module):
+    """P-frame codec: motion coder (flow estimate, frame, reference -> flow_hat), warp, residual coder."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.motion = HyperpriorCoder(2 + 6 + 6, 2, cfg.motion_n, cfg.motion_m, cfg.motion_nz, cfg.levels)
+        self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels)
+
+    def forward(self, x: Tensor, ref: Tensor, flow_est: Tensor, level: Tensor) -> dict[str, Any]:
+        mo = self.motion(torch.cat([flow_est / FLOW_SCALE, x, ref], dim=1), level)
+        flow_hat = mo["x_hat"] * FLOW_SCALE
+        pred = warp(ref, flow_hat)
+        res = self.residual(torch.cat([x - pred, pred], dim=1), level)
+        x_hat = pred + res["x_hat"]
+        return {"x_hat": x_hat, "prediction": pred, "flow_hat": flow_hat,
+                "likelihoods": {"motion_" + k: v for k, v in mo["likelihoods"].items()}
+                | {"residual_" + k: v for k, v in res["likelihoods"].items()}}
+
+
+class VideoCodec(nn.Module):
+    """The learned video codec: intra codec for I frames, inter codec for P frames (low delay), one set of
+    quality levels (``cfg.lambdas``) shared by both.
+
+    ``forward(clip, level)`` codes a clip [B, T, 6, h, w] (packed YUV in [0, 1], h and w multiples of 8) as one
+    I frame followed by T - 1 P frames, each referencing the previous reconstruction, and returns per frame the
+    reconstruction and likelihoods, and per sample the rate-distortion loss terms."""
+
+    def __init__(self, cfg: CodecConfig | None = None, **kwargs: Any):
+        super().__init__()
+        self.cfg = cfg or CodecConfig(**kwargs)
+        self.intra = IntraCodec(self.cfg)
+        self.inter = InterCodec(self.cfg)
+        self.register_buffer("lambdas", torch.tensor(self.cfg.lambdas, dtype=torch.float32))
+
+    def forward(self, clip: Tensor, level: Tensor, *, flows: list[Tensor] | None = None,
+                detach_reference: bool = True, first: str = "intra") -> dict[str, Any]:
+        """``first``: "intra" (frame 0 is coded as an I frame) or "reference" (frame 0 is the first P frame's
+        reference as it is, uncoded, and is not part of the output: pre-training of the inter codec)."""
+        if clip.ndim == 4:
+            clip = clip.unsqueeze(1)
+        frames: list[dict[str, Any]] = []
+        ref = None
+        start = 0
+        if first == "reference":
+            ref, start = clip[:, 0], 1
+        elif first != "intra":
+            raise ValueError(f"first={first!r}: use 'intra' or 'reference'")
+        for t in range(start, clip.shape[1]):
+            x = clip[:, t]
+            if ref is None:
+                out = self.intra(x, level)
+            else:
+                r = ref.detach() if detach_reference else ref
+                f = flows[t - 1] if flows is not None else estimate_flow_packed(x, r)
+                out = self.inter(x, r, f, level)
+            frames.append(out)
+            ref = out["x_hat"].clamp(0, 1)
+        return {"frames": frames, "offset": start}
+
+    def rd_terms(self, clip: Tensor, out: dict[str, Any]) -> dict[str, Tensor]:
+        """Per sample: bits per luma pixel and MSE_YUV of every frame, summed over frames ([B] each)."""
+        if clip.ndim == 4:
+            clip = clip.unsqueeze(1)
+        pixels = clip.shape[-2] * clip.shape[-1] * 4
+        off = out.get("offset", 0)
+        bpp = sum(bits_of(f["likelihoods"]) for f in out["frames"]) / pixels
+        mse = sum(weighted_mse(f["x_hat"], clip[:, off + t]) for t, f in enumerate(out["frames"]))
+        return {"bpp": bpp, "mse": mse}
+
+    def loss(self, clip: Tensor, level: Tensor, out: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-sample loss bpp + lambda_level * 255^2 * MSE_YUV, averaged over frames ([B])."""
+        terms = self.rd_terms(clip, out)
+        t = len(out["frames"])
+        loss = (terms["bpp"] + self.lambdas[level] * 255.0**2 * terms["mse"]) / t
+        return loss, {k: v / t for k, v in terms.items()}
+
+
+def build_codec(**kwargs: Any) -> VideoCodec:
+    """Factory used by checkpoints: ``VideoCodec(CodecConfig(**kwargs))``."""
+    return VideoCodec(CodecConfig.from_dict(kwargs) if kwargs else CodecConfig())

@@ -1,0 +1,144 @@
+"""Quantizing the codec's networks with bitalloc's own pipeline, and the codec's weight files.
+
+The decoder-side networks of every coder (synthesis and hyper synthesis of the intra, motion and residual coders)
+are prepared with :func:`bitalloc.prepare` like any model: weights per output channel on symmetric grids,
+activations per tensor, at ``bits`` bits (8 by default: Balle et al. 2019 integer networks), with LSQ quantizers
+for fine-tuning (Esser et al. 2020) or fixed ones calibrated on data. After :func:`bitalloc.freeze` they run in
+:func:`bitalloc.runtime.integer.integer_mode` with the exact float kernel, which makes decoding bit-exact.
+Analysis transforms (the sender's) stay in float: their output is written to the stream, so their arithmetic
+does not need to be reproducible. Which layers are quantized and why the others are not is the ordinary
+``bitalloc.prepare_info`` report of each network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from bitalloc.codec.model import CodecConfig, HyperpriorCoder, VideoCodec
+from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
+from bitalloc.errors import CheckpointError
+
+#: the networks a decoder runs, per coder
+DECODER_PARTS = ("synthesis", "hyper_synthesis")
+FORMAT = "bitalloc.codec.weights"
+VERSION = 1
+
+
+def coders(model: VideoCodec) -> dict[str, HyperpriorCoder]:
+    """The three coders of a video codec, by name."""
+    return {"intra": model.intra.coder, "motion": model.inter.motion, "residual": model.inter.residual}
+
+
+def decoder_networks(model: VideoCodec) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every decoder-side network, e.g. ``("intra.synthesis", ...)``."""
+    for cname, coder in coders(model).items():
+        for part in DECODER_PARTS:
+            yield f"{cname}.{part}", getattr(coder, part)
+
+
+def _example(model: VideoCodec, coder_name: str, part: str) -> torch.Tensor:
+    c = coders(model)[coder_name]
+    conv = next(m for m in getattr(c, part).modules() if isinstance(m, nn.Conv2d))
+    return torch.zeros(1, conv.in_channels, 4, 4)
+
+
+def decoder_quant_config(bits: int = 8, quantizer: str = "lsq") -> QuantConfig:
+    """Weights per channel (symmetric), activations per tensor, ``bits`` each, every layer (no 8-bit first/last
+    rule: every layer is already at ``bits``)."""
+    w = TensorConfig(bits=bits, granularity="channel", symmetric=True, quantizer=quantizer)
+    a = TensorConfig(bits=bits, granularity="tensor", quantizer=quantizer)
+    return QuantConfig(default=LayerConfig(weight=w, act=a), first_last_bits=None, fold_bn=False).validate()
+
+
+def quantize_decoders(model: VideoCodec, config: QuantConfig | dict[str, QuantConfig]) -> VideoCodec:
+    """Replace every decoder-side network by ``bitalloc.prepare(network, config)`` (in place; returns model).
+    ``config``: one QuantConfig for all, or one per network name (``"intra.synthesis"``, ...)."""
+    import bitalloc
+
+    for cname, coder in coders(model).items():
+        for part in DECODER_PARTS:
+            name = f"{cname}.{part}"
+            cfg = config[name] if isinstance(config, dict) else config
+            net = getattr(coder, part)
+            q = bitalloc.prepare(net, cfg, _example(model, cname, part))
+            q.train(net.training)
+            setattr(coder, part, q)
+    return model
+
+
+def freeze_decoders(model: VideoCodec) -> VideoCodec:
+    """:func:`bitalloc.freeze` every decoder-side network (in place; returns model)."""
+    import bitalloc
+
+    for cname, coder in coders(model).items():
+        for part in DECODER_PARTS:
+            setattr(coder, part, bitalloc.freeze(getattr(coder, part)))
+    return model
+
+
+def decoder_configs(model: VideoCodec) -> dict[str, dict[str, Any]] | None:
+    """The QuantConfig (as a dict) of each decoder network, or None when they are not quantized."""
+    from bitalloc.model.prepare import prepare_info
+
+    out = {}
+    for name, net in decoder_networks(model):
+        info = getattr(net, "bitalloc_info", None)
+        if info is None:
+            return None
+        out[name] = prepare_info(net).config.to_dict()
+    return out
+
+
+def is_quantized(model: VideoCodec) -> bool:
+    return decoder_configs(model) is not None
+
+
+def model_id(model: VideoCodec) -> bytes:
+    """8 bytes identifying a codec: SHA-256 over its configuration and every tensor of its state (names, shapes,
+    dtypes and values, in order). Streams carry it; a decoder with other weights refuses them."""
+    h = hashlib.sha256(repr(model.cfg.to_dict()).encode())
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.digest()[:8]
+
+
+def save_codec(model: VideoCodec, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write a codec (configuration, decoder quantization configs, state) with bitalloc's checksummed, atomic
+    :func:`bitalloc.io.torch_save`."""
+    from bitalloc.io import torch_save
+
+    for coder in coders(model).values():
+        coder.entropy_bottleneck.update()  # the coding tables of the weights being saved
+    state = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
+             "decoders": decoder_configs(model), "state_dict": model.state_dict(), "extra": extra or {}}
+    return torch_save(state, path)
+
+
+def load_codec(path: str | os.PathLike) -> VideoCodec:
+    """Rebuild a codec written by :func:`save_codec` (checksum verified), in eval mode."""
+    from bitalloc.io import torch_load
+
+    fix = "use the codec weights shipped with bitalloc, or re-create the file with `bitalloc codec train`"
+    state = torch_load(path, what="codec weights file", fix=fix)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a bitalloc codec weights file; {fix}")
+    if int(state.get("version", 0)) != VERSION:
+        raise CheckpointError(f"{path} has codec weights version {state.get('version')}; this bitalloc reads version "
+                              f"{VERSION}; {fix}")
+    model = VideoCodec(CodecConfig.from_dict(state["config"]))
+    if state.get("decoders"):
+        quantize_decoders(model, {k: QuantConfig.from_dict(v) for k, v in state["decoders"].items()})
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit the codec it describes ({str(exc).splitlines()[0][:200]}); "
+                              f"{fix}") from None
+    return model.eval()

@@ -1,0 +1,220 @@
+"""Training the video codec through the one training loop (:func:`bitalloc.train.loop.fit`).
+
+The codec plugs in as an objective with a ``task_loss`` hook: the rate-distortion loss
+R + lambda_l * 255^2 * D averaged over a clip's frames (R in bits per luma pixel, D the MSE_YUV weighting
+(6 Y + U + V) / 8 of the evaluation's PSNR; lambda_l the level's lambda, levels drawn per sample: gain units,
+Cui et al. 2021). Everything else (optimizer groups, schedules, resumable checkpoints, progress bars, JSON logs,
+torchrun / DDP) is the loop's.
+
+Stages (``part``):
+
+* ``"intra"``: one-frame clips (images and video frames); the inter codec is frozen;
+* ``"inter"``: clips of T >= 2 frames, the first coded by the (frozen, eval-mode) intra codec, the others as P
+  frames referencing the previous reconstruction (detached); the intra codec is frozen;
+* ``"all"``: everything trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from bitalloc.errors import ConfigError
+from bitalloc.train.loop import Objective
+
+PARTS = ("intra", "inter", "all")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class CodecObjective(Objective):
+    """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
+
+    def __init__(self, part: str = "intra", *, first: str = "intra"):
+        if part not in PARTS:
+            raise ValueError(f"part={part!r}: choose one of {PARTS}")
+        self.part = part
+        self.first = first
+
+    def _freeze(self, model: nn.Module) -> None:
+        if self.part == "intra":
+            model.inter.requires_grad_(False)
+        elif self.part == "inter":
+            model.intra.requires_grad_(False)
+
+    def on_train_start(self, model: nn.Module, info: Mapping[str, Any]) -> None:
+        self._freeze(model)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self._freeze(model)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        self._freeze(model)
+        return []
+
+    def task_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        inner = _inner(model)
+        if self.part == "inter":
+            inner.intra.eval()
+        out = model(x, y, first=self.first)
+        loss, terms = inner.loss(x, y, out)
+        with torch.no_grad():
+            mse = terms["mse"].clamp_min(1e-10)
+            psnr = (10 * torch.log10(1.0 / mse)).mean()
+        return loss.sum(), {"bpp": float(terms["bpp"].mean()), "psnr": float(psnr)}
+
+
+def codec_sources(videos: list[str], images: str | None, *, image_limit: int | None = None,
+                  video_frames: int | None = None) -> list[Any]:
+    """YUVFrames training sources: every frame of each video (even-sized) and the training part of an image
+    folder / zip (:func:`bitalloc.codec.dataset.load_images`)."""
+    from bitalloc.codec.dataset import load_images
+    from bitalloc.codec.video_io import read_video
+
+    sources = []
+    for v in videos:
+        f = read_video(v, frames=video_frames)
+        h, w = f.height // 2 * 2, f.width // 2 * 2
+        sources.append(f.crop(h, w) if (h, w) != (f.height, f.width) else f)
+    if images:
+        sources.extend(load_images(images, "train", limit=image_limit))
+    return sources
+
+
+def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
+                frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", callbacks: tuple = ()) -> Any:
+    """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
+    (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
+    from bitalloc.codec.dataset import ClipDataset
+    from bitalloc.train.loop import fit
+
+    data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels)
+    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first), callbacks=callbacks)
+
+
+# ---- command line: bitalloc codec train ------------------------------------------------------------------------
+
+STAGES = {
+    # stage: (part, first, default frames, default lr, default schedule, default steps)
+    "intra": ("intra", "intra", 1, 2e-4, "cosine", 20000),
+    "inter": ("inter", "reference", 2, 2e-4, "constant", 6000),
+    "joint": ("all", "intra", 3, 5e-5, "cosine", 2000),
+    "qat": ("all", "intra", 3, 2e-5, "cosine", 1000),
+}
+
+
+def add_train_args(p: Any) -> None:
+    """Options of ``bitalloc codec train`` (docs/codec.md gives the commands that made the shipped weights)."""
+    p.add_argument("--stage", choices=tuple(STAGES), required=True,
+                   help="intra: I-frame codec on images and frames; inter: P-frame codec (motion, residual) on frame "
+                        "pairs with uncoded references; joint: both on 3-frame clips (I P P); qat: 8-bit LSQ "
+                        "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship)")
+    p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
+    p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
+    p.add_argument("--out", required=True, help="training checkpoint (resumable with --resume)")
+    p.add_argument("--init", help="start from this checkpoint (its whole codec)")
+    p.add_argument("--init-inter", help="take the inter codec from this checkpoint (with --init for the intra one)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default per stage: intra 20000, inter 6000, joint 2000, "
+                                             "qat 1000)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, help="Adam learning rate (default per stage)")
+    p.add_argument("--schedule", help="lr schedule (default per stage: cosine, or constant for inter)")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--crop", type=int, default=128, help="crop size in luma pixels (multiple of 16)")
+    p.add_argument("--frames", type=int, help="frames per clip (default per stage: 1, 2, 3, 3)")
+    p.add_argument("--samples-per-epoch", type=int, help="clips per epoch (8000 intra, 4000 otherwise)")
+    p.add_argument("--bits", type=int, default=8, help="qat: bits of the decoder networks' weights and activations")
+    p.add_argument("--ship", help="qat: write the frozen codec weights here (what encode / decode load)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
+    p.add_argument("--threads", type=int, help="torch threads per process")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "off"), default="auto")
+
+
+def _load_codec_checkpoint(path: str) -> Any:
+    from bitalloc.train.checkpoint import load_model_checkpoint
+
+    return load_model_checkpoint(path)
+
+
+def build_stage_model(args: Any) -> Any:
+    """The codec a stage starts from: fresh, or --init (and --init-inter); quantized for qat."""
+    from bitalloc.codec.model import build_codec
+
+    model = _load_codec_checkpoint(args.init) if args.init else build_codec()
+    if args.init_inter:
+        other = _load_codec_checkpoint(args.init_inter)
+        if other.cfg != model.cfg:
+            raise ConfigError(f"--init-inter {args.init_inter} has another codec configuration than --init; give "
+                              "checkpoints of the same codec")
+        model.inter.load_state_dict(other.inter.state_dict())
+    return model
+
+
+def run_train_cli(args: Any) -> int:
+    """``bitalloc codec train``: build the stage's model and data, train with the loop, ship (qat)."""
+    import torch
+
+    from bitalloc.codec.precision import decoder_quant_config, freeze_decoders, quantize_decoders, save_codec
+    from bitalloc.train.loop import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    part, first, frames, lr, schedule, steps = STAGES[args.stage]
+    frames = args.frames or frames
+    if args.stage == "intra" and frames != 1:
+        raise ConfigError("--stage intra trains on single frames; drop --frames")
+    if args.stage != "intra" and frames < 2:
+        raise ConfigError(f"--stage {args.stage} needs clips of at least 2 frames (--frames)")
+    if args.stage == "intra" and not (args.videos or args.images):
+        raise ConfigError("give training data: --videos and/or --images")
+    if args.stage != "intra" and not args.videos:
+        raise ConfigError(f"--stage {args.stage} trains on video: give --videos")
+    if args.stage == "qat" and not args.ship:
+        raise ConfigError("--stage qat writes the frozen codec: give --ship FILE")
+    if args.ship and args.stage != "qat":
+        raise ConfigError("--ship belongs to --stage qat")
+    if args.stage in ("joint", "qat") and not args.init:
+        raise ConfigError(f"--stage {args.stage} fine-tunes a trained codec: give --init (and --init-inter)")
+    model = build_stage_model(args)
+    sources = codec_sources(args.videos, args.images if args.stage == "intra" else None)
+    if args.stage == "qat":
+        quantize_decoders(model, decoder_quant_config(args.bits, "lsq"))
+        calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps or steps, batch_size=args.batch_size, optimizer="adam", lr=args.lr or lr,
+                      schedule=args.schedule or schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0,
+                      checkpoint=args.out, resume="auto" if args.resume else False, overwrite=args.overwrite,
+                      log=str(args.out) + ".jsonl", model_factory="bitalloc.codec.model:build_codec",
+                      model_kwargs=model.cfg.to_dict(), progress=args.progress, device="cpu", seed=args.seed,
+                      dataset="codec-clips")
+    samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
+    train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first)
+    if args.stage == "qat":
+        freeze_decoders(model)
+        save_codec(model, args.ship, extra={"trained_by": f"bitalloc codec train --stage qat --out {args.out}"})
+        print(f"codec weights: {args.ship}")
+    return 0
+
+
+def calibrate_codec(model: Any, sources: list[Any], *, frames: int = 3, crop: int = 128, clips: int = 16,
+                    seed: int = 0) -> None:
+    """Initialise the decoder networks' quantizers (LSQ steps or fixed grids) from ``clips`` random clips."""
+    import bitalloc
+    from bitalloc.codec.dataset import ClipDataset
+
+    data = ClipDataset(sources, crop=crop, frames=frames, samples=clips, levels=model.cfg.levels)
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.get_rng_state()
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    try:
+        with torch.no_grad(), bitalloc.calibration(model):
+            for i in range(clips):
+                clip, level = data[i]
+                model(clip[None], level[None])
+    finally:
+        torch.set_rng_state(state)

@@ -1,0 +1,52 @@
+"""A tiny quantized codec and tiny synthetic videos for the codec tests (no shipped weights, no data needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitalloc.codec.frames import YUVFrames
+from bitalloc.codec.model import CodecConfig, VideoCodec
+
+TINY = CodecConfig(n=16, m=16, nz=8, motion_n=8, motion_m=8, motion_nz=8, lambdas=(0.003, 0.03, 0.3))
+
+
+def moving_video(frames: int = 5, height: int = 40, width: int = 56, *, seed: int = 0, fps: float = 25.0) -> YUVFrames:
+    """A smooth textured pattern translating by (2, 1) pixels per frame, with mild noise (any size, odd too)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height + 2 * frames, 0:width + 2 * frames].astype(np.float64)
+    base = 128 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0) + 20 * np.sin((xx + yy) / 11.0)
+    y = np.stack([base[t:t + height, 2 * t:2 * t + width] for t in range(frames)])
+    y = np.clip(y + rng.normal(0, 2, y.shape), 0, 255).astype(np.uint8)
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    u = np.clip(128 + 30 * np.sin(np.arange(frames)[:, None, None] / 3 + np.mgrid[0:ch, 0:cw][1] / 6), 0, 255)
+    v = np.full((frames, ch, cw), 120.0) + np.mgrid[0:frames, 0:ch, 0:cw][1] % 7
+    return YUVFrames(y, u.astype(np.uint8), v.astype(np.uint8), fps=fps)
+
+
+def tiny_codec(seed: int = 0) -> VideoCodec:
+    """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen."""
+    import bitalloc
+    from bitalloc.codec.codec import frame_tensor, padded_size
+    from bitalloc.codec.precision import decoder_quant_config, freeze_decoders, quantize_decoders
+
+    torch.manual_seed(seed)
+    model = VideoCodec(TINY).eval()
+    for coder in (model.intra.coder, model.inter.motion, model.inter.residual):
+        coder.hyper_gain.data.fill_(30.0)  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
+    quantize_decoders(model, decoder_quant_config(8, "fixed"))
+    video = moving_video(3, 32, 48)
+    size = padded_size(video.height, video.width)
+    clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(3)])[None]
+    with torch.no_grad(), bitalloc.calibration(model):
+        for level in range(TINY.levels):
+            model(clip, torch.tensor([level]))
+    return freeze_decoders(model)
+
+
+def tiny_weights(path: Path) -> Path:
+    from bitalloc.codec.precision import save_codec
+
+    return save_codec(tiny_codec(), path)
