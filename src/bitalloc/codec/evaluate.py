@@ -173,6 +173,8 @@ def add_eval_args(p: Any) -> None:
     p.add_argument("--clips", nargs="*", default=[], help="video clips to evaluate (e.g. held-out carphone, tree)")
     p.add_argument("--images", help="ImageFolder folder / zip: intra codec vs JPEG and x265 intra on its held-out part")
     p.add_argument("--image-limit", type=int, help="at most this many held-out images")
+    p.add_argument("--image-crop", type=int, default=256, help="centre crop of each image (default 256; smaller "
+                                                               "images are skipped)")
     p.add_argument("--frames", type=int, default=96, help="frames per clip (96, or all if fewer)")
     p.add_argument("--intra-period", type=int, default=32)
     p.add_argument("--levels", help="codec quality levels, comma-separated (default: all)")
@@ -236,7 +238,7 @@ def run_eval_cli(args: Any) -> int:
     if args.images:
         with Progress(len(levels) + len(JPEG_QUALITIES) + len(qps), "eval images", mode="auto") as bar:
             img = evaluate_images(args.images, coder, levels=levels, limit=args.image_limit, qps=qps,
-                                  progress=bar.update)
+                                  crop=args.image_crop, progress=bar.update)
         results["images"] = img
         rd_plot({name: [(p["bpp"], p["psnr_rgb"]) for p in pts] for name, pts in img["curves"].items()},
                 out_dir / "rd_images.png", title=f"{img['images']} held-out images ({img['crop']}x{img['crop']})",

@@ -62,6 +62,7 @@ class CodecObjective(Objective):
             inner.intra.eval()
         out = model(x, y, first=self.first)
         loss, terms = inner.loss(x, y, out)
+        terms = {k: v.detach() for k, v in terms.items()}
         with torch.no_grad():
             mse = terms["mse"].clamp_min(1e-10)
             psnr = (10 * torch.log10(1.0 / mse)).mean()
@@ -118,6 +119,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--out", required=True, help="training checkpoint (resumable with --resume)")
     p.add_argument("--init", help="start from this checkpoint (its whole codec)")
     p.add_argument("--init-inter", help="take the inter codec from this checkpoint (with --init for the intra one)")
+    p.add_argument("--codec-config", help="sizes of a fresh codec as JSON, e.g. '{\"n\": 64, \"m\": 96}' (fields of "
+                                          "bitalloc.codec.model.CodecConfig; default: the shipped codec's)")
     p.add_argument("--steps", type=int, help="optimizer steps (default per stage: intra 20000, inter 6000, joint 2000, "
                                              "qat 1000)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -144,9 +147,21 @@ def _load_codec_checkpoint(path: str) -> Any:
 
 def build_stage_model(args: Any) -> Any:
     """The codec a stage starts from: fresh, or --init (and --init-inter); quantized for qat."""
+    import json
+
     from bitalloc.codec.model import build_codec
 
-    model = _load_codec_checkpoint(args.init) if args.init else build_codec()
+    if args.codec_config and args.init:
+        raise ConfigError("--codec-config sets the sizes of a fresh codec; --init already gives one: drop one of them")
+    kwargs = {}
+    if args.codec_config:
+        try:
+            kwargs = json.loads(args.codec_config)
+            model = build_codec(**kwargs)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"--codec-config {args.codec_config!r} is not a JSON object of CodecConfig fields ({exc})"
+                              ) from None
+    model = _load_codec_checkpoint(args.init) if args.init else build_codec(**kwargs)
     if args.init_inter:
         other = _load_codec_checkpoint(args.init_inter)
         if other.cfg != model.cfg:

@@ -721,8 +721,8 @@ class _Trainer:
                         task_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=criterion_ls)
                     loss = task_sum * (self.world / bg)
                     if extra_fn:
-                        extra, logs = extra_fn(model)
-                        logs = dict(logs or {})
+                        extra, extra_logs = extra_fn(model)
+                        logs.update(extra_logs or {})
                         if isinstance(extra, torch.Tensor):
                             loss = loss + extra
                             logs.setdefault("extra_loss", float(extra.detach()))

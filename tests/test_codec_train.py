@@ -1,0 +1,76 @@
+"""`bitalloc codec train`: every stage runs through the training loop and the qat stage ships usable weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.cli import main
+from bitalloc.codec.video_io import write_y4m
+
+from tests.codec_util import moving_video
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+SIZES = json.dumps({"n": 16, "m": 16, "nz": 8, "motion_n": 8, "motion_m": 8, "motion_nz": 8,
+                    "lambdas": [0.005, 0.05]})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("codec_train")
+    video = write_y4m(d / "clip.y4m", moving_video(6, 48, 64))
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (d / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        img = (rng.random((40, 52, 3)) * 64 + np.linspace(0, 190, 52)[None, :, None]).astype(np.uint8)
+        Image.fromarray(img).save(d / "images" / f"c{i % 2}" / f"{i:02d}.png")
+    return d, video
+
+
+def _train(*args: str) -> int:
+    return main(["codec", "train", "--batch-size", "2", "--crop", "32", "--samples-per-epoch", "4",
+                 "--warmup-steps", "0", "--progress", "off", *args])
+
+
+def test_all_stages_then_encode_with_the_shipped_weights(data, tmp_path):
+    d, video = data
+    intra, inter, joint, qat, ship = (tmp_path / f"{n}.pt" for n in ("intra", "inter", "joint", "qat", "ship"))
+    assert _train("--stage", "intra", "--videos", str(video), "--images", str(d / "images"), "--steps", "3",
+                  "--codec-config", SIZES, "--out", str(intra)) == 0
+    assert _train("--stage", "inter", "--videos", str(video), "--steps", "2", "--init", str(intra),
+                  "--out", str(inter)) == 0
+    assert _train("--stage", "joint", "--videos", str(video), "--steps", "2", "--init", str(intra),
+                  "--init-inter", str(inter), "--out", str(joint)) == 0
+    assert _train("--stage", "qat", "--videos", str(video), "--steps", "2", "--init", str(joint),
+                  "--out", str(qat), "--ship", str(ship)) == 0
+    log = [json.loads(line) for line in Path(str(qat) + ".jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "end" and log[-1]["steps"] == 2
+    assert "bpp" in log[1]["extra"] and "psnr" in log[1]["extra"]
+    out, js = tmp_path / "a.bav", tmp_path / "a.json"
+    assert main(["codec", "encode", str(video), "-o", str(out), "-q", "1", "--weights", str(ship),
+                 "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["exact"] is True
+    # the inter stage trained only the inter codec
+    from bitalloc.train.checkpoint import load_model_checkpoint
+
+    a, b = load_model_checkpoint(intra), load_model_checkpoint(inter)
+    assert all(torch.equal(x, y) for x, y in zip(a.intra.parameters(), b.intra.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.inter.parameters(), b.inter.parameters()))
+
+
+def test_stage_options_are_checked(data, tmp_path, capsys):
+    d, video = data
+    assert _train("--stage", "qat", "--videos", str(video), "--out", str(tmp_path / "q.pt")) == 2
+    assert "--ship" in capsys.readouterr().err
+    assert _train("--stage", "inter", "--out", str(tmp_path / "i.pt")) == 2
+    assert "--videos" in capsys.readouterr().err
+    assert _train("--stage", "intra", "--videos", str(video), "--frames", "2", "--out", str(tmp_path / "x.pt")) == 2
+    assert _train("--stage", "intra", "--videos", str(video), "--codec-config", "{bad", "--out",
+                  str(tmp_path / "y.pt")) == 2
