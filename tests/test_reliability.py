@@ -372,3 +372,182 @@ def test_quantize_num_samples_zero_is_an_error():
 def test_inputs_without_tensors_are_a_data_error():
     with pytest.raises(DataError, match="no tensor"):
         bitalloc.quantize(_mlp(), bitalloc.preset("minmax"), [("text", 1)])
+
+
+def test_a_nan_weight_error_names_the_layer():
+    m = _mlp()
+    with torch.no_grad():
+        m[2].weight[1, 3] = float("nan")
+    with pytest.raises(DataError, match=r"layer '2'.*1 NaN"):  # was: "quantization range is not finite"
+        bitalloc.quantize(m, bitalloc.preset("minmax"), [torch.randn(4, 16)])
+
+
+# ---- the command line: options applied or refused, one-line errors ----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny MNIST folder (IDX files) and checkpoints: LeNet-5 with 10 and with 4 classes, ResNet-20 (3 channels)."""
+    import numpy as np
+
+    from bitalloc import models
+    from bitalloc.data import write_idx
+    from bitalloc.train.checkpoint import model_spec, save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    for prefix, n in (("train", 48), ("t10k", 24)):
+        write_idx(root / "mnist" / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    for name, classes, dataset in (("lenet5", 10, "mnist"), ("lenet5", 4, "mnist"), ("resnet20", 10, "cifar10")):
+        torch.manual_seed(0)
+        m = models.create(name, num_classes=classes)
+        save_checkpoint(root / f"{name}-{classes}.pt", {"model": model_spec(m, name, {"num_classes": classes}),
+                                                         "model_state": m.state_dict(), "method": "fp32",
+                                                         "dataset": dataset})
+    return root
+
+
+def _cli(argv, capsys):
+    from bitalloc.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(code, err, *words):
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+def _ptq(tiny, *extra, calib=True):
+    return ["ptq", "--data", tiny / "mnist", *(["--calib", 8] if calib else []), "--limit", 16, "--batch-size", 8,
+            "--no-plot", *extra]
+
+
+def test_config_file_with_command_line_options_on_top(tiny, tmp_path, capsys):
+    import json
+
+    cfg = {"default": {"weight": {"bits": 8, "granularity": "channel", "symmetric": True}, "act": {"bits": 8}},
+           "first_last_bits": None, "calibration_samples": 6}
+    (tmp_path / "w8a8.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    code, _, err = _cli(_ptq(tiny, "--checkpoint", tiny / "lenet5-10.pt", "--config", tmp_path / "w8a8.json",
+                             "--w-bits", 2, "--a-bits", 3, "--override", 'classifier.3={"weight.bits": 8}',
+                             "--out", out, calib=False), capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    bits = {l["name"]: (l["w_bits"], l["a_bits"]) for l in report["layers"]}
+    # was: W8A8 from the file everywhere, the command line silently dropped
+    assert bits == {"features.0": (2, 3), "features.3": (2, 3), "classifier.1": (2, 3), "classifier.3": (8, 3)}
+    src = report["config_sources"]
+    assert src["config_file"] == str(tmp_path / "w8a8.json") and src["preset"] is None
+    assert src["command_line"]["--w-bits"] == 2 and src["command_line"]["--a-bits"] == 3
+    assert "--override" in src["command_line"] and "on top of --config" in err
+    assert report["timing"]["calibration_samples"] == 6  # the file's calibration_samples (no --calib given)
+    assert report["name"].startswith("w8a8 + ")
+    # options that cannot apply on top of a file are errors
+    code, _, err = _cli(_ptq(tiny, "--checkpoint", tiny / "lenet5-10.pt", "--config", tmp_path / "w8a8.json",
+                             "--preset", "minmax", "--out", out), capsys)
+    _one_line_error(code, err, "--preset", "--config")
+    code, _, err = _cli(_ptq(tiny, "--checkpoint", tiny / "lenet5-10.pt", "--config", tmp_path / "w8a8.json",
+                             "--k-sigma", 3, "--out", out), capsys)
+    _one_line_error(code, err, "--k-sigma", '"method": "ksigma"', "w8a8.json")
+
+
+@pytest.mark.parametrize("config,words", [
+    ([1, 2], ["JSON object"]),
+    ({"overrides": [["fc"]]}, ["pair [PATTERN, {settings}]"]),
+    ({"overrides": [["fc", 5]]}, ["'fc'", "dict of settings"]),
+    ({"overrides": "fc"}, ["overrides must be a list"]),
+    ({"overrides": [[3, {}]]}, ["pair"]),
+    ({"default": {"weight": 5}}, ["tensor settings"]),
+    ({"default": {"act": {"method": ["x"]}}}, ["method=['x']", "string"]),
+    ({"default": {"act": {"options": 3}}}, ["options=3", "dict"]),
+    ({"calibration_samples": "many"}, ["calibration_samples", "integer"]),
+    ({"overrides": [["features.*", {"act": {"bits": "lots"}}]]}, ["'lots' is not a number"]),
+])
+def test_malformed_config_files_are_one_line_errors(config, words, tmp_path, capsys):
+    import json
+
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    code, _, err = _cli(["cost", "--model", "lenet5", "--config", tmp_path / "c.json"], capsys)
+    _one_line_error(code, err, "--config", *words)
+
+
+def test_ignored_model_and_quantization_options_are_errors(tiny, tmp_path, capsys):
+    code, _, err = _cli(_ptq(tiny, "--model", "vgg7", "--checkpoint", tiny / "lenet5-10.pt", "--out", tmp_path / "o"),
+                        capsys)
+    _one_line_error(code, err, "--model vgg7", "does not match", "(lenet5)")  # was: --model silently ignored
+    code, _, err = _cli(["cost", "--model", "lenet5", "--fp32", "--w-bits", 2], capsys)
+    _one_line_error(code, err, "--fp32", "--w-bits")
+    code, _, err = _cli(["cost", "--quantized", tmp_path / "q.pt", "--a-bits", 2], capsys)
+    _one_line_error(code, err, "--quantized", "--a-bits")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--method", "bb", "--w-bits", 2], ["--w-bits", "--method bb", "lsq / pact"]),
+    (["--method", "fp32", "--mu", 0.1], ["--mu", "--method fp32", "bb"]),
+    (["--method", "lsq", "--pact-decay", 0.1, "--gates", "gumbel"], ["--gates, --pact-decay", "--method lsq"]),
+    (["--resume", "--overwrite"], ["--resume", "--overwrite", "give one"]),
+    (["--init", "x.pt", "--no-pretrained"], ["--init", "--pretrained"]),
+    (["--val-fraction", 0.2], ["--val-fraction", "mnist has one"]),
+])
+def test_train_options_that_would_be_ignored_are_errors(argv, words, tiny, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    code, _, err = _cli(["train", "--model", "lenet5", "--dataset", "mnist", "--data", tiny / "mnist", "--steps", 1,
+                         "--out", out, "--progress", "off", *argv], capsys)
+    _one_line_error(code, err, *words)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bit_width_messages_name_the_option_that_exists(capsys):
+    code, _, err = _cli(["cost", "--model", "lenet5", "--w-bits", 1], capsys)
+    _one_line_error(code, err, "--w-bits", "at least 2")
+    assert "--min-bits" not in err  # was: "widen the bounds (--min-bits ...)", which refuses 1
+    code, _, err = _cli(["cost", "--model", "lenet5", "--w-bits", 33], capsys)
+    _one_line_error(code, err, "--w-bits", "<= 32")
+    assert "max_bits" not in err  # was: "max_bits=33 (default weight) is out of range"
+    with pytest.raises(ConfigError, match=r"^bits \(w\)=33 is out of range"):  # the API names the budget too
+        bitalloc.config.TensorConfig(bits=33, granularity="channel", symmetric=True, allocate=True,
+                                     max_bits=33).validate("w")
+
+
+def test_ptq_checks_the_data_before_creating_the_output_folder(tiny, tmp_path, capsys):
+    out = tmp_path / "never"
+    code, _, err = _cli(["ptq", "--checkpoint", tiny / "lenet5-10.pt", "--data", tmp_path / "missing", "--out", out],
+                        capsys)
+    _one_line_error(code, err, "missing")
+    assert not out.exists()  # was: created before the data were checked
+
+
+@pytest.mark.parametrize("checkpoint,words", [
+    ("resnet20-10.pt", ["resnet20 does not run on mnist inputs", "3 channels", "--dataset"]),
+    ("lenet5-4.pt", ["4 outputs", "mnist has 10 classes"]),
+])
+def test_a_checkpoint_that_does_not_fit_the_data_set(checkpoint, words, tiny, tmp_path, capsys):
+    code, _, err = _cli(_ptq(tiny, "--checkpoint", tiny / checkpoint, "--dataset", "mnist", "--out", tmp_path / "o"),
+                        capsys)
+    _one_line_error(code, err, *words)  # was: RuntimeError / IndexError tracebacks
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("model.kwargs", {"num_classes": 10, "width": 2}, ["unknown argument", "width"]),
+    ("model.name", 5, ["model name 5"]),
+    ("model.kwargs.num_classes", "ten", ["num_classes='ten'"]),
+    ("model.kwargs.num_classes", 10**12, ["num_classes=", "from 1 to 100000"]),
+    ("dataset", 5, ["records the data set 5"]),
+])
+def test_hand_edited_checkpoint_fields(key, value, words, tiny, tmp_path, capsys):
+    from bitalloc.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tiny / "lenet5-10.pt")
+    *path, last = key.split(".")
+    d = state
+    for part in path:
+        d = d[part]
+    d[last] = value
+    save_checkpoint(tmp_path / "edited.pt", state)  # a valid file (checksum included), with an edited field
+    code, _, err = _cli(_ptq(tiny, "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "o"), capsys)
+    _one_line_error(code, err, *words)

@@ -73,26 +73,28 @@ class TensorConfig:
 
     def validate(self, where: str = "") -> "TensorConfig":
         loc = f" ({where})" if where else ""
+        _check_types(self, {"method": str, "options": dict, "symmetric": bool, "online": bool, "allocate": bool,
+                            "quantizer": str, "granularity": str, "allocation": str, "rounding": str}, loc)
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r}{loc} is not one of {GRANULARITIES}")
+        lowest = 2 if self.symmetric else 1  # a symmetric grid needs 2 bits (codes -1, 0, 1 at least)
         if self.allocate:
             if self.granularity != "channel":
                 raise ConfigError(f"bit allocation{loc} needs granularity='channel' (one bit width per channel)")
-            check_bits(self.min_bits, name=f"min_bits{loc}", lo=2 if self.symmetric else 1, hi=32)
+            # the budget first: its own range is what the user set (the bounds are derived from it)
+            check_bits(self.bits, name=f"bits{loc}", lo=lowest, hi=32, integer=False)
+            check_bits(self.min_bits, name=f"min_bits{loc}", lo=lowest, hi=32)
             check_bits(self.max_bits, name=f"max_bits{loc}", lo=1, hi=32)
             if self.min_bits > self.max_bits:
                 raise ConfigError(f"min_bits={self.min_bits} > max_bits={self.max_bits}{loc}; "
                                   "give min_bits <= max_bits")
-            try:
-                avg = float(self.bits)
-            except (TypeError, ValueError):
-                raise ConfigError(f"bits={self.bits!r}{loc} is not a number; give the average bit budget") from None
+            avg = float(self.bits)
             if not self.min_bits <= avg <= self.max_bits:
                 raise ConfigError(f"average bits={self.bits}{loc} must lie in [min_bits, max_bits] = "
                                   f"[{self.min_bits}, {self.max_bits}]; widen the bounds (min_bits / max_bits, "
                                   "CLI --min-bits / --max-bits) or change the budget")
         else:
-            check_bits(self.bits, name=f"bits{loc}", lo=1 if not self.symmetric else 2, hi=32)
+            check_bits(self.bits, name=f"bits{loc}", lo=lowest, hi=32)
         if self.one_sided not in ("auto", True, False):
             raise ConfigError(f"one_sided={self.one_sided!r}{loc} must be 'auto', True or False")
         if self.rounding not in ("nearest", "gptq"):
@@ -123,6 +125,12 @@ class LayerConfig:
     quantize: bool = True
 
     def validate(self, where: str = "") -> "LayerConfig":
+        _check_types(self, {"bias_correction": str, "quantize": bool}, f" ({where})" if where else "")
+        for key in ("weight", "act"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, TensorConfig):
+                raise ConfigError(f"{key}{f' ({where})' if where else ''} must be a dict of tensor settings or null, "
+                                  f"got {value!r}")
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ConfigError(f"bias_correction={self.bias_correction!r} ({where}) is not one of {BIAS_CORRECTIONS}")
         if self.weight is not None:
@@ -165,12 +173,18 @@ class QuantConfig:
         return cfg.validate(name), applied
 
     def validate(self) -> "QuantConfig":
+        _check_types(self, {"fold_bn": bool, "calibration_samples": int, "seed": int, "default": LayerConfig,
+                            "overrides": list}, "")
         self.default.validate("default")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, name="first_last_bits", lo=2, hi=32)
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be at least 1")
-        for pattern, patch in self.overrides:
+        for item in self.overrides:
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+                raise ConfigError(f"override {item!r} must be a pair [PATTERN, {{settings}}], e.g. "
+                                  '["features.0", {"weight.bits": 8}]')
+            pattern, patch = item
             if not isinstance(patch, dict):
                 raise ConfigError(f"override for {pattern!r} must be a dict of settings, got {type(patch).__name__}")
             apply_patch(copy.deepcopy(self.default), patch).validate(f"override {pattern!r}")
@@ -184,6 +198,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """The configuration of a ``to_dict`` dict (e.g. read from JSON); anything malformed is a ConfigError."""
+        _check_dict(d, "a quantization configuration")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown configuration keys {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
@@ -191,13 +207,35 @@ class QuantConfig:
         if "default" in d:
             d["default"] = layer_config_from_dict(d["default"])
         if "overrides" in d:
-            d["overrides"] = [(str(p), dict(v)) for p, v in d["overrides"]]
+            if not isinstance(d["overrides"], list):
+                raise ConfigError(f"overrides must be a list of [PATTERN, {{settings}}] pairs, got {d['overrides']!r}")
+            cfg = cls(**{**d, "overrides": list(d["overrides"])})
+            cfg.validate()  # checks each pair before it is unpacked
+            cfg.overrides = [(p, dict(v)) for p, v in cfg.overrides]
+            return cfg.validate()
         return cls(**d).validate()
+
+
+def _check_dict(d: Any, what: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object (a dict of settings), got {d!r}")
+
+
+_TYPE_WORDS = {str: "a string", dict: "a dict", bool: "true or false", int: "an integer", list: "a list"}
+
+
+def _check_types(obj: Any, types: dict[str, type], loc: str) -> None:
+    """ConfigError unless each named field of ``obj`` has its type (a bool is not accepted as a number)."""
+    for name, want in types.items():
+        value = getattr(obj, name)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{name}={value!r}{loc} must be {_TYPE_WORDS.get(want, want.__name__)}")
 
 
 def tensor_config_from_dict(d: dict[str, Any] | None) -> TensorConfig | None:
     if d is None:
         return None
+    _check_dict(d, "tensor settings (\"weight\" / \"act\")")
     unknown = set(d) - {f.name for f in fields(TensorConfig)}
     if unknown:
         raise ConfigError(f"unknown tensor settings {sorted(unknown)}; valid: {[f.name for f in fields(TensorConfig)]}")
@@ -205,6 +243,7 @@ def tensor_config_from_dict(d: dict[str, Any] | None) -> TensorConfig | None:
 
 
 def layer_config_from_dict(d: dict[str, Any]) -> LayerConfig:
+    _check_dict(d, "layer settings (\"default\")")
     unknown = set(d) - {f.name for f in fields(LayerConfig)}
     if unknown:
         raise ConfigError(f"unknown layer settings {sorted(unknown)}; valid: {[f.name for f in fields(LayerConfig)]}")

@@ -37,4 +37,5 @@ def check_bits(bits: int | float, *, name: str = "bits", lo: int = 1, hi: int = 
         raise ConfigError(f"{name}={bits!r} must be an integer between {lo} and {hi} "
                           f"(fractional averages are only accepted by per-channel bit allocation).")
     if not lo <= value <= hi:
-        raise ConfigError(f"{name}={bits!r} is out of range; give a value between {lo} and {hi}.")
+        why = " (a symmetric grid, as weights use, needs at least 2 bits)" if lo == 2 and value < 2 else ""
+        raise ConfigError(f"{name}={bits!r} is out of range; give a value between {lo} and {hi}{why}.")

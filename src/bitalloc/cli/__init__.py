@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"bitalloc.cli.{name.replace('-', '_')}").register(sub)
-    return parser
+    from bitalloc.cli.common import track_given
+
+    return track_given(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,45 @@ from torch import nn
 
 from bitalloc.config import PRESETS, QuantConfig, preset
 from bitalloc.errors import ConfigError, DataError
+
+
+# ---- options given on the command line ----------------------------------------------------------------------
+
+_GIVEN = "_given_options"
+_MARKING: dict[type, type] = {}
+
+
+def _marking(cls: type) -> type:
+    """``cls`` (an argparse action class) that also records its ``dest`` as given on the command line."""
+    if cls not in _MARKING:
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: N807
+            cls.__call__(self, parser, namespace, values, option_string)
+            setattr(namespace, _GIVEN, getattr(namespace, _GIVEN, frozenset()) | {self.dest})
+
+        _MARKING[cls] = type(f"Given{cls.__name__}", (cls,), {"__call__": __call__})
+    return _MARKING[cls]
+
+
+def track_given(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make every option of ``parser`` and its sub-parsers record that it was given (see :func:`given`), so that
+    commands can tell an option the user typed from its default (and refuse or report options they ignore)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                track_given(sub)
+        elif action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            action.__class__ = _marking(type(action))
+    return parser
+
+
+def given(args: argparse.Namespace) -> frozenset[str]:
+    """The ``dest`` names of the options given on the command line (empty for a Namespace built otherwise)."""
+    return getattr(args, _GIVEN, frozenset())
+
+
+def flag(dest: str) -> str:
+    """The command-line spelling of an option ``dest`` ("w_bits" -> "--w-bits")."""
+    return "--" + dest.replace("_", "-")
 
 
 # ---- models -------------------------------------------------------------------------------------------------
@@ -34,10 +74,16 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, str | None]:
 
         model = load_model_checkpoint(args.checkpoint)
         meta = getattr(model, "bitalloc_checkpoint", {})
-        name = (meta.get("model") or {}).get("name") or args.model or type(model).__name__
+        name = (meta.get("model") or {}).get("name") or type(model).__name__
+        if args.model and _canonical_model(args.model) != _canonical_model(name):
+            raise ConfigError(f"--model {args.model} does not match the model of --checkpoint {args.checkpoint} "
+                              f"({name}), which the checkpoint rebuilds: drop --model (or give another checkpoint)")
         dataset = meta.get("dataset")
         if isinstance(dataset, dict):
             dataset = dataset.get("name")
+        if dataset is not None and not isinstance(dataset, str):
+            raise ConfigError(f"checkpoint {args.checkpoint} records the data set {dataset!r}, not a name: the file "
+                              "was edited or damaged; train it again, or pass --dataset and a valid checkpoint")
         if meta.get("method") not in (None, "fp32"):
             from bitalloc.cli.freeze import frozen_path
 
@@ -56,6 +102,15 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, str | None]:
         raise ConfigError(f"{args.model} has no pretrained weights: train it first with `bitalloc train --model "
                           f"{args.model} ...` and pass --checkpoint PATH")
     return models.create(args.model, pretrained=True).eval(), args.model, info.default_dataset
+
+
+def _canonical_model(name: str) -> str:
+    from bitalloc import models
+
+    try:
+        return models.model_info(name).name
+    except ConfigError:
+        return str(name)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -99,6 +154,31 @@ def load_splits(dataset: str, data: str | None, n_calib: int, *, seed: int = 0, 
     if len(evaluation) == 0:
         raise DataError(f"the evaluation set of {dataset} is empty")
     return calib, evaluation
+
+
+def check_model_fits(model: nn.Module, name: str, dataset: str, data: Any) -> None:
+    """ConfigError (before any evaluation) when ``model`` cannot read ``dataset``'s inputs (e.g. a 3-channel
+    checkpoint on a 1-channel data set), or its output does not have one logit per class of ``dataset``
+    (fewer logits than classes would index labels out of range; the zoo's data sets fix the number)."""
+    from bitalloc.cli.train import _num_classes
+    from bitalloc.data import dataset_info
+
+    x = data[0][0].unsqueeze(0)
+    fix = f"pass the --dataset it was trained on, or a --checkpoint trained on {dataset}"
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # any failure of the user's model on these inputs
+        raise ConfigError(f"model {name} does not run on {dataset} inputs of shape {tuple(x.shape[1:])} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {fix}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ConfigError(f"model {name} returns {type(out).__name__}{tuple(getattr(out, 'shape', ()))}, not class "
+                          f"scores of shape (batch, classes), on {dataset}; these commands evaluate classifiers")
+    info = dataset_info(dataset)
+    classes = info.num_classes or _num_classes(data)
+    outputs = int(out.shape[1])
+    if outputs < classes or (info.num_classes and outputs != classes):
+        raise ConfigError(f"model {name} has {outputs} outputs but {dataset} has {classes} classes; {fix}")
 
 
 def batches(dataset: Any, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,15 +228,18 @@ def _cli_number(text: Any, flag: str, *, integer: bool = False, lo: float, hi: f
     return int(value) if integer else value
 
 
-def _set_method_option(layer: Any, method: str, key: str, value: Any, flag: str, presets: str) -> None:
+def _set_method_option(layer: Any, method: str, key: str, value: Any, flag: str, presets: str,
+                       config: str | None = None) -> None:
     """Set ``options[key] = value`` on the tensors whose range method is ``method``; an option that applies to
-    no tensor is an error (it would be silently ignored)."""
+    no tensor is an error (it would be silently ignored). ``config``: the --config file, if any."""
     if value is None:
         return
     tensors = [t for t in (layer.weight, layer.act) if t is not None and t.method == method]
     if not tensors:
+        fix = (f"set \"method\": \"{method}\" in {config}" if config else
+               f"pick a preset that does (--preset {presets.replace(', ', ' / ')})")
         raise ConfigError(f"{flag} sets an option of the {method} range method, which this configuration does not "
-                          f"use; pick a preset that does (--preset {presets.replace(', ', ' / ')})")
+                          f"use; {fix}")
     for t in tensors:
         t.options[key] = value
 
@@ -199,44 +282,139 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding layer")
     g.add_argument("--override", action="append", default=[], metavar="PATTERN=JSON",
                    help="per-layer override, e.g. 'features.0={\"weight.bits\": 8}' (glob, re:REGEX or type:CLASS)")
-    g.add_argument("--config", help="a JSON QuantConfig file (replaces the preset options)")
+    g.add_argument("--config", help="a JSON QuantConfig file instead of --preset; the other options given on the "
+                                    "command line apply on top of it (e.g. --w-bits, --override)")
+
+
+#: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
+QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
+                 "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
+                 "max_bits", "first_last_bits", "no_fold_bn", "override")
+
+
+def _first_last(args: argparse.Namespace) -> int | None:
+    return None if str(args.first_last_bits).lower() == "none" else _cli_number(
+        args.first_last_bits, "--first-last-bits", integer=True, lo=2, hi=32, extra=", or 'none'")
+
+
+def _bounds(args: argparse.Namespace) -> dict[str, int]:
+    return {key: _cli_number(getattr(args, key), flag(key), integer=True, lo=1, hi=32)
+            for key in ("min_bits", "max_bits") if getattr(args, key, None) is not None}
+
+
+def _read_config_file(path: Path) -> QuantConfig:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+
+
+def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> None:
+    """Apply the options given on the command line that a preset would take (bits, granularities, online, weight
+    method, rounding, bit bounds, first/last bits, BatchNorm folding) to the configuration read from ``path``."""
+    cli, layer = given(args), cfg.default
+    if "preset" in cli:
+        raise ConfigError(f"--preset {args.preset} and --config {path} both define the whole quantization method; "
+                          "give one of them (--w-bits, --a-bits and the other options apply on top of either)")
+
+    def tensor(key: str, what: str) -> Any:
+        t = getattr(layer, key)
+        if t is None:
+            kind = "weights" if key == "weight" else "activations"
+            raise ConfigError(f"{flag(what)}: the configuration in {path} leaves the {kind} in float (\"{key}\": "
+                              "null); give that tensor's settings in the file")
+        return t
+
+    if "w_bits" in cli:
+        tensor("weight", "w_bits").bits = args.w_bits
+    if "a_bits" in cli:
+        if args.a_bits is None:
+            layer.act = None
+        else:
+            tensor("act", "a_bits").bits = args.a_bits
+    for dest, key in (("weight_granularity", "weight"), ("act_granularity", "act")):
+        if dest in cli:
+            t = tensor(key, dest)
+            t.granularity = getattr(args, dest)
+            t.allocate = t.allocate and t.granularity == "channel"
+    if "online" in cli:
+        tensor("act", "online").online = True
+    if "weight_method" in cli:
+        t = tensor("weight", "weight_method")
+        t.method, t.options = args.weight_method, {}
+    if "rounding" in cli:
+        tensor("weight", "rounding").rounding = args.rounding
+    bounds = _bounds(args)
+    if bounds:
+        allocated = [t for t in (layer.weight, layer.act) if t is not None and t.allocate]
+        if not allocated:
+            raise ConfigError(f"--min-bits / --max-bits bound per-channel bit allocation, but the configuration in "
+                              f"{path} allocates no bits (\"allocate\": true on a per-channel tensor)")
+        for t in allocated:
+            for key, value in bounds.items():
+                setattr(t, key, value)
+    if "first_last_bits" in cli:
+        cfg.first_last_bits = _first_last(args)
+    if "no_fold_bn" in cli:
+        cfg.fold_bn = False
+
+
+def _from_preset(args: argparse.Namespace) -> QuantConfig:
+    _cli_number(args.w_bits, "--w-bits", lo=2, hi=32, extra=" (the presets' weights use a symmetric grid, which "
+                "needs at least 2 bits)")
+    if args.a_bits is not None:
+        _cli_number(args.a_bits, "--a-bits", lo=1, hi=32, extra=", or 'none' for float activations")
+    return preset(args.preset, args.w_bits, args.a_bits, act_granularity=args.act_granularity,
+                  weight_granularity=args.weight_granularity, online=args.online, first_last_bits=_first_last(args),
+                  fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
+                  seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
+                  rounding=getattr(args, "rounding", None), **_bounds(args))
 
 
 def build_config(args: argparse.Namespace) -> QuantConfig:
-    """The QuantConfig from --config, or from --preset and the other options."""
+    """The QuantConfig from --preset and the other options, or from a --config file with the options given on
+    the command line applied on top of it (``--preset`` with ``--config`` is an error: both define the whole
+    method). Without --calib / --seed on the command line, the file's ``calibration_samples`` / ``seed`` also
+    set the calibration split (``args.calib`` / ``args.seed``). Records in ``args.config_sources`` what came
+    from where (:func:`config_sources`)."""
+    cli = given(args)
     if args.config:
         path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            cfg = QuantConfig.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
-        cfg.calibration_samples = getattr(args, "calib", cfg.calibration_samples)
-        return cfg.validate()
-    fl = None if str(args.first_last_bits).lower() == "none" else _cli_number(
-        args.first_last_bits, "--first-last-bits", integer=True, lo=2, hi=32, extra=", or 'none'")
-    bounds = {key: _cli_number(getattr(args, key), flag, integer=True, lo=1, hi=32)
-              for key, flag in (("min_bits", "--min-bits"), ("max_bits", "--max-bits"))
-              if getattr(args, key, None) is not None}
-    cfg = preset(args.preset, args.w_bits, args.a_bits, act_granularity=args.act_granularity,
-                 weight_granularity=args.weight_granularity, online=args.online, first_last_bits=fl,
-                 fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
-                 seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
-                 rounding=getattr(args, "rounding", None), **bounds)
+        cfg = _read_config_file(path)
+        _on_top_of_file(cfg, args, path)
+        if hasattr(args, "calib"):
+            if "calib" in cli:
+                cfg.calibration_samples = args.calib
+            else:
+                args.calib = cfg.calibration_samples
+        if hasattr(args, "seed"):
+            if "seed" in cli:
+                cfg.seed = args.seed
+            else:
+                args.seed = cfg.seed
+    else:
+        cfg = _from_preset(args)
     layer = cfg.default
-    _set_method_option(layer, "aciq", "prior", args.prior, "--prior", "aciq, aciq-clip, aciq-alloc, aciq-gptq")
+    _set_method_option(layer, "aciq", "prior", args.prior, "--prior", "aciq, aciq-clip, aciq-alloc, aciq-gptq",
+                       args.config)
     if getattr(args, "k_sigma", None) is not None:
         k = _cli_number(args.k_sigma, "--k-sigma", lo=0.0, hi=float("inf"), lo_open=True)
-        _set_method_option(layer, "ksigma", "k", k, "--k-sigma", "ksigma")
+        _set_method_option(layer, "ksigma", "k", k, "--k-sigma", "ksigma", args.config)
     if getattr(args, "percentile", None) is not None:
         pct = _cli_number(args.percentile, "--percentile", lo=50.0, hi=100.0)
-        _set_method_option(layer, "percentile", "percentile", pct, "--percentile", "percentile")
+        _set_method_option(layer, "percentile", "percentile", pct, "--percentile", "percentile", args.config)
     if args.allocation:
         tensors = [t for t in (layer.weight, layer.act) if t is not None]
         if not any(t.allocate for t in tensors) and not args.override:
-            raise ConfigError(f"--allocation applies to per-channel bit allocation, but --preset {args.preset} "
-                              "allocates no bits here: use --preset aciq, aciq-alloc or aciq-gptq")
+            source = f"the configuration in {args.config}" if args.config else f"--preset {args.preset}"
+            raise ConfigError(f"--allocation applies to per-channel bit allocation, but {source} allocates no bits "
+                              "here: use --preset aciq, aciq-alloc or aciq-gptq")
         for t in tensors:  # also reaches tensors that an --override switches to allocation
             t.allocation = args.allocation
     if args.bias_correction:
@@ -252,12 +430,53 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
         if not isinstance(patch, dict):
             raise ConfigError(f"--override {item!r}: the value must be a JSON object of settings")
         cfg.overrides.append((pattern, patch))
+    args.config_sources = {
+        "config_file": str(args.config) if args.config else None,
+        "preset": None if args.config else args.preset,
+        "command_line": {flag(d): getattr(args, d) for d in QUANT_OPTIONS + ("calib", "seed") if d in cli},
+    }
     return cfg.validate()
 
 
-def output_dir(path: str) -> Path:
+def check_quantized_source(args: argparse.Namespace) -> None:
+    """With ``--quantized`` (a model quantized already), ``--model`` / ``--checkpoint`` and the quantization
+    options would be ignored: each given on the command line is an error."""
+    if not getattr(args, "quantized", None):
+        return
+    clash = [flag(d) for d in ("model", "checkpoint", "config") + QUANT_OPTIONS if d in given(args)]
+    if clash:
+        raise ConfigError(f"--quantized {args.quantized} is a quantized model already, so {', '.join(clash)} would be "
+                          "ignored: drop them, or drop --quantized to quantize --model / --checkpoint here")
+
+
+def config_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the configuration came from (after :func:`build_config`): ``config_file`` (or None), ``preset``
+    (None with a file) and ``command_line``, the options given on the command line with their values (with a
+    file: applied on top of it; later overrides win)."""
+    return dict(getattr(args, "config_sources", {}))
+
+
+def config_label(args: argparse.Namespace) -> str:
+    """A short name of the configuration: "aciq W4A4", or the --config file's stem plus the options given on
+    top of it."""
+    bits = f"W{args.w_bits:g}A{'f' if args.a_bits is None else f'{args.a_bits:g}'}"
+    if not args.config:
+        return f"{args.preset} {bits}"
+    on_top = [f for f in config_sources(args).get("command_line", {}) if f not in ("--calib", "--seed")]
+    return Path(args.config).stem + (f" + {' '.join(on_top)}" if on_top else "")
+
+
+def output_dir(path: str, *, create: bool = True) -> Path:
+    """The --out folder, checked (not a file, and inside a writable folder) and created unless ``create`` is
+    False (commands check it before their work and create it only when they write into it)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder; choose a folder path")
-    out.mkdir(parents=True, exist_ok=True)
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create or write files in {parent}; choose a writable folder")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from bitalloc.cli.common import add_model_args, add_quant_args, build_config
+from bitalloc.cli.common import (QUANT_OPTIONS, add_model_args, add_quant_args, build_config, check_quantized_source,
+                                 config_label, flag, given)
 from bitalloc.errors import ConfigError
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
@@ -20,7 +21,7 @@ def register(sub: Any) -> None:
                                    "quantized model) from one real forward pass. No data needed.")
     add_model_args(p)
     p.add_argument("--quantized", help="a quantized model saved by `bitalloc ptq --save-model`")
-    p.add_argument("--fp32", action="store_true", help="cost of the float model (ignores the quantization options)")
+    p.add_argument("--fp32", action="store_true", help="cost of the float model (no quantization options)")
     p.add_argument("--input-shape", help="C,H,W of one input (default: the zoo model's)")
     p.add_argument("--json", help="write the cost report as JSON here")
     add_quant_args(p)
@@ -50,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.cost import cost_report
     from bitalloc.model.prepare import prepare
 
+    check_quantized_source(args)
+    if args.fp32 and args.quantized:
+        raise ConfigError("--fp32 costs a float model, --quantized a quantized one: give one of them")
+    ignored = [flag(d) for d in ("config",) + QUANT_OPTIONS if d in given(args)] if args.fp32 else []
+    if ignored:
+        raise ConfigError(f"--fp32 costs the float model, so {', '.join(ignored)} would be ignored: drop them, or "
+                          "drop --fp32 to cost the quantized model")
     if args.quantized:
         from bitalloc.model.serialize import load_quantized
 
@@ -68,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("give --model NAME, --checkpoint PATH or --quantized PATH")
         shape = models.model_info(name).input_shape
-        title = name if args.fp32 else f"{name} {args.preset} W{args.w_bits:g}A{args.a_bits}"
         if not args.fp32:
             if args.input_shape:
                 shape = tuple(int(v) for v in args.input_shape.split(","))
             model = prepare(model, build_config(args), torch.zeros(1, *shape))
+        title = name if args.fp32 else f"{name} {config_label(args)}"
     if args.input_shape:
         shape = tuple(int(v) for v in args.input_shape.split(","))
     report = cost_report(model, torch.zeros(1, *shape))

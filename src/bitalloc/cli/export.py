@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, load_model,
+from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config,
+                                 check_model_fits, check_quantized_source, load_model,
                                  load_splits)
 from bitalloc.errors import ConfigError
 from bitalloc.report.tables import print_table
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.runtime.onnx_export import _require_onnx, export_onnx
 
     _require_onnx()
+    check_quantized_source(args)
     out = Path(args.out)
     report_path = out.with_suffix(".json")
     if out.suffix != ".onnx":
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if needs_data:
         calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
                                         cache_dir=args.cache_dir)
+        if not args.quantized:
+            check_model_fits(model, name, dataset, calib)
         calib_b = batches(calib, min(args.batch_size, args.calib))
         eval_b = batches(evaluation, args.batch_size) if args.verify else None
     if not args.quantized:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, load_model,
-                                 load_splits, make_eval_fn, output_dir)
+from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, check_model_fits,
+                                 config_label, config_sources, load_model, load_splits, make_eval_fn, output_dir)
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
 
@@ -44,16 +43,22 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc import models
     from bitalloc.ptq import run_ptq
 
+    out = output_dir(args.out, create=False)  # checked now, created once there is something to write
     model, name, ckpt_dataset = load_model(args)
     dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
     cfg = build_config(args)
-    out = output_dir(args.out)
     calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
                                     cache_dir=args.cache_dir)
+    check_model_fits(model, name, dataset, calib)
     calib_batches = batches(calib, min(args.batch_size, args.calib))
-    label = f"{args.preset} W{args.w_bits:g}A{'f' if args.a_bits is None else f'{args.a_bits:g}'}" if not args.config else Path(args.config).stem
+    label = config_label(args)
+    sources = config_sources(args)
+    if sources["config_file"] and sources["command_line"]:
+        print(f"note: {', '.join(f'{k} {v}' for k, v in sources['command_line'].items())} from the command line "
+              f"on top of --config {sources['config_file']}", file=sys.stderr)
     result = run_ptq(model, cfg, calib_batches, make_eval_fn(evaluation, args.batch_size), name=label)
-    report = {"model": name, "dataset": dataset, "data": args.data, **result.report}
+    report = {"model": name, "dataset": dataset, "data": args.data, **result.report, "config_sources": sources}
+    out.mkdir(parents=True, exist_ok=True)
     print_layers(report)
     if report["float_layers"]:
         print_table("Left in float", ["layer", "type", "reason"],

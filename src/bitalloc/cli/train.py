@@ -151,12 +151,23 @@ def _num_classes(dataset: Any) -> int:
 
 
 def load_data(args: argparse.Namespace, augment: bool) -> tuple[Any, Any, int]:
-    """``(train_set, val_set, num_classes)`` for ``args.dataset`` at ``args.data`` (or ``$BITALLOC_DATA``)."""
+    """``(train_set, val_set, num_classes)`` for ``args.dataset`` at ``args.data`` (or ``$BITALLOC_DATA``).
+    ``--val-fraction`` / ``--transform`` given for a data set with its own test split are errors (unused)."""
+    from bitalloc.cli.common import flag, given
+
+    own_split = args.dataset in DATASET_HOOKS
+    if not own_split:
+        from bitalloc.data import calibration_split, dataset_info, load_dataset
+
+        info = dataset_info(args.dataset)
+        own_split = "test" in info.splits and "train" in info.splits
+    unused = [flag(d) for d in ("val_fraction", "transform") if d in given(args)] if own_split else []
+    if unused:
+        raise ConfigError(f"{' / '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to data sets without a "
+                          f"test split (imagenet, imagefolder), but {args.dataset} has one, used for validation: drop "
+                          f"{' / '.join(unused)}")
     if args.dataset in DATASET_HOOKS:
         return DATASET_HOOKS[args.dataset](args)
-    from bitalloc.data import calibration_split, dataset_info, load_dataset
-
-    info = dataset_info(args.dataset)
     root = args.data or os.environ.get("BITALLOC_DATA") or None
     if augment and info.augmentation is None:
         augment = False
@@ -299,6 +310,29 @@ def config_overrides(args: argparse.Namespace, method: Any, options: dict[str, A
     return overrides
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Options given on the command line that this run would ignore are errors: ``--resume`` with
+    ``--overwrite``, ``--init`` with ``--pretrained``, and a method's options (``METHOD_OPTIONS``) with another
+    ``--method``."""
+    from bitalloc.cli.common import flag, given
+    from bitalloc.train.methods import METHOD_OPTIONS
+
+    cli = given(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite starts it again from scratch: give one")
+    if args.init and "pretrained" in cli:
+        raise ConfigError("--init and --pretrained / --no-pretrained both choose the starting weights: give one")
+    own = set(METHOD_OPTIONS.get(args.method, ()))
+    stray = [d for d in sorted(cli) if d not in own and any(d in o for o in METHOD_OPTIONS.values())]
+    if stray:
+        uses = "; ".join(f"{flag(d)}: --method {' / '.join(m for m, o in METHOD_OPTIONS.items() if d in o)}"
+                         for d in stray)
+        one = len(stray) == 1
+        raise ConfigError(f"{', '.join(flag(d) for d in stray)} {'does' if one else 'do'} not apply to --method "
+                          f"{args.method} and would be ignored ({uses}); drop {'it' if one else 'them'} or change "
+                          "--method")
+
+
 def run(args: argparse.Namespace) -> int:
     from bitalloc.io import write_json
     from bitalloc.train import distributed as D
@@ -306,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.train.loop import fit, seed_everything
     from bitalloc.train.presets import default_dataset, get_method, get_preset
 
+    check_options(args)
     method = get_method(args.method)
     options = method.options(args)
     preset = get_preset(args.model, args.dataset)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bitalloc.errors import DataError
 from bitalloc.quantizers.base import Quantizer
 
 #: layer types bitalloc quantizes (and their subclasses)
@@ -107,7 +108,14 @@ class QuantLayer(nn.Module):
         """(Re)derive the weight quantizer's grid from the current weight, then apply bias correction."""
         q = self.weight_quantizer
         if q is not None and hasattr(q, "calibrate_weight"):
-            q.calibrate_weight(self.layer.weight)
+            w = self.layer.weight
+            if not bool(torch.isfinite(w).all()):
+                bad = int((~torch.isfinite(w)).sum())
+                name = self.layer_name or type(self.layer).__name__
+                raise DataError(f"layer {name!r}: its weight has {bad} NaN / inf value(s) (of {w.numel()}), so it has "
+                                "no quantization range; the model is corrupt or its training diverged: load or train "
+                                "finite weights")
+            q.calibrate_weight(w)
             q.set_bias_correction(self.layer.weight, self.bias_correction)
 
     def extra_repr(self) -> str:

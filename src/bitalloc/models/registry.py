@@ -60,6 +60,8 @@ def model_names() -> list[str]:
 
 
 def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"model name {name!r} is not a name; valid names: {', '.join(MODEL_INFO)}.")
     key = name.strip().lower().replace("-", "_")
     if key in ("lenet", "lenet_5"):
         key = "lenet5"
@@ -77,18 +79,27 @@ def model_info(name: str) -> ModelInfo:
     return MODEL_INFO[_canonical(name)]
 
 
-def create(name: str, *, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+#: the largest ``num_classes`` :func:`create` builds (a larger value is a corrupt or mistyped argument, and
+#: would allocate a huge classifier)
+MAX_CLASSES = 100_000
+
+
+def create(name: str, *, num_classes: int | None = None, pretrained: bool = False, **unknown: Any) -> nn.Module:
     """Build zoo model ``name`` ("lenet5", "vgg7", "resnet20", "efficientnet_lite0").
 
-    ``num_classes`` defaults to the model's dataset (10 or 1000). ``pretrained=True`` is only available where
-    :data:`MODEL_INFO` says so (EfficientNet-Lite0, from the locally installed weights package; the model is
-    then in eval mode); the others are trained with bitalloc's training commands.
+    ``num_classes`` defaults to the model's dataset (10 or 1000); 1 .. :data:`MAX_CLASSES`. ``pretrained=True``
+    is only available where :data:`MODEL_INFO` says so (EfficientNet-Lite0, from the locally installed weights
+    package; the model is then in eval mode); the others are trained with bitalloc's training commands. Any
+    other argument (e.g. from a hand-edited checkpoint) is a ConfigError.
     """
     key = _canonical(name)
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {sorted(unknown)} for model {key}; valid: num_classes, pretrained.")
     info = MODEL_INFO[key]
-    n = info.num_classes if num_classes is None else int(num_classes)
-    if n <= 0:
-        raise ConfigError(f"num_classes={num_classes} must be a positive integer.")
+    n = info.num_classes if num_classes is None else num_classes
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not 1 <= n <= MAX_CLASSES or n != int(n):
+        raise ConfigError(f"num_classes={num_classes!r} must be an integer from 1 to {MAX_CLASSES}.")
+    n = int(n)
     if pretrained and not info.pretrained:
         with_weights = [k for k, v in MODEL_INFO.items() if v.pretrained]
         raise ConfigError(f"no pretrained weights ship for {key}; train it first (pretrained weights exist for: "

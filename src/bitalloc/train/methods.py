@@ -106,6 +106,17 @@ QAT_RECIPES: dict[str, dict[str, Any]] = {
 }
 RECIPE_NAMES = ("cpu", "paper")
 
+_QAT_COMMON = ("first_last_bits", "q_granularity", "input_shape", "fold_bn", "qat_recipe")
+#: the ``bitalloc train`` options (argparse dests) each method reads: one given on the command line for another
+#: method (or for ``--method fp32``) would be ignored, so ``bitalloc train`` refuses it
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fp32": (),
+    "lsq": _QAT_COMMON + ("w_bits", "a_bits", "q_lr"),
+    "pact": _QAT_COMMON + ("w_bits", "a_bits", "q_lr", "pact_decay", "pact_init"),
+    "bb": _QAT_COMMON + ("mu", "gates", "gate_init", "prune", "prune_init", "gate_lr", "range_lr", "bb_threshold",
+                         "bb_max_bits", "mac_weighting", "bb_fix_gates_epochs", "skip_below"),
+}
+
 
 def qat_recipe(dataset: str | None, recipe: str = "cpu") -> dict[str, Any]:
     """Epochs / batch size of the quantization-aware recipe for ``dataset`` ({} when there is none)."""
@@ -555,5 +566,6 @@ def register_all(replace: bool = True) -> None:
 
 register_all()
 
-__all__ = ["QAT_METHODS", "DEFAULTS", "RECIPE", "QAT_RECIPES", "QATObjective", "prepare_qat", "qat_config", "qat_recipe",
+__all__ = ["QAT_METHODS", "METHOD_OPTIONS", "DEFAULTS", "RECIPE", "QAT_RECIPES", "QATObjective", "prepare_qat",
+           "qat_config", "qat_recipe",
            "resolve_options", "fixed_gate_epochs", "mac_weights", "layer_order", "example_input", "register_all"]
