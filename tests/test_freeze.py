@@ -142,7 +142,7 @@ def test_serialize_round_trip_of_frozen_model(tmp_path):
     for name, content, reason in [("truncated.pt", data[: len(data) // 2], "corrupt or truncated"),
                                   ("pickled.pt", b"\x80\x02cos\nsystem\nq\x00.", "unpickling failed")]:
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(CheckpointError, match=f"{name} is not a readable bitalloc quantized model") as e:
+        with pytest.raises(CheckpointError, match=f"quantized model .*{name} is corrupt or truncated") as e:
             load_quantized(tmp_path / name, SmallConv())
         assert reason in str(e.value) and "bitalloc freeze" in str(e.value) and "\n" not in str(e.value)
 

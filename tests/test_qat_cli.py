@@ -103,7 +103,7 @@ def _sweep_argv(out_dir, *extra):
 
 def test_sweep_without_matplotlib_retrain_and_frozen_models(tmp_path, capsys, monkeypatch):
     from bitalloc.report import plots
-    from bitalloc.train import load_checkpoint
+    from bitalloc.train import load_checkpoint, save_checkpoint
 
     def missing():
         raise plots.PlotsUnavailable("matplotlib is not installed: plots need it")
@@ -122,7 +122,7 @@ def test_sweep_without_matplotlib_retrain_and_frozen_models(tmp_path, capsys, mo
     ck = tmp_path / "bb-mu0.5.pt"
     state = load_checkpoint(ck)
     state["complete"] = False
-    torch.save(state, ck)
+    save_checkpoint(ck, state)
     code, _, err = run(_sweep_argv(tmp_path, "--retrain"), capsys)
     assert code == 0, err
     assert "retraining" in err and "--overwrite" in err and "--resume" not in err

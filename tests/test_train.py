@@ -216,6 +216,11 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(empty)
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="plain.pt carries no bitalloc checksum.*add_checksum"):
+        load_checkpoint(plain)  # no checksum: refused before anything else is looked at
+    from bitalloc.io import add_checksum
+
+    add_checksum(plain)
     with pytest.raises(CheckpointError, match="not a bitalloc checkpoint"):
         load_checkpoint(plain)
     # a checkpoint for a different model

@@ -52,14 +52,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _quantized_model_name(path: str) -> str | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_quantized has already reported unreadable files
-        return None
-    return state.get("model_name") if isinstance(state, dict) else None
-
-
 def layer_rows(layers: list[dict[str, Any]]) -> list[list[Any]]:
     return [[l["name"], l["values"], l["bits"], l["entropy"], l["huffman_bits"], l["stored_bits"],
              l["encoding"] + (f" ({l['coder']})" if l.get("coder") else ""), l["bitpack_bytes"] / 1e3,
@@ -117,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from bitalloc.model.serialize import load_quantized
 
         qmodel = load_quantized(args.quantized)
-        name = _quantized_model_name(args.quantized)
+        name = qmodel.bitalloc_model_name
         spec = {"name": name, "kwargs": {}} if name else None
         shape = tuple(qmodel.bitalloc_example_shape)
         if args.activations:

@@ -20,7 +20,17 @@ as W' = s * (q - z) (float32, no correction). Re-quantizing W' gives q back exac
 with |e| <= 3 * 2^-24 (three float32 roundings), so the rounding error |q - z| * 3 * 2^-24 < 1/2 for codes
 of up to 20 bits, and Q(W') = Q(W) bitwise since both are computed from the same codes, scales and
 corrections. :func:`pack_bytes` checks this per layer (codes and the quantizer's output); a layer where it
-fails (grids wider than ~20 bits) keeps its float weight raw, so unpacking is always exact.
+fails (grids wider than ~20 bits), and a weight tensor shared with another entry of the ``state_dict`` (tied
+weights: restoring s * (q - z) would change what the other users read), keeps its float weight raw. Then the
+whole model is checked: the file is decoded, loaded into a copy of the model, and every tensor, every quantized
+weight and the outputs on example inputs must equal the original's exactly; a model that fails is refused
+(:class:`~bitalloc.errors.ConfigError`), never written as a file that unpacks to a different model. The
+input's dtype is recorded (``example_dtype``: "int64" for a model that starts with an ``nn.Embedding``), so
+unpacking rebuilds a valid example input.
+
+**Writing.** :func:`pack_model` writes a temporary file, verifies it (read back byte for byte; with
+``check_inputs``, unpacked and run), and only then renames it over the target (:func:`bitalloc.io.atomic_path`):
+a failed verification leaves the previous file untouched.
 
 **Safety.** :func:`read_packfile` verifies magic, version, lengths and the checksum before parsing, then
 decodes and checks every tensor (counts, shapes, codes inside their range) before any model is built; any
@@ -29,6 +39,7 @@ problem is a :class:`~bitalloc.errors.CheckpointError` naming the file and the p
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -288,21 +299,24 @@ def _clear_cache(q: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _restores_exactly(layer: nn.Module, w: Tensor, w_restored: Tensor, codes: Tensor, p: QuantParams) -> bool:
-    """Whether the restored float weight re-quantizes to the same codes and the same quantized weight."""
-    if not torch.equal(p.quantize(w_restored), codes):
-        return False
+def _quantized_weight(layer: nn.Module, w: Tensor | None = None) -> Tensor:
+    """The layer's weight quantizer applied to ``w`` (default: the layer's weight), enabled, without its cache."""
     q = layer.weight_quantizer
     enabled = q.enabled
     q.enabled = True
     try:
         _clear_cache(q)
-        a = q(w)
-        _clear_cache(q)
-        b = q(w_restored)
+        return q(layer.layer.weight if w is None else w)
     finally:
         _clear_cache(q)
         q.enabled = enabled
+
+
+def _restores_exactly(layer: nn.Module, w: Tensor, w_restored: Tensor, codes: Tensor, p: QuantParams) -> bool:
+    """Whether the restored float weight re-quantizes to the same codes and the same quantized weight."""
+    if not torch.equal(p.quantize(w_restored), codes):
+        return False
+    a, b = _quantized_weight(layer, w), _quantized_weight(layer, w_restored)
     return bool(a.dtype == b.dtype and torch.equal(a, b))
 
 
@@ -365,14 +379,121 @@ def _example_shape(qmodel: nn.Module, example_shape: Any) -> list[int]:
     return [int(s) for s in shape]
 
 
+def _run(model: nn.Module, x: Tensor) -> Any:
+    with torch.no_grad():
+        return model(x)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    t = next(iter(model.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _example_dtype(qmodel: nn.Module, example_dtype: Any, shape: list[int]) -> str:
+    """The input dtype to record: ``example_dtype``, the model's ``bitalloc_example_dtype``, else whichever of
+    float32 and int64 (token ids: a model that starts with an ``nn.Embedding``) the float model runs on (the
+    quantizers disabled, as unpacking's ``prepare`` runs it)."""
+    from bitalloc.model.layers import float_mode
+    from bitalloc.model.serialize import example_dtype_name, example_input
+
+    if example_dtype is not None or getattr(qmodel, "bitalloc_example_dtype", None) is not None:
+        return example_dtype_name(qmodel, example_dtype)
+    failures = []
+    for name in ("float32", "int64"):
+        try:
+            with float_mode(qmodel):
+                _run(qmodel, example_input(shape, name).to(_device_of(qmodel)))
+            return name
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported below
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    raise ConfigError(f"the model runs on neither float32 nor int64 zeros of shape {[1, *shape]} "
+                      f"({'; '.join(failures)}); pass example_shape=... (one input without the batch dimension) "
+                      "and example_dtype=...")
+
+
+def _shared_keys(state: dict[str, Tensor]) -> dict[str, list[str]]:
+    """For each ``state_dict`` key whose tensor overlaps another key's memory (tied weights), the other keys."""
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for k, t in state.items():
+        if not isinstance(t, Tensor) or t.numel() == 0:
+            continue
+        size = t.element_size()
+        start = t.storage_offset() * size
+        end = start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, end, k))
+    out: dict[str, list[str]] = {}
+    for group in spans.values():
+        for a0, a1, ka in group:
+            others = [kb for b0, b1, kb in group if kb != ka and a0 < b1 and b0 < a1]
+            if others:
+                out[ka] = others
+    return out
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    """Whether two model outputs (tensors, or tuples / lists / dicts of them) are equal bit for bit."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_output(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_output(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _round_trip_inputs(qmodel: nn.Module, shape: list[int], dtype_name: str) -> Tensor:
+    """Two example inputs for the round-trip check: seeded normal values (zeros for integer inputs)."""
+    from bitalloc.model.serialize import example_input
+
+    x = example_input(shape, dtype_name).expand(2, *shape).clone()
+    if x.is_floating_point():
+        x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    return x.to(_device_of(qmodel))
+
+
+@torch.no_grad()
+def _check_round_trip(qmodel: nn.Module, raw: bytes, dtype_name: str) -> None:
+    """Decode ``raw`` (packed bytes of ``qmodel``), load it into a copy of ``qmodel`` and require every tensor,
+    every quantized weight and the outputs on example inputs to equal the original's exactly."""
+    from bitalloc.model.layers import quant_layers
+
+    where = Path("<packed bytes>")
+    packed = _decode(*_verified(where, raw))
+    coded = {e["weight_key"] for e in packed.manifest["layers"] if e["encoding"] != "float"}
+    twin = copy.deepcopy(qmodel)
+    twin.load_state_dict(packed.state_dict, strict=True)
+    ref, got = qmodel.state_dict(), twin.state_dict()
+    bad = [k for k in ref if k not in coded and not (ref[k].dtype == got[k].dtype and torch.equal(ref[k], got[k]))]
+    for (name, a), (_, b) in zip(quant_layers(qmodel), quant_layers(twin)):
+        if a.weight_quantizer is not None and not torch.equal(_quantized_weight(a), _quantized_weight(b)):
+            bad.append(f"{name} (quantized weight)")
+    if not bad:
+        x = _round_trip_inputs(qmodel, packed.manifest["example_shape"], dtype_name)
+        try:
+            same = _same_output(_run(qmodel, x), _run(twin, x))
+        except Exception as exc:  # noqa: BLE001 - the model does not run on its own example input
+            raise ConfigError(f"the model does not run on an input of shape {list(x.shape)} and dtype {x.dtype} "
+                              f"({type(exc).__name__}: {exc}); pass the right example_shape / example_dtype") from None
+        if not same:
+            bad.append("the model's outputs")
+    if bad:
+        raise ConfigError(f"this model cannot be packed exactly: after unpacking, {', '.join(bad[:4])}"
+                          f"{' and others' if len(bad) > 4 else ''} would differ from the quantized model's (a "
+                          "tensor the packed state does not restore, or a layer that reads its float weight "
+                          "directly); save it with bitalloc.model.serialize.save_quantized (quantized.pt) instead")
+
+
 def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: dict[str, Any] | None = None,
-               example_shape: Any = None, codec: str = "auto",
-               extra: dict[str, Any] | None = None) -> tuple[bytes, list[LayerPackStats]]:
+               example_shape: Any = None, codec: str = "auto", extra: dict[str, Any] | None = None,
+               example_dtype: Any = None, check: bool = True) -> tuple[bytes, list[LayerPackStats]]:
     """Serialize a prepared, calibrated model into packed-file bytes (see the module docstring).
 
     ``codec``: "auto" (per tensor, the smaller of the Huffman stream (:func:`huffman.encode`, coder "auto")
     and plain bit-packing), "huffman" (always Huffman, coder "auto"), "zlib", "canonical" (Huffman with that
     coder) or "bitpack" (plain bit-packing only). Codes wider than 16 bits are always bit-packed.
+    ``example_dtype``: the input's dtype (default: ``qmodel.bitalloc_example_dtype``, else float32 or int64,
+    whichever the model runs on). ``check``: decode the bytes and require the exact round trip (module
+    docstring; :class:`ConfigError` if it fails).
     Returns (bytes, per-layer statistics).
     """
     from bitalloc import __version__
@@ -383,6 +504,10 @@ def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: 
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}; choose one of {CODECS}")
     info = prepare_info(qmodel)
+    shape = _example_shape(qmodel, example_shape)
+    dtype_name = _example_dtype(qmodel, example_dtype, shape)
+    state_dict = qmodel.state_dict()
+    shared = _shared_keys(state_dict)
     blobs = _Blobs()
     layers: list[dict[str, Any]] = []
     stats: list[LayerPackStats] = []
@@ -407,13 +532,18 @@ def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: 
                                  "qparams": {f: (None if getattr(p, f) is None else blobs.put_tensor(getattr(p, f)))
                                              for f in _QPARAM_FIELDS}}
         ent, hl = _code_entropy(codes)
-        if not _restores_exactly(layer, w, restored, codes, p):
+        keep_float = None
+        if key in shared:
+            keep_float = f"weight shared with {', '.join(shared[key])}: float weight kept (exact for every user)"
+        elif not _restores_exactly(layer, w, restored, codes, p):
+            keep_float = "grid too wide to restore exactly from codes: float weight kept"
+        if keep_float:
             entry["encoding"] = "float"
             entry["weight"] = blobs.put_tensor(w)
             raw = blobs.entries[entry["weight"]["blob"]][1]
             stats.append(LayerPackStats(name, list(w.shape), w.numel(), bits_mean, per_channel, ent, hl,
                                         8.0 * raw / max(w.numel(), 1), raw, bitpack.packed_size(tuple(w.shape), p.bits, axis),
-                                        None, "float", None, "grid too wide to restore exactly from codes: float weight kept"))
+                                        None, "float", None, keep_float))
         else:
             packed = bitpack.pack_codes(codes, p.qmin, p.bits, axis)
             stream = None
@@ -436,7 +566,7 @@ def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: 
         entry["stats"] = {k: v for k, v in asdict(stats[-1]).items() if k not in ("name", "shape")}
         layers.append(entry)
     state = []
-    for key, t in qmodel.state_dict().items():
+    for key, t in state_dict.items():
         if key in weight_layer:
             state.append({"key": key, "layer": weight_layer[key]})
         else:
@@ -444,7 +574,7 @@ def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bitalloc_version": __version__,
         "torch_version": str(torch.__version__), "byteorder": "little",
-        "model": _model_entry(model_name, model_spec), "example_shape": _example_shape(qmodel, example_shape),
+        "model": _model_entry(model_name, model_spec), "example_shape": shape, "example_dtype": dtype_name,
         "config": info.config.to_dict(), "prepare": _prepare_record(qmodel), "codec": codec,
         "layers": layers, "state": state, "blobs": blobs.entries, "extra": extra or {},
     }
@@ -452,14 +582,18 @@ def pack_bytes(qmodel: nn.Module, *, model_name: str | None = None, model_spec: 
 
     text = json.dumps(to_jsonable(manifest), separators=(",", ":"), allow_nan=False).encode("utf-8")
     body = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(text), blobs.size) + text + b"".join(blobs.chunks)
-    return body + hashlib.sha256(body).digest(), stats
+    raw = body + hashlib.sha256(body).digest()
+    if check:
+        _check_round_trip(qmodel, raw, dtype_name)
+    return raw, stats
 
 
 def pack_model(qmodel: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                model_spec: dict[str, Any] | None = None, example_shape: Any = None, codec: str = "auto",
                float_model: nn.Module | None = None, overwrite: bool = False, compare_bitpack: bool = True,
-               check_inputs: Tensor | None = None, extra: dict[str, Any] | None = None) -> PackReport:
-    """Write a prepared, calibrated model to a packed file (atomically) and report its sizes.
+               check_inputs: Tensor | None = None, extra: dict[str, Any] | None = None,
+               example_dtype: Any = None) -> PackReport:
+    """Write a prepared, calibrated model to a packed file (atomically, verified first) and report its sizes.
 
     Args:
         qmodel: the quantized model (``bitalloc.quantize`` / ``prepare`` + calibration, or ``load_quantized``).
@@ -468,39 +602,56 @@ def pack_model(qmodel: nn.Module, path: str | os.PathLike, *, model_name: str | 
             checkpoint's ``model`` entry (``{"name", "kwargs", "factory"}``). Without either, the caller of
             :func:`unpack_model` must pass the float model.
         example_shape: shape of one input without the batch dimension (default: ``qmodel.bitalloc_example_shape``).
+        example_dtype: the input's dtype (see :func:`pack_bytes`; ``torch.int64`` for token ids).
         codec: see :func:`pack_bytes`.
         float_model: the float model, for the FP32 ``state_dict`` size (default: rebuilt from the model entry).
         compare_bitpack: also build the bit-packed variant in memory, for ``bitpack_file_bytes``.
-        check_inputs: if given, unpack the written file and require outputs on these inputs to be
-            bit-identical to ``qmodel``'s (otherwise the file is removed and :class:`BitallocError` raised).
+        check_inputs: if given, the new file is also unpacked and run on these inputs, and its outputs must be
+            bit-identical to ``qmodel``'s.
+
+    A model that cannot round-trip exactly is refused before anything is written (:class:`ConfigError`, see
+    :func:`pack_bytes`). The bytes go to a temporary file that is read back and (with ``check_inputs``)
+    unpacked and compared *before* it is renamed over ``path``: when a check fails, ``path`` keeps its
+    previous content (or stays absent) and a :class:`BitallocError` says so.
     """
     from bitalloc.io import write_bytes
 
     if check_inputs is not None and float_model is None and _model_entry(model_name, model_spec) is None:
         raise ConfigError("check_inputs needs the float model to rebuild from: pass float_model=..., model_name=... "
                           "or model_spec=...")
-    data, stats = pack_bytes(qmodel, model_name=model_name, model_spec=model_spec, example_shape=example_shape,
-                             codec=codec, extra=extra)
+    if not overwrite and Path(path).exists():
+        raise CheckpointError(f"{path} already exists; remove it or choose another output path (pass "
+                              "overwrite=True / --overwrite to replace it)")
+    shape = _example_shape(qmodel, example_shape)
+    dtype_name = _example_dtype(qmodel, example_dtype, shape)
+    args = dict(model_name=model_name, model_spec=model_spec, example_shape=shape, example_dtype=dtype_name,
+                extra=extra)
+    data, stats = pack_bytes(qmodel, codec=codec, **args)
     bp_size = None
     if compare_bitpack:
-        bp_size = len(data) if codec == "bitpack" else len(pack_bytes(
-            qmodel, model_name=model_name, model_spec=model_spec, example_shape=example_shape, codec="bitpack",
-            extra=extra)[0])
+        bp_size = len(data) if codec == "bitpack" else len(pack_bytes(qmodel, codec="bitpack", check=False, **args)[0])
+
+    def verify(tmp: Path) -> None:
+        if check_inputs is None:
+            return
+        try:
+            restored = unpack_model(tmp, model=float_model)
+            with torch.no_grad():
+                same = _same_output(qmodel(check_inputs), restored(check_inputs))
+        except BitallocError as exc:
+            raise BitallocError(f"the new packed file for {path} does not unpack ({exc}); {path} was left as it "
+                                "was") from None
+        if not same:
+            raise BitallocError(f"internal error: the model unpacked from the new file for {path} does not "
+                                f"reproduce the quantized model's outputs bit for bit; {path} was left as it was; "
+                                "please report this")
+
     try:
-        write_bytes(path, data, overwrite=overwrite)
+        write_bytes(path, data, overwrite=overwrite, verify=verify)
     except FileExistsError as exc:
         raise CheckpointError(f"{exc} (pass overwrite=True / --overwrite to replace it)") from None
     fp32, ref = _fp32_bytes(float_model, _model_entry(model_name, model_spec))
-    report = PackReport(str(path), len(data), bp_size, fp32, ref, codec, stats)
-    if check_inputs is not None:
-        restored = unpack_model(path, model=float_model)
-        with torch.no_grad():
-            a, b = qmodel(check_inputs), restored(check_inputs)
-        if not torch.equal(a, b):
-            Path(path).unlink(missing_ok=True)
-            raise BitallocError(f"internal error: the model unpacked from {path} does not reproduce the quantized "
-                                "model's outputs bit for bit; please report this")
-    return report
+    return PackReport(str(path), len(data), bp_size, fp32, ref, codec, stats)
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -532,7 +683,11 @@ def read_verified(path: str | os.PathLike) -> tuple[Path, dict[str, Any], memory
         raise CheckpointError(f"{p}: no such packed model file")
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory, not a packed model file")
-    raw = p.read_bytes()
+    return _verified(p, p.read_bytes())
+
+
+def _verified(p: Path, raw: bytes) -> tuple[Path, dict[str, Any], memoryview, int]:
+    """:func:`read_verified` on the bytes ``raw`` of file ``p``."""
     minimum = _HEADER.size + CHECKSUM_BYTES
     if len(raw) < minimum:
         raise _fail(p, f"truncated ({len(raw)} bytes; even an empty packed model has at least {minimum})")
@@ -613,7 +768,11 @@ def _decode_layer(reader: _Reader, entry: dict[str, Any]) -> tuple[Tensor, Tenso
 
 def read_packfile(path: str | os.PathLike) -> PackedModel:
     """Verify and decode a packed file completely (no model is built). Raises :class:`CheckpointError`."""
-    p, manifest, data, size = read_verified(path)
+    return _decode(*read_verified(path))
+
+
+def _decode(p: Path, manifest: dict[str, Any], data: memoryview, size: int) -> PackedModel:
+    """Decode every tensor of a verified file (:func:`read_packfile`)."""
     try:
         reader = _Reader(data, manifest.get("blobs"))
         layers = manifest.get("layers")
@@ -648,6 +807,8 @@ def read_packfile(path: str | os.PathLike) -> PackedModel:
             if k not in manifest:
                 raise ValueError(f"manifest lacks {k!r}")
         _shape(manifest["example_shape"])
+        if manifest.get("example_dtype", "float32") not in _DTYPES:
+            raise ValueError(f"unknown example_dtype {manifest.get('example_dtype')!r}")
     except (ValueError, huffman.CodingError, RuntimeError, TypeError, KeyError) as exc:
         raise _fail(p, str(exc)) from None
     return PackedModel(p, manifest, state, codes, qparams, size)
@@ -677,6 +838,7 @@ def unpack_model(path: str | os.PathLike, model: nn.Module | None = None, *, tru
     """
     from bitalloc.config import QuantConfig
     from bitalloc.model.prepare import prepare
+    from bitalloc.model.serialize import example_input
     from bitalloc.train.checkpoint import load_state_into
 
     packed = read_packfile(path)
@@ -687,7 +849,8 @@ def unpack_model(path: str | os.PathLike, model: nn.Module | None = None, *, tru
         raise _fail(p, f"stored configuration is invalid ({exc})") from None
     if model is None:
         model = _build_float_model(m.get("model"), p, trust_factory)
-    example = torch.zeros(1, *m["example_shape"])
+    dtype_name = m.get("example_dtype", "float32")  # files written before it was recorded: float inputs
+    example = example_input(m["example_shape"], dtype_name)
     try:
         q = prepare(model, cfg, example)
     except BitallocError as exc:
@@ -702,6 +865,7 @@ def unpack_model(path: str | os.PathLike, model: nn.Module | None = None, *, tru
     load_state_into(q, packed.state_dict, path=p)
     q.eval()
     q.bitalloc_example_shape = tuple(m["example_shape"])
+    q.bitalloc_example_dtype = dtype_name
     q.bitalloc_packfile = {"path": str(p), "format_version": m["format_version"], "file_bytes": packed.file_bytes,
                            "model": m.get("model"), "extra": m.get("extra", {})}
     return q
@@ -713,7 +877,8 @@ def packfile_summary(path: str | os.PathLike) -> dict[str, Any]:
     m = packed.manifest
     return {"path": str(packed.path), "file_bytes": packed.file_bytes, "format_version": m["format_version"],
             "bitalloc_version": m.get("bitalloc_version"), "torch_version": m.get("torch_version"),
-            "model": m.get("model"), "example_shape": m["example_shape"], "codec": m.get("codec"),
+            "model": m.get("model"), "example_shape": m["example_shape"],
+            "example_dtype": m.get("example_dtype", "float32"), "codec": m.get("codec"),
             "config": m["config"], "prepare": m.get("prepare"), "extra": m.get("extra", {}),
             "layers": [{"name": l["name"], "type": l.get("type"), "shape": l.get("shape"),
                         "encoding": l.get("encoding"), **(l.get("stats") or {})} for l in m["layers"]]}

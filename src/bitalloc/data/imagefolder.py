@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
@@ -72,8 +73,11 @@ class ImageSource:
         if self._zip is None or self._zip_pid != os.getpid():
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise DataError(f"{self.path}: cannot open the zip archive ({exc}); re-copy it.") from None
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+                # NotImplementedError: a zip version / feature Python's zipfile cannot read (or a corrupt header)
+                raise DataError(f"{self.path}: cannot open the zip archive ({type(exc).__name__}: {exc}); it is "
+                                f"corrupt or uses a zip feature Python cannot read: re-copy it, or re-create it "
+                                f"with plain DEFLATE compression (e.g. `zip -r`).") from None
             self._zip_pid = os.getpid()
         return self._zip
 
@@ -104,9 +108,14 @@ class ImageSource:
         if self.is_zip:
             try:
                 return self._zipfile().read(self.prefix + rel)
-            except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
-                raise DataError(f"{self.path}: cannot read {self.prefix + rel} ({exc}); the archive may be "
-                                f"truncated; re-copy it.") from None
+            except NotImplementedError as exc:  # compression method or zip version zipfile cannot read
+                raise DataError(f"{self.path}: cannot read {self.prefix + rel} ({exc}); the archive is corrupt or "
+                                f"uses a feature Python's zipfile lacks: re-copy it, or re-create it with plain "
+                                f"DEFLATE compression (e.g. `zip -r`).") from None
+            except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error, RuntimeError, ValueError) as exc:
+                # zlib.error: a corrupt DEFLATE stream; RuntimeError: an encrypted member
+                raise DataError(f"{self.path}: cannot read {self.prefix + rel} ({exc}); the archive is "
+                                f"truncated or corrupt; re-copy it.") from None
         return (self.path / rel).read_bytes()
 
     def open_image(self, rel: str) -> Image.Image:

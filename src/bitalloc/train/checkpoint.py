@@ -15,7 +15,10 @@ dict with:
   ``torch_version``.
 
 Everything is plain data (tensors, numbers, strings, lists, dicts), so :func:`load_checkpoint` uses
-``torch.load(weights_only=True)``: opening a checkpoint never runs code from the file.
+``torch.load(weights_only=True)``: opening a checkpoint never runs code from the file. The file carries a
+SHA-256 checksum (:func:`bitalloc.io.torch_save`), verified before anything is unpickled: a checkpoint changed by
+even one bit, truncated, or without a checksum (plain ``torch.save`` files, files of a bitalloc without
+checksums: :func:`bitalloc.io.add_checksum` adopts those) is a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from bitalloc.errors import CheckpointError
-from bitalloc.io import load_failure, torch_save
+from bitalloc.io import torch_load, torch_save
 
 FORMAT = "bitalloc.train.checkpoint"
 VERSION = 1
@@ -104,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Read a training checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
     Raises :class:`CheckpointError` naming the file and the fix when it is missing, unreadable, truncated,
-    corrupt, or not a bitalloc training checkpoint.
+    corrupt (SHA-256 mismatch), without a checksum, or not a bitalloc training checkpoint.
     """
     p = Path(path)
     if not p.exists():
@@ -115,12 +118,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes), probably from an interrupted copy; "
                               f"delete it and train again, or restore it from a backup")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
-        raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be read ({load_failure(exc)}); "
-                              f"train again (`bitalloc train ... --overwrite` replaces it), or restore it from a "
-                              f"backup") from None
+    state = torch_load(p, what="checkpoint", map_location=map_location,
+                       fix="train again (`bitalloc train ... --overwrite` replaces it), or restore it from a backup")
     if not isinstance(state, dict) or "model_state" not in state:
         raise CheckpointError(f"{p} is not a bitalloc checkpoint (no model_state entry); give a file written by "
                               f"bitalloc train, or load plain state dicts with torch.load")
