@@ -202,6 +202,7 @@ class VideoCoder:
                               "them (bitalloc.codec.precision)")
         self.model = model.eval()
         self.motion_preset = motion_preset
+        self._int_cache: dict = {}  # weight codes and accumulator analyses of the frozen decoder networks
         self.id = model_id(model)
         self.bits = _decoder_bits(model)
         self.intra = _Latents(model.intra.coder)
@@ -265,7 +266,7 @@ class VideoCoder:
         ys, us, vs = [], [], []
         ref = None
         t_all = time.perf_counter()
-        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True):
+        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache):
             for i in range(len(frames)):
                 t0 = time.perf_counter()
                 x = frame_tensor(frames, i, size)
@@ -307,7 +308,7 @@ class VideoCoder:
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
         ref = None
-        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True):
+        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache):
             for i, rec in enumerate(records):
                 if rec.roi_bits != self.bits or rec.non_roi_bits != self.bits:
                     raise BitstreamError(f"{source}: frame {i} signals bit widths {rec.roi_bits}/{rec.non_roi_bits} "

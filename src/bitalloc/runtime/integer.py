@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bitalloc.batches import take_inputs
+from bitalloc.batches import batch_size, call_model, take_inputs
 from bitalloc.errors import BitallocError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.quant.grid import reshape_for_axis
@@ -150,6 +150,14 @@ def step_groups(scale: Tensor, *, merge_pow2: bool = True, max_shift: int = 8) -
 
 def _centred(p: QuantParams, codes: Tensor, ndim: int) -> Tensor:
     return codes - reshape_for_axis(p.zero_point.to(torch.int64), ndim, p.axis if p.per_channel else None)
+
+
+def _centred_float(p: QuantParams, x: Tensor) -> Tensor:
+    """Centred activation codes clamp(round(x * (1/s)) + z, qmin, qmax) - z computed in float32: the integers of
+    :meth:`QuantParams.quantize` (same operations, float32 holds codes of up to 24 bits exactly)."""
+    axis = p.axis if p.per_channel else None
+    s, z, lo, hi = (reshape_for_axis(t.float(), x.ndim, axis) for t in (p.scale, p.zero_point, p.qmin, p.qmax))
+    return torch.clamp(torch.round(x.float() * torch.reciprocal(s)) + z, lo, hi) - z
 
 
 @dataclass
@@ -486,8 +494,11 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
     inner = layer.layer
     pa = ints.act
     with torch.no_grad():
-        q = pa.quantize(x.detach())
-        codes = _centred(pa, q, x.ndim)
+        fast_codes = kernel == "float" and not keep_codes and not with_bound
+        if fast_codes:  # the same integers as pa.quantize, kept in float32 (exact: |codes| < 2^24)
+            codes = _centred_float(pa, x.detach())
+        else:
+            codes = _centred(pa, pa.quantize(x.detach()), x.ndim)
         results: list[IntegerResult] = []
         weight = inner.weight
 
@@ -560,7 +571,7 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
                                          codes if keep_codes else None, ints.w if keep_codes else None))
             return out
 
-        cf = codes.to(torch.float64)  # integers, exact in float64; padding / conv calls are intercepted
+        cf = codes if fast_codes else codes.to(torch.float64)  # exact integers; padding / conv are intercepted
         with _IntegerMode(layer, cf, run):
             out = inner(cf)
         if not results:
@@ -583,7 +594,7 @@ class IntegerRun:
 @contextlib.contextmanager
 def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: str = "auto", product: str = "auto",
                  record: bool = False, strict: bool = False, with_bound: bool = False,
-                 kernel: str = "reference") -> Iterator[IntegerRun]:
+                 kernel: str = "reference", cache: dict | None = None) -> Iterator[IntegerRun]:
     """Run every integer-executable QuantLayer of ``model`` through :func:`integer_forward` inside the block.
 
     Layers that are not integer-executable (float activations or weights, online quantizers, unsupported
@@ -591,11 +602,12 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
     raise with ``strict=True``. Accumulator overflow errors (``on_overflow="raise"``) always propagate.
     ``record=True`` keeps every IntegerResult (memory!) in ``run.results``; ``with_bound`` computes the
     float32 rounding bound of each output (for checks). ``kernel``: see :func:`integer_forward`; the weights'
-    integer codes are computed once, on entry (do not change weights inside the block).
+    integer codes are computed once, on entry (do not change weights inside the block); ``cache``: a dict kept by
+    the caller across blocks (weight codes and analyses, keyed by layer) for a model whose weights do not change.
     """
     run = IntegerRun()
     patched: list[QuantLayer] = []
-    prepared: dict[int, LayerInts] = {}
+    prepared: dict[int, LayerInts] = {} if cache is None else cache
 
     def forward(layer: QuantLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         try:
@@ -615,7 +627,8 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
 
     for name, layer in quant_layers(model):
         try:
-            prepared[id(layer)] = layer_ints(layer)
+            if id(layer) not in prepared:
+                prepared[id(layer)] = layer_ints(layer)
         except IntegerExecutionError as exc:
             if strict:
                 raise
@@ -700,10 +713,10 @@ def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", ac
     """
     was_training = model.training
     model.eval()
-    xs: list[Tensor] = list(take_inputs(data, samples))
+    xs: list[Any] = list(take_inputs(data, samples))
     if not xs:
         raise BitallocError("integer_check needs at least one input")
-    res = IntegerCheck(samples=sum(x.shape[0] for x in xs))
+    res = IntegerCheck(samples=sum(batch_size(x) for x in xs))
     checks: dict[str, LayerCheck] = {}
     hooks = []
 
@@ -736,7 +749,7 @@ def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", ac
         refs = []
         with torch.no_grad():
             for x in xs:
-                refs.append(model(x))
+                refs.append(call_model(model, x))
     finally:
         for h in hooks:
             h.remove()
@@ -744,7 +757,7 @@ def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", ac
     agree, total, dmax, omax = 0, 0, 0.0, 0.0
     with torch.no_grad(), integer_mode(model, on_overflow=on_overflow, accumulator=accumulator, product=product):
         for x, ref in zip(xs, refs):
-            got = model(x)
+            got = call_model(model, x)
             if not isinstance(got, Tensor):
                 continue
             d = (got.to(torch.float64) - ref.to(torch.float64)).abs()
