@@ -232,6 +232,13 @@ def test_hugging_face_style_encoder_with_dict_inputs():
         assert {l.name for l in cost.layers if l.quantized} == _linear_names(model)
         assert cost.layers[[l.name for l in cost.layers].index("layers.0.intermediate")].macs == 7 * 16 * 32
     assert q.bitalloc_calibration["calibration_samples"] == 16
+    # integer execution and onnxruntime alignment read the same batches (as before: a tensor's .shape / model(x))
+    from bitalloc.runtime import align_for_ort, integer_check
+
+    check = integer_check(q, calib, samples=6)
+    assert check.samples == 6 and len(check.layers) == len(_linear_names(model)) and not check.fake_quant_layers
+    assert check.output_max_abs_diff <= 1e-3 * check.output_max_abs
+    align_for_ort(q, calib)
 
 
 class _TupleModel(nn.Module):

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bitalloc.batches import batch_inputs
+from bitalloc.batches import batch_inputs, batch_size, call_model, cut_inputs, model_args
 from bitalloc.errors import ConfigError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.quant.grid import qparams_from_range, reshape_for_axis
@@ -251,12 +251,12 @@ def _record(model: nn.Module, example: Any) -> _Graph:
 
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
-    args = example if isinstance(example, tuple) else (example,)
-    g.keep += _tensors(args, [])
-    g.model_inputs = {id(t) for t in _tensors(args, [])}
+    args, kwargs = model_args(model, example)
+    g.keep += _tensors((args, kwargs), [])
+    g.model_inputs = {id(t) for t in _tensors((args, kwargs), [])}
     try:
         with torch.no_grad(), _Recorder(g):
-            out = model(*args)
+            out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -604,7 +604,7 @@ def align_for_ort(model: nn.Module, calibration_data: Iterable, *, int32_bias: b
     for batch in calibration_data:
         x = batch_inputs(batch)
         batches.append(x)
-        seen += x.shape[0] if isinstance(x, Tensor) else 1
+        seen += batch_size(x)
         if samples is not None and seen >= samples:
             break
     if not batches:
@@ -618,9 +618,7 @@ def align_for_ort(model: nn.Module, calibration_data: Iterable, *, int32_bias: b
             err = _requantize_shift_in_model(ql)
             if err is not None:
                 report.requantized_shifts[name] = err
-    ex = batches[0]
-    ex = ex[:1] if isinstance(ex, Tensor) else ex
-    g = _record(m, ex)
+    g = _record(m, cut_inputs(batches[0], 1))
     targets, report.unsupported = _targets(m, g)
     del g
     modules = dict(m.named_modules())
@@ -639,7 +637,7 @@ def align_for_ort(model: nn.Module, calibration_data: Iterable, *, int32_bias: b
     try:
         with torch.no_grad():
             for x in (batches if fresh else []):
-                m(*(x if isinstance(x, tuple) else (x,)))
+                call_model(m, x)
     finally:
         for h in handles:
             h.remove()
