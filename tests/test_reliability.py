@@ -491,6 +491,13 @@ def test_ignored_model_and_quantization_options_are_errors(tiny, tmp_path, capsy
     _one_line_error(code, err, "--fp32", "--w-bits")
     code, _, err = _cli(["cost", "--quantized", tmp_path / "q.pt", "--a-bits", 2], capsys)
     _one_line_error(code, err, "--quantized", "--a-bits")
+    code, _, err = _cli(["pack", "--quantized", tmp_path / "q.pt", "--preset", "minmax", "--out", tmp_path / "m.bapk"],
+                        capsys)
+    _one_line_error(code, err, "--quantized", "--preset")
+    code, _, err = _cli(["pack", "--checkpoint", tiny / "lenet5-4.pt", "--data", tiny / "mnist", "--out",
+                         tmp_path / "m.bapk"], capsys)
+    _one_line_error(code, err, "4 outputs", "10 classes")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -558,3 +565,89 @@ def test_hand_edited_checkpoint_fields(key, value, words, tiny, tmp_path, capsys
     save_checkpoint(tmp_path / "edited.pt", state)  # a valid file (checksum included), with an edited field
     code, _, err = _cli(_ptq(tiny, "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "o"), capsys)
     _one_line_error(code, err, *words)
+
+
+# ---- data files: one-line errors, not tracebacks ----------------------------------------------------------
+
+def _image_tree(root, size=8):
+    import numpy as np
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((size, size, 3), 40 * k, np.uint8)).save(root / cls / f"{k}.png")
+    return root
+
+
+def test_decompression_bomb_image_is_a_data_error(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from bitalloc.data import load_dataset
+
+    _image_tree(tmp_path / "imgs", size=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 = 1024 pixels > 2 x 100: PIL's bomb error
+    ds = load_dataset("imagefolder", tmp_path / "imgs", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match=r"cat/0\.png is too large to decode safely"):  # was: DecompressionBombError
+        ds[0]
+
+
+def _zip_of(tree, path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(tree.rglob("*.png")):
+            z.write(p, p.relative_to(tree).as_posix())
+    return path
+
+
+def test_corrupt_and_unsupported_zip_members_are_data_errors(tmp_path):
+    import struct
+    import zipfile
+
+    from bitalloc.data import ImageFolder
+
+    zpath = _zip_of(_image_tree(tmp_path / "imgs", size=16), tmp_path / "imgs.zip")
+    raw = bytearray(zpath.read_bytes())
+    with zipfile.ZipFile(zpath) as z:
+        info = z.getinfo("cat/0.png")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    # a corrupt DEFLATE stream in the first member
+    bad = bytearray(raw)
+    bad[start: start + info.compress_size] = bytes(info.compress_size)
+    (tmp_path / "deflate.zip").write_bytes(bad)
+    with pytest.raises(DataError, match="cat/0.png"):
+        ImageFolder(tmp_path / "deflate.zip")[0]
+    # "version needed to extract" 9.9 in the central directory: zipfile raises NotImplementedError
+    cd = raw.find(b"PK\x01\x02")
+    unsupported = bytearray(raw)
+    struct.pack_into("<H", unsupported, cd + 6, 99)
+    (tmp_path / "version.zip").write_bytes(unsupported)
+    with pytest.raises(DataError, match="version.zip"):
+        ImageFolder(tmp_path / "version.zip")[0]
+
+
+def test_missing_split_folder_names_options_that_exist(tmp_path):
+    from bitalloc.data import load_dataset
+
+    _image_tree(tmp_path / "flat")  # class folders at the root: no train / test
+    with pytest.raises(DataError, match="no 'train' folder") as exc:
+        load_dataset("cifar10", tmp_path / "flat", "train", cache_dir=tmp_path / "cache")
+    assert "--dataset imagefolder" in str(exc.value)  # the command line has no split option
+
+
+def test_packed_format_version_zero_is_corruption_not_an_old_bitalloc(tmp_path):
+    import struct
+
+    from bitalloc.coding import pack_model, unpack_model
+    from bitalloc.errors import CheckpointError
+
+    q = bitalloc.quantize(_mlp(), bitalloc.preset("minmax"), [torch.randn(8, 16)])
+    path = tmp_path / "m.bapk"
+    pack_model(q, path, example_shape=(16,))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 8, 0)  # the u32 format version after the 8 magic bytes
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="version 0 does not exist") as exc:
+        unpack_model(path, model=_mlp())
+    assert "upgrade" not in str(exc.value)  # was: "upgrade bitalloc"

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, load_model,
-                                 load_splits)
+from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config,
+                                 check_model_fits, check_quantized_source, config_label, load_model, load_splits)
 from bitalloc.errors import ConfigError
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from bitalloc.coding.packfile import pack_model
     from bitalloc.ptq import quantize
 
+    check_quantized_source(args)
     out = Path(args.out)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".json")
     if out.is_dir():
@@ -124,11 +125,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
         cfg = build_config(args)
         calib, _ = load_splits(dataset, args.data, args.calib, seed=args.seed, cache_dir=args.cache_dir)
+        check_model_fits(float_model, name, dataset, calib)
         calib_batches = batches(calib, min(args.batch_size, args.calib))
         qmodel = quantize(float_model, cfg, calib_batches, num_samples=args.calib)
         spec = (getattr(float_model, "bitalloc_checkpoint", {}) or {}).get("model") or {"name": name, "kwargs": {}}
         shape = tuple(calib_batches[0][0].shape[1:])
-        label = f"{name} {args.preset} W{args.w_bits:g}A{'f' if args.a_bits is None else f'{args.a_bits:g}'}"
+        label = f"{name} {config_label(args)}"
     if calib_batches:
         check = calib_batches[0][0][:8]
     else:

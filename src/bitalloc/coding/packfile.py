@@ -695,7 +695,9 @@ def _verified(p: Path, raw: bytes) -> tuple[Path, dict[str, Any], memoryview, in
     if magic != MAGIC:
         raise CheckpointError(f"{p} is not a bitalloc packed model (bad magic bytes {magic!r}); give a file written "
                               "by `bitalloc pack`")
-    if version > FORMAT_VERSION or version < 1:
+    if version < 1:  # versions start at 1: no bitalloc wrote this header
+        raise _fail(p, f"packed-format version {version} does not exist (versions start at 1)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{p} has packed-format version {version}; this bitalloc reads version "
                               f"{FORMAT_VERSION}: upgrade bitalloc")
     if flags != 0:

@@ -125,6 +125,9 @@ class ImageSource:
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(f"{self.path}: cannot decode image {rel} ({exc}); the file is corrupt.") from None
+        except Image.DecompressionBombError as exc:  # far more pixels than any real photo: refuse to decode it
+            raise DataError(f"{self.path}: image {rel} is too large to decode safely ({exc}); remove it from the "
+                            "data set or shrink it.") from None
         return img
 
     def describe(self, rel: str = "") -> str:
@@ -176,8 +179,9 @@ def _resolve_subdir(source: ImageSource, split: str | None) -> str:
         return ""
     if split in source.listdir(""):
         return split
-    raise DataError(f"{source.path} has no '{split}' folder (found: {', '.join(source.listdir('')) or 'none'}); "
-                    f"give split='all' to read the root itself as the class folders.")
+    raise DataError(f"{source.path} has no '{split}' folder (found: {', '.join(source.listdir('')) or 'none'}); a "
+                    f"data set with train and test splits needs <root>/{split}/<class>/<image>; for one folder of "
+                    "class folders use --dataset imagefolder (Python: ImageFolder(root, split='all')).")
 
 
 class ImageFolder(Dataset):
