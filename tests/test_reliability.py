@@ -157,7 +157,9 @@ def test_transformer_blocks_are_quantized_and_reports_agree(batch_first, norm_fi
         assert all(l.w_bits == 2 for l in cost.layers if l.quantized)
 
 
-def test_transformer_calibration_with_quantized_activations():
+def test_transformer_calibration_with_quantized_activations(tmp_path):
+    from bitalloc.model.serialize import load_quantized, save_quantized
+
     model = _encoder_models(True, False)[1]
     calib = [_tokens(8, True, seed=s) for s in range(2)]
     q = bitalloc.quantize(model, bitalloc.preset("aciq", w_bits=4, a_bits=4), calib)  # was: "is the data set empty?"
@@ -165,6 +167,9 @@ def test_transformer_calibration_with_quantized_activations():
     assert all(bool(l.input_quantizer.calibrated) for l in layers.values())
     x = _tokens(4, True, seed=7)
     assert (_run_no_grad(q, x) - _run_no_grad(model, x)).abs().max() > 0
+    # saved and loaded (prepared again, rewritten the same way), it computes exactly the same
+    save_quantized(q, tmp_path / "q.pt", example_shape=(6, 16))
+    assert torch.equal(_run_no_grad(load_quantized(tmp_path / "q.pt", model=model), x), _run_no_grad(q, x))
 
 
 # ---- a Hugging-Face-style encoder: separate q/k/v/out Linear layers, LayerNorm, GELU, dict inputs ------------

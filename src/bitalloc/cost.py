@@ -143,7 +143,8 @@ def _buffer_bits(module: nn.Module | None) -> float:
 
 @torch.no_grad()
 def cost_report(model: nn.Module, example_inputs: Any) -> CostReport:
-    """Per-layer and total cost of ``model`` (quantized or not) from one forward pass on ``example_inputs``."""
+    """Per-layer and total cost of ``model`` (quantized or not) from one forward pass on ``example_inputs`` (a
+    tensor, a tuple of positional arguments or a dict of keyword arguments: :func:`bitalloc.batches.call_model`)."""
     modules = dict(model.named_modules())
     inside_qlayer = {f"{n}.{c}" for n, m in modules.items() if isinstance(m, QuantLayer) for c, _ in m.named_modules() if c}
     targets = {n: m for n, m in modules.items()
