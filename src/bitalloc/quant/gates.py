@@ -102,6 +102,24 @@ def gumbel_test_gate(logit: Tensor, threshold: float = GUMBEL_THRESHOLD) -> Tens
     return ((1.0 - torch.sigmoid(logit.detach())) < threshold).to(torch.float32)
 
 
+def gumbel_softmax_sample(logits: Tensor, u: Tensor, tau: float = GUMBEL_TAU, hard: bool = False) -> Tensor:
+    """A Gumbel-softmax sample over the last axis (Jang, Gu, Poole, ICLR 2017, eq. 1; Maddison et al. 2017):
+    ``y = softmax((logits + g) / tau)`` with Gumbel noise ``g = -log(-log u)`` from ``u ~ U(0, 1)`` (same shape as
+    ``logits``). ``hard``: the forward value is the one-hot of ``argmax y`` (= ``argmax (logits + g)``, which is
+    distributed as ``softmax(logits)``: the Gumbel-max trick), the gradient that of ``y`` (straight-through)."""
+    y = torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    if hard:
+        one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+        return one_hot + (y - y.detach())
+    return y
+
+
+def categorical_test_choice(logits: Tensor) -> Tensor:
+    """The deterministic test-time choice of a categorical gate: the one-hot of ``argmax logits`` (no gradient)."""
+    logits = logits.detach()
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
 GATE_TYPES = ("hard_concrete", "gumbel")
 
 
@@ -139,5 +157,6 @@ __all__ = [
     "HC_BETA", "HC_ZETA", "HC_GAMMA", "HC_THRESHOLD", "GUMBEL_TAU", "GUMBEL_THRESHOLD", "GATE_TYPES",
     "uniform_noise", "logistic", "hard_concrete_sample", "hard_concrete_log_offset", "hard_concrete_prob_nonzero",
     "hard_concrete_prob_zero", "hard_concrete_test_gate", "gumbel_sample", "gumbel_prob_on", "gumbel_test_gate",
+    "gumbel_softmax_sample", "categorical_test_choice",
     "canonical_gate_type", "prob_on", "sample_gate", "test_gate",
 ]

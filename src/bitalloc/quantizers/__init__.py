@@ -14,9 +14,11 @@ from bitalloc.quantizers.fixed import FixedQuantizer
 from bitalloc.quantizers.frozen import FrozenQuantizer
 from bitalloc.quantizers.lsq import LearnedQuantizer, LSQQuantizer
 from bitalloc.quantizers.pact import PACTQuantizer
+from bitalloc.quantizers.region import RegionLSQQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {"fixed": FixedQuantizer, "lsq": LSQQuantizer, "pact": PACTQuantizer,
-                                          "bb": BayesianBitsQuantizer, "frozen": FrozenQuantizer}
+                                          "bb": BayesianBitsQuantizer, "frozen": FrozenQuantizer,
+                                          "lsq_region": RegionLSQQuantizer}
 
 
 def register_quantizer(name: str, cls: type[Quantizer]) -> None:
@@ -34,4 +36,4 @@ def make_quantizer(cfg: TensorConfig, role: str, axis: int, channels: int) -> Qu
 
 
 __all__ = ["QUANTIZERS", "BayesianBitsQuantizer", "FixedQuantizer", "FrozenQuantizer", "LearnedQuantizer", "LSQQuantizer",
-           "PACTQuantizer", "QuantParams", "Quantizer", "make_quantizer", "register_quantizer"]
+           "PACTQuantizer", "QuantParams", "Quantizer", "RegionLSQQuantizer", "make_quantizer", "register_quantizer"]
