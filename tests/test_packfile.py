@@ -271,6 +271,7 @@ def test_never_overwrites_silently_and_writes_atomically(tmp_path, packed_file):
     with pytest.raises(CheckpointError, match="already exists"):
         pack_model(q, target, example_shape=SHAPE, compare_bitpack=False)
     assert target.read_bytes() == b"precious"
+    q.__dict__.pop("bitalloc_example_shape", None)  # a model that does not record its input shape
     with pytest.raises(bitalloc.ConfigError, match="example_shape"):
         pack_model(q, tmp_path / "n.bapk", compare_bitpack=False)
     assert not (tmp_path / "n.bapk").exists() and not list(tmp_path.glob(".n.bapk*"))
