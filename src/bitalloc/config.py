@@ -3,8 +3,11 @@
 A :class:`QuantConfig` holds one default :class:`LayerConfig` (a weight and an input-activation
 :class:`TensorConfig`) plus ordered overrides keyed by module-name patterns. Patterns are shell globs on the
 module's qualified name (``features.*``, ``*_fc``), or regular expressions with a ``re:`` prefix, or a layer
-type with a ``type:`` prefix (``type:Linear``); later overrides win. The first and last quantized layers
-(in execution order) get ``first_last_bits`` (default 8) unless that is None.
+type with a ``type:`` prefix (``type:Linear``); later overrides win. The first and last layers get
+``first_last_bits`` (default 8) unless that is None; they are found by dataflow in ``prepare``
+(:meth:`bitalloc.model.trace.Trace.boundary_layers`): the first read the model's inputs with no quantizable
+layer before them (all of a transformer's first query / key / value projections), the last have no quantizable
+layer after them (the layer that produces the output, not an unused pooler).
 
 Everything is plain data: ``to_dict`` / ``from_dict`` round-trip through JSON, so a configuration can be
 saved next to a quantized model and reproduced exactly.

@@ -21,6 +21,11 @@ Conventions (SPEC "Cost conventions"; all per input sample):
   at their per-channel widths (pruned channels not stored); biases, float layers and every other parameter
   (e.g. unfolded BatchNorms) at 32 bits; quantization metadata (scales, zero points, bias-correction terms,
   learned step sizes, gates) is real-valued and counted at 32 bits as ``overhead_bits``.
+* Products of two activations (attention's q k^T and weights x v: ``matmul`` / ``bmm`` / ``baddbmm`` /
+  ``scaled_dot_product_attention`` calls whose two operands both depend on the model's inputs) are entries of
+  ``kind`` "matmul", named ``<module>.<function>#<k>``, with their MACs (output elements x inner dimension)
+  and 32 x 32-bit BOPs; softmaxes are entries of ``kind`` "softmax" without MACs (``elements``: values
+  computed). Both are computed in float and both count in the totals.
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ class LayerCost:
     groups: int = 1
     relative_bops: float = 0.0
     bireal_ops: float = 0.0
+    #: "layer" (a module with weights), "matmul" (a product of two activations, e.g. attention's q k^T and
+    #: weights x v) or "softmax" (no MACs; ``elements`` values, computed in float)
+    kind: str = "layer"
+    elements: float = 0.0
+    note: str = ""
 
 
 @dataclass
@@ -124,6 +134,61 @@ def _input_kept(layer_name: str, trace, modules: dict[str, nn.Module], c_in: int
             return None
         tid = node.inputs[0]
     return None
+
+
+#: torch functions that multiply two tensors as matrices (activation x activation when both depend on the inputs)
+MATMUL_FUNCTIONS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "scaled_dot_product_attention"}
+SOFTMAX_FUNCTIONS = {"softmax", "_softmax", "log_softmax"}
+FLOAT_PRODUCT_NOTE = "activation x activation product, computed in float (32 x 32 bits)"
+
+
+def _matmul_macs(node: Any) -> tuple[float, float]:
+    """(MACs, softmax elements) of one traced product: matmul / bmm / baddbmm (output elements x the inner
+    dimension), scaled_dot_product_attention (q k^T and weights x v: L S E + L S E_v per batch and head, plus a
+    softmax over its L S weights)."""
+    shapes = node.input_shapes
+    out = node.output_shapes[0] if node.output_shapes else ()
+    numel = float(torch.tensor(out, dtype=torch.float64).prod()) if out else 1.0
+    if node.target == "scaled_dot_product_attention":
+        q, k = shapes[0], shapes[1]
+        lead = float(torch.tensor(q[:-2], dtype=torch.float64).prod()) if len(q) > 2 else 1.0
+        weights = lead * q[-2] * k[-2]
+        return weights * q[-1] + numel * k[-2], weights
+    inner = shapes[-2][-1] if node.target == "baddbmm" else (shapes[0][-1] if shapes and len(shapes[0]) else 1)
+    return numel * inner, 0.0
+
+
+def _activation_products(trace: Any, model: nn.Module, batch: int) -> list[LayerCost]:
+    """The products of two activations (tensors computed from the model's inputs) and the softmaxes of a traced
+    forward pass, outside the layers with weights, per input sample (float: 32 x 32 bits)."""
+    constant = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    live: set[int] = set()  # tensors that depend on the model's inputs
+    produced = {t for n in trace.nodes for t in n.outputs}
+    out: list[LayerCost] = []
+    counts: dict[str, int] = {}
+    for node in trace.nodes:
+        for t in node.inputs:
+            if t not in produced and t not in constant:
+                live.add(t)  # a model input
+        inputs_live = [t for t in node.inputs if t in live]
+        if inputs_live:
+            live.update(node.outputs)
+        if node.module is not None:
+            continue
+        kind = ("matmul" if node.target in MATMUL_FUNCTIONS and len(inputs_live) >= 2 else
+                "softmax" if node.target in SOFTMAX_FUNCTIONS and inputs_live else None)
+        if kind is None:
+            continue
+        macs, elements = _matmul_macs(node) if kind == "matmul" else (0.0, float(
+            torch.tensor(node.output_shapes[0], dtype=torch.float64).prod()) if node.output_shapes else 0.0)
+        base = f"{node.scope + '.' if node.scope else ''}{node.target.strip('_')}"
+        counts[base] = counts.get(base, 0) + 1
+        macs, elements = macs / batch, elements / batch
+        out.append(LayerCost(f"{base}#{counts[base]}", node.target.strip("_"), False, macs, FLOAT_BITS, FLOAT_BITS,
+                             1.0, FLOAT_BITS * FLOAT_BITS * macs, 0, 0.0, relative_bops=1.0 if macs else 0.0,
+                             bireal_ops=macs, kind=kind, elements=elements,
+                             note=FLOAT_PRODUCT_NOTE if kind == "matmul" else "softmax, computed in float"))
+    return out
 
 
 def _bits(q: Any, channels: int) -> Tensor:
@@ -209,6 +274,9 @@ def cost_report(model: nn.Module, example_inputs: Any) -> CostReport:
                                 w_mem + b_mem + overhead, overhead, len(calls), groups,
                                 relative_bops=bops / (1024.0 * macs) if macs else 0.0,
                                 bireal_ops=bops / 64.0 if quantized else macs))
+    from bitalloc.batches import batch_size
+
+    layers.extend(_activation_products(trace, model, max(batch_size(example_inputs), 1)))
     other = [p for p in model.parameters() if id(p) not in counted_params]
     other_params = sum(p.numel() for p in other)
     total_macs = sum(l.macs for l in layers)

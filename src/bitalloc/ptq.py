@@ -56,7 +56,8 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
     Returns the quantized model (an ordinary ``nn.Module`` in eval mode; the input model is unchanged).
     ``calibration_data`` may be any iterable, a one-shot generator or iterator included (see
     :func:`replayable`). ``num_samples`` defaults to ``config.calibration_samples`` (32). ``example_inputs``
-    defaults to the first calibration batch (two samples of it).
+    defaults to the first calibration batch (two samples of it); one sample of it is recorded on the model
+    (:func:`record_example`), so that ``pack_model(qmodel, path)`` needs no ``example_shape``.
     """
     n = config.calibration_samples if num_samples is None else num_samples
     try:
@@ -70,6 +71,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
     if example_inputs is None:
         example_inputs = _first_batch(calibration_data)
     qmodel = prepare(model, config, example_inputs)
+    record_example(qmodel, example_inputs)
     info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
     if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
            for _, l in quant_layers(qmodel)):
@@ -80,6 +82,17 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
         info["calibration_seconds"] += time.perf_counter() - start
     qmodel.bitalloc_calibration = info
     return qmodel
+
+
+def record_example(qmodel: nn.Module, example_inputs: Any) -> None:
+    """Attach one sample of the model's inputs to ``qmodel``: ``bitalloc_example_inputs`` (a tensor, tuple or dict,
+    batch of one) and, for a single tensor input, ``bitalloc_example_shape`` (without the batch dimension) and
+    ``bitalloc_example_dtype`` (e.g. "int64" for token ids), which saving, packing and exporting read."""
+    one = cut_inputs(example_inputs, 1)
+    qmodel.bitalloc_example_inputs = one
+    if isinstance(one, torch.Tensor):
+        qmodel.bitalloc_example_shape = tuple(one.shape[1:])
+        qmodel.bitalloc_example_dtype = str(one.dtype).removeprefix("torch.")
 
 
 def bit_map(model: nn.Module) -> list[dict[str, Any]]:
@@ -105,6 +118,8 @@ def layer_table(model: nn.Module, cost: CostReport) -> list[dict[str, Any]]:
                "macs": lc.macs, "bops": lc.bops, "relative_bops": lc.relative_bops, "bireal_ops": lc.bireal_ops,
                "kept_fraction": lc.kept_fraction, "params": lc.params,
                "memory_bits": lc.memory_bits}
+        if lc.kind != "layer":  # a product of two activations or a softmax (bitalloc.cost)
+            row.update({"kind": lc.kind, "status": "float", "reason": lc.note, "elements": lc.elements})
         if rec is not None:
             row.update({"status": rec.status, "reason": rec.reason, "rules": rec.rules, "weight_config": rec.weight,
                         "act_config": rec.act, "bias_correction": rec.bias_correction})

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitalloc.cli.common import add_data_args, add_model_args, batches, load_model, load_splits
+from bitalloc.cli.common import add_data_args, add_model_args, load_model
+from bitalloc.cli.model_args import add_input_args, example_of, model_data
 from bitalloc.errors import ConfigError
 from bitalloc.report.machine import machine_description
 from bitalloc.report.tables import print_table
@@ -141,15 +142,17 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
     from bitalloc.runtime.ort import (agreement, float_compute_ops, int8_compute_ops, interleaved_latency,
                                       make_session, optimized_op_counts, ort_static_quantize, run_torch, top1)
 
+    from bitalloc.batches import batch_inputs, batch_size
+
     log = log or (lambda s: print(s, file=sys.stderr))
-    n_eval = int(sum(b[0].shape[0] for b in evaluation))
+    n_eval = int(sum(batch_size(batch_inputs(b)) for b in evaluation))
     for bs in batch_sizes:
         if n_eval < bs:
             raise ConfigError(f"batch size {bs} needs at least {bs} evaluation samples (have {n_eval})")
     torch.set_num_threads(threads)
     model = model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = calib[0][0][:1]
+    example = example_of(calib[0])
     rows: list[Row] = []
     sessions: dict[str, Any] = {}
 
@@ -167,6 +170,8 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
     fp32_path.write_bytes(proto.SerializeToString())
     sess = make_session(fp32_path, threads=threads)
     logits, labels = _logits(sess, evaluation)
+    if labels is None:  # unlabelled inputs (a tensor file): "top-1" is the agreement with the FP32 model
+        labels = logits.argmax(-1)
     row = Row("FP32 (onnxruntime)", "fp32", str(fp32_path))
     row.seconds["export"] = time.perf_counter() - t
     finish(row, sess, labels, logits)
@@ -215,11 +220,16 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
         finish(row, sess, labels, logits)
         log(f"{row.label}: top-1 {row.top1:.2f}% (fake quant {row.fake_quant_top1:.2f}%), agreement "
             f"{row.agreement:.2f}%, max |diff| {row.max_abs_error:.4g}, int8 ops {row.int8_ops}")
-    xs = torch.cat([b[0] for b in evaluation])
+    from bitalloc.batches import cut_inputs
+    from bitalloc.runtime.ort import input_feed
+
+    xs = concat_inputs([batch_inputs(b) for b in evaluation])
+    names = [i.name for i in sessions[rows[0].label].get_inputs()]
     for bs in batch_sizes:
-        if xs.shape[0] < bs:
-            raise ConfigError(f"batch size {bs} needs at least {bs} evaluation samples (have {xs.shape[0]})")
-        lat = interleaved_latency(sessions, xs[:bs].numpy(), runs=runs, warmup=warmup, min_seconds=min_seconds)
+        if n_eval < bs:
+            raise ConfigError(f"batch size {bs} needs at least {bs} evaluation samples (have {n_eval})")
+        lat = interleaved_latency(sessions, input_feed(names, cut_inputs(xs, bs)), runs=runs, warmup=warmup,
+                                  min_seconds=min_seconds)
         base = lat[rows[0].label].median_ms
         for row in rows:
             row.latency[str(bs)] = lat[row.label].to_dict()
@@ -227,10 +237,26 @@ def bench_cpu(model: nn.Module, calib: list, evaluation: list, configs: list[Ben
         log(f"batch {bs}: " + ", ".join(f"{r.label}: {lat[r.label].median_ms:.2f} ms" for r in rows))
     result = {"threads": threads, "runs": runs, "min_seconds": min_seconds, "warmup": warmup,
               "batch_sizes": list(batch_sizes),
-              "calibration_samples": int(sum(b[0].shape[0] for b in calib)),
-              "evaluation_samples": int(xs.shape[0]), "rows": [r.to_dict() for r in rows]}
+              "calibration_samples": int(sum(batch_size(batch_inputs(b)) for b in calib)),
+              "evaluation_samples": n_eval, "labels": "given" if n_eval and _labelled(evaluation) else
+              "none: top-1 is the agreement with the FP32 model", "rows": [r.to_dict() for r in rows]}
     result["verdicts"] = verdicts(result, latency_tolerance=latency_tolerance)
     return result
+
+
+def concat_inputs(parts: list[Any]) -> Any:
+    """Batches of model inputs (tensors, tuples or dicts of tensors) joined along the batch dimension."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(torch.cat([p[i] for p in parts]) for i in range(len(first)))
+    return {k: torch.cat([p[k] for p in parts]) for k in first}
+
+
+def _labelled(evaluation: list) -> bool:
+    b = evaluation[0]
+    return isinstance(b, (list, tuple)) and len(b) > 1 and b[1] is not None
 
 
 def claim_row(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -306,6 +332,7 @@ def register_cpu(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_data_args(p)
+    add_input_args(p)
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"comma list of PRESET/WxA[/ALIGN[/BIAS_SHIFT[/ACT_GRANULARITY]]] (default {DEFAULT_CONFIGS})")
     p.add_argument("--batch-sizes", default="1,32", help="comma list of batch sizes to time (default 1,32)")
@@ -332,7 +359,6 @@ def register(sub: Any) -> None:
 
 
 def run_cpu(args: argparse.Namespace) -> int:
-    from bitalloc import models
     from bitalloc.io import write_json
     from bitalloc.runtime.onnx_export import _require_onnx
     from bitalloc.runtime.ort import _require_ort
@@ -354,11 +380,9 @@ def run_cpu(args: argparse.Namespace) -> int:
     if (out / "bench.json").exists() and not args.overwrite:
         raise ConfigError(f"{out / 'bench.json'} exists; pass --overwrite or choose another --out")
     model, name, ckpt_dataset = load_model(args)
-    dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
-    calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
-                                    cache_dir=args.cache_dir)
-    result = bench_cpu(model, batches(calib, min(args.batch_size, args.calib)), batches(evaluation, args.batch_size),
-                       configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
+    data = model_data(args, model, name, ckpt_dataset)
+    dataset = data.dataset
+    result = bench_cpu(model, data.calib, data.eval_batches(), configs, out, batch_sizes=batch_sizes, threads=args.threads, runs=args.runs,
                        min_seconds=args.min_seconds, warmup=args.warmup, anchors=() if args.no_anchors else ("minmax", "entropy"),
                        latency_tolerance=args.latency_tolerance)
     result = {"model": name, "dataset": dataset, "data": args.data,

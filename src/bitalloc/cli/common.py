@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -58,21 +59,30 @@ def flag(dest: str) -> str:
 # ---- models -------------------------------------------------------------------------------------------------
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from bitalloc.cli.model_args import MODEL_HELP, add_user_model_args
+
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="zoo model name (lenet5, vgg7, resnet20, efficientnet_lite0)")
-    g.add_argument("--checkpoint", help="a checkpoint written by `bitalloc train` (rebuilds its model)")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--checkpoint", help="a checkpoint written by `bitalloc train` (rebuilds its model; one of a factory "
+                                        "outside bitalloc with --trust-code)")
+    add_user_model_args(g)
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, str | None]:
     """The float model from --checkpoint or --model (pretrained when the zoo has weights).
 
-    Returns (model in eval mode, model name, the dataset recorded in the checkpoint or None)."""
+    Returns (model in eval mode, model name, the dataset recorded in the checkpoint or None). A --model factory
+    (MODULE:FUNCTION or FILE.py:FUNCTION) is built by :func:`bitalloc.cli.model_args.load_user_model`."""
     from bitalloc import models
+    from bitalloc.cli.model_args import check_user_model_options, is_user_model, load_user_model
 
+    check_user_model_options(args)
+    if is_user_model(args):
+        return load_user_model(args)
     if args.checkpoint:
         from bitalloc.train.checkpoint import load_model_checkpoint
 
-        model = load_model_checkpoint(args.checkpoint)
+        model = load_model_checkpoint(args.checkpoint, trust_factory=bool(getattr(args, "trust_code", False)))
         meta = getattr(model, "bitalloc_checkpoint", {})
         name = (meta.get("model") or {}).get("name") or type(model).__name__
         if args.model and _canonical_model(args.model) != _canonical_model(name):
@@ -96,11 +106,13 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, str | None]:
                               "an FP32 checkpoint, --method fp32)")
         return model.eval(), name, dataset
     if not args.model:
-        raise ConfigError("give --model NAME (a zoo model) or --checkpoint PATH (from `bitalloc train`)")
+        raise ConfigError("give --model NAME (a zoo model, or a factory MODULE:FUNCTION / FILE.py:FUNCTION with "
+                          "--trust-code and --weights) or --checkpoint PATH (from `bitalloc train`)")
     info = models.model_info(args.model)
     if not info.pretrained:
         raise ConfigError(f"{args.model} has no pretrained weights: train it first with `bitalloc train --model "
-                          f"{args.model} ...` and pass --checkpoint PATH")
+                          f"{args.model} ...` and pass --checkpoint PATH (or name your own factory and weights: "
+                          "--model MODULE:FUNCTION --weights FILE)")
     return models.create(args.model, pretrained=True).eval(), args.model, info.default_dataset
 
 
@@ -128,16 +140,19 @@ def add_data_args(p: argparse.ArgumentParser, *, calib: bool = True) -> None:
 
 
 def load_splits(dataset: str, data: str | None, n_calib: int, *, seed: int = 0, limit: int | None = None,
-                cache_dir: str | None = None) -> tuple[Any, Any]:
+                cache_dir: str | None = None, transform: Any = None) -> tuple[Any, Any]:
     """Calibration and evaluation sets.
 
     Data sets with a test split (MNIST, Fashion-MNIST, CIFAR-10): ``n_calib`` samples drawn (seeded) from the
     training split, evaluation on the test split. Single-split sets (the ImageNet sample): a seeded random
-    split into ``n_calib`` calibration images and the rest for evaluation.
+    split into ``n_calib`` calibration images and the rest for evaluation. ``transform``: the preprocessing of
+    image folders (a :class:`bitalloc.data.Preprocess`; default: the data set's).
     """
     from bitalloc.data import calibration_split, dataset_info, load_dataset
 
     info = dataset_info(dataset)
+    if transform is not None:
+        load_dataset = functools.partial(load_dataset, transform=transform)
     if n_calib < 1:
         raise ConfigError(f"--calib {n_calib}: give at least 1 calibration sample")
     if "test" in info.splits:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config,
-                                 check_model_fits, check_quantized_source, load_model,
-                                 load_splits)
+                                 check_quantized_source, load_model, load_splits)
+from bitalloc.cli.model_args import add_input_args, example_of, model_data
 from bitalloc.errors import ConfigError
 from bitalloc.report.tables import print_table
 
@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
     add_model_args(o)
     o.add_argument("--quantized", help="a quantized model saved by `bitalloc ptq --save-model` (no re-calibration)")
     add_data_args(o)
+    add_input_args(o)
     add_quant_args(o)
     o.set_defaults(preset="percentile", w_bits=8, a_bits=8.0)  # the int8 deployment recipe (see the docstring)
     for opt, old, new in (("--preset", "default aciq", "default here: percentile"), ("--w-bits", "default 4", "default here: 8"),
@@ -138,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
                                (f"--align {args.align}", args.align != "none"), ("--bias-shift fold", args.bias_shift == "fold"),
                                ("--integer-check", args.integer_check is not None)) if on]
     needs_data = bool(reasons)
-    if needs_data and args.data is None and not os.environ.get("BITALLOC_DATA"):
+    if needs_data and args.data is None and not os.environ.get("BITALLOC_DATA") and not args.inputs:
         hint = " (--align model is the default: pass --align none to export the model's own quantization points " \
                "without data)" if args.align == "model" else ""
-        raise ConfigError(f"{' / '.join(reasons)} need(s) calibration data: give --data PATH (or set BITALLOC_DATA)"
-                          + hint)
+        raise ConfigError(f"{' / '.join(reasons)} need(s) calibration data: give --data PATH (or set BITALLOC_DATA), "
+                          "or --inputs FILE (a tensor file of model inputs)" + hint)
     calib_b = eval_b = None
     if args.quantized:
         from bitalloc.model.serialize import load_quantized
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         qmodel = load_quantized(args.quantized)
         name = getattr(qmodel, "bitalloc_model_name", None) or Path(args.quantized).stem
         dataset = args.dataset
-        if needs_data and dataset is None:
+        if needs_data and dataset is None and not args.inputs:
             try:
                 dataset = models.model_info(name).default_dataset
             except ConfigError:
@@ -158,20 +159,27 @@ def run(args: argparse.Namespace) -> int:
                                   f"model {name!r} is not a zoo model with a default dataset)") from None
     else:
         model, name, ckpt_dataset = load_model(args)
-        dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
-    if needs_data:
+    if needs_data and args.quantized and not args.inputs:
         calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
                                         cache_dir=args.cache_dir)
-        if not args.quantized:
-            check_model_fits(model, name, dataset, calib)
         calib_b = batches(calib, min(args.batch_size, args.calib))
         eval_b = batches(evaluation, args.batch_size) if args.verify else None
+    elif needs_data:
+        data = model_data(args, None if args.quantized else model, name, None if args.quantized else ckpt_dataset,
+                          need_eval=args.verify)
+        dataset, calib_b = data.dataset, data.calib
+        eval_b = data.eval_batches() if args.verify else None
     if not args.quantized:
         import bitalloc
 
         cfg = build_config(args)
         qmodel = bitalloc.quantize(model, cfg, calib_b)
-    example = calib_b[0][0][:1] if calib_b else torch.zeros((1, *qmodel.bitalloc_example_shape))
+    if calib_b:
+        example = example_of(calib_b[0])
+    else:
+        from bitalloc.model.serialize import example_input
+
+        example = example_input(qmodel.bitalloc_example_shape, getattr(qmodel, "bitalloc_example_dtype", None))
     torch.set_num_threads(args.threads)
     alignment = None
     if args.align == "model":

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config,
-                                 check_model_fits, check_quantized_source, config_label, load_model, load_splits)
+                                 check_quantized_source, config_label, load_model, load_splits)
+from bitalloc.cli.model_args import add_input_args, model_data
 from bitalloc.errors import ConfigError
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
@@ -35,6 +36,7 @@ def register(sub: Any) -> None:
     p.add_argument("--quantized", help="a quantized model saved by `bitalloc ptq --save-model` (instead of "
                                        "--model/--checkpoint and the quantization options)")
     add_data_args(p)
+    add_input_args(p)
     add_quant_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="the packed model file to write (e.g. model.bapk)")
@@ -92,6 +94,16 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
             raise ConfigError(f"{p} already exists; pass --overwrite to replace it, or choose another --out/--report")
 
 
+def _model_spec(args: argparse.Namespace, float_model: Any, name: str) -> dict[str, Any]:
+    """How unpacking rebuilds the float model: the checkpoint's model entry, the --model factory with its
+    --model-kwargs (unpacking it needs trust again: ``bitalloc unpack --trust-code``), or the zoo name."""
+    from bitalloc.cli.model_args import is_user_model, model_kwargs
+
+    if is_user_model(args):
+        return {"name": None, "kwargs": model_kwargs(args), "factory": name}
+    return (getattr(float_model, "bitalloc_checkpoint", {}) or {}).get("model") or {"name": name, "kwargs": {}}
+
+
 def run(args: argparse.Namespace) -> int:
     from bitalloc import models
     from bitalloc.coding.activations import activation_code_stats
@@ -122,17 +134,19 @@ def run(args: argparse.Namespace) -> int:
         label = Path(args.quantized).name
     else:
         float_model, name, ckpt_dataset = load_model(args)
-        dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
         cfg = build_config(args)
-        calib, _ = load_splits(dataset, args.data, args.calib, seed=args.seed, cache_dir=args.cache_dir)
-        check_model_fits(float_model, name, dataset, calib)
-        calib_batches = batches(calib, min(args.batch_size, args.calib))
+        calib_batches = model_data(args, float_model, name, ckpt_dataset, need_eval=False).calib
         qmodel = quantize(float_model, cfg, calib_batches, num_samples=args.calib)
-        spec = (getattr(float_model, "bitalloc_checkpoint", {}) or {}).get("model") or {"name": name, "kwargs": {}}
-        shape = tuple(calib_batches[0][0].shape[1:])
+        spec = _model_spec(args, float_model, name)
+        shape = getattr(qmodel, "bitalloc_example_shape", None)
+        if shape is None:
+            raise ConfigError(f"model {name} takes several inputs (a tuple or a dict); packed files record one input "
+                              "tensor: pack a model whose forward takes one tensor")
         label = f"{name} {config_label(args)}"
     if calib_batches:
-        check = calib_batches[0][0][:8]
+        from bitalloc.batches import batch_inputs
+
+        check = batch_inputs(calib_batches[0])[:8]
     else:
         check = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     rep = pack_model(qmodel, out, model_name=name, model_spec=spec, example_shape=shape, codec=args.codec,

@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, batches, build_config, check_model_fits,
-                                 config_label, config_sources, load_model, load_splits, make_eval_fn, output_dir)
+from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, build_config, config_label,
+                                 config_sources, load_model, output_dir)
+from bitalloc.cli.model_args import add_input_args, model_data
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
 
@@ -18,6 +19,7 @@ def register(sub: Any) -> None:
                                    "and the per-layer, per-channel bit widths.")
     add_model_args(p)
     add_data_args(p)
+    add_input_args(p)
     add_quant_args(p)
     p.add_argument("--out", default="runs/ptq", help="output folder (report.json, bitmap.png; default runs/ptq)")
     p.add_argument("--save-model", action="store_true", help="also save the quantized model (quantized.pt)")
@@ -40,30 +42,35 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitalloc import models
     from bitalloc.ptq import run_ptq
 
     out = output_dir(args.out, create=False)  # checked now, created once there is something to write
     model, name, ckpt_dataset = load_model(args)
-    dataset = args.dataset or ckpt_dataset or models.model_info(name).default_dataset
     cfg = build_config(args)
-    calib, evaluation = load_splits(dataset, args.data, args.calib, seed=args.seed, limit=args.limit,
-                                    cache_dir=args.cache_dir)
-    check_model_fits(model, name, dataset, calib)
-    calib_batches = batches(calib, min(args.batch_size, args.calib))
+    data = model_data(args, model, name, ckpt_dataset)  # images (--dataset / --data) or a tensor file (--inputs)
+    calib_batches, dataset = data.calib, data.dataset
     label = config_label(args)
     sources = config_sources(args)
     if sources["config_file"] and sources["command_line"]:
         print(f"note: {', '.join(f'{k} {v}' for k, v in sources['command_line'].items())} from the command line "
               f"on top of --config {sources['config_file']}", file=sys.stderr)
-    result = run_ptq(model, cfg, calib_batches, make_eval_fn(evaluation, args.batch_size), name=label)
-    report = {"model": name, "dataset": dataset, "data": args.data, **result.report, "config_sources": sources}
+    evaluate = data.eval_fn(model)
+    result = run_ptq(model, cfg, calib_batches, evaluate, name=label)
+    report = {"model": name, "dataset": dataset, "data": args.data, **result.report, "config_sources": sources,
+              **data.extra, **getattr(evaluate, "metrics", {})}
+    if not data.labelled:
+        report["metric"] = "top-1 agreement with the FP32 model (no labels): fp32_top1 / top1 are agreements"
     out.mkdir(parents=True, exist_ok=True)
     print_layers(report)
     if report["float_layers"]:
         print_table("Left in float", ["layer", "type", "reason"],
                     [[f["name"] or "(model)", f["type"], f["reason"]] for f in report["float_layers"]])
     print_summary(report)
+    if "agreement" in report:
+        a = report["agreement"]
+        print_table("Agreement with the FP32 model", ["samples", "top-1 agreement %", "cosine (mean)", "cosine (min)",
+                                                      "SQNR dB", "nearest-neighbour agreement %"],
+                    [[a["samples"], a["top1_agreement"], a["cosine"], a["cosine_min"], a["sqnr_db"], a["nn_agreement"]]])
     write_json(out / "report.json", report)
     print(f"report: {out / 'report.json'}", file=sys.stderr)
     if not args.no_plot:
@@ -76,6 +83,18 @@ def run(args: argparse.Namespace) -> int:
         from bitalloc.model.serialize import save_quantized
 
         path = save_quantized(result.model, out / "quantized.pt", model_name=name,
-                              example_shape=tuple(calib_batches[0][0].shape[1:]))
+                              example_shape=_example_shape(result.model))
         print(f"quantized model: {path}", file=sys.stderr)
     return 0
+
+
+def _example_shape(qmodel: Any) -> tuple[int, ...]:
+    """The shape of the model's one input tensor (``quantize`` records it); ConfigError for tuple / dict inputs,
+    which quantized.pt files cannot record yet."""
+    from bitalloc.errors import ConfigError
+
+    shape = getattr(qmodel, "bitalloc_example_shape", None)
+    if shape is None:
+        raise ConfigError("--save-model writes models with one input tensor; this model takes several inputs (a "
+                          "tuple or a dict): save it from Python with torch.save(qmodel.state_dict(), ...) instead")
+    return tuple(shape)

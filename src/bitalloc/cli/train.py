@@ -79,7 +79,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Train a zoo model on a dataset with its preset recipe; works under torchrun. Presets: "
                     + "; ".join(f"{k}: {v.notes}" for k, v in PRESETS.items()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model name: lenet5, vgg7, resnet20, efficientnet_lite0")
+    p.add_argument("--model", required=True,
+                   help="model name (lenet5, vgg7, resnet20, efficientnet_lite0) or a factory MODULE:FUNCTION / "
+                        "path/to/file.py:FUNCTION returning an nn.Module (with --trust-code; it gets num_classes when "
+                        "its signature takes it, and --model-kwargs)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow importing the --model factory (runs its code: only for code you trust)")
+    p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments of the --model factory (a JSON object)")
     p.add_argument("--dataset", default=None,
                    help="dataset name (mnist, fashion-mnist, cifar10, imagenet, imagefolder); default: the model's")
     p.add_argument("--data", default=None, help="data path (default: $BITALLOC_DATA)")
@@ -105,7 +111,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="lsq/pact/bb: the frozen quantized model for --quantized (default: <out without .pt>-frozen.pt)")
     p.add_argument("--resume", action="store_true", help="continue training from --out")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of a previous run")
-    p.add_argument("--init", default=None, help="start from the weights of this checkpoint (fine-tuning)")
+    p.add_argument("--init", default=None, help="start from these weights (fine-tuning): a checkpoint of bitalloc "
+                                                "train, a state_dict (.pt / .pth / .bin) or a .safetensors file")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from the model's shipped pretrained weights (default: the preset's choice)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -188,8 +195,27 @@ def load_data(args: argparse.Namespace, augment: bool) -> tuple[Any, Any, int]:
 
 
 def build_model(args: argparse.Namespace, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str | None]:
-    """``(model, constructor kwargs, factory)`` for ``args.model``."""
+    """``(model, constructor kwargs, factory)`` for ``args.model``: a zoo model, a hook, or a factory spec
+    (MODULE:FUNCTION or FILE.py:FUNCTION, imported with --trust-code; called with --model-kwargs, plus
+    ``num_classes`` when its signature takes it and --model-kwargs does not set it)."""
+    from bitalloc.models.user import is_factory_spec
+
     kwargs = {"num_classes": int(num_classes)}
+    if is_factory_spec(args.model):
+        import inspect
+
+        from bitalloc.cli.model_args import model_kwargs
+        from bitalloc.models.user import build_user_model, import_factory
+
+        kwargs = model_kwargs(args)
+        factory = import_factory(args.model, trust_code=bool(args.trust_code))
+        try:
+            takes = "num_classes" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes and "num_classes" not in kwargs:
+            kwargs["num_classes"] = int(num_classes)
+        return build_user_model(args.model, trust_code=True, kwargs=kwargs).train(), kwargs, args.model
     if args.model in MODEL_HOOKS:
         from bitalloc.train.checkpoint import _import_factory
 
@@ -269,7 +295,8 @@ def print_summary(result: Any, header: dict[str, Any], outputs: dict[str, str | 
 # ---- command -----------------------------------------------------------------------------------------------
 
 def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:
-    out = args.out or str(Path("runs") / f"{args.model}_{args.dataset}_{args.method}.pt")
+    model = args.model.rpartition(":")[2].rpartition(".")[2] if ":" in args.model else args.model  # a factory: its name
+    out = args.out or str(Path("runs") / f"{model}_{args.dataset}_{args.method}.pt")
     stem = out[:-3] if out.endswith(".pt") else out
     return out, args.log or f"{stem}.jsonl", args.json or f"{stem}.json"
 
@@ -336,18 +363,25 @@ def check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from bitalloc.io import write_json
     from bitalloc.train import distributed as D
-    from bitalloc.train.checkpoint import check_output_path, load_model_checkpoint
+    from bitalloc.train.checkpoint import check_output_path
     from bitalloc.train.loop import fit, seed_everything
     from bitalloc.train.presets import default_dataset, get_method, get_preset
+
+    from bitalloc.models.user import is_factory_spec
 
     check_options(args)
     method = get_method(args.method)
     options = method.options(args)
     preset = get_preset(args.model, args.dataset)
+    user_model = is_factory_spec(args.model)
+    if args.model_kwargs and not user_model:
+        raise ConfigError(f"--model-kwargs applies to a --model factory (MODULE:FUNCTION), not to {args.model}")
     if args.dataset is None:
+        if user_model:
+            raise ConfigError(f"--model {args.model} is a factory, not a zoo model: give --dataset NAME")
         args.dataset = default_dataset(args.model)
     args.dataset = _canonical_dataset(args.dataset)
-    if args.model not in MODEL_HOOKS:
+    if args.model not in MODEL_HOOKS and not user_model:
         from bitalloc.models import model_info
 
         args.model = model_info(args.model).name
@@ -373,7 +407,9 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)  # the same initial weights on every rank and in every run with this seed
         model, model_kwargs, factory = build_model(args, num_classes, pretrained)
         if args.init:
-            load_model_checkpoint(args.init, model=model)
+            from bitalloc.models.user import load_weights
+
+            load_weights(model, args.init)  # a bitalloc checkpoint (checksum verified) or a plain state_dict
             model.train()
         model = method.prepare(model, options)
         objective = method.make_objective(model, options)

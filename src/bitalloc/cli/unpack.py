@@ -27,8 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="write the restored quantized model here (a quantized.pt for load_quantized)")
     p.add_argument("--json", help="write the summary (and accuracy) as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--trust-factory", action="store_true",
-                   help="allow rebuilding a float model from a factory outside bitalloc named in the file")
+    p.add_argument("--trust-code", "--trust-factory", dest="trust_factory", action="store_true",
+                   help="allow rebuilding the float model from a factory outside bitalloc named in the file (imports "
+                        "and runs that code: only for code you trust)")
     add_data_args(p)
     p.set_defaults(func=run)
 

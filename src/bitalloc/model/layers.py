@@ -143,7 +143,12 @@ def set_quantization_enabled(model: nn.Module, enabled: bool, *, weights: bool =
 
 
 class float_mode:
-    """Context manager: run a quantized model in float (all quantizers disabled), restoring the state after."""
+    """Context manager: run a quantized model in float (all quantizers disabled), restoring the state after.
+
+    It disables quantizers; it does not restore weights that calibration replaced: after GPTQ rounding
+    (``rounding="gptq"``, preset ``aciq-gptq``) each such layer's weight *is* its GPTQ-rounded grid values, so
+    ``float_mode`` then runs float activations with those weights, not the original FP32 model (keep the
+    model you passed to ``quantize`` for that: it is never modified)."""
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -291,6 +291,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
     unsupported = {n: type(modules[n]).__name__ for n in owners if not _quantizable(modules[n])}
     _check_explicit_overrides(config, unsupported, {n: _type_names(modules[n]) for n in owners if n not in unsupported})
     order = trace.order([n for n in owners if n not in unsupported])
+    first, last = (set(b) for b in trace.boundary_layers(order))
     for name in owners:
         m = modules[name]
         tname = type(m).__name__
@@ -301,7 +302,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
             records.append(LayerRecord(name, tname, "float", "not called as a module in the traced forward "
                                        "(its parent uses the weight directly, or the layer is unused)"))
             continue
-        lcfg, rules = config.for_layer(name, _type_names(m), is_first=name == order[0], is_last=name == order[-1])
+        lcfg, rules = config.for_layer(name, _type_names(m), is_first=name in first, is_last=name in last)
         if not lcfg.quantize or (lcfg.weight is None and lcfg.act is None):
             records.append(LayerRecord(name, tname, "float", "left in float by configuration", rules))
             continue

@@ -35,6 +35,8 @@ class Node:
     outputs: list[int]
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: the innermost (non-atomic) module whose forward made this call ("" for the model itself)
+    scope: str = ""
 
 
 @dataclass
@@ -55,6 +57,31 @@ class Trace:
         """``names`` that were called, sorted by their first call."""
         called = [n for n in names if self.called(n)]
         return sorted(called, key=lambda n: self.calls[n][0])
+
+    def nearest_upstream(self, names: list[str]) -> dict[str, set[str]]:
+        """For each module of ``names`` that was called, the modules of ``names`` whose outputs reach its inputs
+        without passing through another module of ``names`` (its nearest upstream layers, by dataflow)."""
+        wanted = set(names)
+        src: dict[int, frozenset[str]] = {}  # tensor id -> nearest layers it comes from
+        up: dict[str, set[str]] = {n: set() for n in names if self.called(n)}
+        for node in self.nodes:
+            came = frozenset().union(*(src.get(t, frozenset()) for t in node.inputs))
+            if node.module is not None and node.target in wanted:
+                up[node.target] |= came
+                came = frozenset((node.target,))
+            for t in node.outputs:
+                src[t] = src.get(t, frozenset()) | came if t in node.inputs else came
+        return up
+
+    def boundary_layers(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """(first, last) among the called modules of ``names``, by dataflow: the first read the model's inputs
+        with no module of ``names`` before them (e.g. a transformer's query, key and value projections, which
+        read the same embeddings); the last have no module of ``names`` after them (their outputs reach the
+        model's outputs only through other operations), so an unused or side module is neither."""
+        up = self.nearest_upstream(names)
+        feeding = set().union(*up.values()) if up else set()
+        order = self.order(list(up))
+        return [n for n in order if not up[n]], [n for n in order if n not in feeding]
 
 
 def _flatten_tensors(obj: Any, out: list[Tensor]) -> list[Tensor]:
@@ -79,7 +106,11 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.tracer.depth == 0:
             name = getattr(func, "__name__", None) or repr(func)
-            if name not in ("__get__", "size", "dim", "numel", "__len__", "is_floating_point", "__format__"):
+            if name == "__get__":  # a tensor property: record those that give a tensor (x.T, x.mT), for dataflow
+                if isinstance(out, Tensor):
+                    self.tracer.record(getattr(getattr(func, "__self__", None), "__name__", name), None, (args, kwargs),
+                                       out)
+            elif name not in ("size", "dim", "numel", "__len__", "is_floating_point", "__format__"):
                 self.tracer.record(name, None, (args, kwargs), out)
         return out
 
@@ -92,6 +123,7 @@ class _Tracer:
         self.producer: dict[int, int] = {}
         self.consumers: dict[int, list[int]] = {}
         self.calls: dict[str, list[int]] = {}
+        self.scope: list[str] = []  # names of the non-atomic modules whose forward is running
 
     def record(self, target: str, module: nn.Module | None, inputs: Any, outputs: Any) -> Node:
         ins = _flatten_tensors(inputs, [])
@@ -99,7 +131,8 @@ class _Tracer:
         self.keep.extend(ins)
         self.keep.extend(outs)
         node = Node(len(self.nodes), target, module, [id(t) for t in ins], [id(t) for t in outs],
-                    [tuple(t.shape) for t in ins], [tuple(t.shape) for t in outs])
+                    [tuple(t.shape) for t in ins], [tuple(t.shape) for t in outs],
+                    self.scope[-1] if self.scope else "")
         self.nodes.append(node)
         for t in node.inputs:
             self.consumers.setdefault(t, []).append(node.index)
@@ -127,6 +160,14 @@ def trace_model(model: nn.Module, example_inputs: Any, *,
 
     for name, module in model.named_modules():
         if not is_atomic(name, module):
+            def enter(m, args, _name=name):
+                tracer.scope.append(_name)
+
+            def leave(m, args, output):
+                tracer.scope.pop()
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
             continue
 
         def pre(m, args, kwargs, _name=name):

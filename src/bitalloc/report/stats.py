@@ -95,3 +95,51 @@ def decode_mask(text: str) -> np.ndarray:
         raise ValueError(f"encoded per-sample mask is truncated or corrupt: {raw.size} bytes for {n} samples "
                          f"(expected {(n + 7) // 8}); re-evaluate the model to regenerate it")
     return np.unpackbits(raw, count=n).astype(bool)
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """How closely a model's outputs follow a reference model's on the same n samples (no labels needed).
+
+    ``top1_agreement``: % of samples whose arg-max over the last output dimension is the same;
+    ``cosine`` / ``cosine_min``: mean / smallest per-sample cosine similarity of the flattened outputs;
+    ``sqnr_db``: signal-to-quantization-noise ratio 10 log10(sum r^2 / sum (r - o)^2) over all values (inf when
+    equal); ``nn_agreement``: % of samples whose nearest other sample (cosine) is the same under both models
+    (None for fewer than 3 samples), the retrieval view of sentence embeddings."""
+
+    samples: int
+    top1_agreement: float
+    cosine: float
+    cosine_min: float
+    sqnr_db: float
+    nn_agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+def output_agreement(reference: Any, outputs: Any) -> OutputAgreement:
+    """:class:`OutputAgreement` of ``outputs`` with ``reference`` (arrays or tensors [n, ...], same shape), in
+    float64."""
+    r = np.asarray(reference, dtype=np.float64)
+    o = np.asarray(outputs, dtype=np.float64)
+    if r.shape != o.shape or r.ndim < 1 or r.shape[0] == 0:
+        raise ValueError(f"outputs of shape {o.shape} cannot be compared with reference outputs of shape {r.shape}")
+    n = r.shape[0]
+    rf, of = r.reshape(n, -1), o.reshape(n, -1)
+    norms = np.linalg.norm(rf, axis=1) * np.linalg.norm(of, axis=1)
+    cos = np.where(norms > 0, (rf * of).sum(axis=1) / np.maximum(norms, 1e-300), (rf == of).all(axis=1) * 1.0)
+    noise = float(((rf - of) ** 2).sum())
+    signal = float((rf ** 2).sum())
+    sqnr = math.inf if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    top1 = 100.0 * float((r.reshape(n, -1, r.shape[-1]).argmax(-1) == o.reshape(n, -1, o.shape[-1]).argmax(-1))
+                         .all(axis=1).mean()) if r.ndim > 1 else 100.0 * float((r == o).mean())
+    nn = 100.0 * float((_nearest(rf) == _nearest(of)).mean()) if n >= 3 else None
+    return OutputAgreement(n, top1, float(cos.mean()), float(cos.min()), sqnr, nn)

@@ -183,24 +183,47 @@ def export_float(model: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_
     every input and output is dynamic unless ``dynamic_batch=False``.
     """
     onnx = _require_onnx()
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         model = marked_float_copy(model)
         if not markers:
             raise ConfigError("export_float(markers=False) needs an unprepared float model")
+    args, kwargs = _export_args(model, example_inputs)
     with torch.no_grad():
-        outs = model(*args)
+        outs = model(*args, **kwargs)
     n_out = len(outs) if isinstance(outs, (list, tuple)) else 1
-    input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
+    input_names = input_names or ((["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
+                                  if not kwargs else list(kwargs))
     output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
     dyn = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
+        torch.onnx.export(model, args, buf, kwargs=kwargs or None, dynamo=False, opset_version=opset,
+                          input_names=input_names,
                           output_names=output_names, dynamic_axes=dyn, do_constant_folding=True,
                           custom_opsets={MARK_DOMAIN: 1} if markers else None)
     return onnx.load_from_string(buf.getvalue())
+
+
+def _export_args(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword arguments of the export (:func:`bitalloc.batches.model_args`): a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs (the graph's inputs then carry those names, in the order of
+    ``forward``'s parameters, as the exporter binds them)."""
+    import inspect
+
+    from bitalloc.batches import model_args
+
+    args, kwargs = model_args(model, example_inputs)
+    if kwargs:
+        if args:
+            raise ConfigError("ONNX export of a forward that takes one dict is not supported; give keyword inputs "
+                              "(a dict whose keys are forward's parameter names)")
+        order = list(inspect.signature(model.forward).parameters)
+        kwargs = dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    elif len(args) == 1 and isinstance(args[0], dict):
+        raise ConfigError("ONNX export of a forward that takes one dict is not supported; give keyword inputs "
+                          "(a dict whose keys are forward's parameter names)")
+    return tuple(args), kwargs
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -1312,13 +1335,15 @@ def _is_const(graph: Any, name: str) -> bool:
 # ---- entry point ------------------------------------------------------------------------------------------------
 
 def _feeds(data: Iterable | None, input_names: list[str], limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    from bitalloc.batches import batch_size
+    from bitalloc.runtime.ort import input_feed
+
     feeds = []
     seen = 0
     for batch in data or []:
         x = batch_inputs(batch)
-        xs = x if isinstance(x, tuple) else (x,)
-        feeds.append({n: t.detach().cpu().numpy().astype(np.float32) for n, t in zip(input_names, xs)})
-        seen += xs[0].shape[0]
+        feeds.append(input_feed(input_names, x))  # token ids stay integers
+        seen += batch_size(x)
         if limit is not None and seen >= limit:
             break
     return feeds
@@ -1333,7 +1358,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
 
     Args:
         model: a model returned by ``bitalloc.quantize`` / ``prepare`` + calibration.
-        example_inputs: a tensor or tuple of inputs (one batch; the batch axis is exported as dynamic).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs (one batch; the batch
+            axis is exported as dynamic; integer inputs such as token ids keep their dtype).
         path: where to write the .onnx file (None: return the ModelProto only).
         opset: ONNX opset (>= 13 for per-axis QDQ; default 17).
         bias_shift: how the shift beta of bias-corrected weights is exported: "exact" (float receptive-field

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitalloc.batches import batch_inputs
+from bitalloc.batches import batch_inputs, call_model
 from bitalloc.errors import ConfigError
 
 
@@ -83,13 +83,29 @@ def float_compute_ops(counts: dict[str, int]) -> int:
 
 # ---- running ---------------------------------------------------------------------------------------------------
 
+def _array(t: Any) -> np.ndarray:
+    """A model input as onnxruntime takes it: float tensors as float32, integer / bool tensors keep their dtype."""
+    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return np.ascontiguousarray(a if a.dtype.kind in "iub" else a.astype(np.float32))
+
+
+def input_feed(names: Sequence[str], inputs: Any) -> dict[str, np.ndarray]:
+    """The onnxruntime feed of one batch's model inputs (:mod:`bitalloc.batches`) for a graph whose inputs are
+    ``names``: a tensor feeds the first input; a tuple / list the inputs in order; a dict by name (entries the
+    exported graph does not use are left out). Float tensors are fed as float32, integer tensors (token ids)
+    keep their dtype."""
+    if isinstance(inputs, dict):
+        return {k: _array(v) for k, v in inputs.items() if k in names}
+    xs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return {n: _array(t) for n, t in zip(names, xs)}
+
+
 def run_session(session: Any, data: Iterable, *, input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits of ``session`` on every batch of ``data`` ((x, y) batches or tensors) and the labels (or None)."""
-    name = input_name or session.get_inputs()[0].name
+    """Logits of ``session`` on every batch of ``data`` ((x, y) batches or inputs) and the labels (or None)."""
+    names = [input_name] if input_name else [i.name for i in session.get_inputs()]
     outs, labels = [], []
     for batch in data:
-        x = batch_inputs(batch)
-        outs.append(session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0])
+        outs.append(session.run(None, input_feed(names, batch_inputs(batch)))[0])
         if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
             labels.append(np.asarray(batch[1]))
     return np.concatenate(outs), (np.concatenate(labels) if labels else None)
@@ -101,10 +117,26 @@ def run_torch(model: nn.Module, data: Iterable) -> tuple[np.ndarray, np.ndarray 
     model.eval()
     outs, labels = [], []
     for batch in data:
-        outs.append(model(batch_inputs(batch)).float().numpy())
+        out = call_model(model, batch_inputs(batch))
+        outs.append((out if isinstance(out, torch.Tensor) else _first_tensor(out)).float().numpy())
         if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None:
             labels.append(np.asarray(batch[1]))
     return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output that is a tuple, list or dict (e.g. a Hugging Face ModelOutput)."""
+    from bitalloc.model.trace import _flatten_tensors
+
+    found = _flatten_tensors(out, [])
+    if not found:
+        raise ConfigError(f"the model returned {type(out).__name__} without a tensor; it must return its outputs")
+    return found[0]
+
+
+def _feed_of(session: Any, x: Any) -> dict[str, np.ndarray]:
+    """A feed for ``session``: ``x`` an array (its first input), or a dict already keyed by input name."""
+    return x if isinstance(x, dict) else input_feed([i.name for i in session.get_inputs()], x)
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -163,10 +195,14 @@ def _stats(batch: int, times: Sequence[float]) -> Latency:
     return Latency(batch, float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)), len(t))
 
 
-def measure_latency(session: Any, x: np.ndarray, *, runs: int = 20, warmup: int = 3) -> Latency:
-    """Median wall-clock latency of ``session.run`` on the batch ``x`` (see module docstring)."""
-    name = session.get_inputs()[0].name
-    feed = {name: np.ascontiguousarray(x, dtype=np.float32)}
+def _feed_batch(x: Any) -> int:
+    return int(next(iter(x.values())).shape[0]) if isinstance(x, dict) else int(x.shape[0])
+
+
+def measure_latency(session: Any, x: Any, *, runs: int = 20, warmup: int = 3) -> Latency:
+    """Median wall-clock latency of ``session.run`` on the batch ``x`` (an array, or a feed dict keyed by input
+    name; see module docstring)."""
+    feed = _feed_of(session, x)
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -174,10 +210,10 @@ def measure_latency(session: Any, x: np.ndarray, *, runs: int = 20, warmup: int 
         t = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - t)
-    return _stats(x.shape[0], times)
+    return _stats(_feed_batch(x), times)
 
 
-def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 20, warmup: int = 3,
+def interleaved_latency(sessions: dict[str, Any], x: Any, *, runs: int = 20, warmup: int = 3,
                         block: int = 5, pause: float = 0.1, min_seconds: float = 1.0,
                         turn_seconds: float = 0.05) -> dict[str, Latency]:
     """Latency of several sessions on the same batch, measured in turns (fair under background load).
@@ -193,7 +229,7 @@ def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 
     EfficientNet-Lite0, 2 threads, batch 1: FP32 12.3 ms and static int8 6.9 ms interleaved without a pause,
     4.9 ms and 2.2 ms with a 50 ms pause, 7.7 ms and 2.8 ms timed one model at a time).
     """
-    feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)} for k, s in sessions.items()}
+    feeds = {k: _feed_of(s, x) for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[k])
@@ -218,7 +254,7 @@ def interleaved_latency(sessions: dict[str, Any], x: np.ndarray, *, runs: int = 
                 t = time.perf_counter()
                 s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - t)
-    return {k: _stats(x.shape[0], v) for k, v in times.items()}
+    return {k: _stats(_feed_batch(x), v) for k, v in times.items()}
 
 
 # ---- onnxruntime's own static quantization (the anchor) ------------------------------------------------------------
@@ -252,15 +288,16 @@ def ort_static_quantize(fp32_model: str | Path, out_path: str | Path, calibratio
         raise ConfigError(f"unknown calibration method {method!r}; choose one of {sorted(methods)}")
     import onnx
 
-    name = onnx.load(str(fp32_model), load_external_data=False).graph.input[0].name
+    names = [i.name for i in onnx.load(str(fp32_model), load_external_data=False).graph.input]
     samples = []
     for batch in calibration:
-        x = batch_inputs(batch).detach().cpu().numpy().astype(np.float32)
-        samples += [x[i:i + 1] for i in range(x.shape[0])]
+        feed = input_feed(names, batch_inputs(batch))
+        n = next(iter(feed.values())).shape[0]
+        samples += [{k: v[i:i + 1] for k, v in feed.items()} for i in range(n)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([{name: s} for s in samples])
+            self.it = iter(samples)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)

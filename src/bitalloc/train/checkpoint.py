@@ -23,7 +23,6 @@ checksums: :func:`bitalloc.io.add_checksum` adopts those) is a :class:`Checkpoin
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 from pathlib import Path
@@ -195,18 +194,16 @@ def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
 
 
 def _import_factory(spec: str, *, trusted: bool) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    if not trusted and not (module_name == "bitalloc" or module_name.startswith("bitalloc.")):
-        raise CheckpointError(f"checkpoint names model factory {spec!r} outside bitalloc; pass trust_factory=True "
-                              f"to import it, or pass model=... to load the weights into your own instance")
+    """The factory ``module:function`` or ``path/file.py:function`` recorded in a checkpoint
+    (:func:`bitalloc.models.user.import_factory`); code outside bitalloc only when ``trusted``."""
+    from bitalloc.errors import ConfigError
+    from bitalloc.models.user import import_factory
+
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise CheckpointError(f"cannot import the model factory {spec!r} recorded in the checkpoint ({exc}); "
-                              f"pass model=... to load the weights into your own instance") from None
-    return obj
+        return import_factory(spec, trust_code=trusted, hint="trust_factory=True (command line: --trust-code)")
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint names model factory {spec!r}: {exc}; or pass model=... to load the "
+                              "weights into your own instance") from None
 
 
 def build_model(spec: Mapping[str, Any], *, path: str | os.PathLike = "<memory>", trust_factory: bool = False,
