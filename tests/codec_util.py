@@ -10,7 +10,7 @@ import torch
 from bitalloc.codec.frames import YUVFrames
 from bitalloc.codec.model import CodecConfig, VideoCodec
 
-TINY = CodecConfig(n=16, m=16, nz=8, motion_n=8, motion_m=8, motion_nz=8, lambdas=(0.003, 0.03, 0.3))
+TINY = CodecConfig(n=16, nz=8, motion_n=8, motion_nz=8, lambdas=(0.003, 0.03, 0.3))
 
 
 def moving_video(frames: int = 5, height: int = 40, width: int = 56, *, seed: int = 0, fps: float = 25.0) -> YUVFrames:
@@ -30,13 +30,13 @@ def tiny_codec(seed: int = 0) -> VideoCodec:
     """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen."""
     import bitalloc
     from bitalloc.codec.codec import frame_tensor, padded_size
-    from bitalloc.codec.precision import decoder_quant_config, freeze_decoders, quantize_decoders
+    from bitalloc.codec.precision import decoder_quant_configs, freeze_decoders, quantize_decoders
 
     torch.manual_seed(seed)
     model = VideoCodec(TINY).eval()
     for coder in (model.intra.coder, model.inter.motion, model.inter.residual):
         coder.hyper_gain.data.fill_(30.0)  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
-    quantize_decoders(model, decoder_quant_config(8, "fixed"))
+    quantize_decoders(model, decoder_quant_configs(8, "fixed"))
     video = moving_video(3, 32, 48)
     size = padded_size(video.height, video.width)
     clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(3)])[None]

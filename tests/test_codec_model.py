@@ -13,7 +13,7 @@ from bitalloc.codec.model import CodecConfig, VideoCodec, bits_of
 from bitalloc.codec.motion import MV_FRACTION, quantize_flow, warp, warp_int
 from bitalloc.codec.networks import pack_yuv, unpack_yuv, weighted_mse
 
-TINY = CodecConfig(n=16, m=16, nz=8, motion_n=8, motion_m=8, motion_nz=8, lambdas=(0.01, 0.05))
+TINY = CodecConfig(n=16, nz=8, motion_n=8, motion_nz=8, lambdas=(0.01, 0.05))
 
 
 def test_pack_unpack_inverse_and_layout():
@@ -137,7 +137,8 @@ def test_video_codec_forward_shapes_and_bits():
     loss, terms = model.loss(clip, level, out)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     loss.sum().backward()
-    assert model.inter.residual.synthesis[0][0].weight.grad is not None
+    assert model.inter.residual.synthesis.linear[0].weight.grad is not None
+    assert model.inter.residual.synthesis.nonlinear[-1].weight.grad is not None
     # "reference" mode: frame 0 is the reference, not coded
     out2 = model(clip, level, first="reference")
     assert len(out2["frames"]) == 2 and out2["offset"] == 1

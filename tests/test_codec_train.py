@@ -16,7 +16,7 @@ from tests.codec_util import moving_video
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-SIZES = json.dumps({"n": 16, "m": 16, "nz": 8, "motion_n": 8, "motion_m": 8, "motion_nz": 8,
+SIZES = json.dumps({"n": 16, "nz": 8, "motion_n": 8, "motion_nz": 8,
                     "lambdas": [0.005, 0.05]})
 
 

@@ -219,7 +219,8 @@ class VideoCoder:
 
     # -- one frame ------------------------------------------------------------------------------------------
     def _intra(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
-        return to_pixels(self.intra.encode(x.float() / 255.0, level, enc, stats))
+        off = self.model.intra.OFFSET
+        return to_pixels(self.intra.encode(x.float() / 255.0 - off, level, enc, stats) + off)
 
     def _inter(self, x: Tensor, ref: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
         xf, rf = x.float() / 255.0, ref.float() / 255.0
@@ -231,7 +232,7 @@ class VideoCoder:
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _decode_intra(self, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
-        return to_pixels(self.intra.decode(dec, level, shape))
+        return to_pixels(self.intra.decode(dec, level, shape) + self.model.intra.OFFSET)
 
     def _decode_inter(self, dec: Any, ref: Tensor, level: int, mshape: tuple, rshape: tuple) -> Tensor:
         flow_hat = self.motion.decode(dec, level, mshape) * FLOW_SCALE
@@ -336,16 +337,13 @@ class VideoCoder:
 
 
 def _decoder_bits(model: VideoCodec) -> int:
-    """The (single) bit width of the decoder networks' quantizers."""
+    """The precision of the decoder networks: the activation width of most of their layers (the few layers that
+    read decoded latents run at 16 bits, :data:`bitalloc.codec.precision.WIDE_LAYERS`)."""
+    from collections import Counter
+
     from bitalloc.codec.precision import decoder_networks
     from bitalloc.model.layers import quant_layers
 
-    bits = set()
-    for _, net in decoder_networks(model):
-        for _, layer in quant_layers(net):
-            for q in layer.quantizers():
-                bits.add(int(q.qparams().bits.max()))
-    if len(bits) != 1:
-        raise ConfigError(f"the codec's decoder networks mix bit widths {sorted(bits)}; a fixed-precision stream "
-                          "signals one width")
-    return bits.pop()
+    bits = Counter(int(layer.input_quantizer.qparams().bits.max()) for _, net in decoder_networks(model)
+                   for _, layer in quant_layers(net) if layer.input_quantizer is not None)
+    return bits.most_common(1)[0][0]

@@ -39,11 +39,11 @@ FLOW_SCALE = 8.0
 class CodecConfig:
     """Sizes of the video codec (plain data, stored with the weights)."""
 
-    n: int = 64  # channels of the intra / residual transforms
-    m: int = 96  # latent channels (intra / residual)
+    n: int = 64  # channels of the nonlinear branches of the intra / residual transforms
+    m: int = 384  # latent channels (intra / residual): the 384 coefficients of the YUV block transform
     nz: int = 64  # hyper-latent channels
     motion_n: int = 48
-    motion_m: int = 64
+    motion_m: int = 128  # motion latent channels: the 128 coefficients of the flow's 8x8 block transforms
     motion_nz: int = 32
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
 
@@ -71,19 +71,22 @@ def _gains(levels: int, channels: int, lo: float, hi: float) -> Tensor:
 class HyperpriorCoder(nn.Module):
     """One latent y = g_a(x) with a mean-scale hyperprior and per-level gains; x_hat = g_s(y_hat)."""
 
-    def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int):
+    def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int, linear: str = "yuv"):
         super().__init__()
-        self.analysis = Analysis(cin, n, m)
-        self.synthesis = Synthesis(m, n, cout)
+        self.analysis = Analysis(cin, n, m, linear)
+        self.synthesis = Synthesis(m, n, cout, linear)
         self.hyper_analysis = HyperAnalysis(m, n, nz)
         self.hyper_synthesis = HyperSynthesis(nz, n, m)
         self.entropy_bottleneck = EntropyBottleneck(nz)
         self.gaussian_conditional = GaussianConditional()
-        # gains: higher levels (higher quality) quantize finer; initialised geometrically, learned
-        self.gain = nn.Parameter(_gains(levels, m, 0.5, 4.0))
-        self.inv_gain = nn.Parameter(1.0 / _gains(levels, m, 0.5, 4.0))
+        # gains: higher levels (higher quality) quantize finer. Initialised geometrically so that the DCT
+        # coefficients (pixels in [0, 1]) start with steps 1/6 .. 1/48 (about 26 .. 44 dB), then learned.
+        self.gain = nn.Parameter(_gains(levels, m, 6.0, 48.0))
+        self.inv_gain = nn.Parameter(1.0 / _gains(levels, m, 6.0, 48.0))
         self.hyper_gain = nn.Parameter(torch.ones(levels, nz))
         self.hyper_inv_gain = nn.Parameter(torch.ones(levels, nz))
+        with torch.no_grad():  # initial scales e^1: untrained entropy parameters should not be overconfident
+            self.hyper_synthesis[-1].bias[m:] = 1.0
 
     @staticmethod
     def _per_sample(table: Tensor, level: Tensor) -> Tensor:
@@ -121,14 +124,19 @@ def bits_of(likelihoods: dict[str, Tensor]) -> Tensor:
 
 
 class IntraCodec(nn.Module):
-    """I-frame / image codec: one :class:`HyperpriorCoder` on packed YUV 4:2:0 (6 channels at 1/2 resolution)."""
+    """I-frame / image codec: one :class:`HyperpriorCoder` on packed YUV 4:2:0 (6 channels at 1/2 resolution),
+    centred: it codes x - 1/2 and returns x_hat + 1/2 (``OFFSET``), so the block transform's DC starts near 0."""
+
+    OFFSET = 0.5
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
-        self.coder = HyperpriorCoder(6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels)
+        self.coder = HyperpriorCoder(6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels, "yuv")
 
     def forward(self, x: Tensor, level: Tensor) -> dict[str, Any]:
-        return self.coder(x, level)
+        out = self.coder(x - self.OFFSET, level)
+        out["x_hat"] = out["x_hat"] + self.OFFSET
+        return out
 
 
 class InterCodec(nn.Module):
@@ -136,8 +144,8 @@ class InterCodec(nn.Module):
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
-        self.motion = HyperpriorCoder(2 + 6 + 6, 2, cfg.motion_n, cfg.motion_m, cfg.motion_nz, cfg.levels)
-        self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels)
+        self.motion = HyperpriorCoder(2 + 6 + 6, 2, cfg.motion_n, cfg.motion_m, cfg.motion_nz, cfg.levels, "planes:2")
+        self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels, "yuv")
 
     def forward(self, x: Tensor, ref: Tensor, flow_est: Tensor, level: Tensor) -> dict[str, Any]:
         mo = self.motion(torch.cat([flow_est / FLOW_SCALE, x, ref], dim=1), level)

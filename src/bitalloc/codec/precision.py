@@ -48,12 +48,28 @@ def _example(model: VideoCodec, coder_name: str, part: str) -> torch.Tensor:
     return torch.zeros(1, conv.in_channels, 4, 4)
 
 
-def decoder_quant_config(bits: int = 8, quantizer: str = "lsq") -> QuantConfig:
-    """Weights per channel (symmetric), activations per tensor, ``bits`` each, every layer (no 8-bit first/last
-    rule: every layer is already at ``bits``)."""
+#: layers that read decoded latents get 16-bit inputs (latents span a wide range at fine steps: an 8-bit grid would
+#: add noise comparable to the finest quantization step); the inverse block transform has 16-bit weights too
+WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 16},
+                             "re:^nonlinear\\.0$": {"act.bits": 16}},
+               "hyper_synthesis": {"re:^0\\.0$": {"act.bits": 16}}}
+
+
+def decoder_quant_config(bits: int = 8, quantizer: str = "lsq", part: str | None = None) -> QuantConfig:
+    """Weights per channel (symmetric), activations per tensor, ``bits`` each (no 8-bit first/last rule: every
+    layer is already at ``bits``); for ``part`` ("synthesis" / "hyper_synthesis") the layers of
+    :data:`WIDE_LAYERS` at 16 bits."""
     w = TensorConfig(bits=bits, granularity="channel", symmetric=True, quantizer=quantizer)
     a = TensorConfig(bits=bits, granularity="tensor", quantizer=quantizer)
-    return QuantConfig(default=LayerConfig(weight=w, act=a), first_last_bits=None, fold_bn=False).validate()
+    overrides = list(WIDE_LAYERS.get(part or "", {}).items())
+    return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
+                       fold_bn=False).validate()
+
+
+def decoder_quant_configs(bits: int = 8, quantizer: str = "lsq") -> dict[str, QuantConfig]:
+    """:func:`decoder_quant_config` for every decoder network, by name (for :func:`quantize_decoders`)."""
+    return {f"{c}.{part}": decoder_quant_config(bits, quantizer, part)
+            for c in ("intra", "motion", "residual") for part in DECODER_PARTS}
 
 
 def quantize_decoders(model: VideoCodec, config: QuantConfig | dict[str, QuantConfig]) -> VideoCodec:

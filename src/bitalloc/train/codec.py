@@ -175,7 +175,7 @@ def run_train_cli(args: Any) -> int:
     """``bitalloc codec train``: build the stage's model and data, train with the loop, ship (qat)."""
     import torch
 
-    from bitalloc.codec.precision import decoder_quant_config, freeze_decoders, quantize_decoders, save_codec
+    from bitalloc.codec.precision import decoder_quant_configs, freeze_decoders, quantize_decoders, save_codec
     from bitalloc.train.loop import TrainConfig
 
     if args.threads:
@@ -199,7 +199,7 @@ def run_train_cli(args: Any) -> int:
     model = build_stage_model(args)
     sources = codec_sources(args.videos, args.images if args.stage == "intra" else None)
     if args.stage == "qat":
-        quantize_decoders(model, decoder_quant_config(args.bits, "lsq"))
+        quantize_decoders(model, decoder_quant_configs(args.bits, "lsq"))
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
     cfg = TrainConfig(steps=args.steps or steps, batch_size=args.batch_size, optimizer="adam", lr=args.lr or lr,
                       schedule=args.schedule or schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0,
