@@ -656,3 +656,18 @@ def test_packed_format_version_zero_is_corruption_not_an_old_bitalloc(tmp_path):
     with pytest.raises(CheckpointError, match="version 0 does not exist") as exc:
         unpack_model(path, model=_mlp())
     assert "upgrade" not in str(exc.value)  # was: "upgrade bitalloc"
+
+
+def test_sweep_passes_method_options_after_dashes_to_their_methods_only(capsys):
+    from bitalloc.cli import build_parser
+    from bitalloc.cli.sweep import check_train_args, method_train_args
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    extra = ["--batch-size", "32", "--gate-lr", "0.1", "--skip-below", "-2", "--no-prune", "--q-lr=0.01"]
+    assert method_train_args(extra, "bb", train) == ["--batch-size", "32", "--gate-lr", "0.1", "--skip-below", "-2",
+                                                     "--no-prune"]
+    assert method_train_args(extra, "lsq", train) == ["--batch-size", "32", "--q-lr=0.01"]
+    check_train_args(extra, ["bb", "lsq"], train)
+    with pytest.raises(ConfigError, match="--gate-lr.*--method bb.*does not train"):
+        check_train_args(extra, ["lsq", "pact"], train)

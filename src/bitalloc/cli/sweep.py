@@ -77,7 +77,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train again even if a run is finished (overwrites it)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None)
     p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after '--': more `bitalloc train` options for every run (e.g. -- --gate-lr 1e-2)")
+                   help="after '--': more `bitalloc train` options for every run whose method uses them (e.g. -- "
+                        "--gate-lr 1e-2 reaches the bb runs only; an option no method of the sweep uses is an error)")
     p.set_defaults(func=run)
     b = sub.add_parser("plot-bits", help="plot each layer's bit width over training from a `bitalloc train` log",
                        description="Plot each quantized layer's weight and input bit widths per epoch from the "
@@ -163,19 +164,67 @@ def run_state(out: Path) -> str:
     return "done" if info.get("complete") and result.exists() else "partial"
 
 
-def train_argv(args: argparse.Namespace, point: dict[str, Any], out: Path, state: str) -> list[str]:
+def _extra(args: argparse.Namespace) -> list[str]:
+    extra = list(args.train_args or [])
+    return extra[1:] if extra and extra[0] == "--" else extra
+
+
+def _option_groups(tokens: list[str]) -> list[list[str]]:
+    """``bitalloc train`` options split into groups: an option and the values after it (tokens not starting
+    with "--"; a negative number such as -2 is a value)."""
+    groups: list[list[str]] = []
+    for tok in tokens:
+        if tok.startswith("--") or not groups:
+            groups.append([tok])
+        else:
+            groups[-1].append(tok)
+    return groups
+
+
+def _option_methods(group: list[str], train_parser: argparse.ArgumentParser) -> tuple[str, ...] | None:
+    """The methods that use the option of ``group`` (None: every method, or not a method's option)."""
+    from bitalloc.train.methods import METHOD_OPTIONS
+
+    action = train_parser._option_string_actions.get(group[0].split("=", 1)[0])
+    if action is None or not any(action.dest in o for o in METHOD_OPTIONS.values()):
+        return None
+    return tuple(m for m, o in METHOD_OPTIONS.items() if action.dest in o)
+
+
+def method_train_args(extra: list[str], method: str, train_parser: argparse.ArgumentParser) -> list[str]:
+    """The options of ``extra`` (after ``--``) that a run of ``method`` uses: a method's own options (e.g.
+    ``--gate-lr`` of bb) are passed to that method's runs only, since ``bitalloc train`` refuses options its
+    method would ignore."""
+    kept = []
+    for g in _option_groups(extra):
+        used_by = _option_methods(g, train_parser)
+        if used_by is None or method in used_by:
+            kept += g
+    return kept
+
+
+def check_train_args(extra: list[str], methods: list[str], train_parser: argparse.ArgumentParser) -> None:
+    """ConfigError for an option after ``--`` that no method of the sweep uses (it would be ignored)."""
+    for g in _option_groups(extra):
+        used_by = _option_methods(g, train_parser)
+        if used_by is not None and not set(used_by) & set(methods):
+            raise ConfigError(f"{g[0]} (after --) applies to --method {' / '.join(used_by)}, which this sweep does "
+                              f"not train ({', '.join(methods)}): drop it")
+
+
+def train_argv(args: argparse.Namespace, point: dict[str, Any], out: Path, state: str,
+               train_parser: argparse.ArgumentParser | None = None) -> list[str]:
     """The ``bitalloc train`` command line of one point: ``--resume`` for a partial run, ``--overwrite`` for a
-    fresh one or with ``--retrain`` (which trains again from scratch, also over a partial run)."""
+    fresh one or with ``--retrain`` (which trains again from scratch, also over a partial run). With
+    ``train_parser``, the options after ``--`` are those the point's method uses (:func:`method_train_args`)."""
     argv = ["train", "--model", args.model, "--method", point["method"], "--out", str(out)]
     for flag, value in (("--dataset", args.dataset), ("--data", args.data), ("--epochs", args.epochs),
                         ("--steps", args.steps), ("--init", args.init), ("--progress", args.progress)):
         if value is not None:
             argv += [flag, str(value)]
     argv += point["args"]
-    extra = list(args.train_args or [])
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    argv += extra
+    extra = _extra(args)
+    argv += extra if train_parser is None else method_train_args(extra, point["method"], train_parser)
     if args.retrain or state == "fresh":
         argv.append("--overwrite")
     elif state == "partial":
@@ -394,11 +443,13 @@ def run(args: argparse.Namespace) -> int:
     if not plots:
         _plots_missing("matplotlib is not installed")
     parser = build_parser()
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    check_train_args(_extra(args), methods, train_parser)
     train_ns = None
     for point in points:
         out = out_dir / f"{point['name']}.pt"
         state = D.on_main_then_share(lambda: run_state(out))
-        argv = train_argv(args, point, out, state)
+        argv = train_argv(args, point, out, state, train_parser)
         train_ns = parser.parse_args(argv)
         if state != "done" or args.retrain:
             if D.is_main_process():
