@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,13 @@ def tiny_codec(seed: int = 0) -> VideoCodec:
     """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen."""
     import bitalloc
     from bitalloc.codec.codec import frame_tensor, padded_size
-    from bitalloc.codec.precision import decoder_quant_configs, freeze_decoders, quantize_decoders
+    from bitalloc.codec.precision import coders, decoder_quant_configs, freeze_decoders, quantize_decoders
 
     torch.manual_seed(seed)
     model = VideoCodec(TINY).eval()
     for coder in (model.intra.coder, model.inter.motion, model.inter.residual):
-        coder.hyper_gain.data.fill_(30.0)  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
+        with torch.no_grad():  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
+            coder.log_hyper_gain[0].fill_(math.log(30.0))
     quantize_decoders(model, decoder_quant_configs(8, "fixed"))
     video = moving_video(3, 32, 48)
     size = padded_size(video.height, video.width)
@@ -43,7 +45,10 @@ def tiny_codec(seed: int = 0) -> VideoCodec:
     with torch.no_grad(), bitalloc.calibration(model):
         for level in range(TINY.levels):
             model(clip, torch.tensor([level]))
-    return freeze_decoders(model)
+    freeze_decoders(model)
+    for coder in coders(model).values():
+        coder.update()  # the coding tables, as save_codec stores them
+    return model
 
 
 def tiny_weights(path: Path) -> Path:

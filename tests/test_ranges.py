@@ -424,13 +424,6 @@ def test_abs_histogram_matches_numpy():
         assert np.abs(h[r].numpy() - ref).sum() <= 2  # values on a bin edge may round either way
 
 
-def test_kld_is_fast():
-    x = torch.distributions.Laplace(0.0, 1.0).sample((1, 500_000))
-    st = ChannelStats.from_rows(x)
-    # ~0.05-0.1 s measured (2048 bins, 1920 candidates) on an idle 2-core machine; generous bound for load
-    assert _best_time(lambda: estimate_range("kld", st, 8, symmetric=True), repeat=2) < 1.0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 

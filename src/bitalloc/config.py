@@ -24,7 +24,7 @@ from typing import Any
 
 from bitalloc.errors import ConfigError, check_bits
 
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "token")
 BIAS_CORRECTIONS = ("none", "mean", "mean+norm")
 
 
@@ -34,7 +34,10 @@ class TensorConfig:
 
     bits: bit width, 2..32 (1 for asymmetric grids). A fractional value (e.g. 3.5) is an *average* budget
         and requires ``allocate=True`` (per-channel bit allocation, ACIQ eq. 10-11).
-    granularity: "tensor" (one range) or "channel" (one range per channel: output channels of a weight,
+    granularity: "tensor" (one range), "token" (activations, online only: one range per position, i.e. per
+        token of a Linear layer's (..., C) input, computed on every input: per-token dynamic scales, as
+        LLM.int8() and ZeroQuant quantize transformer activations) or "channel" (one range per channel: output
+        channels of a weight,
         channels of an activation).
     method: how the range is found: a name in :data:`bitalloc.quant.ranges.RANGE_ESTIMATORS` ("minmax",
         "aciq", "kld", "ksigma", "percentile", "mse"), for PTQ quantizers.
@@ -58,6 +61,9 @@ class TensorConfig:
         "pact", "bb" for training).
     rounding: "nearest" (round to nearest) or "gptq" (weights only: error-compensating rounding on the same
         grid, Frantar et al. 2023, using the calibration data; see :mod:`bitalloc.calibration.gptq`).
+    clip_check: "none" or "output" (activations calibrated offline): compare the range of ``method`` with
+        min-max by the error each causes at the layer's output on the calibration data, and use the better
+        (:mod:`bitalloc.calibration.clip_check`; the ACIQ presets set it).
     """
 
     bits: float = 8
@@ -73,6 +79,7 @@ class TensorConfig:
     max_bits: int = 8
     quantizer: str = "fixed"
     rounding: str = "nearest"
+    clip_check: str = "none"
 
     def validate(self, where: str = "") -> "TensorConfig":
         loc = f" ({where})" if where else ""
@@ -80,6 +87,9 @@ class TensorConfig:
                             "quantizer": str, "granularity": str, "allocation": str, "rounding": str}, loc)
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r}{loc} is not one of {GRANULARITIES}")
+        if self.granularity == "token" and not self.online:
+            raise ConfigError(f"granularity='token'{loc} computes a range per token on every input: it needs "
+                              "online=True (CLI --online)")
         lowest = 2 if self.symmetric else 1  # a symmetric grid needs 2 bits (codes -1, 0, 1 at least)
         if self.allocate:
             if self.granularity != "channel":
@@ -100,6 +110,8 @@ class TensorConfig:
             check_bits(self.bits, name=f"bits{loc}", lo=lowest, hi=32)
         if self.one_sided not in ("auto", True, False):
             raise ConfigError(f"one_sided={self.one_sided!r}{loc} must be 'auto', True or False")
+        if self.clip_check not in ("none", "output"):
+            raise ConfigError(f"clip_check={self.clip_check!r}{loc} must be 'none' or 'output'")
         if self.rounding not in ("nearest", "gptq"):
             raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
         if self.allocation not in ("optimal", "aciq"):
@@ -120,15 +132,25 @@ class LayerConfig:
     output channel so its mean equals the float mean: the reference code's default, and what the ``aciq``
     preset sets); or "mean+norm" (also restore each channel's centred L2 norm).
     ``quantize=False`` leaves the layer in float (it is still listed in reports, with the reason).
+    ``smooth``: SmoothQuant migration strength alpha in [0, 1] (Xiao et al. 2023), or None (off): per input
+    channel j, s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha) from the calibration data; the layer computes
+    (W diag(s)) Q(x / s), the same function in float, with the channels' outliers moved into the weights
+    (:mod:`bitalloc.calibration.smooth`). As in the paper, it applies to the layers that read a normalization
+    layer's output (a transformer's q / k / v and first feed-forward Linear), not to the others.
     """
 
     weight: TensorConfig | None = field(default_factory=lambda: TensorConfig(granularity="channel", symmetric=True))
     act: TensorConfig | None = field(default_factory=TensorConfig)
     bias_correction: str = "none"
     quantize: bool = True
+    smooth: float | None = None
 
     def validate(self, where: str = "") -> "LayerConfig":
         _check_types(self, {"bias_correction": str, "quantize": bool}, f" ({where})" if where else "")
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
+                                        or not 0.0 <= float(self.smooth) <= 1.0):
+            raise ConfigError(f"smooth={self.smooth!r}{f' ({where})' if where else ''} must be a migration strength "
+                              "alpha in [0, 1] (SmoothQuant; 0.5 is the usual value) or null (off)")
         for key in ("weight", "act"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, TensorConfig):
@@ -284,10 +306,11 @@ def apply_patch(cfg: LayerConfig, patch: dict[str, Any]) -> LayerConfig:
                 setattr(cfg, head, replace(base, **value))
             else:
                 raise ConfigError(f"override {key!r} must be a dict of tensor settings or None, got {value!r}")
-        elif head in ("bias_correction", "quantize") and not tail:
+        elif head in ("bias_correction", "quantize", "smooth") and not tail:
             setattr(cfg, head, value)
         else:
-            raise ConfigError(f"unknown override key {key!r}; use weight.*, act.*, bias_correction or quantize")
+            raise ConfigError(f"unknown override key {key!r}; use weight.*, act.*, bias_correction, quantize or "
+                              "smooth")
     return cfg
 
 
@@ -307,7 +330,8 @@ def match_pattern(pattern: str, name: str, type_names: str | list[str]) -> bool:
 
 # ---- presets ------------------------------------------------------------------------------------------
 
-PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "aciq-gptq", "kld", "ksigma", "percentile", "mse")
+PRESETS = ("minmax", "aciq", "aciq-clip", "aciq-alloc", "aciq-gptq", "kld", "ksigma", "percentile", "mse",
+           "smoothquant")
 
 
 def _is_number(v: Any) -> bool:
@@ -331,11 +355,15 @@ def allocation_bounds(bits: float, *, symmetric: bool) -> tuple[int, int]:
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
            weight_granularity: str | None = None, online: bool = False, weight_method: str | None = None,
            weight_options: dict[str, Any] | None = None, rounding: str | None = None, min_bits: int | None = None,
-           max_bits: int | None = None, allocation: str | None = None, **overrides: Any) -> QuantConfig:
+           max_bits: int | None = None, allocation: str | None = None, smooth: float | None = None,
+           **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
-    * ``aciq-clip``: + ACIQ analytical clipping of activations (Laplace prior).
+    * ``aciq-clip``: + ACIQ analytical clipping of activations (Laplace prior), checked per tensor: where the
+      window gives a larger error at the layer's output than min-max on the calibration data (heavy-tailed
+      transformer activations), min-max is used and reported (``TensorConfig.clip_check = "output"``,
+      :mod:`bitalloc.calibration.clip_check`).
     * ``aciq-alloc``: + per-channel bit allocation at the average budgets: weights always; activations too
       when they are quantized per channel (``act_granularity="channel"``).
     * ``aciq``: + bias correction (mean shift) of the weights: the full ACIQ pipeline.
@@ -350,6 +378,11 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     activation ranges overfit rarely active channels (see BENCHMARKS.md, layer-wise against channel-wise).
     * ``kld`` / ``ksigma`` (k = 2) / ``percentile`` (99.99) / ``mse``: the baselines, applied to
       activations, with min-max per-channel weights.
+    * ``smoothquant``: the W8A8 recipe for transformers: SmoothQuant (alpha 0.5, ``smooth``) on the layers that
+      read a LayerNorm, and per-token dynamic activation scales (``act_granularity="token"``, online; min-max),
+      min-max per-channel weights (Xiao et al. 2023; per-token scales as ZeroQuant / LLM.int8()). On
+      all-MiniLM-L6-v2 it keeps the sentence embeddings at cosine 0.9995 to FP32, where static per-tensor
+      activation scales reach 0.993-0.997 (BENCHMARKS.md). Online scales are not exportable to ONNX.
 
     Allocation rule (``allocation``): ``"aciq"`` (default), eq. 10-11 of the paper, B_i proportional to
     a_i^(2/3) bins, rounded so that the mean meets the budget; or ``"optimal"``, the exact integer minimiser of the
@@ -364,7 +397,9 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     ``act_granularity`` / ``weight_granularity`` override the granularities ("tensor" or "channel"; per-tensor
     tensors are not allocated, so they need integer bits); ``online`` recomputes activation statistics on every
     input; ``weight_method`` / ``weight_options`` override the weights' range estimator (default per preset);
-    ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid. Other keywords are QuantConfig fields.
+    ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid. ``smooth``:
+    SmoothQuant migration strength alpha of every layer (:class:`LayerConfig`). Other keywords are QuantConfig
+    fields.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -382,7 +417,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     act = TensorConfig(bits=a_bits if a_bits is not None else 8, granularity="tensor", method="minmax", online=online)
     bc = "none"
     if name.startswith("aciq"):
-        act.method, act.options = "aciq", {"prior": "laplace"}
+        # the ACIQ window, checked against min-max by the layer's output error (bitalloc.calibration.clip_check)
+        act.method, act.options, act.clip_check = "aciq", {"prior": "laplace"}, "output"
         if name in ("aciq", "aciq-alloc", "aciq-gptq"):
             weight.allocate = act.allocate = True
         if name == "aciq-gptq":
@@ -397,6 +433,9 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         act.method, act.options = "percentile", {"percentile": 99.99}
     elif name == "mse":
         act.method = "mse"
+    elif name == "smoothquant":
+        act.granularity, act.online = "token", True
+        smooth = 0.5 if smooth is None else smooth
     if rounding is not None:
         weight.rounding = rounding
     if weight_method is not None:
@@ -409,7 +448,7 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     if a_bits is not None:
         tensors.append(("activation", act, a_bits, "act_granularity", "--act-granularity"))
     for what, t, bits, kwarg, flag in tensors:
-        if t.granularity == "tensor":
+        if t.granularity in ("tensor", "token"):
             t.allocate = False
         if float(bits) != int(float(bits)) and not t.allocate:
             if t.granularity == "tensor":
@@ -431,5 +470,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         raise ConfigError(f"min_bits / max_bits (CLI --min-bits / --max-bits) bound per-channel bit allocation, but "
                           f"preset {name!r} with these granularities allocates no bits: use preset 'aciq' or "
                           "'aciq-alloc' (per-channel tensors)")
-    layer = LayerConfig(weight=weight, act=act if a_bits is not None else None, bias_correction=bc)
+    if smooth is not None and a_bits is None:
+        raise ConfigError("smooth (SmoothQuant) moves activation outliers into the weights, but the activations "
+                          "stay in float here (a_bits=None): drop smooth or quantize the activations")
+    layer = LayerConfig(weight=weight, act=act if a_bits is not None else None, bias_correction=bc, smooth=smooth)
     return QuantConfig(default=layer, **overrides).validate()

@@ -268,6 +268,9 @@ def cost_report(model: nn.Module, example_inputs: Any) -> CostReport:
         bias = getattr(layer, "bias", None)
         b_mem = FLOAT_BITS * bias.numel() if isinstance(bias, Tensor) else 0.0
         overhead = sum(_buffer_bits(q) for q in (wq, aq))
+        smooth = getattr(m, "smooth_scale", None) if quantized else None
+        if smooth is not None:  # SmoothQuant's per-channel input scales
+            overhead += FLOAT_BITS * smooth.numel()
         mean_w = float(w_bits[kept_out].mean()) if kept_out is not None and bool(kept_out.any()) else float(w_bits.mean())
         layers.append(LayerCost(name, type(layer).__name__, quantized, macs, mean_w, float(a_bits.mean()),
                                 float(kept_frac), bops, int(weight.numel() + (bias.numel() if isinstance(bias, Tensor) else 0)),

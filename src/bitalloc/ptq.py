@@ -17,6 +17,7 @@ from torch import nn
 
 from bitalloc.batches import batch_inputs, batch_size, call_model, cut_inputs, take_inputs
 from bitalloc.calibration.calibrate import calibrate
+from bitalloc.calibration.smooth import apply_smoothing
 from bitalloc.config import QuantConfig
 from bitalloc.cost import CostReport, cost_report
 from bitalloc.errors import ConfigError, DataError
@@ -72,7 +73,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
         example_inputs = _first_batch(calibration_data)
     qmodel = prepare(model, config, example_inputs)
     record_example(qmodel, example_inputs)
+    smoothing = apply_smoothing(qmodel, calibration_data, n)  # SmoothQuant layers (LayerConfig.smooth), if any
     info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
+    if smoothing:
+        info["smoothing"] = smoothing
     if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
            for _, l in quant_layers(qmodel)):
         from bitalloc.calibration.gptq import apply_gptq

@@ -70,18 +70,33 @@ def calibration(model: nn.Module, *, seed: int = 0) -> Iterator[nn.Module]:
         model.train(was_training)
         if not ok:
             for _, q in observing:
-                q.observer = None
+                q.observer = q.input_sample = None
     if call_counts(model) != before:  # some layer ran: those that did not are not quantized
         gone = set(demote_uncalled(model, before, "calibration"))
         observing = [(n, q) for n, q in observing if n.rpartition(".")[0] not in gone]
         layers = [(n, l) for n, l in layers if n not in gone]
+    modules = dict(layers)
+    checks: dict[str, dict[str, Any]] = {}
     for name, q in observing:
         stats = q.finish_observing()
+        if stats is not None and getattr(q, "input_sample", None) is not None:  # TensorConfig.clip_check "output"
+            choice = q.check_clipping(modules[name.rpartition(".")[0]].layer, stats)
+            if choice is not None:
+                checks[name.rpartition(".")[0]] = choice
         message = range_warning(name, stats, q.qparams()) if stats is not None and stats.samples is not None else None
         if message:
             warnings.warn(message, stacklevel=3)
     for _, layer in layers:
         layer.calibrate_weight()
+    model.bitalloc_clip_checks = checks
+    replaced = {n: c for n, c in checks.items() if c["chosen"] != c["configured"]}
+    if replaced:
+        first = next(iter(replaced.values()))
+        warnings.warn(f"clipping checked by layer output error (clip_check='output'): {first['configured']} replaced "
+                      f"on {len(replaced)} of {len(checks)} activation tensors, where it gave a larger output error "
+                      f"than {', '.join(sorted({c['chosen'] for c in replaced.values()}))} (e.g. "
+                      f"{', '.join(list(replaced)[:4])}); see bitalloc_clip_checks / the report's clip_checks",
+                      stacklevel=3)
 
 
 #: central share of the values whose spread :func:`range_warning` compares with the quantization step
@@ -144,4 +159,5 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = 32, *,
                 progress(n)
         if seen == 0:
             raise DataError("the calibration set is empty: give at least one calibration sample")
-    return {"calibration_samples": seen, "calibration_seconds": time.perf_counter() - start}
+    return {"calibration_samples": seen, "calibration_seconds": time.perf_counter() - start,
+            "clip_checks": getattr(model, "bitalloc_clip_checks", {})}

@@ -101,7 +101,7 @@ def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_sampl
     H: list[Tensor] = []
 
     def hook(mod: nn.Module, args: tuple) -> None:
-        x = args[0]
+        x = layer.smooth_input(args[0])  # SmoothQuant: the layer's input quantizer sees x / s
         if layer.input_quantizer is not None:
             x = layer.input_quantizer(x)
         for start in range(0, x.shape[0], chunk):

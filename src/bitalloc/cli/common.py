@@ -267,9 +267,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "percentile, mse (default aciq)")
     g.add_argument("--w-bits", type=float, default=4, help="weight bits (fractional = per-channel average; default 4)")
     g.add_argument("--a-bits", type=_bits_or_none, default=4.0, help="activation bits, or 'none' (default 4)")
-    g.add_argument("--act-granularity", choices=("tensor", "channel"),
+    g.add_argument("--act-granularity", choices=("tensor", "channel", "token"),
                    help="override the preset's activation granularity (default tensor; fractional --a-bits need "
-                        "channel)")
+                        "channel; token: one range per token on every input, per-token dynamic scales, with --online)")
     g.add_argument("--weight-granularity", choices=("tensor", "channel"), help="weight granularity (default channel)")
     g.add_argument("--prior", choices=("laplace", "gauss", "auto"), help="ACIQ prior (default laplace; aciq presets)")
     g.add_argument("--k-sigma", metavar="K", help="k of the ksigma preset: clip at mean +- K standard deviations "
@@ -295,6 +295,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="bits of the first and last layer (an integer 2..32), or 'none' to treat them like the "
                         "others (default 8)")
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding layer")
+    g.add_argument("--smooth", metavar="ALPHA", help="SmoothQuant: move activation outliers into the weights with "
+                                                     "migration strength ALPHA in [0, 1] (0.5 usual) on the layers that read a LayerNorm")
     g.add_argument("--override", action="append", default=[], metavar="PATTERN=JSON",
                    help="per-layer override, e.g. 'features.0={\"weight.bits\": 8}' (glob, re:REGEX or type:CLASS)")
     g.add_argument("--config", help="a JSON QuantConfig file instead of --preset; the other options given on the "
@@ -304,12 +306,17 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
-                 "max_bits", "first_last_bits", "no_fold_bn", "override")
+                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
     return None if str(args.first_last_bits).lower() == "none" else _cli_number(
         args.first_last_bits, "--first-last-bits", integer=True, lo=2, hi=32, extra=", or 'none'")
+
+
+def _smooth(args: argparse.Namespace) -> float | None:
+    value = getattr(args, "smooth", None)
+    return None if value is None else _cli_number(value, "--smooth", lo=0.0, hi=1.0)
 
 
 def _bounds(args: argparse.Namespace) -> dict[str, int]:
@@ -378,6 +385,8 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
         cfg.first_last_bits = _first_last(args)
     if "no_fold_bn" in cli:
         cfg.fold_bn = False
+    if "smooth" in cli:
+        cfg.default.smooth = _smooth(args)
 
 
 def _from_preset(args: argparse.Namespace) -> QuantConfig:
@@ -389,7 +398,7 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   weight_granularity=args.weight_granularity, online=args.online, first_last_bits=_first_last(args),
                   fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
                   seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
-                  rounding=getattr(args, "rounding", None), **_bounds(args))
+                  rounding=getattr(args, "rounding", None), smooth=_smooth(args), **_bounds(args))
 
 
 def build_config(args: argparse.Namespace) -> QuantConfig:

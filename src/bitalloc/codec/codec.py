@@ -113,16 +113,16 @@ class _Latents:
     def _synthesize(self, z_hat: Tensor, y_from: Callable[[Tensor, Tensor], Tensor], level: int,
                     y_size: tuple[int, int]) -> Tensor:
         lv = self._level(level)
-        mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size)
+        mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size, coding=True)
         y_hat = y_from(mu, log_scale)
-        return self.coder.synthesis(y_hat * self.coder._per_sample(self.coder.inv_gain, lv))
+        return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True))
 
     def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
         """Code x's latents into ``enc``; returns the decoder's synthesis output (float)."""
         lv = self._level(level)
         c = self.coder
-        yg = c.analysis(x) * c._per_sample(c.gain, lv)
-        zg = c.hyper_analysis(yg) * c._per_sample(c.hyper_gain, lv)
+        yg = c.analysis(x) * c.gain("y", lv, coding=True)
+        zg = c.hyper_analysis(yg) * c.gain("z", lv, coding=True)
         z_sym = torch.round(zg)
         stats.clamped += int((z_sym.abs() > Z_RANGE).sum())
         z_sym = z_sym.clamp(-Z_RANGE, Z_RANGE)
@@ -209,8 +209,9 @@ class VideoCoder:
         self.motion = _Latents(model.inter.motion)
         self.residual = _Latents(model.inter.residual)
         for c in (model.intra.coder, model.inter.motion, model.inter.residual):
-            if not c.entropy_bottleneck.ready:
-                c.entropy_bottleneck.update()
+            if not c.entropy_bottleneck.ready or not bool((c.gain_table != 0).all()):
+                raise ConfigError("the codec's coding tables (gains, hyper-latent probabilities) were never stored: "
+                                  "save it with bitalloc.codec.save_codec, or call coder.update() on each coder")
 
     def _check_level(self, quality: int) -> None:
         if not 0 <= quality < self.model.cfg.levels:

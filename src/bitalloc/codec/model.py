@@ -79,37 +79,58 @@ class HyperpriorCoder(nn.Module):
         self.hyper_synthesis = HyperSynthesis(nz, n, m)
         self.entropy_bottleneck = EntropyBottleneck(nz)
         self.gaussian_conditional = GaussianConditional()
-        # gains: higher levels (higher quality) quantize finer. Initialised geometrically so that the DCT
-        # coefficients (pixels in [0, 1]) start with steps 1/6 .. 1/48 (about 26 .. 44 dB), then learned.
-        self.gain = nn.Parameter(_gains(levels, m, 6.0, 48.0))
-        self.inv_gain = nn.Parameter(1.0 / _gains(levels, m, 6.0, 48.0))
-        self.hyper_gain = nn.Parameter(torch.ones(levels, nz))
-        self.hyper_inv_gain = nn.Parameter(torch.ones(levels, nz))
+        # gains: higher levels (higher quality) quantize finer. Learned in the log domain (a multiplicative
+        # change per step, whatever the gain's size; CodecObjective gives them their own learning rate),
+        # initialised geometrically so that the DCT coefficients (pixels in [0, 1]) start with steps 1/6 .. 1/48.
+        # Rows: gain, inverse gain.
+        g = _gains(levels, m, 6.0, 48.0).log()
+        self.log_gain = nn.Parameter(torch.stack([g, -g]))
+        self.log_hyper_gain = nn.Parameter(torch.zeros(2, levels, nz))
+        # the gains as coding reads them: exp() evaluated once by update() and stored with the weights, so that
+        # encoder and decoder multiply by the same float32 numbers on any machine (no exp in the decoder)
+        self.register_buffer("gain_table", torch.zeros(2, levels, m))
+        self.register_buffer("hyper_gain_table", torch.zeros(2, levels, nz))
         with torch.no_grad():  # initial scales e^1: untrained entropy parameters should not be overconfident
             self.hyper_synthesis[-1].bias[m:] = 1.0
 
-    @staticmethod
-    def _per_sample(table: Tensor, level: Tensor) -> Tensor:
-        return table[level].unsqueeze(-1).unsqueeze(-1)
+    def gain(self, which: str, level: Tensor, *, coding: bool = False) -> Tensor:
+        """The per-sample gains [B, C, 1, 1] of ``which`` ("y", "y_inv", "z", "z_inv") at ``level`` [B]:
+        exp of the parameters (training), or the stored tables (``coding``; filled by :meth:`update`)."""
+        table = {"y": 0, "y_inv": 1, "z": 0, "z_inv": 1}[which]
+        if coding:
+            t = (self.gain_table if which[0] == "y" else self.hyper_gain_table)[table]
+            if not bool((t != 0).all()):
+                raise RuntimeError("the coding gain tables are empty: call update() after training")
+        else:
+            t = (self.log_gain if which[0] == "y" else self.log_hyper_gain)[table].exp()
+        return t[level].unsqueeze(-1).unsqueeze(-1)
 
-    def entropy_parameters(self, z_hat: Tensor, level: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def update(self) -> None:
+        """Store what coding reads: the gain tables (exp of the log gains) and the hyper-latent pmf tables."""
+        self.gain_table.copy_(self.log_gain.exp())
+        self.hyper_gain_table.copy_(self.log_hyper_gain.exp())
+        self.entropy_bottleneck.update()
+
+    def entropy_parameters(self, z_hat: Tensor, level: Tensor, size: tuple[int, int], *,
+                           coding: bool = False) -> tuple[Tensor, Tensor]:
         """(mu, log_scale) of y_g from the decoded hyper-latent z_hat (gained domain)."""
-        params = self.hyper_synthesis(z_hat * self._per_sample(self.hyper_inv_gain, level))
+        params = self.hyper_synthesis(z_hat * self.gain("z_inv", level, coding=coding))
         params = params[..., : size[0], : size[1]]
         mu, log_scale = params.chunk(2, dim=1)
         return mu, log_scale
 
     def forward(self, x: Tensor, level: Tensor) -> dict[str, Any]:
         y = self.analysis(x)
-        yg = y * self._per_sample(self.gain, level)
+        yg = y * self.gain("y", level)
         z = self.hyper_analysis(yg)
-        zg = z * self._per_sample(self.hyper_gain, level)
+        zg = z * self.gain("z", level)
         z_hat, z_lik = self.entropy_bottleneck(zg)
         mu, log_scale = self.entropy_parameters(z_hat, level, yg.shape[-2:])
         v = noisy(yg - mu) if self.training else torch.round(yg - mu)
         y_lik = self.gaussian_conditional.likelihood(v, log_scale)
         y_hat = ste_round(yg - mu) + mu
-        x_hat = self.synthesis(y_hat * self._per_sample(self.inv_gain, level))
+        x_hat = self.synthesis(y_hat * self.gain("y_inv", level))
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
 

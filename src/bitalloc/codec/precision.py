@@ -132,7 +132,7 @@ def save_codec(model: VideoCodec, path: str | os.PathLike, *, extra: dict[str, A
     from bitalloc.io import torch_save
 
     for coder in coders(model).values():
-        coder.entropy_bottleneck.update()  # the coding tables of the weights being saved
+        coder.update()  # the coding tables (gains, hyper-latent pmfs) of the weights being saved
     state = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
              "decoders": decoder_configs(model), "state_dict": model.state_dict(), "extra": extra or {}}
     return torch_save(state, path)

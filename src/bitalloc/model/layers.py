@@ -54,13 +54,17 @@ class QuantLayer(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, weight_quantizer: Quantizer | None, input_quantizer: Quantizer | None,
-                 name: str = "", bias_correction: str = "none"):
+                 name: str = "", bias_correction: str = "none", smooth: float | None = None):
         super().__init__()
         self.layer = layer
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.layer_name = name
         self.bias_correction = bias_correction
+        #: SmoothQuant: the input is divided by ``smooth_scale`` (per input channel) and the wrapped layer's weight
+        #: holds W diag(smooth_scale) (:mod:`bitalloc.calibration.smooth`); None without smoothing
+        self.smooth_alpha = smooth
+        self.register_buffer("smooth_scale", None if smooth is None else torch.ones(input_channels(layer)))
         self._plain = type(layer).forward in _PLAIN_FORWARDS
         #: forward calls so far (quantizers ran, or were disabled on purpose); a plain attribute, not state
         self.calls = 0
@@ -87,8 +91,18 @@ class QuantLayer(nn.Module):
         g = gate() if gate is not None else None
         return b if g is None else b * g.to(device=b.device, dtype=b.dtype).reshape(-1)
 
+    def smooth_input(self, x: Tensor) -> Tensor:
+        """The layer's input as its input quantizer sees it: x / smooth_scale (per channel) with SmoothQuant."""
+        s = self.smooth_scale
+        if s is None:
+            return x
+        shape = [1] * x.ndim
+        shape[activation_axis(self.layer) % x.ndim] = -1
+        return x / s.to(x.dtype).reshape(shape)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
+        x = self.smooth_input(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
@@ -119,7 +133,8 @@ class QuantLayer(nn.Module):
             q.set_bias_correction(self.layer.weight, self.bias_correction)
 
     def extra_repr(self) -> str:
-        return f"name={self.layer_name!r}, bias_correction={self.bias_correction}"
+        smooth = "" if self.smooth_alpha is None else f", smooth={self.smooth_alpha}"
+        return f"name={self.layer_name!r}, bias_correction={self.bias_correction}{smooth}"
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:

@@ -185,6 +185,35 @@ def _rewrite_attention(model: nn.Module, example_inputs: Any, reference: list[Te
     return []
 
 
+#: functions that only re-view a tensor (a normalization's output seen through them is still that output)
+_VIEWS = {"view", "reshape", "contiguous", "clone", "flatten", "dropout", "__getitem__"}
+
+
+def _reads_normalization(trace: Any, name: str) -> bool:
+    """Whether every call of layer ``name`` reads the output of a normalization module (LayerNorm, RMSNorm,
+    GroupNorm...: a module whose class name contains "Norm"), possibly through views: where SmoothQuant applies
+    (Xiao et al. 2023 smooth the inputs of the attention and feed-forward blocks, which follow a LayerNorm)."""
+    calls = trace.calls.get(name, [])
+    for idx in calls:
+        node = trace.nodes[idx]
+        t = node.inputs[0] if node.inputs else None
+        for _ in range(8):
+            p = trace.producer.get(t)
+            if p is None:
+                return False
+            src = trace.nodes[p]
+            if src.module is not None:
+                if "Norm" not in type(src.module).__name__:
+                    return False
+                break
+            if src.target not in _VIEWS or not src.inputs:
+                return False
+            t = src.inputs[0]
+        else:
+            return False
+    return bool(calls)
+
+
 def demote_uncalled(model: nn.Module, before: dict[str, int], when: str, *, pin: bool = True) -> list[str]:
     """Unwrap the QuantLayers of ``model`` that did not run since the :func:`~bitalloc.model.layers.call_counts`
     snapshot ``before`` and list them in float, with the reason (``when``: the pass, e.g. "calibration").
@@ -314,7 +343,9 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
                 shapes = trace.nodes[idx].input_shapes
                 if shapes:
                     aq.check_online_input(shapes[0], f"layer {name!r} ({tname}) input activation")
-        qlayer = QuantLayer(m, wq, aq, name=name, bias_correction=lcfg.bias_correction if wq is not None else "none")
+        smooth = lcfg.smooth if aq is not None and _reads_normalization(trace, name) else None
+        qlayer = QuantLayer(m, wq, aq, name=name, bias_correction=lcfg.bias_correction if wq is not None else "none",
+                            smooth=smooth)
         qlayer.calibrate_weight()
         set_submodule(model, name, qlayer)
         records.append(LayerRecord(name, tname, "quantized", "", rules, _summary(lcfg.weight), _summary(lcfg.act),

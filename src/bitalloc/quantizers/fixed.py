@@ -49,6 +49,9 @@ class FixedQuantizer(Quantizer):
             raise ConfigError(f"unknown range method {cfg.method!r}; choose one of {sorted(RANGE_ESTIMATORS)}")
         self.cfg = cfg
         self.per_channel = cfg.granularity == "channel"
+        self.per_token = cfg.granularity == "token"  # online only (TensorConfig.validate)
+        if self.per_token and role != "act":
+            raise ConfigError("granularity='token' applies to activations (one range per token), not to weights")
         shape = (channels,) if self.per_channel else ()
         self.register_buffer("bits", torch.full(shape, cfg.int_bits, dtype=torch.int64))
         self.register_buffer("scale", torch.ones(shape))
@@ -62,6 +65,7 @@ class FixedQuantizer(Quantizer):
         else:
             self.corr_scale = self.corr_shift = None
         self.observer = None
+        self.input_sample = None  # calibration inputs kept for clip_check="output"
         self._cache: tuple | None = None
         self._last_online: QuantParams | None = None
 
@@ -79,9 +83,12 @@ class FixedQuantizer(Quantizer):
         return self.axis if self.per_channel else None
 
     def start_observing(self, seed: int = 0, name: str = "") -> None:
+        from bitalloc.calibration.clip_check import InputSample
         from bitalloc.calibration.observer import Observer
 
         self.observer = Observer(self.stat_axis, seed=seed, name=name)
+        check = self.cfg.clip_check == "output" and self.role == "act"
+        self.input_sample = InputSample(linear=self.axis == -1) if check else None
 
     def finish_observing(self) -> ChannelStats | None:
         """Set bits and ranges from what the observer saw (raises DataError if it saw nothing); returns the
@@ -174,6 +181,34 @@ class FixedQuantizer(Quantizer):
         self._cache = None
 
     @torch.no_grad()
+    def check_clipping(self, layer: torch.nn.Module, stats: ChannelStats) -> dict | None:
+        """``clip_check="output"``: keep the configured range or replace it by the candidate of least layer-output
+        error on the kept calibration inputs (:mod:`bitalloc.calibration.clip_check`); the bit widths stay.
+        Returns {"configured", "chosen", "errors": {label: sum of squared output errors}} (None without inputs)."""
+        from bitalloc.calibration.clip_check import candidates, choose, output_errors
+
+        sample, self.input_sample = getattr(self, "input_sample", None), None
+        x = sample.tensor() if sample is not None else None
+        if x is None:
+            return None
+        one_sided = self._one_sided(stats)
+        bits = self.bits.reshape(-1).expand(stats.channels)
+        cands = candidates(self.cfg.method, self.cfg.options)
+        grids = []
+        for _, method, opts in cands:
+            lo, hi = estimate_range(method, stats, bits, symmetric=self.cfg.symmetric, one_sided=one_sided, **opts)
+            scale, zp, qmin, qmax = qparams_from_range(lo, hi, bits, symmetric=self.cfg.symmetric)
+            shape = self.scale.shape
+            grids.append((scale.reshape(shape).float(), zp.reshape(shape), qmin.reshape(shape), qmax.reshape(shape)))
+        labels = [c[0] for c in cands]
+        errors = output_errors(layer, x, grids, self.axis if self.per_channel else None)
+        best = choose(labels, errors)
+        self.scale.copy_(grids[best][0])
+        self.zero_point.copy_(grids[best][1])
+        self._cache = None
+        return {"configured": labels[0], "chosen": labels[best], "errors": dict(zip(labels, errors))}
+
+    @torch.no_grad()
     def set_bias_correction(self, weight: Tensor, mode: str) -> None:
         """ACIQ bias correction (eq. 12-13) of this weight quantizer: "none", "mean" or "mean+norm"."""
         if self.role != "weight":
@@ -212,6 +247,8 @@ class FixedQuantizer(Quantizer):
     def quantize_forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:  # calibration pass: observe, stay in float
             self.observer.update(x)
+            if getattr(self, "input_sample", None) is not None:
+                self.input_sample.add(x)
             return x
         if self.online:
             return self._online_forward(x)
@@ -241,11 +278,15 @@ class FixedQuantizer(Quantizer):
         numel = math.prod(shape)
         n = shape[0] if shape else 1
         c = shape[self.axis] if self.per_channel and len(shape) > 1 else 1
+        if self.per_token:  # one row per position: the channels of one token
+            n, c = 1, numel // max(shape[self.axis] if len(shape) > 1 else 1, 1)
         per_row = numel // max(n * c, 1)
         if per_row >= 2 or numel == 0:
             return
         loc = f"{where}: " if where else ""
-        if self.per_channel:
+        if self.per_token:
+            unit, fix = "token", "quantize this input per tensor (act granularity 'tensor')"
+        elif self.per_channel:
             unit, fix = "sample and channel", ("quantize this input per tensor (override {\"act.granularity\": "
                                                "\"tensor\", \"act.allocate\": false}; CLI --override "
                                                "'NAME={...}') or calibrate offline (online=False, no --online)")
@@ -256,10 +297,13 @@ class FixedQuantizer(Quantizer):
                           f"quantization); {fix}")
 
     def _online_forward(self, x: Tensor) -> Tensor:
-        """Per-sample (and per-channel) statistics, bits, ranges and fake quantization of this input."""
+        """Per-sample (per-channel, or per-token) statistics, bits, ranges and fake quantization of this input."""
         self.check_online_input(x.shape, f"online {self.role} quantizer")
         n = x.shape[0]
-        if self.per_channel:
+        if self.per_token:  # rows = positions (tokens), each over its channels
+            moved = x.movedim(self.axis % x.ndim, -1)
+            rows = moved.reshape(-1, moved.shape[-1])
+        elif self.per_channel:
             c = x.shape[self.axis]
             rows = x.movedim(self.axis % x.ndim, 1).reshape(n * c, -1)
         else:
@@ -274,6 +318,8 @@ class FixedQuantizer(Quantizer):
         y = fake_quantize(rows, scale, zp, qmin, qmax, axis=0)
         self._last_online = QuantParams(bits=bits, scale=scale, zero_point=zp, qmin=qmin, qmax=qmax, axis=self.axis,
                                         signed=self._signed(), online=True)
+        if self.per_token:
+            return y.reshape(moved.shape).movedim(-1, self.axis % x.ndim)
         if self.per_channel:
             moved = list(x.movedim(self.axis % x.ndim, 1).shape)
             return y.reshape(moved).movedim(1, self.axis % x.ndim)

@@ -332,8 +332,8 @@ class _Analysis:
 def _shareable(layer: QuantLayer) -> bool:
     """The layer's input grid can be shared: 8-bit, per tensor, the full 8-bit range (no integer Clip)."""
     q = layer.input_quantizer
-    if q is None or getattr(q, "online", False) or not q.is_ready:
-        return False
+    if q is None or getattr(q, "online", False) or not q.is_ready or getattr(layer, "smooth_scale", None) is not None:
+        return False  # (with SmoothQuant the grid is that of x / s, not of the tensor itself)
     p = q.qparams()
     if p.per_channel or int(p.bits.max()) != 8:
         return False

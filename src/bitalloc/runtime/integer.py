@@ -613,8 +613,9 @@ def integer_mode(model: nn.Module, *, on_overflow: str = "widen", accumulator: s
         try:
             if args or kwargs:
                 raise IntegerExecutionError(f"layer {layer.layer_name!r} is called with extra arguments")
-            out, res = integer_forward(layer, x, on_overflow=on_overflow, accumulator=accumulator, product=product,
-                                       with_bound=with_bound, kernel=kernel, ints=prepared.get(id(layer)))
+            out, res = integer_forward(layer, layer.smooth_input(x), on_overflow=on_overflow, accumulator=accumulator,
+                                       product=product, with_bound=with_bound, kernel=kernel,
+                                       ints=prepared.get(id(layer)))
         except IntegerExecutionError as exc:
             if strict:
                 raise
@@ -725,8 +726,8 @@ def integer_check(model: nn.Module, data: Any, *, on_overflow: str = "widen", ac
             res.fake_quant_layers[layer.layer_name] = "called with extra arguments"
             return
         try:
-            out, results = integer_forward(layer, inputs[0], on_overflow=on_overflow, accumulator=accumulator,
-                                           product=product, with_bound=True)
+            out, results = integer_forward(layer, layer.smooth_input(inputs[0]), on_overflow=on_overflow,
+                                           accumulator=accumulator, product=product, with_bound=True)
         except IntegerExecutionError as exc:
             res.fake_quant_layers[layer.layer_name] = str(exc)
             return

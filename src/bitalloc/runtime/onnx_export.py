@@ -119,13 +119,16 @@ class _Mark(torch.autograd.Function):
 class _Marked(nn.Module):
     """The float layer of a QuantLayer, with its input and weight passed through markers."""
 
-    def __init__(self, layer: nn.Module, name: str):
+    def __init__(self, layer: nn.Module, name: str, smooth: QuantLayer | None = None):
         super().__init__()
         self.layer = layer
         self.name = name
         self._plain = type(layer).forward in _PLAIN_FORWARDS
+        self.smooth = smooth.smooth_input if smooth is not None and smooth.smooth_scale is not None else None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.smooth is not None:  # SmoothQuant: x / s (a float Div) before the layer's input quantizer
+            x = self.smooth(x)
         x = _Mark.apply(x, "LayerInput", self.name)
         w = _Mark.apply(self.layer.weight, "LayerWeight", self.name)
         if self._plain and not args and not kwargs:
@@ -160,7 +163,7 @@ def marked_float_copy(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).eval()
     for name, ql in quant_layers(m):
         _gate_bias(ql)
-        marked = _Marked(ql.layer, name)
+        marked = _Marked(ql.layer, name, ql)
         # forward hooks on the layer (tensor quantizers of an aligned model) stay on its replacement
         marked._forward_hooks.update(ql._forward_hooks)
         set_submodule(m, name, marked)
@@ -1215,8 +1218,12 @@ _PASS_THROUGH = {"Relu", "Clip"}
 def _align_ort(model: Any, calib_inputs: list[dict[str, np.ndarray]], report: ExportReport, *, threads: int) -> Any:
     """Add uint8 Q/DQ on float tensors that block onnxruntime's int8 fusion (see module docstring).
 
-    Targets: the outputs of quantized Conv / Gemm / MatMul nodes and of Add nodes (after Relu / Clip chains)
-    that reach something other than a QuantizeLinear, and float inputs of Add / Mul / GlobalAveragePool.
+    Targets: the outputs of quantized Conv / Gemm nodes and of Add nodes (after Relu / Clip chains)
+    that reach something other than a QuantizeLinear, and float inputs of Add / Mul / GlobalAveragePool. An Add /
+    Mul is a target only on the int8 data path: each of its non-constant inputs comes (through Relu / Clip, bias
+    Adds with a constant, and such Adds) from a quantized Conv / Gemm / MatMul or a DequantizeLinear. So a
+    transformer's attention-mask arithmetic (scores + (1 - mask) * float32 min) and other float side paths get
+    no min-max grid, which would destroy them.
     When the tensor already has an 8-bit full-range Q -> DQ (a bitalloc layer input), its other consumers
     are routed through that DQ (no new rounding step size); otherwise a new uint8 min-max pair is measured
     on the calibration inputs.
@@ -1249,6 +1256,28 @@ def _align_ort(model: Any, calib_inputs: list[dict[str, np.ndarray]], report: Ex
                     return d.output[0]
         return None
 
+    on_path: dict[str, bool] = {}
+
+    def int8_path(t: str) -> bool:
+        """Whether ``t`` comes from quantized compute or a DQ through Relu / Clip, constant (bias) Adds and
+        int8-path Adds (see the docstring)."""
+        if t not in on_path:
+            on_path[t] = False  # cycles cannot occur in a valid graph; guards the recursion anyway
+            p = producers.get(t)
+            if p is None:
+                ok = False
+            elif p.op_type == "DequantizeLinear" or quantized_compute(p):
+                ok = True
+            elif p.op_type in _PASS_THROUGH:
+                ok = int8_path(p.input[0])
+            elif p.op_type == "Add":
+                live = [i for i in p.input if not _is_const(graph, i)]
+                ok = bool(live) and all(int8_path(i) for i in live)
+            else:
+                ok = False
+            on_path[t] = ok
+        return on_path[t]
+
     def end_of_chain(t: str) -> str:
         while True:
             cs = cons.get(t, [])
@@ -1261,7 +1290,10 @@ def _align_ort(model: Any, calib_inputs: list[dict[str, np.ndarray]], report: Ex
     for n in graph.node:
         if n.doc_string == _SHIFT_DOC:
             continue
-        if quantized_compute(n) or n.op_type == "Add":
+        # (a quantized MatMul needs no output Q/DQ: onnxruntime runs it as MatMulIntegerToFloat, int8 with a float
+        # output, so transformers' linear layers keep exactly bitalloc's quantization points)
+        residual = n.op_type == "Add" and not any(_is_const(graph, i) for i in n.input) and int8_path(n.output[0])
+        if (quantized_compute(n) and n.op_type != "MatMul") or residual:
             t = end_of_chain(n.output[0])
             cs = cons.get(t, [])
             if t in graph_outputs or not cs or all(c.op_type == "QuantizeLinear" for c in cs):
@@ -1272,7 +1304,8 @@ def _align_ort(model: Any, calib_inputs: list[dict[str, np.ndarray]], report: Ex
         ins = []
         if n.doc_string == _SHIFT_DOC:
             continue
-        if n.op_type in ("Add", "Mul") and not any(_is_const(graph, i) for i in n.input):
+        if n.op_type in ("Add", "Mul") and not any(_is_const(graph, i) for i in n.input) and \
+                all(int8_path(i) for i in n.input):
             ins = list(n.input)
         elif n.op_type == "GlobalAveragePool":
             ins = [n.input[0]]

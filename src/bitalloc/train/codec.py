@@ -34,11 +34,12 @@ def _inner(model: nn.Module) -> nn.Module:
 class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
-    def __init__(self, part: str = "intra", *, first: str = "intra"):
+    def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
         self.first = first
+        self.gain_lr_scale = gain_lr_scale
 
     def _freeze(self, model: nn.Module) -> None:
         if self.part == "intra":
@@ -53,8 +54,11 @@ class CodecObjective(Objective):
         self._freeze(model)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The log gains get their own group at ``gain_lr_scale`` x the base lr: they set each level's quantization
+        steps and must move far from their initialisation (a factor of e in ~500 steps at 2e-3)."""
         self._freeze(model)
-        return []
+        gains = [p for n, p in model.named_parameters() if n.endswith(("log_gain", "log_hyper_gain")) and p.requires_grad]
+        return [{"params": gains, "name": "gains", "lr_scale": self.gain_lr_scale}] if gains else []
 
     def task_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         inner = _inner(model)

@@ -5,7 +5,8 @@
 a convenient base class with no-op defaults):
 
 * ``param_groups(model) -> list[dict]``: extra optimizer groups, each ``{"params": [...], "name": str,
-  "lr": float, "weight_decay": float, "schedule": name | ScheduleSpec | dict, "schedule_args": dict, ...}``
+  "lr": float (or "lr_scale": a multiple of the configuration's lr), "weight_decay": float, "schedule": name |
+  ScheduleSpec | dict, "schedule_args": dict, ...}``
   (other keys such as ``momentum`` or ``betas`` go to the optimizer). Parameters not listed there form the
   group ``"default"``, which uses the configuration's lr, weight decay and schedule. Each group follows its
   own schedule: e.g. Bayesian Bits keeps the weight lr constant for 2/3 of training then decays it linearly
@@ -436,7 +437,8 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig, objective: Any = None
         names_seen.add(name)
         g.update(cfg.group_overrides.get(name, {}))
         spec = as_spec(g.pop("schedule", None), args=g.pop("schedule_args", None), default=default_spec)
-        lr = float(g.pop("lr", cfg.lr))
+        scale = float(g.pop("lr_scale", 1.0))  # a multiple of the configuration's lr (follows --lr)
+        lr = float(g.pop("lr", cfg.lr * scale))
         group = {"params": params, "name": name, "lr": lr, "base_lr": lr,
                  "weight_decay": float(g.pop("weight_decay", cfg.weight_decay)), **g}
         extra_groups.append(group)
