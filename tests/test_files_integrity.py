@@ -357,3 +357,22 @@ def test_pack_refuses_an_existing_file_before_doing_any_work(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match="already exists"):
         pack_model(q, target, example_shape=(6,))
     assert target.read_bytes() == b"precious"
+
+
+def test_hand_edited_checkpoint_fields_are_one_line_errors(tmp_path):
+    """Fields a user edited (and re-checksummed) are CheckpointErrors, not AttributeError / ValueError."""
+    import torch
+    from torch import nn
+
+    from bitalloc.errors import CheckpointError
+    from bitalloc.train.checkpoint import load_model_checkpoint, save_checkpoint
+
+    base = {"format": "bitalloc.train.checkpoint", "version": 1, "model": {"name": "lenet5", "kwargs": {}},
+            "model_state": nn.Linear(2, 2).state_dict(), "method": "fp32"}
+    for key, value, match in (("model", "x", "model entry"), ("version", "x", "version field"),
+                              ("version", 0, "version field"), ("method", 7, "method entry"),
+                              ("method", "nope", "does not know")):
+        path = tmp_path / f"{key}-{value}.pt"
+        save_checkpoint(path, dict(base, **{key: value}))
+        with pytest.raises(CheckpointError, match=match):
+            load_model_checkpoint(path)

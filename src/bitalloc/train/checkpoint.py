@@ -125,9 +125,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     fmt = state.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"{p} has format {fmt!r}, not {FORMAT!r}; give a file written by bitalloc train")
-    if int(state.get("version", VERSION)) > VERSION:
-        raise CheckpointError(f"{p} was written by a newer bitalloc (checkpoint version {state['version']} > "
+    version = state.get("version", VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{p}: its version field {version!r} is not a checkpoint version (a positive "
+                              "integer): the file was edited or damaged; train again or restore it from a backup")
+    if version > VERSION:
+        raise CheckpointError(f"{p} was written by a newer bitalloc (checkpoint version {version} > "
                               f"{VERSION}); upgrade bitalloc to read it")
+    spec = state.get("model")
+    if spec is not None and not isinstance(spec, dict):
+        raise CheckpointError(f"{p}: its model entry {spec!r} is not a model description (a dict with name, kwargs, "
+                              "factory): the file was edited or damaged; train again or restore it from a backup")
+    method = state.get("method")
+    if method is not None and not isinstance(method, str):
+        raise CheckpointError(f"{p}: its method entry {method!r} is not a method name: the file was edited or "
+                              "damaged; train again or restore it from a backup")
     return state
 
 
@@ -188,8 +200,8 @@ def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         if strict and unexpected:
             parts.append(f"{len(unexpected)} unexpected entries (e.g. {unexpected[:3]})")
         raise CheckpointError(f"checkpoint {path} does not fit model {type(model).__name__}: {', '.join(parts)}; "
-                              f"it was written for a different model or configuration: pass the matching "
-                              f"--model / --num-classes, or train a new checkpoint")
+                              f"it was written for a different model or configuration: load it with the "
+                              f"model (and model arguments) it was trained with, or train a new checkpoint")
     model.load_state_dict(dict(state_dict), strict=strict)
 
 
@@ -221,8 +233,11 @@ def build_model(spec: Mapping[str, Any], *, path: str | os.PathLike = "<memory>"
         try:
             m = get_method(method)
         except ConfigError:
-            raise CheckpointError(f"checkpoint {path} was trained with method {method!r}, which this bitalloc does "
-                                  f"not register; upgrade bitalloc or pass model=... prepared yourself") from None
+            from bitalloc.train.presets import METHODS
+
+            raise CheckpointError(f"checkpoint {path} was trained with method {method!r}, which bitalloc does not "
+                                  f"know (methods: {', '.join(sorted(METHODS))}); pass model=... prepared "
+                                  "yourself, or train a new checkpoint") from None
         model = m.prepare(model, dict(method_options or {}))
     return model
 
