@@ -241,6 +241,25 @@ class QuantConfig:
         return cls(**d).validate()
 
 
+def read_config_file(path: Any) -> QuantConfig:
+    """The QuantConfig of a JSON file (``--config``: e.g. one ``bitalloc ptq --budget`` wrote as searched.json); a
+    missing, non-JSON or malformed file is a one-line ConfigError naming it."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {p} is not valid JSON: {exc}") from None
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {p}: {exc}") from None
+
+
 def _check_dict(d: Any, what: str) -> None:
     if not isinstance(d, dict):
         raise ConfigError(f"{what} must be a JSON object (a dict of settings), got {d!r}")

@@ -46,8 +46,11 @@ def _observing_quantizers(model: nn.Module) -> list[tuple[str, Any]]:
 
 
 @contextmanager
-def calibration(model: nn.Module, *, seed: int = 0) -> Iterator[nn.Module]:
-    """Collect statistics while the body runs calibration batches through ``model``; set ranges on exit."""
+def calibration(model: nn.Module, *, seed: int = 0, stats_out: dict[str, Any] | None = None) -> Iterator[nn.Module]:
+    """Collect statistics while the body runs calibration batches through ``model``; set ranges on exit.
+
+    ``stats_out``: a dict that receives, per quantized layer name, the input statistics its activation grid
+    came from (:class:`~bitalloc.quant.stats.ChannelStats`; e.g. to derive grids at other bit widths)."""
     observing = _observing_quantizers(model)
     layers = quant_layers(model)
     saved = [(q, q.enabled) for _, l in layers for q in l.quantizers()]
@@ -79,6 +82,8 @@ def calibration(model: nn.Module, *, seed: int = 0) -> Iterator[nn.Module]:
     checks: dict[str, dict[str, Any]] = {}
     for name, q in observing:
         stats = q.finish_observing()
+        if stats_out is not None and stats is not None:
+            stats_out[name.rpartition(".")[0]] = stats
         if stats is not None and getattr(q, "input_sample", None) is not None:  # TensorConfig.clip_check "output"
             choice = q.check_clipping(modules[name.rpartition(".")[0]].layer, stats)
             if choice is not None:

@@ -94,6 +94,25 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
+def input_hessian(layer: nn.Module, x: Tensor, input_quantizer: nn.Module | None = None, *, chunk: int = 4) -> Tensor:
+    """sum of x x^T over one batch ``x`` of inputs of ``layer`` (a Conv / Linear module), per group
+    ([G, K, K], float64), as its convolution / matrix product sees them: after ``input_quantizer`` (if given)
+    and any padding the layer's own forward applies. ``chunk`` samples are unfolded at a time."""
+    if input_quantizer is not None:
+        x = input_quantizer(x)
+    H: Tensor | None = None
+    for start in range(0, x.shape[0], chunk):
+        call = op_call(layer, x[start:start + chunk])
+        cols, _ = input_columns(call, layer.weight)
+        cols = cols.to(torch.float64)
+        h = torch.einsum("ngk,ngl->gkl", cols, cols)
+        H = h if H is None else H + h
+    if H is None:
+        raise DataError(f"no inputs to accumulate the GPTQ Hessian of {type(layer).__name__}")
+    return H
+
+
+@torch.no_grad()
 def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_samples: int, *,
                   chunk: int = 4) -> Tensor:
     """sum over calibration inputs of x x^T for each group of ``layer`` ([G, K, K], float64), where x are the
@@ -101,18 +120,11 @@ def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_sampl
     H: list[Tensor] = []
 
     def hook(mod: nn.Module, args: tuple) -> None:
-        x = layer.smooth_input(args[0])  # SmoothQuant: the layer's input quantizer sees x / s
-        if layer.input_quantizer is not None:
-            x = layer.input_quantizer(x)
-        for start in range(0, x.shape[0], chunk):
-            call = op_call(layer.layer, x[start:start + chunk])
-            cols, _ = input_columns(call, layer.layer.weight)
-            cols = cols.to(torch.float64)
-            h = torch.einsum("ngk,ngl->gkl", cols, cols)
-            if H:
-                H[0] += h
-            else:
-                H.append(h)
+        h = input_hessian(layer.layer, layer.smooth_input(args[0]), layer.input_quantizer, chunk=chunk)
+        if H:
+            H[0] += h
+        else:
+            H.append(h)
         raise _Stop
 
     handle = layer.register_forward_pre_hook(hook)
@@ -127,6 +139,25 @@ def layer_hessian(model: nn.Module, layer: QuantLayer, data: Iterable, num_sampl
     if not H:
         raise DataError(f"no calibration data reached layer {layer.layer_name!r} for GPTQ")
     return H[0]
+
+
+@torch.no_grad()
+def round_layer(layer: QuantLayer, H: Tensor, *, damp: float = 0.01) -> None:
+    """Replace ``layer``'s float weight by its GPTQ-rounded grid values (the grid calibration fixed, Hessian
+    ``H`` of its inputs, [G, K, K]); bias correction is reset and the weight quantizer locked (module docstring)."""
+    wq = layer.weight_quantizer
+    w = layer.layer.weight
+    G = H.shape[0]
+    p = wq.qparams()
+    rows = w.shape[0]
+    per_row = [t.expand(rows) if t.ndim == 0 else t for t in (p.scale, p.zero_point, p.qmin, p.qmax)]
+    grid = [t.reshape(G, rows // G) for t in per_row]
+    codes = gptq_round(w.reshape(G, rows // G, -1), H, *grid, damp=damp)
+    q = codes.reshape(rows, -1)
+    deq = (q - per_row[1][:, None]).to(torch.float32) * per_row[0].float()[:, None]
+    w.copy_(deq.reshape(w.shape).to(w.dtype))
+    wq.set_bias_correction(w, "none")
+    wq.lock()
 
 
 @torch.no_grad()
@@ -146,19 +177,7 @@ def apply_gptq(model: nn.Module, data: Iterable, num_samples: int, *, damp: floa
             wq = layer.weight_quantizer
             if wq is None or getattr(getattr(wq, "cfg", None), "rounding", "nearest") != "gptq":
                 continue
-            H = layer_hessian(model, layer, data, num_samples)
-            w = layer.layer.weight
-            G = H.shape[0]
-            p = wq.qparams()
-            rows = w.shape[0]
-            per_row = [t.expand(rows) if t.ndim == 0 else t for t in (p.scale, p.zero_point, p.qmin, p.qmax)]
-            grid = [t.reshape(G, rows // G) for t in per_row]
-            codes = gptq_round(w.reshape(G, rows // G, -1), H, *grid, damp=damp)
-            q = codes.reshape(rows, -1)
-            deq = (q - per_row[1][:, None]).to(torch.float32) * per_row[0].float()[:, None]
-            w.copy_(deq.reshape(w.shape).to(w.dtype))
-            wq.set_bias_correction(w, "none")
-            wq.lock()
+            round_layer(layer, layer_hessian(model, layer, data, num_samples), damp=damp)
             done.append(name)
             if progress is not None:
                 progress(name)

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order here is the order in ``bitalloc --help``.
-COMMANDS = ["demo", "train", "freeze", "ptq", "cost", "pack", "unpack", "sweep", "export", "bench", "codec"]
+COMMANDS = ["demo", "train", "freeze", "ptq", "sensitivity", "cost", "pack", "unpack", "sweep", "export", "bench", "codec"]
 
 
 def build_parser() -> argparse.ArgumentParser:

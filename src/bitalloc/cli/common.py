@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bitalloc.config import PRESETS, QuantConfig, preset
+from bitalloc.config import PRESETS, QuantConfig, preset, read_config_file
 from bitalloc.errors import ConfigError, DataError
 
 
@@ -127,7 +127,11 @@ def _canonical_model(name: str) -> str:
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
-def add_data_args(p: argparse.ArgumentParser, *, calib: bool = True) -> None:
+SPLITS = ("random", "anchors")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, calib: bool = True, split: bool = False) -> None:
+    """The data options; ``split`` adds ``--split`` (commands that pass ``args.split`` to :func:`load_splits`)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="mnist, fashion-mnist, cifar10 or imagenet (default: the model's dataset)")
     g.add_argument("--data", help="path to the data set (default: $BITALLOC_DATA)")
@@ -136,32 +140,45 @@ def add_data_args(p: argparse.ArgumentParser, *, calib: bool = True) -> None:
         g.add_argument("--calib", type=int, default=32, help="calibration samples (default 32)")
     g.add_argument("--limit", type=int, default=None, help="evaluate on the first N evaluation samples only")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration split (default 0)")
+    if split:
+        g.add_argument("--split", choices=SPLITS, default="random",
+                       help="calibration / evaluation split: random (seeded, --seed) or anchors (the fixed split "
+                            "the peer anchors were measured on: calibration = the first --calib items i with "
+                            "i %% 31 == 0 in the data set's order, evaluation = the others; default random)")
     g.add_argument("--cache-dir", default=None, help="cache of decoded images (default $BITALLOC_CACHE or ~/.cache/bitalloc)")
 
 
 def load_splits(dataset: str, data: str | None, n_calib: int, *, seed: int = 0, limit: int | None = None,
-                cache_dir: str | None = None, transform: Any = None) -> tuple[Any, Any]:
+                cache_dir: str | None = None, split: str = "random", transform: Any = None) -> tuple[Any, Any]:
     """Calibration and evaluation sets.
 
     Data sets with a test split (MNIST, Fashion-MNIST, CIFAR-10): ``n_calib`` samples drawn (seeded) from the
     training split, evaluation on the test split. Single-split sets (the ImageNet sample): a seeded random
-    split into ``n_calib`` calibration images and the rest for evaluation. ``transform``: the preprocessing of
-    image folders (a :class:`bitalloc.data.Preprocess`; default: the data set's).
+    split into ``n_calib`` calibration images and the rest for evaluation. ``split="anchors"`` takes the
+    calibration samples by stride instead (:func:`bitalloc.data.strided_split`: the first ``n_calib`` indices
+    i with i % 31 == 0; single-split sets evaluate on all the others). ``transform``: the preprocessing of image
+    folders (a :class:`bitalloc.data.Preprocess`; default: the data set's).
     """
-    from bitalloc.data import calibration_split, dataset_info, load_dataset
+    from bitalloc.data import calibration_split, dataset_info, load_dataset, strided_split
 
     info = dataset_info(dataset)
     if transform is not None:
         load_dataset = functools.partial(load_dataset, transform=transform)
     if n_calib < 1:
         raise ConfigError(f"--calib {n_calib}: give at least 1 calibration sample")
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: choose one of {SPLITS}")
+
+    def pick(items: Any) -> tuple[Any, Any]:
+        return strided_split(items, n_calib) if split == "anchors" else calibration_split(items, n_calib, seed=seed)
+
     if "test" in info.splits:
         train = load_dataset(dataset, data, "train", cache_dir=cache_dir)
-        calib, _ = calibration_split(train, n_calib, seed=seed)
+        calib, _ = pick(train)
         evaluation = load_dataset(dataset, data, "test", cache_dir=cache_dir)
     else:
         everything = load_dataset(dataset, data, cache_dir=cache_dir)
-        calib, evaluation = calibration_split(everything, n_calib, seed=seed)
+        calib, evaluation = pick(everything)
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"--limit {limit}: give a positive number of evaluation samples")
@@ -324,19 +341,6 @@ def _bounds(args: argparse.Namespace) -> dict[str, int]:
             for key in ("min_bits", "max_bits") if getattr(args, key, None) is not None}
 
 
-def _read_config_file(path: Path) -> QuantConfig:
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
-    try:
-        return QuantConfig.from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"--config {path}: {exc}") from None
-
-
 def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> None:
     """Apply the options given on the command line that a preset would take (bits, granularities, online, weight
     method, rounding, bit bounds, first/last bits, BatchNorm folding) to the configuration read from ``path``."""
@@ -410,7 +414,7 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
     cli = given(args)
     if args.config:
         path = Path(args.config)
-        cfg = _read_config_file(path)
+        cfg = read_config_file(path)
         _on_top_of_file(cfg, args, path)
         if hasattr(args, "calib"):
             if "calib" in cli:

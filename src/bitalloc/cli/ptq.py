@@ -9,6 +9,7 @@ from typing import Any
 from bitalloc.cli.common import (add_data_args, add_model_args, add_quant_args, build_config, config_label,
                                  config_sources, load_model, output_dir)
 from bitalloc.cli.model_args import add_input_args, model_data
+from bitalloc.cli.sensitivity import add_search_args, finish_search, search_for_ptq, sensitivity_options_given
 from bitalloc.io import write_json
 from bitalloc.report.tables import print_table
 
@@ -18,9 +19,19 @@ def register(sub: Any) -> None:
                        description="Quantize a trained model without retraining and report accuracy, BOPs, memory "
                                    "and the per-layer, per-channel bit widths.")
     add_model_args(p)
-    add_data_args(p)
+    add_data_args(p, split=True)
     add_input_args(p)
     add_quant_args(p)
+    add_search_args(p, group="mixed precision: search under a budget (--budget)")
+    g = p._action_groups[-1]
+    g.add_argument("--budget", metavar="KIND=VALUE",
+                   help="choose each layer's widths among --candidates: the least summed sensitivity within the "
+                        "budget, exactly (bops=2.5%%: relative BOPs; bops=W4A8: those of uniform W4A8; size=1.2MB: "
+                        "model size with metadata; size=W4A8); writes searched.json, a QuantConfig for --config")
+    g.add_argument("--sensitivity", metavar="FILE",
+                   help="a sensitivity.pt from `bitalloc sensitivity` with the same options (default: measure here)")
+    g.add_argument("--no-layer-check", action="store_true",
+                   help="skip measuring each searched layer's share of the damage in the chosen configuration")
     p.add_argument("--out", default="runs/ptq", help="output folder (report.json, bitmap.png; default runs/ptq)")
     p.add_argument("--save-model", action="store_true", help="also save the quantized model (quantized.pt)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG bit map")
@@ -50,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     data = model_data(args, model, name, ckpt_dataset)  # images (--dataset / --data) or a tensor file (--inputs)
     calib_batches, dataset = data.calib, data.dataset
     label = config_label(args)
+    found = None
+    if args.budget or sensitivity_options_given(args) or args.no_layer_check:
+        found = search_for_ptq(args, model, cfg, calib_batches)  # the searched configuration replaces cfg
+        cfg, label = found.config, f"{label}, searched {args.budget}"
     sources = config_sources(args)
     if sources["config_file"] and sources["command_line"]:
         print(f"note: {', '.join(f'{k} {v}' for k, v in sources['command_line'].items())} from the command line "
@@ -65,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if report["float_layers"]:
         print_table("Left in float", ["layer", "type", "reason"],
                     [[f["name"] or "(model)", f["type"], f["reason"]] for f in report["float_layers"]])
+    if found is not None:
+        report["search"] = finish_search(args, model, found, calib_batches, result.model, out)
     print_summary(report)
     if "agreement" in report:
         a = report["agreement"]

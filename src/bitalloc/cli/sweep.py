@@ -58,7 +58,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train at several settings (mu, bit widths), freeze, evaluate: Pareto front",
                        description=(__doc__ or "").split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", required=True, help="bb, lsq, pact (comma-separated for several)")
+    p.add_argument("--method", default=None, help="bb, lsq, pact (comma-separated for several); or --budget below")
     p.add_argument("--mu", type=_floats, default=None, help="bb: regulariser strengths, e.g. 0.01,0.03,0.1")
     p.add_argument("--bits", default=None,
                    help="lsq/pact: bit widths, e.g. 2,3,4,8 (W=A) or WxA pairs such as 4x8,4x4")
@@ -79,6 +79,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after '--': more `bitalloc train` options for every run whose method uses them (e.g. -- "
                         "--gate-lr 1e-2 reaches the bb runs only; an option no method of the sweep uses is an error)")
+    from bitalloc.cli.budget_sweep import add_budget_sweep_args
+
+    add_budget_sweep_args(p)
     p.set_defaults(func=run)
     b = sub.add_parser("plot-bits", help="plot each layer's bit width over training from a `bitalloc train` log",
                        description="Plot each quantized layer's weight and input bit widths per epoch from the "
@@ -425,7 +428,12 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from bitalloc.cli import build_parser, main
+    from bitalloc.cli.budget_sweep import check_mode, run_budget_sweep
     from bitalloc.train import distributed as D
+
+    check_mode(args)
+    if args.budget:
+        return run_budget_sweep(args)
 
     if args.dataset is None:  # as `bitalloc train` does
         from bitalloc.train.presets import default_dataset

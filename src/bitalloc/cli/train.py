@@ -349,6 +349,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--resume continues the run in --out, --overwrite starts it again from scratch: give one")
     if args.init and "pretrained" in cli:
         raise ConfigError("--init and --pretrained / --no-pretrained both choose the starting weights: give one")
+    if "config" in cli:
+        widths = [flag(d) for d in ("w_bits", "a_bits", "first_last_bits") if d in cli]
+        if widths:
+            raise ConfigError(f"--config {args.config} gives every layer's widths, so {', '.join(widths)} would be "
+                              f"ignored: drop {'it' if len(widths) == 1 else 'them'}, or drop --config")
     own = set(METHOD_OPTIONS.get(args.method, ()))
     stray = [d for d in sorted(cli) if d not in own and any(d in o for o in METHOD_OPTIONS.values())]
     if stray:

@@ -14,7 +14,7 @@ from bitalloc.data.cifar import (CIFAR10_CLASSES, load_cifar10, load_cifar10_ima
 from bitalloc.data.idx import MNIST_FILES, find_mnist_files, load_mnist_like, read_idx, write_idx
 from bitalloc.data.imagefolder import (IMAGE_EXTENSIONS, ImageFolder, ImageSource, image_folder_in_memory,
                                        load_image_folder_arrays)
-from bitalloc.data.loader import calibration_split, make_loader, unwrap_in_memory
+from bitalloc.data.loader import calibration_split, make_loader, strided_split, unwrap_in_memory
 from bitalloc.data.memory import InMemoryImageDataset
 from bitalloc.data.registry import (DATA_ENV, DATASETS, DatasetInfo, dataset_info, dataset_names, load_dataset,
                                     resolve_data_root)
@@ -24,7 +24,7 @@ from bitalloc.data.transforms import (CIFAR10_NORM, FASHION_MNIST_NORM, IMAGENET
 
 __all__ = [
     "load_dataset", "dataset_info", "dataset_names", "DatasetInfo", "DATASETS", "DATA_ENV", "resolve_data_root",
-    "make_loader", "calibration_split", "unwrap_in_memory", "InMemoryImageDataset",
+    "make_loader", "calibration_split", "strided_split", "unwrap_in_memory", "InMemoryImageDataset",
     "read_idx", "write_idx", "find_mnist_files", "load_mnist_like", "MNIST_FILES",
     "read_cifar_batch", "load_cifar10", "load_cifar10_python", "load_cifar10_imagefolder", "CIFAR10_CLASSES",
     "ImageFolder", "ImageSource", "image_folder_in_memory", "load_image_folder_arrays", "IMAGE_EXTENSIONS",

@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from bitalloc.data.memory import InMemoryImageDataset
 from bitalloc.errors import ConfigError
 
-__all__ = ["make_loader", "calibration_split", "unwrap_in_memory"]
+__all__ = ["make_loader", "calibration_split", "strided_split", "unwrap_in_memory"]
 
 
 def unwrap_in_memory(dataset: Dataset) -> tuple[InMemoryImageDataset, torch.Tensor] | None:
@@ -92,3 +92,21 @@ def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Su
                           f"(some items must remain for evaluation).")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, perm[:n_calib]), Subset(dataset, perm[n_calib:])
+
+
+def strided_split(dataset: Dataset, n_calib: int, stride: int = 31) -> tuple[Subset, Subset]:
+    """The fixed split of the peer anchors: calibration = the first ``n_calib`` indices i with ``i % stride == 0``
+    (0, 31, 62, ...), evaluation = every other item, both in the data set's order (class folders sorted, then
+    paths: for the ImageNet sample, the sorted member names). With the 1,000-image ImageNet sample and
+    ``n_calib=32`` this is the reference split its anchors were measured on: calibration 0, 31, ..., 961,
+    evaluation the other 968 (``../shared/data/README.md``)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if not isinstance(n_calib, int) or isinstance(n_calib, bool) or n_calib <= 0:
+        raise ConfigError(f"n_calib={n_calib!r} must be a positive integer.")
+    picks = list(range(0, n, stride))[:n_calib]
+    if len(picks) < n_calib or n_calib >= n:
+        raise ConfigError(f"the anchors' split takes every {stride}th of {n} items, at most {min(len(range(0, n, stride)), n - 1)} "
+                          f"calibration items, not {n_calib}; give fewer (--calib) or the random split (--split random)")
+    chosen = set(picks)
+    return Subset(dataset, picks), Subset(dataset, [i for i in range(n) if i not in chosen])
+

@@ -100,6 +100,39 @@ def bit_heatmap(layers: Sequence[dict[str, Any]], path: str | Path, *, title: st
     return _save(fig, path)
 
 
+def sensitivity_heatmap(layers: Sequence[str], candidates: Sequence[str], values: Any, path: str | Path, *,
+                        title: str = "Sensitivity", label: str = "damage", chosen: Sequence[int] | None = None) -> Path:
+    """Heat map of per-layer sensitivities: one row per layer, one column per bit-width candidate, colour on a
+    log scale (values <= 0, e.g. exact zeros at 32 bits, are drawn at the smallest positive value shown, and
+    marked "0" when exactly 0). ``chosen[i]``: a column to outline in row i (a search's choice)."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != (len(layers), len(candidates)):
+        raise ValueError(f"values have shape {v.shape}, not ({len(layers)}, {len(candidates)})")
+    positive = v[v > 0]
+    lo = float(positive.min()) if positive.size else 1e-12
+    hi = float(positive.max()) if positive.size else 1.0
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(candidates) + 3), max(3.0, 0.22 * len(layers) + 1.5)))
+    im = ax.imshow(np.clip(v, lo, None), aspect="auto", interpolation="nearest", cmap="magma_r",
+                   norm=LogNorm(vmin=lo, vmax=max(hi, lo * 10)))
+    for i, j in zip(*np.nonzero(v == 0)):
+        ax.text(j, i, "0", ha="center", va="center", fontsize=6)
+    if chosen is not None:
+        for i, j in enumerate(chosen):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+    ax.set_xticks(range(len(candidates)))
+    ax.set_xticklabels(candidates, fontsize=8)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=6)
+    ax.set_xlabel("candidate (weight bits, activation bits; f = float)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    return _save(fig, path)
+
+
 def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float]], path: str | Path, *, ylabel: str,
               title: str = "") -> Path:
     """Grouped bar chart: one group per label, one bar per series."""

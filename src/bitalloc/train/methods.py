@@ -79,7 +79,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
+from bitalloc.config import LayerConfig, QuantConfig, TensorConfig, read_config_file
 from bitalloc.errors import ConfigError
 from bitalloc.train.loop import Objective
 from bitalloc.train.presets import Method, Preset, register_method
@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = dict(w_bits=4, a_bits=4, first_last_bits=8, granulari
                                 gates="hard_concrete", gate_init=None, prune=True, prune_init=6.0, gate_lr=1e-3,
                                 range_lr=None, threshold=None, max_bits=32, mac_weighting="max", skip_below=-2.0,
                                 pact_decay=2e-4, pact_init="max", input_shape=None, dataset=None, seed=0,
-                                fold_bn=True, fix_gates_epochs=0.0, recipe="cpu")
+                                fold_bn=True, fix_gates_epochs=0.0, recipe="cpu", config=None)
 
 #: epochs and batch size per dataset family and ``recipe`` (see the module docstring's table)
 QAT_RECIPES: dict[str, dict[str, Any]] = {
@@ -111,8 +111,8 @@ _QAT_COMMON = ("first_last_bits", "q_granularity", "input_shape", "fold_bn", "qa
 #: method (or for ``--method fp32``) would be ignored, so ``bitalloc train`` refuses it
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "fp32": (),
-    "lsq": _QAT_COMMON + ("w_bits", "a_bits", "q_lr"),
-    "pact": _QAT_COMMON + ("w_bits", "a_bits", "q_lr", "pact_decay", "pact_init"),
+    "lsq": _QAT_COMMON + ("w_bits", "a_bits", "q_lr", "config"),
+    "pact": _QAT_COMMON + ("w_bits", "a_bits", "q_lr", "pact_decay", "pact_init", "config"),
     "bb": _QAT_COMMON + ("mu", "gates", "gate_init", "prune", "prune_init", "gate_lr", "range_lr", "bb_threshold",
                          "bb_max_bits", "mac_weighting", "bb_fix_gates_epochs", "skip_below"),
 }
@@ -242,6 +242,34 @@ def qat_config(method: str, options: Mapping[str, Any], order: list[str]) -> Qua
                        fold_bn=bool(opts["fold_bn"])).validate()
 
 
+def qat_config_from(method: str, options: Mapping[str, Any], model: nn.Module, example: torch.Tensor) -> QuantConfig:
+    """The lsq / pact configuration that starts from the per-layer widths of a post-training QuantConfig
+    (``options["config"]``, a ``to_dict`` dict, e.g. the ``searched.json`` of ``bitalloc ptq --budget``).
+
+    The PTQ configuration is resolved exactly as ``prepare`` resolves it for this model (first / last layers,
+    overrides, layers left in float); each layer then gets one override with its weight and input widths (an
+    allocated per-channel budget becomes its average, rounded: learned quantizers have one width per tensor;
+    a tensor the configuration leaves in float stays in float). Ranges are learned afresh as usual."""
+    if method not in ("lsq", "pact"):
+        raise ConfigError(f"a starting configuration (--config) applies to lsq and pact, not {method!r}")
+    import bitalloc
+
+    ptq = QuantConfig.from_dict(dict(options["config"]))
+    info = bitalloc.prepare(model, ptq, example).bitalloc_info
+    base = qat_config(method, {**options, "config": None, "first_last_bits": None}, [])
+    overrides: list[tuple[str, dict[str, Any]]] = []
+    for rec in info.layers:
+        if rec.status == "quantized":
+            patch: dict[str, Any] = {}
+            for key, summary in (("weight", rec.weight), ("act", rec.act)):
+                patch.update({f"{key}.bits": int(round(float(summary["bits"])))} if summary else {key: None})
+            overrides.append((_exact(rec.name), patch))
+        elif rec.status == "float" and rec.reason == "left in float by configuration":
+            overrides.append((_exact(rec.name), {"quantize": False}))
+    return QuantConfig(default=base.default, overrides=overrides, first_last_bits=None,
+                       fold_bn=bool(options["fold_bn"])).validate()
+
+
 def prepare_qat(model: nn.Module, method: str, options: Mapping[str, Any] | None = None) -> nn.Module:
     """``bitalloc.prepare`` the model for ``method`` ("lsq", "pact" or "bb") with ``options`` (see DEFAULTS)."""
     import bitalloc
@@ -255,7 +283,10 @@ def prepare_qat(model: nn.Module, method: str, options: Mapping[str, Any] | None
         raise ConfigError("Bayesian Bits with pruning needs --fold-bn: a pruned channel followed by an unfolded "
                           "BatchNorm would output a constant (beta - gamma * mean / sigma), not 0; drop --no-fold-bn "
                           "(or pass --no-prune)")
-    cfg = qat_config(method, opts, layer_order(model, example))
+    if opts.get("config") is not None:
+        cfg = qat_config_from(method, opts, model, example)
+    else:
+        cfg = qat_config(method, opts, layer_order(model, example))
     q = bitalloc.prepare(model, cfg, example)
     if method == "bb":
         assign_noise_keys(q, seed=int(opts.get("seed") or 0))
@@ -443,6 +474,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="fold BatchNorm into the preceding layer before training (required by bb with pruning); "
                         "--no-fold-bn (lsq/pact): train with BatchNorm, folded exactly at freeze time")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="lsq/pact: start from the per-layer widths of a QuantConfig JSON (e.g. the searched.json of "
+                        "`bitalloc ptq --budget`) instead of --w-bits / --a-bits / --first-last-bits")
     g.add_argument("--qat-recipe", choices=list(RECIPE_NAMES), default="cpu",
                    help="epochs / batch size of the quantization-aware recipe: 'cpu' (CPU-feasible) or 'paper' "
                         "(the Bayesian Bits reference commands: MNIST 100 epochs, CIFAR-10 300); --epochs wins")
@@ -521,6 +555,8 @@ def options_from_args(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "dataset": _dataset(args), "seed": getattr(args, "seed", 0),
         "fold_bn": getattr(args, "fold_bn", True), "recipe": getattr(args, "qat_recipe", "cpu"),
     }
+    if getattr(args, "config", None) and method in ("lsq", "pact"):
+        opts["config"] = read_config_file(args.config).to_dict()
     if method == "pact":
         init = args.pact_init
         try:
@@ -567,5 +603,5 @@ def register_all(replace: bool = True) -> None:
 register_all()
 
 __all__ = ["QAT_METHODS", "METHOD_OPTIONS", "DEFAULTS", "RECIPE", "QAT_RECIPES", "QATObjective", "prepare_qat",
-           "qat_config", "qat_recipe",
+           "qat_config", "qat_config_from", "qat_recipe",
            "resolve_options", "fixed_gate_epochs", "mac_weights", "layer_order", "example_input", "register_all"]
