@@ -23,6 +23,7 @@ from bitalloc.ptq import bit_map, quantize
 from bitalloc.quant.allocation import allocate_channel_bits
 from bitalloc.quant.clipping import aciq_clip_ratio
 from bitalloc.quantizers import QuantParams, Quantizer
+from bitalloc.search import layer_sensitivity
 from bitalloc import runtime  # noqa: E402 - ``bitalloc.runtime.*`` after ``import bitalloc`` (its ONNX parts stay lazy)
 
 __version__ = "0.1.0"
@@ -32,5 +33,5 @@ __all__ = [
     "QuantLayer", "QuantParams", "Quantizer", "ShapeError", "TensorConfig", "UnsupportedLayerError",
     "aciq_clip_ratio", "allocate_channel_bits", "bit_map", "calibrate", "calibration", "cost_report", "float_mode",
     "freeze",
-    "prepare", "prepare_info", "preset", "quant_layers", "quantize", "runtime",
+    "layer_sensitivity", "prepare", "prepare_info", "preset", "quant_layers", "quantize", "runtime",
 ]
