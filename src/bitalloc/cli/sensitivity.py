@@ -192,9 +192,7 @@ def search_for_ptq(args: argparse.Namespace, model: Any, cfg: Any, calib: list) 
     else:
         refs = (budget.uniform,) if budget.uniform is not None else ()
         sens = compute(model, cfg, calib, args, reference_bits=refs)
-    found = search(sens, budget)
-    found.sensitivity = sens
-    return found
+    return search(sens, budget)
 
 
 def finish_search(args: argparse.Namespace, model: Any, found: Any, calib: list, qmodel: Any, out: Path) -> dict:

@@ -135,7 +135,8 @@ def parse_budgets(text: str) -> list[Budget]:
 @dataclass
 class SearchResult:
     """The configuration chosen under one budget; ``choice``: searched layer -> candidate; ``predicted``: the
-    summed damage; ``cost``: BOPs, relative BOPs and memory of the choice as the cost report counts them."""
+    summed damage; ``cost``: BOPs, relative BOPs and memory of the choice as the cost report counts them;
+    ``layers``: per searched layer its widths, predicted damage and costs."""
 
     budget: Budget
     limit: float
@@ -147,6 +148,8 @@ class SearchResult:
     seconds: float
     metric: str
     layers: list[dict[str, Any]] = field(default_factory=list)
+    #: the sensitivity searched (not in :meth:`to_dict`)
+    sensitivity: Sensitivity | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget.text, "kind": self.budget.kind, "limit": self.limit,
@@ -190,7 +193,7 @@ def search(sens: Sensitivity, budget: Budget | str, *, method: str = "auto") -> 
         raise ConfigError(f"internal error: the chosen configuration costs {cost[key]:.6g} {what}, over the budget "
                           f"{limit:.6g}; please report this")
     return SearchResult(budget, limit, choice, config, float(sol.damage), cost, sol.method,
-                        time.perf_counter() - start, sens.metric, rows)
+                        time.perf_counter() - start, sens.metric, rows, sens)
 
 
 # ---- measured against predicted ---------------------------------------------------------------------------
