@@ -191,3 +191,29 @@ def test_searched_config_orders_search_before_user():
     cfg.overrides.append(("*", {"act.method": "minmax"}))
     out = searched_config(cfg, {"a": {"weight.bits": 8}})
     assert out.overrides[0][0] == "re:a" and out.overrides[1][0] == "*"
+
+
+def test_check_choice_with_one_quantized_layer_measures_its_sensitivity():
+    """With every searched layer in float but one, the configuration's damage is that layer's sensitivity, and
+    so is its measured share: the additivity check is exact there (an independent path: quantize + rerun)."""
+    import dataclasses
+
+    from bitalloc.search import check_choice
+
+    cfg = bitalloc.preset("aciq", 4, 4, first_last_bits=None)
+    cfg.default.act.method, cfg.default.act.options = "minmax", {}  # exact statistics: grids as in the pass
+    data = _data(n=2)
+    s = layer_sensitivity(make_net(), cfg, data, "32x32,4x4")
+    k, j4, jf = s.layers.index("pw"), s.column(Candidate(4, 4)), s.column(Candidate(32, 32))
+    steer = s.values.copy()
+    steer[:, jf], steer[:, j4] = 0.0, 1.0
+    steer[k, j4], steer[k, jf] = 0.0, 1.0  # only pw at 4x4 is free of damage
+    found = search(dataclasses.replace(s, values=steer), "bops=100%")
+    assert {n: c.label for n, c in found.choice.items()} == {n: ("W4A4" if n == "pw" else "WfAf") for n in s.layers}
+    report = check_choice(make_net(), found, s, data)
+    assert report["measured_damage"] == pytest.approx(s.values[k, j4], rel=1e-5)
+    share = {r["name"]: r["measured_damage"] for r in report["layers"]}
+    assert share["pw"] == pytest.approx(s.values[k, j4], rel=1e-5)
+    assert all(abs(v) < 1e-12 for n, v in share.items() if n != "pw")
+    assert report["cost"]["budget_met"] and report["cost"]["cost_matches"]
+    assert report["predicted_output_damage"] == pytest.approx(s.values[k, j4], rel=1e-5)
