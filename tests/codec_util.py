@@ -55,3 +55,34 @@ def tiny_weights(path: Path) -> Path:
     from bitalloc.codec.precision import save_codec
 
     return save_codec(tiny_codec(), path)
+
+
+def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, roi: str = "spectral") -> VideoCodec:
+    """An untrained tiny codec with region-quantized networks at ``candidates`` and a width selector whose bias
+    makes it pick different widths for the ROI and the rest; quantizers initialised on a synthetic clip."""
+    import dataclasses
+
+    import bitalloc
+    from bitalloc.codec.codec import frame_tensor, padded_size
+    from bitalloc.codec.dynamic import prepare_dynamic
+    from bitalloc.codec.precision import coders
+
+    torch.manual_seed(seed)
+    model = VideoCodec(dataclasses.replace(TINY, candidates=candidates, roi=roi)).eval()
+    for coder in coders(model).values():
+        with torch.no_grad():
+            coder.log_hyper_gain[0].fill_(math.log(30.0))
+    prepare_dynamic(model)
+    video = moving_video(3, 64, 64)
+    size = padded_size(video.height, video.width)
+    clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(3)])[None]
+    with torch.no_grad(), bitalloc.calibration(model):
+        for level in range(TINY.levels):
+            model(clip, torch.tensor([level]))
+    k = len(candidates)
+    with torch.no_grad():  # ROI at the widest candidate, the rest at the narrowest
+        model.selector.fc.weight.zero_()
+        model.selector.fc.bias.copy_(torch.tensor([0.0] * (k - 1) + [5.0] + [5.0] + [0.0] * (k - 1)))
+    for coder in coders(model).values():
+        coder.update()
+    return model.eval()

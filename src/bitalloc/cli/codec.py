@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bitalloc.errors import ConfigError, DataError
 
 
@@ -40,6 +42,12 @@ def register(sub: Any) -> None:
     e.add_argument("--intra-period", type=int, default=32, help="an I frame every P frames; -1: only the first (32)")
     e.add_argument("--motion-preset", choices=("ultrafast", "fast", "medium"), default="medium",
                    help="speed of the encoder's motion estimation (DIS optical flow preset)")
+    e.add_argument("--dynamic", action="store_true",
+                   help="ROI-aware dynamic precision: per-frame bit widths for the region of interest and the rest, "
+                        "chosen by the codec's selector and written in the stream (the shipped dynamic weights, or "
+                        "--weights of a codec trained with --stage dynamic)")
+    e.add_argument("--roi", help="with --dynamic: the ROI source (spectral, motion, faces, mask:PATH; default: the "
+                                 "codec's, see docs/roi.md)")
     _common(e)
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
@@ -84,18 +92,31 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
 
 
-def _setup(args: argparse.Namespace) -> Any:
+def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
+    """The coder for encode (the codec of --weights, or the shipped one; --dynamic: the dynamic-precision one) or
+    for decoding ``stream`` (the shipped codec whose model id the stream names, or --weights)."""
     import torch
 
     from bitalloc.codec.codec import VideoCoder
-    from bitalloc.codec.weights import load_default_or
+    from bitalloc.codec.weights import load_default_or, load_for_stream
 
     if getattr(args, "threads", None):
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads}: give a positive number")
         torch.set_num_threads(args.threads)
-    model = load_default_or(getattr(args, "weights", None))
-    return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"))
+    dynamic, roi = getattr(args, "dynamic", False), getattr(args, "roi", None)
+    if stream is not None:
+        from bitalloc.codec.bitstream import StreamHeader
+
+        model = load_for_stream(StreamHeader.unpack(stream[:64], source=str(args.input)).model_id, args.weights)
+    else:
+        model = load_default_or(args.weights, dynamic=dynamic)
+    if dynamic and not model.cfg.candidates:
+        raise ConfigError(f"--dynamic needs dynamic-precision weights; {args.weights} has one fixed precision (train "
+                          "one with `bitalloc codec train --stage dynamic`)")
+    if roi and not dynamic:
+        raise ConfigError("--roi goes with --dynamic")
+    return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi)
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -126,7 +147,10 @@ def write_frames(path: str, frames: Any) -> Path:
 def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
     keys = [("frames", "frames"), ("size", "size"), ("bytes", "bytes"), ("bits per pixel", "bpp"), ("kbps", "kbps"),
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
-            ("encode fps", "encode_fps"), ("decode fps", "decode_fps"), ("exact decode", "exact")]
+            ("encode fps", "encode_fps"), ("decode fps", "decode_fps"), ("exact decode", "exact"),
+            ("ROI source", "roi_source"), ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
+            ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
+            ("ROI mask's share of the rate", "mask_share"), ("ROI ms per frame", "roi_ms_per_frame")]
     return [[label, s[k]] for label, k in keys if s.get(k) is not None]
 
 
@@ -169,9 +193,19 @@ def run_encode(args: argparse.Namespace) -> int:
         "psnr_rgb": psnr_rgb(frames, res.reconstruction)["psnr_rgb"],
         "encode_fps": len(frames) / res.encode_seconds,
         "frame_types": "".join(f.kind for f in res.frames),
-        "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr} for f in res.frames],
+        "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr,
+                       "roi_bits": f.roi_bits, "non_roi_bits": f.non_roi_bits, "roi_fraction": f.roi_fraction,
+                       "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds} for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
     }
+    if coder.dynamic:  # the widths' and the mask's share of the rate, the ROI source's time
+        side = 4 * len(res.frames)  # two 16-bit fields per frame
+        mask = sum(f.mask_bits for f in res.frames) / 8
+        summary.update(dynamic=True, roi_source=coder.roi.spec(), mean_roi_bits=float(np.mean([f.roi_bits for f in res.frames])),
+                       mean_non_roi_bits=float(np.mean([f.non_roi_bits for f in res.frames])),
+                       roi_fraction=float(np.mean([f.roi_fraction for f in res.frames])),
+                       width_fields_share=side / res.bytes, mask_share=mask / res.bytes,
+                       roi_ms_per_frame=1000 * float(np.mean([f.roi_seconds for f in res.frames])))
     summary.update(checked)
     if args.reconstruction:
         write_frames(args.reconstruction, res.reconstruction)
@@ -194,7 +228,7 @@ def run_decode(args: argparse.Namespace) -> int:
     if not src.is_file():
         raise DataError(f"{src}: no such stream file; give the .bav file written by `bitalloc codec encode`")
     data = src.read_bytes()
-    coder = _setup(args)
+    coder = _setup(args, data)
     from bitalloc.codec.bitstream import read_stream
 
     header, _ = read_stream(data, source=str(src), limit=0)

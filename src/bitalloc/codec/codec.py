@@ -22,11 +22,12 @@ are clamped at the encoder (``clamped`` counts them).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -163,7 +164,8 @@ class _Latents:
 
 @dataclass
 class FrameInfo:
-    """One coded frame: type, bytes of its record, bits per pixel, and PSNR_YUV when the source was at hand."""
+    """One coded frame: type, bytes of its record, PSNR_YUV, and with dynamic precision the widths, the ROI share
+    of its latent mask, the mask's bits in the payload and the time the ROI source took."""
 
     index: int
     kind: str
@@ -172,6 +174,20 @@ class FrameInfo:
     encode_s: float = 0.0
     symbols: int = 0
     clamped: int = 0
+    roi_bits: int = 0
+    non_roi_bits: int = 0
+    roi_fraction: float | None = None
+    mask_bits: int = 0
+    roi_seconds: float = 0.0
+
+
+class _LatentSet:
+    """The entropy coders of the three coders of one (branch of a) codec."""
+
+    def __init__(self, model: VideoCodec):
+        self.intra = _Latents(model.intra.coder)
+        self.motion = _Latents(model.inter.motion)
+        self.residual = _Latents(model.inter.residual)
 
 
 @dataclass
@@ -195,7 +211,7 @@ class VideoCoder:
     precision here). ``motion_preset``: DIS preset of the encoder's motion estimation.
     """
 
-    def __init__(self, model: VideoCodec, *, motion_preset: str = "medium"):
+    def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None):
         if not is_quantized(model):
             raise ConfigError("the codec's decoder networks are not quantized: its stream would not decode exactly "
                               "elsewhere; load shipped weights (bitalloc.codec.load_codec) or quantize and freeze "
@@ -204,14 +220,69 @@ class VideoCoder:
         self.motion_preset = motion_preset
         self._int_cache: dict = {}  # weight codes and accumulator analyses of the frozen decoder networks
         self.id = model_id(model)
-        self.bits = _decoder_bits(model)
-        self.intra = _Latents(model.intra.coder)
-        self.motion = _Latents(model.inter.motion)
-        self.residual = _Latents(model.inter.residual)
         for c in (model.intra.coder, model.inter.motion, model.inter.residual):
             if not c.entropy_bottleneck.ready or not bool((c.gain_table != 0).all()):
                 raise ConfigError("the codec's coding tables (gains, hyper-latent probabilities) were never stored: "
                                   "save it with bitalloc.codec.save_codec, or call coder.update() on each coder")
+        self.dynamic = bool(model.cfg.candidates)
+        if self.dynamic:  # one frozen copy per candidate width, run split by the frame's ROI mask
+            from bitalloc.codec.roi import parse_roi_spec
+            from bitalloc.model.region import frozen_branches
+
+            self.branches = frozen_branches(model, model.cfg.candidates)
+            self._branch_cache: dict[int, dict] = {b: {} for b in self.branches}
+            self.roi = parse_roi_spec(roi or model.cfg.roi)
+            self.bits = max(model.cfg.candidates)
+        else:
+            if roi is not None:
+                raise ConfigError("--roi needs a dynamic-precision codec (one trained with `bitalloc codec train "
+                                  "--stage dynamic`); these weights have one fixed precision")
+            self.bits = _decoder_bits(model)
+            self.latents = _LatentSet(model)
+
+    @contextlib.contextmanager
+    def _frame_latents(self, mask16: np.ndarray | None, roi_bits: int, non_roi_bits: int) -> Iterator[_LatentSet]:
+        """The entropy coders to use for one frame: the model's (fixed precision; integer mode is entered by the
+        caller once per video), or the ROI-width branch split by the mask at the two widths, in integer mode."""
+        if not self.dynamic:
+            yield self.latents
+            return
+        from bitalloc.model.region import split_execution
+        from bitalloc.runtime.integer import integer_mode
+
+        from bitalloc.codec.dynamic import mask_function
+
+        mask = mask_function(torch.from_numpy(np.ascontiguousarray(mask16))[None, None])
+        with contextlib.ExitStack() as stack:
+            for b in sorted({int(roi_bits), int(non_roi_bits)}):
+                stack.enter_context(integer_mode(self.branches[b], kernel="float", strict=True,
+                                                 cache=self._branch_cache[b]))
+            driver = stack.enter_context(split_execution(self.branches, mask, int(roi_bits), int(non_roi_bits)))
+            yield _LatentSet(driver)
+
+    def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, enc: Any,
+                info: FrameInfo) -> tuple[np.ndarray, int, int]:
+        """Dynamic precision at the encoder: the frame's ROI (the ROI source on its luma), latent mask (coded into
+        ``enc``), the selector's features and widths."""
+        from bitalloc.codec.dynamic import encode_mask, latent_mask
+        from bitalloc.codec.selector import frame_features
+
+        luma = unpack_yuv(x)[0].to(torch.uint8).numpy()  # [1, H, W], padded
+        t0 = time.perf_counter()
+        if prev is not None:  # sources that compare frames (motion) see the previous decoded frame
+            both = np.concatenate([unpack_yuv(prev)[0].to(torch.uint8).numpy(), luma])
+            mask = self.roi(both, None if flow is None else np.concatenate([np.zeros_like(flow.numpy()),
+                                                                           flow.numpy()])).masks[-1]
+        else:
+            mask = self.roi(luma).masks[0]
+        info.roi_seconds = time.perf_counter() - t0
+        h, w = luma.shape[1:]
+        m16 = latent_mask(mask, h, w)
+        feats = frame_features(luma, mask[None], None if flow is None else flow.numpy())
+        bits = self.model.selector.select(feats, roi_fraction=[float(m16.mean())])[0]
+        info.mask_bits = encode_mask(enc, m16)
+        info.roi_fraction = float(m16.mean())
+        return m16, int(bits[0]), int(bits[1])
 
     def _check_level(self, quality: int) -> None:
         if not 0 <= quality < self.model.cfg.levels:
@@ -219,27 +290,36 @@ class VideoCoder:
                               "(0 = lowest rate)")
 
     # -- one frame ------------------------------------------------------------------------------------------
-    def _intra(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+    def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
         off = self.model.intra.OFFSET
-        return to_pixels(self.intra.encode(x.float() / 255.0 - off, level, enc, stats) + off)
+        return to_pixels(lat.intra.encode(x.float() / 255.0 - off, level, enc, stats) + off)
 
-    def _inter(self, x: Tensor, ref: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+    def _inter(self, lat: _LatentSet, x: Tensor, ref: Tensor, flow: Tensor, level: int, enc: Any,
+               stats: LatentStats) -> Tensor:
         xf, rf = x.float() / 255.0, ref.float() / 255.0
-        flow = estimate_flow_packed(xf, rf, self.motion_preset)
-        flow_hat = self.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats) * FLOW_SCALE
+        flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
         pf = pred.float() / 255.0
-        res = self.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats)
+        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats)
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
-    def _decode_intra(self, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
-        return to_pixels(self.intra.decode(dec, level, shape) + self.model.intra.OFFSET)
+    def _decode_intra(self, lat: _LatentSet, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
+        return to_pixels(lat.intra.decode(dec, level, shape) + self.model.intra.OFFSET)
 
-    def _decode_inter(self, dec: Any, ref: Tensor, level: int, mshape: tuple, rshape: tuple) -> Tensor:
-        flow_hat = self.motion.decode(dec, level, mshape) * FLOW_SCALE
+    def _decode_inter(self, lat: _LatentSet, dec: Any, ref: Tensor, level: int, mshape: tuple, rshape: tuple) -> Tensor:
+        flow_hat = lat.motion.decode(dec, level, mshape) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
-        res = self.residual.decode(dec, level, rshape)
+        res = lat.residual.decode(dec, level, rshape)
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
+
+    def _check_widths(self, rec: FrameRecord, i: int, source: str) -> None:
+        """The widths a frame signals must be ones this codec decodes at."""
+        allowed = set(self.model.cfg.candidates) if self.dynamic else {self.bits}
+        if rec.roi_bits not in allowed or rec.non_roi_bits not in allowed:
+            what = (f"this codec's candidate widths are {sorted(allowed)}" if self.dynamic
+                    else f"this codec decodes at {self.bits} bits only")
+            raise BitstreamError(f"{source}: frame {i} signals bit widths {rec.roi_bits}/{rec.non_roi_bits} (ROI / "
+                                 f"non-ROI) but {what}; decode it with the codec that wrote it")
 
     def _shapes(self, size: tuple[int, int]) -> tuple[tuple, tuple]:
         hp, wp = size
@@ -268,22 +348,32 @@ class VideoCoder:
         ys, us, vs = [], [], []
         ref = None
         t_all = time.perf_counter()
-        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache):
+        whole = (contextlib.nullcontext() if self.dynamic
+                 else integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache))
+        with torch.no_grad(), whole:
             for i in range(len(frames)):
                 t0 = time.perf_counter()
                 x = frame_tensor(frames, i, size)
                 enc = c.stream.queue.RangeEncoder()
                 stats = LatentStats()
                 intra = ref is None or (intra_period > 0 and i % intra_period == 0)
-                rec = self._intra(x, quality, enc, stats) if intra else self._inter(x, ref, quality, enc, stats)
+                info = FrameInfo(i, "I" if intra else "P", 0)
+                flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
+                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, enc, info) if self.dynamic
+                                  else (None, self.bits, self.bits))
+                with self._frame_latents(mask16, rb, nb) as lat:
+                    rec = (self._intra(lat, x, quality, enc, stats) if intra
+                           else self._inter(lat, x, ref, flow, quality, enc, stats))
                 payload = enc.get_compressed().tobytes()
-                fr = FrameRecord(FRAME_I if intra else FRAME_P, self.bits, self.bits, payload)
+                fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
                 records.append(fr)
                 ref = rec
                 y, u, v = crop_frame(rec, h, w)
                 ys.append(y), us.append(u), vs.append(v)
-                infos.append(FrameInfo(i, "I" if intra else "P", len(fr.pack()), encode_s=time.perf_counter() - t0,
-                                       symbols=stats.y_symbols + stats.z_symbols, clamped=stats.clamped))
+                info.bytes, info.encode_s = len(fr.pack()), time.perf_counter() - t0
+                info.symbols, info.clamped = stats.y_symbols + stats.z_symbols, stats.clamped
+                info.roi_bits, info.non_roi_bits = rb, nb
+                infos.append(info)
                 if progress:
                     progress(1)
         recon = YUVFrames(np.stack(ys), np.stack(us), np.stack(vs), fps=frames.fps)
@@ -310,22 +400,27 @@ class VideoCoder:
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
         ref = None
-        with torch.no_grad(), integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache):
+        whole = (contextlib.nullcontext() if self.dynamic
+                 else integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache))
+        with torch.no_grad(), whole:
             for i, rec in enumerate(records):
-                if rec.roi_bits != self.bits or rec.non_roi_bits != self.bits:
-                    raise BitstreamError(f"{source}: frame {i} signals bit widths {rec.roi_bits}/{rec.non_roi_bits} "
-                                         f"(ROI / non-ROI) but this codec decodes at {self.bits} bits only; decode it "
-                                         "with the dynamic-precision codec that wrote it")
+                self._check_widths(rec, i, source)
                 words = np.frombuffer(rec.payload, dtype=np.uint32) if len(rec.payload) % 4 == 0 else None
                 if words is None:
                     raise BitstreamError(f"{source}: frame {i} has a payload of {len(rec.payload)} bytes, not whole "
                                          "32-bit words; the stream is corrupted")
                 dec = c.stream.queue.RangeDecoder(words.copy())
                 try:
-                    if rec.kind == FRAME_I:
-                        out = self._decode_intra(dec, header.quality, rshape)
-                    else:
-                        out = self._decode_inter(dec, ref, header.quality, mshape, rshape)
+                    mask16 = None
+                    if self.dynamic:
+                        from bitalloc.codec.dynamic import decode_mask
+
+                        mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16))
+                    with self._frame_latents(mask16, rec.roi_bits, rec.non_roi_bits) as lat:
+                        if rec.kind == FRAME_I:
+                            out = self._decode_intra(lat, dec, header.quality, rshape)
+                        else:
+                            out = self._decode_inter(lat, dec, ref, header.quality, mshape, rshape)
                 except (ValueError, RuntimeError, AssertionError) as exc:
                     raise BitstreamError(f"{source}: frame {i} cannot be decoded ({exc}); the stream does not fit this "
                                          "model") from None

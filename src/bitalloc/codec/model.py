@@ -46,6 +46,10 @@ class CodecConfig:
     motion_m: int = 128  # motion latent channels: the 128 coefficients of the flow's 8x8 block transforms
     motion_nz: int = 32
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    #: dynamic precision (bitalloc.codec.dynamic): the candidate widths of the ROI and non-ROI selector, or None
+    candidates: tuple[int, ...] | None = None
+    #: dynamic precision: the ROI source (bitalloc.codec.roi.parse_roi_spec)
+    roi: str = "spectral"
 
     @property
     def levels(self) -> int:
@@ -54,12 +58,15 @@ class CodecConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lambdas"] = list(self.lambdas)
+        d["candidates"] = list(self.candidates) if self.candidates else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CodecConfig":
         d = dict(d)
         d["lambdas"] = tuple(float(v) for v in d.get("lambdas", DEFAULT_LAMBDAS))
+        if d.get("candidates"):
+            d["candidates"] = tuple(sorted(int(b) for b in d["candidates"]))
         return cls(**d)
 
 
@@ -75,6 +82,7 @@ class HyperpriorCoder(nn.Module):
         super().__init__()
         self.analysis = Analysis(cin, n, m, linear)
         self.synthesis = Synthesis(m, n, cout, linear)
+        self.analysis_channels = cin
         self.hyper_analysis = HyperAnalysis(m, n, nz)
         self.hyper_synthesis = HyperSynthesis(nz, n, m)
         self.entropy_bottleneck = EntropyBottleneck(nz)
@@ -193,11 +201,18 @@ class VideoCodec(nn.Module):
         self.intra = IntraCodec(self.cfg)
         self.inter = InterCodec(self.cfg)
         self.register_buffer("lambdas", torch.tensor(self.cfg.lambdas, dtype=torch.float32))
+        if self.cfg.candidates:  # dynamic precision: the per-frame width selector (bitalloc.codec.dynamic)
+            from bitalloc.codec.selector import WidthSelector
+
+            self.selector = WidthSelector(self.cfg.candidates)
 
     def forward(self, clip: Tensor, level: Tensor, *, flows: list[Tensor] | None = None,
-                detach_reference: bool = True, first: str = "intra") -> dict[str, Any]:
+                detach_reference: bool = True, first: str = "intra", frame_hook: Any = None) -> dict[str, Any]:
         """``first``: "intra" (frame 0 is coded as an I frame) or "reference" (frame 0 is the first P frame's
-        reference as it is, uncoded, and is not part of the output: pre-training of the inter codec)."""
+        reference as it is, uncoded, and is not part of the output: pre-training of the inter codec).
+        ``frame_hook(t, x, reference or None, flow or None)``: a context manager entered around each frame's
+        coding (dynamic precision: :class:`bitalloc.codec.dynamic.DynamicFrames`)."""
+        import contextlib
         if clip.ndim == 4:
             clip = clip.unsqueeze(1)
         frames: list[dict[str, Any]] = []
@@ -209,12 +224,12 @@ class VideoCodec(nn.Module):
             raise ValueError(f"first={first!r}: use 'intra' or 'reference'")
         for t in range(start, clip.shape[1]):
             x = clip[:, t]
-            if ref is None:
-                out = self.intra(x, level)
-            else:
+            r = f = None
+            if ref is not None:
                 r = ref.detach() if detach_reference else ref
                 f = flows[t - 1] if flows is not None else estimate_flow_packed(x, r)
-                out = self.inter(x, r, f, level)
+            with frame_hook(t, x, r, f) if frame_hook is not None else contextlib.nullcontext():
+                out = self.intra(x, level) if r is None else self.inter(x, r, f, level)
             frames.append(out)
             ref = out["x_hat"].clamp(0, 1)
         return {"frames": frames, "offset": start}

@@ -42,10 +42,17 @@ def decoder_networks(model: VideoCodec) -> Iterator[tuple[str, nn.Module]]:
             yield f"{cname}.{part}", getattr(coder, part)
 
 
-def _example(model: VideoCodec, coder_name: str, part: str) -> torch.Tensor:
-    c = coders(model)[coder_name]
-    conv = next(m for m in getattr(c, part).modules() if isinstance(m, nn.Conv2d))
-    return torch.zeros(1, conv.in_channels, 4, 4)
+#: every network of a coder, in the order a frame runs them
+ALL_PARTS = ("analysis", "hyper_analysis", "hyper_synthesis", "synthesis")
+
+
+def network_input(coder: HyperpriorCoder, part: str, luma: int = 64) -> torch.Tensor:
+    """A zero input of network ``part`` of ``coder`` for a luma x luma frame (luma: a multiple of 64)."""
+    m, nz = coder.log_gain.shape[-1], coder.log_hyper_gain.shape[-1]
+    if part == "analysis":
+        return torch.zeros(1, coder.analysis_channels, luma // 2, luma // 2)
+    channels, scale = {"hyper_analysis": (m, 16), "synthesis": (m, 16), "hyper_synthesis": (nz, 64)}[part]
+    return torch.zeros(1, channels, luma // scale, luma // scale)
 
 
 #: layers that read decoded latents get 16-bit inputs (latents span a wide range at fine steps: an 8-bit grid would
@@ -74,15 +81,23 @@ def decoder_quant_configs(bits: int = 8, quantizer: str = "lsq") -> dict[str, Qu
 
 def quantize_decoders(model: VideoCodec, config: QuantConfig | dict[str, QuantConfig]) -> VideoCodec:
     """Replace every decoder-side network by ``bitalloc.prepare(network, config)`` (in place; returns model).
-    ``config``: one QuantConfig for all, or one per network name (``"intra.synthesis"``, ...)."""
+    ``config``: one QuantConfig for all, or one per network name (``"intra.synthesis"``, ...; a dict may also
+    name analysis networks, e.g. for dynamic precision, where every network is quantized)."""
     import bitalloc
 
     for cname, coder in coders(model).items():
-        for part in DECODER_PARTS:
+        for part in ALL_PARTS:
             name = f"{cname}.{part}"
-            cfg = config[name] if isinstance(config, dict) else config
+            if isinstance(config, dict):
+                if name not in config:
+                    continue
+                cfg = config[name]
+            elif part in DECODER_PARTS:
+                cfg = config
+            else:
+                continue
             net = getattr(coder, part)
-            q = bitalloc.prepare(net, cfg, _example(model, cname, part))
+            q = bitalloc.prepare(net, cfg, network_input(coder, part))
             q.train(net.training)
             setattr(coder, part, q)
     return model
@@ -98,21 +113,23 @@ def freeze_decoders(model: VideoCodec) -> VideoCodec:
     return model
 
 
-def decoder_configs(model: VideoCodec) -> dict[str, dict[str, Any]] | None:
-    """The QuantConfig (as a dict) of each decoder network, or None when they are not quantized."""
+def network_configs(model: VideoCodec) -> dict[str, dict[str, Any]]:
+    """The QuantConfig (as a dict) of every quantized network, by name ("intra.synthesis", ...)."""
     from bitalloc.model.prepare import prepare_info
 
     out = {}
-    for name, net in decoder_networks(model):
-        info = getattr(net, "bitalloc_info", None)
-        if info is None:
-            return None
-        out[name] = prepare_info(net).config.to_dict()
+    for cname, coder in coders(model).items():
+        for part in ALL_PARTS:
+            net = getattr(coder, part)
+            if getattr(net, "bitalloc_info", None) is not None:
+                out[f"{cname}.{part}"] = prepare_info(net).config.to_dict()
     return out
 
 
 def is_quantized(model: VideoCodec) -> bool:
-    return decoder_configs(model) is not None
+    """Whether every decoder-side network is quantized (what exact decoding needs)."""
+    configs = network_configs(model)
+    return all(name in configs for name, _ in decoder_networks(model))
 
 
 def model_id(model: VideoCodec) -> bytes:
@@ -127,15 +144,24 @@ def model_id(model: VideoCodec) -> bytes:
 
 
 def save_codec(model: VideoCodec, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write a codec (configuration, decoder quantization configs, state) with bitalloc's checksummed, atomic
-    :func:`bitalloc.io.torch_save`."""
+    """Write a codec (configuration, the quantization configs of its quantized networks, state; large weights in
+    float16, see :func:`_compact`) with bitalloc's checksummed, atomic :func:`bitalloc.io.torch_save`. Encode and
+    decode with the codec loaded back from the file (:func:`load_codec`)."""
     from bitalloc.io import torch_save
 
     for coder in coders(model).values():
         coder.update()  # the coding tables (gains, hyper-latent pmfs) of the weights being saved
+    sd = {k: (v.detach().to(torch.float16) if _compact(k, v) else v) for k, v in model.state_dict().items()}
     state = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
-             "decoders": decoder_configs(model), "state_dict": model.state_dict(), "extra": extra or {}}
+             "decoders": network_configs(model) or None, "state_dict": sd, "extra": extra or {}}
     return torch_save(state, path)
+
+
+def _compact(name: str, t: torch.Tensor) -> bool:
+    """Tensors stored as float16: the large weight tensors (4096 values or more). Scales, steps, gains and
+    probability tables keep their precision. Loading widens them back to float32, so the codec that encodes and the
+    one that decodes (both loaded from the file) hold identical values; the float32 originals never code anything."""
+    return t.dtype == torch.float32 and t.numel() >= 4096 and name.endswith(".weight")
 
 
 def load_codec(path: str | os.PathLike) -> VideoCodec:

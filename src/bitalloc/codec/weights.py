@@ -15,22 +15,47 @@ from bitalloc.codec.model import VideoCodec
 from bitalloc.errors import ConfigError
 
 SHIPPED = Path(__file__).with_name("weights") / "bitalloc-codec.pt"
+SHIPPED_DYNAMIC = Path(__file__).with_name("weights") / "bitalloc-codec-dynamic.pt"
 
 
-def default_weights_path() -> Path:
-    return SHIPPED
+def default_weights_path(dynamic: bool = False) -> Path:
+    return SHIPPED_DYNAMIC if dynamic else SHIPPED
 
 
-def load_default_or(path: str | os.PathLike | None = None) -> VideoCodec:
-    """The codec in ``path``, or the shipped one (ConfigError naming the fix when neither exists)."""
+def load_default_or(path: str | os.PathLike | None = None, *, dynamic: bool = False) -> VideoCodec:
+    """The codec in ``path``, or the shipped one (the dynamic-precision one with ``dynamic``); ConfigError naming
+    the fix when neither exists."""
     from bitalloc.codec.precision import load_codec
 
     if path is None:
-        if not SHIPPED.is_file():
-            raise ConfigError(f"this installation has no shipped codec weights ({SHIPPED} is missing); pass "
-                              "--weights FILE written by `bitalloc codec train --stage qat`")
-        path = SHIPPED
+        shipped = default_weights_path(dynamic)
+        if not shipped.is_file():
+            stage = "dynamic" if dynamic else "qat"
+            raise ConfigError(f"this installation has no shipped {'dynamic-precision ' if dynamic else ''}codec weights "
+                              f"({shipped} is missing); pass --weights FILE written by `bitalloc codec train --stage "
+                              f"{stage} --ship FILE`")
+        path = shipped
     return load_codec(path)
+
+
+def load_for_stream(model_id: bytes, path: str | os.PathLike | None = None) -> VideoCodec:
+    """The codec that decodes a stream with ``model_id``: the weights in ``path``, else whichever shipped codec
+    (fixed or dynamic precision) has that id. The caller checks the id of an explicit ``path``."""
+    from bitalloc.codec.precision import model_id as id_of
+
+    if path is not None:
+        return load_default_or(path)
+    tried = []
+    for dynamic in (False, True):
+        if not default_weights_path(dynamic).is_file():
+            continue
+        model = load_default_or(None, dynamic=dynamic)
+        if id_of(model) == model_id:
+            return model
+        tried.append(model)
+    if not tried:
+        return load_default_or(None)  # raises: nothing shipped
+    return tried[0]  # the decoder reports the id mismatch
 
 
 def describe_weights(model: VideoCodec, path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -34,12 +34,16 @@ def _inner(model: nn.Module) -> nn.Module:
 class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
-    def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0):
+    def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
+                 gamma: float | None = None):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
         self.first = first
         self.gain_lr_scale = gain_lr_scale
+        self.gamma = gamma  # dynamic precision: weight of the relative Bit-FLOPs (bitalloc.codec.dynamic)
+        self._table: Any = None
+        self._roi: Any = None
 
     def _freeze(self, model: nn.Module) -> None:
         if self.part == "intra":
@@ -64,13 +68,31 @@ class CodecObjective(Objective):
         inner = _inner(model)
         if self.part == "inter":
             inner.intra.eval()
-        out = model(x, y, first=self.first)
+        hook = None
+        if self.gamma is not None:
+            from bitalloc.codec.dynamic import BitFlopsTable, DynamicFrames
+            from bitalloc.codec.roi import parse_roi_spec
+
+            if self._table is None:
+                self._table = BitFlopsTable.build(inner)
+                self._roi = parse_roi_spec(inner.cfg.roi)
+            hook = DynamicFrames(inner, self._table, self._roi)
+        out = model(x, y, first=self.first, frame_hook=hook)
         loss, terms = inner.loss(x, y, out)
+        logs: dict[str, float] = {}
+        if hook is not None:
+            cost = torch.stack([c.relative_bit_flops for c in hook.choices]).mean(0)  # [B], averaged over frames
+            loss = loss + self.gamma * cost
+            cands = torch.tensor(inner.selector.candidates, dtype=torch.float32)
+            logs.update(bit_flops=float(cost.detach().mean()),
+                        roi_bits=float(torch.stack([(c.roi.detach() * cands).sum(-1) for c in hook.choices]).mean()),
+                        non_roi_bits=float(torch.stack([(c.non_roi.detach() * cands).sum(-1)
+                                                        for c in hook.choices]).mean()))
         terms = {k: v.detach() for k, v in terms.items()}
         with torch.no_grad():
             mse = terms["mse"].clamp_min(1e-10)
             psnr = (10 * torch.log10(1.0 / mse)).mean()
-        return loss.sum(), {"bpp": float(terms["bpp"].mean()), "psnr": float(psnr)}
+        return loss.sum(), {"bpp": float(terms["bpp"].mean()), "psnr": float(psnr), **logs}
 
 
 def codec_sources(videos: list[str], images: str | None, *, image_limit: int | None = None,
@@ -91,14 +113,15 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 
 
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
-                frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", callbacks: tuple = ()) -> Any:
+                frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
+                callbacks: tuple = ()) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
     from bitalloc.train.loop import fit
 
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels)
-    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first), callbacks=callbacks)
+    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma), callbacks=callbacks)
 
 
 # ---- command line: bitalloc codec train ------------------------------------------------------------------------
@@ -109,6 +132,7 @@ STAGES = {
     "inter": ("inter", "reference", 2, 2e-4, "constant", 6000),
     "joint": ("all", "intra", 3, 5e-5, "cosine", 2000),
     "qat": ("all", "intra", 3, 2e-5, "cosine", 1000),
+    "dynamic": ("all", "intra", 2, 2e-5, "cosine", 500),
 }
 
 
@@ -117,7 +141,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--stage", choices=tuple(STAGES), required=True,
                    help="intra: I-frame codec on images and frames; inter: P-frame codec (motion, residual) on frame "
                         "pairs with uncoded references; joint: both on 3-frame clips (I P P); qat: 8-bit LSQ "
-                        "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship)")
+                        "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship); "
+                        "dynamic: ROI-aware per-frame widths (--candidates, --gamma, --roi) from a float codec")
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
     p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
     p.add_argument("--out", required=True, help="training checkpoint (resumable with --resume)")
@@ -135,7 +160,12 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--frames", type=int, help="frames per clip (default per stage: 1, 2, 3, 3)")
     p.add_argument("--samples-per-epoch", type=int, help="clips per epoch (8000 intra, 4000 otherwise)")
     p.add_argument("--bits", type=int, default=8, help="qat: bits of the decoder networks' weights and activations")
-    p.add_argument("--ship", help="qat: write the frozen codec weights here (what encode / decode load)")
+    p.add_argument("--ship", help="qat / dynamic: write the codec weights here (what encode / decode load)")
+    p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
+                                               "(R + lambda D + gamma C)")
+    p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
+    p.add_argument("--roi", default="spectral", help="dynamic: ROI source (spectral, motion, faces, mask:PATH; "
+                                                     "see docs/roi.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
@@ -194,16 +224,24 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError("give training data: --videos and/or --images")
     if args.stage != "intra" and not args.videos:
         raise ConfigError(f"--stage {args.stage} trains on video: give --videos")
-    if args.stage == "qat" and not args.ship:
-        raise ConfigError("--stage qat writes the frozen codec: give --ship FILE")
-    if args.ship and args.stage != "qat":
-        raise ConfigError("--ship belongs to --stage qat")
-    if args.stage in ("joint", "qat") and not args.init:
+    if args.stage in ("qat", "dynamic") and not args.ship:
+        raise ConfigError(f"--stage {args.stage} writes the codec weights: give --ship FILE")
+    if args.ship and args.stage not in ("qat", "dynamic"):
+        raise ConfigError("--ship belongs to --stage qat or dynamic")
+    if args.stage in ("joint", "qat", "dynamic") and not args.init:
         raise ConfigError(f"--stage {args.stage} fine-tunes a trained codec: give --init (and --init-inter)")
+    if (args.gamma is None) != (args.stage != "dynamic"):
+        raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = build_stage_model(args)
     sources = codec_sources(args.videos, args.images if args.stage == "intra" else None)
     if args.stage == "qat":
         quantize_decoders(model, decoder_quant_configs(args.bits, "lsq"))
+        calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
+    if args.stage == "dynamic":
+        from bitalloc.codec.dynamic import prepare_dynamic, with_candidates
+
+        model = with_candidates(model, _widths(args.candidates), args.roi)
+        prepare_dynamic(model)
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
     cfg = TrainConfig(steps=args.steps or steps, batch_size=args.batch_size, optimizer="adam", lr=args.lr or lr,
                       schedule=args.schedule or schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0,
@@ -212,12 +250,25 @@ def run_train_cli(args: Any) -> int:
                       model_kwargs=model.cfg.to_dict(), progress=args.progress, device="cpu", seed=args.seed,
                       dataset="codec-clips")
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
-    train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first)
-    if args.stage == "qat":
-        freeze_decoders(model)
-        save_codec(model, args.ship, extra={"trained_by": f"bitalloc codec train --stage qat --out {args.out}"})
+    train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
+                gamma=args.gamma)
+    if args.stage in ("qat", "dynamic"):
+        if args.stage == "qat":
+            freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
+        save_codec(model.eval(), args.ship,
+                   extra={"trained_by": f"bitalloc codec train --stage {args.stage} --out {args.out}"})
         print(f"codec weights: {args.ship}")
     return 0
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(sorted({int(t) for t in str(text).split(",") if t.strip()}))
+    except ValueError:
+        raise ConfigError(f"--candidates {text!r}: give comma-separated bit widths, e.g. 4,8,16") from None
+    if len(widths) < 2 or any(not 2 <= b <= 16 for b in widths):
+        raise ConfigError(f"--candidates {text!r}: give at least two widths between 2 and 16, e.g. 4,8,16 or 2,4,8")
+    return widths
 
 
 def calibrate_codec(model: Any, sources: list[Any], *, frames: int = 3, crop: int = 128, clips: int = 16,

@@ -1,0 +1,150 @@
+"""Dynamic precision in the codec: ROI masks in the stream, per-frame widths, exact decoding, cost, training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.cli import main
+from bitalloc.codec.bitstream import BitstreamError, read_stream
+from bitalloc.codec.codec import VideoCoder
+from bitalloc.codec.dynamic import (BitFlopsTable, decode_mask, encode_mask, latent_mask, mask_function,
+                                    roi_fractions)
+from bitalloc.codec.precision import load_codec, save_codec
+from bitalloc.codec.video_io import write_y4m
+
+from tests.codec_util import moving_video, tiny_dynamic_codec, tiny_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def dyn_weights(tmp_path_factory):
+    return save_codec(tiny_dynamic_codec(), tmp_path_factory.mktemp("dyn") / "dyn.pt")
+
+
+def test_mask_coding_round_trip():
+    import constriction
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((3, 4), bool), np.ones((3, 4), bool), rng.random((9, 11)) < 0.3, rng.random((1, 1)) < 0.5]
+    enc = constriction.stream.queue.RangeEncoder()
+    bits = [encode_mask(enc, m) for m in masks]
+    dec = constriction.stream.queue.RangeDecoder(enc.get_compressed())
+    for m in masks:
+        assert np.array_equal(decode_mask(dec, m.shape), m)
+    # the count costs log2(n + 1) bits, then n H(k/n) for the blocks
+    k, n = int(masks[2].sum()), masks[2].size
+    p = k / n
+    assert bits[2] == int(np.ceil(np.log2(n + 1) - k * np.log2(p) - (n - k) * np.log2(1 - p)))
+
+
+def test_latent_mask_and_resampling_against_brute_force():
+    rng = np.random.default_rng(1)
+    luma = rng.random((40, 52)) < 0.02
+    m16 = latent_mask(luma, 48, 64)
+    for i in range(3):
+        for j in range(4):
+            assert m16[i, j] == luma[16 * i:16 * i + 16, 16 * j:16 * j + 16].any()
+    at = mask_function(torch.from_numpy(m16)[None, None])
+    up = at((24, 32))[0, 0].numpy()
+    assert np.array_equal(up, np.kron(m16, np.ones((8, 8), bool)))
+    down = at((2, 2))[0, 0].numpy()  # ceil(3 / 2) x 4 / 2: pooled 2x2 blocks, the last row padded
+    assert np.array_equal(down, np.array([[m16[:2, :2].any(), m16[:2, 2:].any()], [m16[2:, :2].any(), m16[2:, 2:].any()]]))
+    padded = at((4, 4))[0, 0].numpy()  # an upsampling network's 1/16 output before its crop: same scale, padded
+    assert np.array_equal(padded[:3], m16) and not padded[3].any()
+    fr = roi_fractions(torch.from_numpy(m16)[None, None], [2, 16, 32])
+    assert float(fr[2]) == float(fr[16]) == pytest.approx(m16.mean())
+
+
+def test_bit_flops_table_reference_and_widths():
+    model = tiny_dynamic_codec()
+    table = BitFlopsTable.build(model, size=64)
+    for kind in ("I", "P"):
+        ones = torch.ones(1)
+        fr = {l.stride: ones for l in table.layers[kind]}
+        assert float(table.expected(kind, fr, ones * 64, ones * 64) / table.reference(kind)) == pytest.approx(1.0)
+        # everything at 4 bits: region layers cost (16 / 64) of their 8-bit cost, fixed layers unchanged
+        region = sum(l.macs_per_pixel for l in table.layers[kind] if l.region)
+        fixed = sum(l.macs_per_pixel * l.bits_product / 64 for l in table.layers[kind] if not l.region)
+        got = float(table.expected(kind, fr, ones * 16, ones * 16))
+        assert got == pytest.approx(region * 16 / 64 + fixed)
+        assert region > 0 and fixed > 0  # the 16-bit latent readers stay fixed
+
+
+def test_dynamic_round_trip_exact_across_processes(dyn_weights, tmp_path):
+    coder = VideoCoder(load_codec(dyn_weights))
+    video = moving_video(4, 48, 64)
+    torch.set_num_threads(2)
+    try:
+        res = coder.compress(video, quality=1, intra_period=3)
+    finally:
+        torch.set_num_threads(1)
+    kinds = [(f.kind, f.roi_bits, f.non_roi_bits) for f in res.frames]
+    assert [k[0] for k in kinds] == list("IPPI")
+    assert all(f.roi_bits in (4, 8, 16) and f.non_roi_bits in (4, 8, 16) for f in res.frames)
+    assert any(f.roi_bits != f.non_roi_bits for f in res.frames)  # split execution is exercised
+    _, records = read_stream(res.stream)
+    assert [(r.roi_bits, r.non_roi_bits) for r in records] == [(f.roi_bits, f.non_roi_bits) for f in res.frames]
+    assert coder.decompress(res.stream).equal(res.reconstruction)
+    stream, out = tmp_path / "s.bav", tmp_path / "rec.npz"
+    stream.write_bytes(res.stream)
+    code = ("import sys, numpy as np, torch; torch.set_num_threads(1);"
+            "from bitalloc.codec.codec import VideoCoder; from bitalloc.codec.precision import load_codec;"
+            "f = VideoCoder(load_codec(sys.argv[1])).decompress(open(sys.argv[2], 'rb').read());"
+            "np.savez(sys.argv[3], y=f.y, u=f.u, v=f.v)")
+    subprocess.run([sys.executable, "-c", code, str(dyn_weights), str(stream), str(out)], check=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    got = np.load(out)
+    assert np.array_equal(got["y"], res.reconstruction.y) and np.array_equal(got["v"], res.reconstruction.v)
+
+
+def test_widths_outside_the_candidates_are_refused(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights))
+    res = coder.compress(moving_video(2, 32, 32), quality=0)
+    header_and = bytearray(res.stream)
+    # frame 0's ROI width field sits right after the 42-byte header and the type byte; rewrite it to 6 bits
+    header_and[43:45] = (6).to_bytes(2, "little")
+    import zlib
+
+    from bitalloc.codec.bitstream import HEADER_SIZE
+    _, recs = read_stream(res.stream)
+    end = HEADER_SIZE + recs[0].size
+    body = bytes(header_and[HEADER_SIZE:end - 4])
+    header_and[end - 4:end] = zlib.crc32(body).to_bytes(4, "little")
+    with pytest.raises(BitstreamError, match="candidate widths are \\[4, 8, 16\\]"):
+        coder.decompress(bytes(header_and))
+
+
+def test_cli_dynamic_training_and_encoding(tmp_path):
+    from tests.test_codec_train import SIZES
+
+    video = write_y4m(tmp_path / "clip.y4m", moving_video(4, 48, 64))
+    base = ["codec", "train", "--batch-size", "2", "--crop", "32", "--samples-per-epoch", "4", "--warmup-steps", "0",
+            "--progress", "off", "--videos", str(video)]
+    assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "i.pt")]) == 0
+    ship = tmp_path / "dyn.pt"
+    assert main(base + ["--stage", "dynamic", "--steps", "2", "--init", str(tmp_path / "i.pt"), "--gamma", "0.5",
+                        "--candidates", "2,4,8", "--out", str(tmp_path / "d.pt"), "--ship", str(ship)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "d.pt.jsonl").read_text().splitlines()]
+    extra = log[1]["extra"]
+    assert {"bit_flops", "roi_bits", "non_roi_bits"} <= set(extra) and extra["bit_flops"] > 0
+    out, js = tmp_path / "a.bav", tmp_path / "a.json"
+    assert main(["codec", "encode", str(video), "-o", str(out), "-q", "0", "--dynamic", "--weights", str(ship),
+                 "--json", str(js)]) == 0
+    s = json.loads(js.read_text())
+    assert s["exact"] and s["dynamic"] and 0 < s["width_fields_share"] < 1 and s["roi_source"].startswith("spectral")
+    assert all(p["roi_bits"] in (2, 4, 8) for p in s["per_frame"])
+    assert main(["codec", "decode", str(out), "-o", str(tmp_path / "r.y4m"), "--weights", str(ship)]) == 0
+    # a fixed-precision codec is not a dynamic one
+    static = tiny_weights(tmp_path / "static.pt")
+    assert main(["codec", "encode", str(video), "-o", str(tmp_path / "b.bav"), "-q", "0", "--dynamic",
+                 "--weights", str(static)]) == 2
+    assert main(["codec", "train"] + base[2:] + ["--stage", "dynamic", "--init", str(tmp_path / "i.pt"),
+                                                  "--out", str(tmp_path / "e.pt"), "--ship", str(tmp_path / "e2.pt")]) == 2
