@@ -169,6 +169,18 @@ def test_hessian_estimate_tracks_the_measured_damage():
     assert (np.diff(s.hessian, axis=1) > 0).all() and (np.diff(s.values, axis=1) > 0).all()
 
 
+def test_hessian_added_later_is_the_same_estimate():
+    cfg = bitalloc.preset("aciq-gptq", 4, 4)
+    s = layer_sensitivity(make_net(), cfg, _data(), "8x8,4x4,2x4", hessian=True, hutchinson_samples=8)
+    plain = layer_sensitivity(make_net(), cfg, _data(), "8x8,4x4,2x4")
+    assert plain.hessian is None
+    from bitalloc.search import add_hessian
+
+    later = add_hessian(make_net(), plain, _data(), hutchinson_samples=8)
+    np.testing.assert_allclose(later.hessian, s.hessian, rtol=1e-9)
+    np.testing.assert_array_equal(later.values, plain.values)
+
+
 def test_state_round_trip_and_progress(tmp_path):
     from bitalloc.io import torch_load, torch_save
 

@@ -18,9 +18,9 @@ states budgets and turns a choice into an ordinary :class:`~bitalloc.config.Quan
 
 from bitalloc.search.budget import Budget, SearchResult, check_choice, parse_budget, parse_budgets, search
 from bitalloc.search.knapsack import Solution, pareto_front, solve
-from bitalloc.search.sensitivity import METRICS, Sensitivity, layer_sensitivity
+from bitalloc.search.sensitivity import METRICS, Sensitivity, add_hessian, layer_sensitivity
 from bitalloc.search.space import DEFAULT_CANDIDATES, Candidate, parse_candidates
 
-__all__ = ["Budget", "Candidate", "DEFAULT_CANDIDATES", "METRICS", "SearchResult", "Sensitivity", "Solution",
+__all__ = ["Budget", "Candidate", "DEFAULT_CANDIDATES", "METRICS", "SearchResult", "Sensitivity", "Solution", "add_hessian",
            "check_choice", "layer_sensitivity", "parse_budget", "parse_budgets", "parse_candidates", "pareto_front",
            "search", "solve"]

@@ -378,6 +378,64 @@ def _layer_costs(qmodel: nn.Module, example: Any, layers: list[_Layer], modules:
 
 # ---- the pass ---------------------------------------------------------------------------------------------------
 
+@dataclass
+class _Pass:
+    """What one float pass over the calibration samples gives: the prepared model, the layers, their inputs and
+    activation statistics (in ``builder``), the float outputs, and the runner that reruns from a layer."""
+
+    qmodel: nn.Module
+    found: list[_Layer]
+    excluded: list[dict[str, str]]
+    runner: SuffixRunner
+    builder: _Candidates
+    inputs: list[Any]
+    labels: list[Tensor | None]
+    refs: list[Tensor]
+
+
+def _float_pass(model: nn.Module, config: QuantConfig, data: Iterable, layers: Iterable[str] | None, n: int,
+                use_fx: bool) -> _Pass:
+    data = replayable(data, n)
+    inputs, labels = calibration_batches(data, n)
+    qmodel = prepare(model.eval(), config, cut_inputs(inputs[0], 2))
+    found, excluded = searchable_layers(qmodel, config, layers)
+    names = [l.name for l in found]
+    runner = SuffixRunner(qmodel, names, inputs, use_fx=use_fx)
+    with float_mode(qmodel):
+        runner.check(cut_inputs(inputs[0], 2))
+    stats: dict[str, Any] = {}
+    captured, handles = _capture_inputs(qmodel, names)
+    try:
+        with calibration(qmodel, seed=config.seed, stats_out=stats):
+            refs = runner.base()
+    finally:
+        for h in handles:
+            h.remove()
+    qlayers = dict(quant_layers(qmodel))
+    found = [l for l in found if l.name in qlayers]  # calibration leaves layers that did not run in float
+    return _Pass(qmodel, found, excluded, runner, _Candidates(config, stats, captured), inputs, labels, refs)
+
+
+def _hessian(p: _Pass, names: list[str], perturbation: np.ndarray, metric: str, samples: int, seed: int
+             ) -> tuple[dict[str, dict[str, float]], np.ndarray]:
+    from bitalloc.search.hessian import hutchinson_traces, second_order
+
+    traces = hutchinson_traces(p.qmodel, names, p.inputs, p.labels, p.refs, metric, samples=samples, seed=seed)
+    est = np.array([[second_order(traces[n], perturbation[0, i, j], perturbation[1, i, j])
+                     for j in range(perturbation.shape[2])] for i, n in enumerate(names)])
+    return traces, est
+
+
+def _check_args(metric: str, config: QuantConfig, num_samples: int | None) -> int:
+    if metric not in METRICS:
+        raise ConfigError(f"metric {metric!r}: choose one of {METRICS}")
+    config.validate()
+    n = config.calibration_samples if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ConfigError(f"num_samples={num_samples}: give at least 1 calibration sample")
+    return n
+
+
 def layer_sensitivity(model: nn.Module, config: QuantConfig, data: Iterable, bits: Iterable[Any] | str | None = None,
                       *, metric: str = "kl", layers: Iterable[str] | None = None, num_samples: int | None = None,
                       hessian: bool = False, hutchinson_samples: int = 16, reference_bits: Iterable[Any] = (),
@@ -393,54 +451,32 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, data: Iterable, bit
             32 = float). ``reference_bits``: more widths whose costs (not damages) are tabled, e.g. for budgets
             stated as a uniform width.
         layers: layer names to measure (default: every searchable layer, :func:`searchable_layers`).
-        hessian: also the Hutchinson estimate (``hutchinson_samples`` Rademacher vectors).
+        hessian: also the Hutchinson estimate (``hutchinson_samples`` Rademacher vectors); see also
+            :func:`add_hessian`, which adds it to a sensitivity measured earlier.
         keep_deltas: keep every (layer, candidate) change of the calibration outputs (for additivity checks).
         use_fx: restart the network at each layer (``torch.fx``); False runs whole models (same numbers).
         progress: ``progress(1, total)`` after each of the ``total`` (layer, candidate) pairs measured.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"metric {metric!r}: choose one of {METRICS}")
+    n = _check_args(metric, config, num_samples)
     cands = parse_candidates(bits)
     reference_bits = list(reference_bits)
     cost_cands = cands + ([c for c in parse_candidates(reference_bits) if c not in cands] if reference_bits else [])
-    config = config.validate()
-    n = config.calibration_samples if num_samples is None else int(num_samples)
-    if n < 1:
-        raise ConfigError(f"num_samples={num_samples}: give at least 1 calibration sample")
-    data = replayable(data, n)
-    inputs, labels = calibration_batches(data, n)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    p = _float_pass(model, config, data, layers, n, use_fx)
+    found, builder, runner, ref_batches, labels = p.found, p.builder, p.runner, p.refs, p.labels
     label_all = torch.cat(labels) if all(y is not None for y in labels) else None
     if metric == "loss" and label_all is None:
         raise ConfigError("metric 'loss' needs labelled calibration data ((inputs, labels) batches); use metric 'kl'")
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = model.eval()
-    qmodel = prepare(model, config, cut_inputs(inputs[0], 2))
-    found, excluded = searchable_layers(qmodel, config, layers)
-    names = [l.name for l in found]
-    runner = SuffixRunner(qmodel, names, inputs, use_fx=use_fx)
-    with float_mode(qmodel):
-        runner.check(cut_inputs(inputs[0], 2))
-    stats: dict[str, Any] = {}
-    captured, handles = _capture_inputs(qmodel, names)
-    try:
-        with calibration(qmodel, seed=config.seed, stats_out=stats):
-            ref_batches = runner.base()
-    finally:
-        for h in handles:
-            h.remove()
-    qlayers = dict(quant_layers(qmodel))
-    found = [l for l in found if l.name in qlayers]  # calibration leaves layers that did not run in float
-    builder = _Candidates(config, stats, captured)
     seconds["float_pass"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    example = cut_inputs(inputs[0], 1)
-    base = _layer_costs(qmodel, example, found, [l.module for l in found])
+    example = cut_inputs(p.inputs[0], 1)
+    base = _layer_costs(p.qmodel, example, found, [l.module for l in found])
     costs = {k: np.zeros((len(found), len(cost_cands))) for k in COSTS}
     patches: list[list[dict[str, Any]]] = [[builder.patch(l, c) for c in cost_cands] for l in found]
     for j, cand in enumerate(cost_cands):
-        table = _layer_costs(qmodel, example, found, [builder.build(l, cand, gptq=False) for l in found])
+        table = _layer_costs(p.qmodel, example, found, [builder.build(l, cand, gptq=False) for l in found])
         for k in COSTS:
             costs[k][:, j] = table[k]
     fixed = {k: float(base["total"][k]) - float(sum(base[k])) for k in COSTS}
@@ -453,7 +489,7 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, data: Iterable, bit
               if keep_deltas else None)
     sizes = [int(r.shape[0]) for r in ref_batches]
     perturbation = np.zeros((2, len(found), len(cands)))  # ||Q(W) - W||^2, ||Q(X) - X||^2 (hessian=True)
-    with float_mode(qmodel):
+    with float_mode(p.qmodel):
         for i, layer in enumerate(found):
             for j, cand in enumerate(cands):
                 module = builder.build(layer, cand)
@@ -477,21 +513,44 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, data: Iterable, bit
                          fixed=fixed, total_macs=float(base["total_macs"]),
                          fp32_memory_bits=float(base["fp32_memory_bits"]), patches=patches,
                          config=config.to_dict(), samples=int(reference.shape[0]), macs=[float(m) for m in base["macs"]],
-                         params=[int(p) for p in base["params"]], excluded=excluded, engine=runner.engine,
+                         params=[int(p) for p in base["params"]], excluded=p.excluded, engine=runner.engine,
                          reference=reference.float(), labels=label_all, deltas=deltas)
+    seconds["total"] = time.perf_counter() - t0  # the measured sensitivity; the Hessian estimate is extra
     if hessian:
-        from bitalloc.search.hessian import hutchinson_traces, second_order
-
         t3 = time.perf_counter()
-        traces = hutchinson_traces(qmodel, result.layers, inputs, labels, ref_batches, metric,
-                                   samples=hutchinson_samples, seed=config.seed)
-        result.traces = traces
-        result.hessian = np.array([[second_order(traces[n], perturbation[0, i, j], perturbation[1, i, j])
-                                    for j in range(len(cands))] for i, n in enumerate(result.layers)])
+        result.traces, result.hessian = _hessian(p, result.layers, perturbation, metric, hutchinson_samples,
+                                                 config.seed)
         seconds["hessian"] = time.perf_counter() - t3
-    seconds["total"] = time.perf_counter() - t0
     result.seconds = seconds
     return result
 
 
-__all__ = ["METRICS", "Sensitivity", "layer_sensitivity", "searchable_layers", "damage", "calibration_batches"]
+def add_hessian(model: nn.Module, sens: Sensitivity, data: Iterable, *, hutchinson_samples: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> Sensitivity:
+    """``sens`` with the Hutchinson estimate added (``hessian``, ``traces``; ``seconds["hessian"]``): the same as
+    ``layer_sensitivity(..., hessian=True)`` would have given, from a new float pass over the same calibration
+    samples (``data`` and ``model`` must be those ``sens`` was measured on; nothing is rerun per candidate)."""
+    import dataclasses
+
+    config = QuantConfig.from_dict(sens.config)
+    _check_args(sens.metric, config, sens.samples)
+    t0 = time.perf_counter()
+    p = _float_pass(model, config, data, sens.layers, sens.samples, use_fx=False)
+    if [l.name for l in p.found] != sens.layers:
+        raise ConfigError("the model and configuration do not give the layers this sensitivity was measured on; "
+                          "pass the same model, configuration and data")
+    perturbation = np.zeros((2, len(p.found), len(sens.candidates)))
+    for i, layer in enumerate(p.found):
+        for j, cand in enumerate(sens.candidates):
+            perturbation[:, i, j] = _perturbation(p.builder.build(layer, cand), layer.module.layer,
+                                                  p.builder.inputs[layer.name])
+            if progress is not None:
+                progress(1, len(p.found) * len(sens.candidates))
+        p.builder.forget(layer.name)
+    traces, est = _hessian(p, sens.layers, perturbation, sens.metric, hutchinson_samples, config.seed)
+    return dataclasses.replace(sens, hessian=est, traces=traces,
+                               seconds={**sens.seconds, "hessian": time.perf_counter() - t0})
+
+
+__all__ = ["METRICS", "Sensitivity", "add_hessian", "layer_sensitivity", "searchable_layers", "damage",
+           "calibration_batches"]
