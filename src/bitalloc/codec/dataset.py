@@ -70,11 +70,14 @@ class ClipDataset(Dataset):
 
     ``sources``: YUVFrames (one-frame sources are images and serve only ``frames == 1``); a source is drawn with
     probability proportional to its number of usable windows times its area (so every pixel is about equally
-    likely); ``samples``: items per epoch; ``levels``: quality levels drawn uniformly.
+    likely), except that one-frame sources (images) as a group get ``image_share`` of the samples when videos are
+    there too (default one half: the video sources of the reference training set have 6x the images' area and are
+    smoother, already compressed content; the intra codec is evaluated on images too); ``samples``: items per
+    epoch; ``levels``: quality levels drawn uniformly.
     """
 
     def __init__(self, sources: Sequence[YUVFrames], *, crop: int = 128, frames: int = 1, samples: int = 4096,
-                 levels: int = 8):
+                 levels: int = 8, image_share: float | None = 0.5):
         if crop % 16:
             raise ValueError(f"crop={crop} must be a multiple of 16")
         usable = [s for s in sources if len(s) >= frames and s.height >= crop and s.width >= crop]
@@ -83,6 +86,11 @@ class ClipDataset(Dataset):
         self.sources = usable
         self.crop, self.frames, self.samples, self.levels = crop, frames, samples, levels
         w = np.array([(len(s) - frames + 1) * s.height * s.width for s in usable], dtype=np.float64)
+        images = np.array([len(s) == 1 for s in usable])
+        if image_share is not None and images.any() and not images.all():
+            # images (one-frame sources) get image_share of the samples, videos the rest (by area within each)
+            w[images] *= image_share / w[images].sum()
+            w[~images] *= (1 - image_share) / w[~images].sum()
         self.weights = torch.tensor(w / w.sum())
 
     def __len__(self) -> int:
