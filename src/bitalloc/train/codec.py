@@ -114,13 +114,14 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
-                callbacks: tuple = ()) -> Any:
+                image_share: float | None = 0.5, callbacks: tuple = ()) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
     from bitalloc.train.loop import fit
 
-    data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels)
+    data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
+                       image_share=image_share)
     return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma), callbacks=callbacks)
 
 
@@ -130,7 +131,7 @@ STAGES = {
     # stage: (part, first, default frames, default lr, default schedule, default steps)
     "intra": ("intra", "intra", 1, 2e-4, "cosine", 20000),
     "inter": ("inter", "reference", 2, 2e-4, "constant", 6000),
-    "joint": ("all", "intra", 3, 5e-5, "cosine", 2000),
+    "joint": ("inter", "intra", 3, 1e-4, "cosine", 2000),
     "qat": ("all", "intra", 3, 2e-5, "cosine", 1000),
     "dynamic": ("all", "intra", 2, 2e-5, "cosine", 500),
 }
@@ -140,7 +141,8 @@ def add_train_args(p: Any) -> None:
     """Options of ``bitalloc codec train`` (docs/codec.md gives the commands that made the shipped weights)."""
     p.add_argument("--stage", choices=tuple(STAGES), required=True,
                    help="intra: I-frame codec on images and frames; inter: P-frame codec (motion, residual) on frame "
-                        "pairs with uncoded references; joint: both on 3-frame clips (I P P); qat: 8-bit LSQ "
+                        "pairs with uncoded references; joint: the P-frame codec on 3-frame clips (I P P) whose "
+                        "references are the intra codec's and its own reconstructions (intra frozen); qat: 8-bit LSQ "
                         "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship); "
                         "dynamic: ROI-aware per-frame widths (--candidates, --gamma, --roi) from a float codec")
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
@@ -159,6 +161,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--crop", type=int, default=128, help="crop size in luma pixels (multiple of 16)")
     p.add_argument("--frames", type=int, help="frames per clip (default per stage: 1, 2, 3, 3)")
     p.add_argument("--samples-per-epoch", type=int, help="clips per epoch (8000 intra, 4000 otherwise)")
+    p.add_argument("--image-share", default="0.5", help="intra: share of the samples drawn from --images when "
+                                                        "--videos are given too (default 0.5; 'area' = by area)")
     p.add_argument("--bits", type=int, default=8, help="qat: bits of the decoder networks' weights and activations")
     p.add_argument("--ship", help="qat / dynamic: write the codec weights here (what encode / decode load)")
     p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
@@ -251,7 +255,7 @@ def run_train_cli(args: Any) -> int:
                       dataset="codec-clips")
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
-                gamma=args.gamma)
+                gamma=args.gamma, image_share=_share(args.image_share))
     if args.stage in ("qat", "dynamic"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
@@ -259,6 +263,18 @@ def run_train_cli(args: Any) -> int:
                    extra={"trained_by": f"bitalloc codec train --stage {args.stage} --out {args.out}"})
         print(f"codec weights: {args.ship}")
     return 0
+
+
+def _share(text: str) -> float | None:
+    if str(text) == "area":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v < 1.0:
+        raise ConfigError(f"--image-share {text!r}: give a fraction between 0 and 1, or 'area'")
+    return v
 
 
 def _widths(text: str) -> tuple[int, ...]:
