@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import os
 import shlex
 import subprocess
 import sys
@@ -33,7 +34,16 @@ def model_data_parser(description: str | None, *, batch_size: int) -> argparse.A
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
+    """The command that ran, with the benchmark data folder written as ``$DATA`` when the environment variable
+    ``DATA`` names it (so recorded commands never carry a machine's path)."""
+    data = os.environ.get("DATA", "").rstrip("/")
+
+    def show(a: str) -> str:
+        if data and (a == data or a.startswith(data + "/")):
+            return '"$DATA' + a[len(data):] + '"'
+        return shlex.quote(a)
+
+    return " ".join(show(a) for a in ["python"] + sys.argv)
 
 
 def git_revision() -> str:

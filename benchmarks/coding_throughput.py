@@ -1,8 +1,8 @@
 """Huffman coding of quantized models: file sizes, entropy vs real coded size, bits per activation, and
 encode / decode throughput of the coders.
 
-    python benchmarks/coding_throughput.py --model lenet5 --checkpoint runs/models/lenet5-mnist.pt --data ../shared/data/mnist
-    python benchmarks/coding_throughput.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip
+    python benchmarks/coding_throughput.py --model lenet5 --checkpoint runs/models/lenet5-mnist.pt --data $DATA/mnist
+    python benchmarks/coding_throughput.py --model efficientnet_lite0 --data $DATA/imagenet-sample.zip
 
 For each configuration (min-max W8A8, ACIQ W4A4, ACIQ W3.5A4 with mixed per-channel widths and bias
 correction): the packed file (``bitalloc pack``) against the FP32 ``state_dict`` and plain bit-packing,

@@ -3,23 +3,23 @@
 Steps (each resumable; long runs are meant for ``nohup ... &``)::
 
     # LeNet-5 / MNIST: Bayesian Bits mu sweep, LSQ 4/4 and PACT 4/4 (8-bit first/last layers), 10 epochs
-    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+    python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method bb --mu 0.1,0.2,0.3 \\
         -- --gate-lr 1e-2 --bb-fix-gates-epochs 2
-    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+    python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist --method lsq,pact --bits 4
     # CIFAR-10 (ResNet-20 on 2 CPU cores; VGG-7 where a GPU is available): LSQ / PACT points + mu sweep
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method lsq,pact --bits 4 \\
         --epochs 3 -- --lr 1e-4 --q-granularity channel
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10 --method bb --mu 0.01,0.03 \\
         --epochs 3 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 1
     # the same with 6 epochs for every method (folder resnet20-cifar10-6ep): --epochs 6, --bb-fix-gates-epochs 2,
     # LSQ 4/4, Bayesian Bits mu 0.04 (8-bit start) and, with --tag=-init4 and --gate-init 6,-6,-6,-6, mu 0.03
     # from a 4-bit start (--tag keeps runs of other train options apart in one folder); ranges at the weights' lr
     # (the default since; runs tagged -rlr), mu 0.02,0.025,0.03, and seed replicates of LSQ 4/4 and mu 0.02:
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-6ep --method bb \\
         --mu 0.02,0.025,0.03 --epochs 6 --tag=-rlr -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 \\
         --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 2
@@ -28,16 +28,16 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     # Sweeps may run at the same time into one folder (one per core: OMP_NUM_THREADS=1 each).
     # 20-epoch runs (folder resnet20-cifar10-20ep): --epochs 20; LSQ 4/4, and Bayesian Bits mu 0.03, 0.015, 0.01
     # (one sweep per mu, so that each runs on its own core) with --bb-fix-gates-epochs 5:
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-20ep --method bb --mu 0.015 \\
         --epochs 20 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 --bb-fix-gates-epochs 5
     # 8-epoch runs (folder resnet20-cifar10-8ep): LSQ 4/4 and Bayesian Bits mu 0.02, seeds 0 and 1 (--tag=-s1 ...
     # --seed 1), the last 2 epochs with fixed gates; their per-sample outcomes are kept in the results file, so
     # runs of later sessions from the same FP32 checkpoint pair with them without their run folders:
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method lsq \\
         --bits 4 --epochs 8 -- --lr 1e-4 --q-granularity channel
-    python benchmarks/learned_precision.py sweep --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method bb \\
         --mu 0.02 --epochs 8 -- --lr 1e-4 --q-granularity channel --gate-lr 1e-2 --gate-init 6,6,-6,-6 \\
         --bb-fix-gates-epochs 2
@@ -45,17 +45,17 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     #   BOPs of 4/4): --method lsq --bits 3x4 (seed 1: --tag=-s1 ... --seed 1); likewise --bits 2x4 (two seeds)
     #   and 3x3, and --method pact --bits 4
     # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
-    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+    python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb --mu 0.1 \\
         -- --gate-lr 1e-2 --bb-fix-gates-epochs 2 --gates hard_concrete
-    python benchmarks/learned_precision.py sweep --model lenet5 --data ../shared/data/mnist \\
+    python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb \\
         --mu 0.1 --tag=-gumbel -- --gate-lr 1e-2 --bb-fix-gates-epochs 2 --gates gumbel   # and --mu 0.03, 0.01
     # time per training step of each method relative to FP32 (same data, batch and optimizer, interleaved)
-    python benchmarks/learned_precision.py timing --model lenet5 --data ../shared/data/mnist --steps 20 --rounds 3
-    python benchmarks/learned_precision.py timing --model resnet20 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py timing --model lenet5 --data $DATA/mnist --steps 20 --rounds 3
+    python benchmarks/learned_precision.py timing --model resnet20 --data $DATA/cifar10-jpeg.zip \\
         --steps 6 --warmup 2 --rounds 2
-    python benchmarks/learned_precision.py timing --model vgg7 --data ../shared/data/cifar10-jpeg.zip \\
+    python benchmarks/learned_precision.py timing --model vgg7 --data $DATA/cifar10-jpeg.zip \\
         --steps 3 --warmup 1 --rounds 1
     # collect everything: benchmarks/results/learned_precision.json and the BENCHMARKS.md section
     python benchmarks/learned_precision.py report

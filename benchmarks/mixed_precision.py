@@ -1,10 +1,10 @@
 """Per-layer mixed precision without training (issue 17): sensitivity, exact search under a BOPs or size budget,
 against uniform widths, on the anchors' split.
 
-    python benchmarks/mixed_precision.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip \\
+    python benchmarks/mixed_precision.py --model efficientnet_lite0 --data $DATA/imagenet-sample.zip \\
         --split anchors --hessian
     python benchmarks/mixed_precision.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt \\
-        --data ../shared/data/cifar10-jpeg.zip --split anchors
+        --data $DATA/cifar10-jpeg.zip --split anchors
 
 Steps (each result is kept in ``benchmarks/results/mixed_precision_<model>.partial.json`` as it comes, and the
 sensitivity in ``--work-dir``, so an interrupted run continues where it stopped):

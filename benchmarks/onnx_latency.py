@@ -1,8 +1,8 @@
 """CPU latency and accuracy of bitalloc's ONNX QDQ exports in onnxruntime, against FP32 and onnxruntime's own
 static quantization (MinMax and Entropy calibration on the same 32 calibration images).
 
-    python benchmarks/onnx_latency.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip
-    python benchmarks/onnx_latency.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data ../shared/data/cifar10-jpeg.zip
+    python benchmarks/onnx_latency.py --model efficientnet_lite0 --data $DATA/imagenet-sample.zip
+    python benchmarks/onnx_latency.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data $DATA/cifar10-jpeg.zip
 
 Latencies: median of at least --runs timed runs (and 1 s of them per model) after --warmup runs, batch 1
 and 32, onnxruntime CPU EP with 2 intra-op threads, all models timed in turns (per turn and model: a 0.1 s

@@ -4,9 +4,9 @@ the KLD, 2 sigma, percentile and MSE baselines (as used alone, and swapped into 
 clipping), layer-wise and channel-wise, at W4A4, W8A4, W4A8 and W8A8; the mean ACIQ/KLD quantization-step
 ratio; calibration, evaluation and forward time as ratios to FP32 on the same images.
 
-    python benchmarks/ptq_table.py --model efficientnet_lite0 --data ../shared/data/imagenet-sample.zip
-    python benchmarks/ptq_table.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data ../shared/data/cifar10-jpeg.zip
-    python benchmarks/ptq_table.py --model lenet5 --checkpoint runs/models/lenet5-mnist.pt --data ../shared/data/mnist
+    python benchmarks/ptq_table.py --model efficientnet_lite0 --data $DATA/imagenet-sample.zip
+    python benchmarks/ptq_table.py --model resnet20 --checkpoint runs/models/resnet20-cifar10.pt --data $DATA/cifar10-jpeg.zip
+    python benchmarks/ptq_table.py --model lenet5 --checkpoint runs/models/lenet5-mnist.pt --data $DATA/mnist
 
 Writes benchmarks/results/ptq_<model>.json and the model's section of BENCHMARKS.md.
 """

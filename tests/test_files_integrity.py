@@ -344,7 +344,10 @@ def test_integer_input_models_record_their_dtype_and_unpack(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(again(tokens), q(tokens))
         assert torch.equal(unpack_model(tmp_path / "tok2.bapk", model=net)(tokens), q(tokens))
-    _, q6, _ = _tiny_quantized()  # takes 6 floats: neither zeros(1, 5) nor integer zeros(1, 5) fit
+    _, q6, _ = _tiny_quantized()  # takes 6 floats: a recorded float32 input of the wrong shape is named
+    with pytest.raises(ConfigError, match=r"does not run on an input of shape \[2, 5\] and dtype torch.float32"):
+        pack_model(q6, tmp_path / "bad.bapk", example_shape=(5,), compare_bitpack=False)
+    del q6.bitalloc_example_dtype  # nothing recorded: neither zeros(1, 5) nor integer zeros(1, 5) fit
     with pytest.raises(ConfigError, match="float32 nor int64.*example_dtype"):
         pack_model(q6, tmp_path / "bad.bapk", example_shape=(5,), compare_bitpack=False)
 

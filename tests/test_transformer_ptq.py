@@ -219,3 +219,15 @@ def test_per_token_dynamic_activation_scales():
     assert torch.allclose(q(x), ref, atol=1e-5)
     with pytest.raises(ConfigError, match="online"):
         bitalloc.preset("minmax", 8, 8, act_granularity="token")
+
+
+def test_smoothquant_preset_smooths_the_layers_that_read_a_layernorm():
+    m = outlier_encoder()
+    calib, held = [tokens(8, s) for s in range(4)], tokens(32, 99)
+    q = bitalloc.quantize(m, bitalloc.preset("smoothquant", 8, 8), calib)
+    smoothed = {n for n, l in bitalloc.quant_layers(q) if l.smooth_scale is not None}
+    assert smoothed == {f"encoder.layer.{i}.{p}" for i in range(2) for p in
+                        ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")}
+    assert all(l.input_quantizer.online and l.input_quantizer.per_token for _, l in bitalloc.quant_layers(q))
+    static = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8), calib)
+    assert agreement(q, m, held) > agreement(static, m, held)

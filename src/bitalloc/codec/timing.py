@@ -159,7 +159,7 @@ def quantize_codec(model: VideoCodec, bits: int, frames: YUVFrames, *, crop: int
 
     m = float_codec(model)
     quantize_decoders(m, decoder_quant_configs(bits, "fixed"))
-    clip = clip_tensor(frames, 3, crop)
+    clip = clip_tensor(frames, 2, crop)
     if clip.shape[1] < 2:
         raise ConfigError("calibrating the codec's networks needs at least 2 frames (an I and a P frame)")
     with bitalloc.calibration(m):
@@ -341,16 +341,33 @@ def add_output_points(proto: Any, outputs: Sequence[np.ndarray]) -> list[str]:
     return done
 
 
+def ort_session(data: bytes, threads: int) -> tuple[OrtNetwork, dict[str, int]]:
+    """An onnxruntime session of the ONNX bytes ``data`` as a network, and the operator counts of the graph it runs
+    after its optimizations (QLinearConv = an int8 convolution)."""
+    import collections
+    import tempfile
+    from pathlib import Path
+
+    from bitalloc.runtime.ort import make_session
+
+    onnx = _onnx()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "optimized.onnx"
+        session = make_session(data, threads=threads, optimized_path=out)
+        counts = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    return OrtNetwork(session), dict(counts.most_common())
+
+
 def ort_float_backend(fmodel: VideoCodec, inputs: dict[str, Tensor], *, threads: int) -> Backend:
     """The float networks exported to ONNX and run by onnxruntime (all graph optimizations)."""
     from bitalloc.runtime.onnx_export import export_float
-    from bitalloc.runtime.ort import make_session, optimized_op_counts
 
     nets, ops = {}, {}
     for name, net in decoder_networks(fmodel):
-        data = export_float(net, inputs[name], dynamic_batch=False).SerializeToString()
-        nets[name] = OrtNetwork(make_session(data, threads=threads))
-        ops[name] = optimized_op_counts(data, threads=threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warnings
+            data = export_float(net, inputs[name], dynamic_batch=False).SerializeToString()
+        nets[name], ops[name] = ort_session(data, threads)
     return Backend("ort-fp32", "FP32 codec exported to ONNX, onnxruntime", "float32", 32, nets, ops=ops)
 
 
@@ -364,7 +381,6 @@ def ort_int8_network(qnet: nn.Module, x: Tensor, *, threads: int, align: str = "
     points' ranges. Returns the network, onnxruntime's optimized op counts, notes, and the ONNX bytes."""
     from bitalloc.runtime.align import align_for_ort
     from bitalloc.runtime.onnx_export import export_onnx
-    from bitalloc.runtime.ort import make_session, optimized_op_counts
 
     if align not in ("none", "model"):
         raise ConfigError(f"align={align!r}: use 'none' or 'model'")
@@ -385,7 +401,7 @@ def ort_int8_network(qnet: nn.Module, x: Tensor, *, threads: int, align: str = "
         if add_output_points(proto, [ref.numpy()]):
             notes.append("export-only uint8 min-max point on the network output")
     data = proto.SerializeToString()
-    return OrtNetwork(make_session(data, threads=threads)), optimized_op_counts(data, threads=threads), notes, data
+    return (*ort_session(data, threads), notes, data)
 
 
 def ort_int8_backend(qmodel: VideoCodec, inputs: dict[str, Tensor], name: str, *, threads: int, bits: int = 8,

@@ -907,16 +907,18 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(keep_i)
 
 
-#: operators that commute with a monotone quantizer: they select, reorder or clamp values (Q(op(x)) = op'(Q(x)))
+#: operators that commute with a monotone quantizer: they select, reorder or clamp values (Q(op(x)) = op'(Q(x)));
+#: DepthToSpace / SpaceToDepth are PixelShuffle / PixelUnshuffle (sub-pixel upsampling: Conv -> DepthToSpace -> Relu
+#: -> Q then fuses into QLinearConv on the next layer's grid, with no new rounding)
 _COMMUTING = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu", "Clip",
-              "Slice", "Gather", "ReduceMax", "Expand", "Tile", "Pad"}
+              "Slice", "Gather", "ReduceMax", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth"}
 
 
 def _hoist_quantizers(model: Any) -> int:
     """Copy each per-tensor QuantizeLinear (with its integer Clip) upstream across operators that commute with it.
 
-    For an operator that only selects, reorders or clamps values (MaxPool, Reshape, Flatten, Transpose, Relu,
-    Clip, zero Pad, ...) and a monotone quantizer Q (round half to even, clamp), Q(op(x)) = op(DQ(Q(x)))
+    For an operator that only selects, reorders or clamps values (MaxPool, Reshape, Flatten, Transpose,
+    DepthToSpace, Relu, Clip, zero Pad, ...) and a monotone quantizer Q (round half to even, clamp), Q(op(x)) = op(DQ(Q(x)))
     re-quantized exactly, because DQ(Q(x)) is on the grid. So ``x -> op -> Q`` becomes
     ``x -> Q -> DQ -> op -> Q`` with the *same* scale and zero point: no new rounding step, and onnxruntime
     can fuse the producer of x (Conv -> Q) and run the operator on 8-bit codes. Only linear chains are
