@@ -1,9 +1,9 @@
 """The learned video codec against HEVC (x265) and JPEG: rate-distortion, BD-rate, speed, exactness.
 
-    python benchmarks/codec_rd.py --clips DATA/video/carphone_qcif.mp4 DATA/video/tree.avi \\
-        --images DATA/imagenet-sample.zip --speed-clip DATA/video/dhf1k_0068.avi
+    python benchmarks/codec_rd.py --clips "$DATA/video/carphone_qcif.mp4" "$DATA/video/tree.avi" \\
+        --images "$DATA/imagenet-sample.zip" --speed-clip "$DATA/video/dhf1k_0068.avi"
 
-(DATA: the benchmark data folder, ../shared/data from the project root.) For each held-out clip: the shipped codec
+($DATA: the benchmark data folder.) For each held-out clip: the shipped codec
 at every quality level and x265 (PyAV's libx265) at QP 22, 27, 32, 37 with presets medium and veryslow,
 tune=zerolatency, bframes=0, keyint = the codec's intra period (32), info=0, pools=2, on the first 96 frames (or all);
 PSNR_YUV = (6 Y + U + V) / 8 per frame, averaged; BD-rate (Akima and PCHIP) on YUV and RGB PSNR; encode and decode

@@ -75,7 +75,7 @@ def register(sub: Any) -> None:
     add_eval_args(ev)
     ev.set_defaults(func=run_eval)
 
-    t = cs.add_parser("train", help="train the codec (stages: intra, inter, joint, qat); see docs/codec.md")
+    t = cs.add_parser("train", help="train the codec (stages: intra, inter, joint, qat, dynamic); see docs/codec.md")
     add_train_args(t)
     t.set_defaults(func=run_train)
 
