@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
                         "--weights of a codec trained with --stage dynamic)")
     e.add_argument("--roi", help="with --dynamic: the ROI source (spectral, motion, faces, mask:PATH; default: the "
                                  "codec's, see docs/roi.md)")
+    e.add_argument("--widths", metavar="R,N",
+                   help="with --dynamic: code every frame at ROI width R and non-ROI width N (candidates of the codec) "
+                        "instead of the selector's choice; the ROI mask is still computed and coded")
     _common(e)
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
@@ -154,6 +157,15 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
     return [[label, s[k]] for label, k in keys if s.get(k) is not None]
 
 
+def _parse_widths(text: str, coder: Any) -> tuple[int, int]:
+    """``--widths R,N`` -> (R, N), checked against the codec's candidates (one-line ConfigError naming them)."""
+    try:
+        return coder.check_widths([int(t) for t in text.split(",")])
+    except (ValueError, ConfigError):
+        raise ConfigError(f"--widths {text!r}: give two widths R,N (ROI, non-ROI) among this codec's candidate widths "
+                          f"{sorted(coder.model.cfg.candidates)}") from None
+
+
 def run_encode(args: argparse.Namespace) -> int:
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_rgb, psnr_yuv
     from bitalloc.codec.video_io import read_video
@@ -166,10 +178,14 @@ def run_encode(args: argparse.Namespace) -> int:
         _frames_target(args.reconstruction)
     if args.frames is not None and args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: give a positive number of frames")
-    frames = read_video(args.input, frames=args.frames, start=args.start)
+    if args.widths is not None and not args.dynamic:
+        raise ConfigError("--widths goes with --dynamic (a fixed-precision codec has one width)")
     coder = _setup(args)
+    widths = None if args.widths is None else _parse_widths(args.widths, coder)
+    frames = read_video(args.input, frames=args.frames, start=args.start)
     with _bar(len(frames), "encode") as bar:
-        res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update)
+        res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update,
+                             widths=widths)
     checked: dict[str, Any] = {}
 
     def verify(tmp: Path) -> None:  # decode the written file before it replaces anything

@@ -179,6 +179,10 @@ class FrameInfo:
     roi_fraction: float | None = None
     mask_bits: int = 0
     roi_seconds: float = 0.0
+    #: dynamic precision: the ROI source's mask at luma resolution (bool [height, width], cropped to the frame) and
+    #: the latent mask coded in the stream (bool [padded height / 16, padded width / 16]); None otherwise
+    roi_mask: np.ndarray | None = field(default=None, repr=False)
+    latent_mask: np.ndarray | None = field(default=None, repr=False)
 
 
 class _LatentSet:
@@ -207,15 +211,30 @@ class CompressResult:
 class VideoCoder:
     """Codes video with a quantized, frozen :class:`VideoCodec` (see the module docstring).
 
-    ``roi_bits`` / ``non_roi_bits``: the widths written in every frame's side information (the codec's fixed
-    precision here). ``motion_preset``: DIS preset of the encoder's motion estimation.
+    Every frame's side information carries two widths (ROI, non-ROI): the codec's fixed precision, or with dynamic
+    precision the selector's choice (or the ``widths`` given to :meth:`compress`). ``motion_preset``: DIS preset of
+    the encoder's motion estimation; ``roi``: the ROI source of a dynamic-precision codec (default: the codec's).
+
+    ``exact=False`` also accepts a codec whose decoder networks are *not* quantized (the FP32 codec, e.g. a training
+    checkpoint loaded with :func:`bitalloc.train.checkpoint.load_model_checkpoint`, after ``coder.update()`` on each
+    of :func:`bitalloc.codec.precision.coders`): its networks then run in float32 PyTorch in this process (no
+    integer mode), and the widths fields say 32. Such a stream is **only guaranteed to decode in the same process
+    with the same thread count** (float sums depend on the summation order, and one ulp of difference in an entropy
+    parameter breaks the range decoder); it is a reference for evaluation, not a format to store or send. Quantized
+    codecs run exactly whatever ``exact`` says.
     """
 
-    def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None):
-        if not is_quantized(model):
+    def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
+                 exact: bool = True):
+        quantized = is_quantized(model)
+        if exact and not quantized:
             raise ConfigError("the codec's decoder networks are not quantized: its stream would not decode exactly "
                               "elsewhere; load shipped weights (bitalloc.codec.load_codec) or quantize and freeze "
-                              "them (bitalloc.codec.precision)")
+                              "them (bitalloc.codec.precision), or pass exact=False for an in-process float reference")
+        if not quantized and model.cfg.candidates:
+            raise ConfigError("a dynamic-precision codec needs region-quantized networks (bitalloc.codec.dynamic."
+                              "prepare_dynamic, or weights written by `bitalloc codec train --stage dynamic`)")
+        self.exact = quantized  # whether streams decode bit for bit anywhere (else: float networks, this process)
         self.model = model.eval()
         self.motion_preset = motion_preset
         self._int_cache: dict = {}  # weight codes and accumulator analyses of the frozen decoder networks
@@ -237,7 +256,7 @@ class VideoCoder:
             if roi is not None:
                 raise ConfigError("--roi needs a dynamic-precision codec (one trained with `bitalloc codec train "
                                   "--stage dynamic`); these weights have one fixed precision")
-            self.bits = _decoder_bits(model)
+            self.bits = _decoder_bits(model) if quantized else 32
             self.latents = _LatentSet(model)
 
     @contextlib.contextmanager
@@ -260,10 +279,33 @@ class VideoCoder:
             driver = stack.enter_context(split_execution(self.branches, mask, int(roi_bits), int(non_roi_bits)))
             yield _LatentSet(driver)
 
-    def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, enc: Any,
-                info: FrameInfo) -> tuple[np.ndarray, int, int]:
+    def _whole(self) -> Any:
+        """The context of a whole video: integer mode for a fixed-precision quantized codec (entered once); dynamic
+        codecs enter it per frame (:meth:`_frame_latents`), float references not at all."""
+        from bitalloc.runtime.integer import integer_mode
+
+        if self.dynamic or not self.exact:
+            return contextlib.nullcontext()
+        return integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache)
+
+    def check_widths(self, widths: tuple[int, int] | Any) -> tuple[int, int]:
+        """``widths`` as a (ROI, non-ROI) pair of ints this codec can code at (ConfigError naming the allowed
+        widths otherwise): candidates of a dynamic codec, or the fixed codec's own precision."""
+        allowed = sorted(self.model.cfg.candidates) if self.dynamic else [self.bits]
+        what = (f"this codec's candidate widths are {allowed}" if self.dynamic
+                else f"this codec has one fixed precision, {self.bits} bits")
+        try:
+            pair = tuple(int(w) for w in widths)
+        except (TypeError, ValueError):
+            pair = ()
+        if len(pair) != 2 or any(w not in allowed for w in pair):
+            raise ConfigError(f"widths {widths!r}: give a (ROI, non-ROI) pair of widths; {what}")
+        return int(pair[0]), int(pair[1])
+
+    def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, enc: Any, info: FrameInfo,
+                widths: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int]:
         """Dynamic precision at the encoder: the frame's ROI (the ROI source on its luma), latent mask (coded into
-        ``enc``), the selector's features and widths."""
+        ``enc``), the selector's features and widths (``widths``: forced, the selector is bypassed)."""
         from bitalloc.codec.dynamic import encode_mask, latent_mask
         from bitalloc.codec.selector import frame_features
 
@@ -278,10 +320,15 @@ class VideoCoder:
         info.roi_seconds = time.perf_counter() - t0
         h, w = luma.shape[1:]
         m16 = latent_mask(mask, h, w)
-        feats = frame_features(luma, mask[None], None if flow is None else flow.numpy())
-        bits = self.model.selector.select(feats, roi_fraction=[float(m16.mean())])[0]
+        if widths is None:
+            feats = frame_features(luma, mask[None], None if flow is None else flow.numpy())
+            bits = self.model.selector.select(feats, roi_fraction=[float(m16.mean())])[0]
+        else:
+            bits = widths
         info.mask_bits = encode_mask(enc, m16)
         info.roi_fraction = float(m16.mean())
+        info.latent_mask = m16
+        info.roi_mask = np.asarray(mask, dtype=bool)  # padded luma size; compress crops it to the frame
         return m16, int(bits[0]), int(bits[1])
 
     def _check_level(self, quality: int) -> None:
@@ -328,12 +375,18 @@ class VideoCoder:
 
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
-                 progress: Callable[[int], None] | None = None) -> CompressResult:
+                 progress: Callable[[int], None] | None = None,
+                 widths: tuple[int, int] | None = None) -> CompressResult:
         """Code ``frames`` at quality level ``quality`` (0 = lowest rate) with an I frame every
-        ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction."""
-        from bitalloc.codec.metrics import psnr_yuv
-        from bitalloc.runtime.integer import integer_mode
+        ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction.
 
+        ``widths`` (ROI, non-ROI): a *fixed assignment* for every frame of a dynamic codec: the ROI and its latent
+        mask are still computed and coded, the selector is bypassed; both must be candidates of the codec
+        (ConfigError naming them otherwise). A fixed-precision codec accepts only its own precision. The stream
+        decodes with the ordinary :meth:`decompress` (the widths are in the frame records)."""
+        from bitalloc.codec.metrics import psnr_yuv
+
+        forced = None if widths is None else self.check_widths(widths)
         self._check_level(quality)
         if intra_period == 0 or intra_period < -1:
             raise ConfigError(f"intra period {intra_period}: give a positive period, or -1 for one intra frame")
@@ -348,9 +401,7 @@ class VideoCoder:
         ys, us, vs = [], [], []
         ref = None
         t_all = time.perf_counter()
-        whole = (contextlib.nullcontext() if self.dynamic
-                 else integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache))
-        with torch.no_grad(), whole:
+        with torch.no_grad(), self._whole():
             for i in range(len(frames)):
                 t0 = time.perf_counter()
                 x = frame_tensor(frames, i, size)
@@ -359,7 +410,7 @@ class VideoCoder:
                 intra = ref is None or (intra_period > 0 and i % intra_period == 0)
                 info = FrameInfo(i, "I" if intra else "P", 0)
                 flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
-                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, enc, info) if self.dynamic
+                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, enc, info, forced) if self.dynamic
                                   else (None, self.bits, self.bits))
                 with self._frame_latents(mask16, rb, nb) as lat:
                     rec = (self._intra(lat, x, quality, enc, stats) if intra
@@ -373,6 +424,8 @@ class VideoCoder:
                 info.bytes, info.encode_s = len(fr.pack()), time.perf_counter() - t0
                 info.symbols, info.clamped = stats.y_symbols + stats.z_symbols, stats.clamped
                 info.roi_bits, info.non_roi_bits = rb, nb
+                if info.roi_mask is not None:
+                    info.roi_mask = info.roi_mask[:h, :w]
                 infos.append(info)
                 if progress:
                     progress(1)
@@ -388,8 +441,6 @@ class VideoCoder:
                    progress: Callable[[int], None] | None = None) -> YUVFrames:
         """Decode a stream written by :meth:`compress` (by this model; checked) into frames; ``frames``: only
         the first N."""
-        from bitalloc.runtime.integer import integer_mode
-
         header, records = read_stream(stream, source=source, limit=frames)
         if header.model_id != self.id:
             raise BitstreamError(f"{source} was made by another codec model (id {header.model_id.hex()}, this one is "
@@ -400,9 +451,7 @@ class VideoCoder:
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
         ref = None
-        whole = (contextlib.nullcontext() if self.dynamic
-                 else integer_mode(self.model, kernel="float", strict=True, cache=self._int_cache))
-        with torch.no_grad(), whole:
+        with torch.no_grad(), self._whole():
             for i, rec in enumerate(records):
                 self._check_widths(rec, i, source)
                 words = np.frombuffer(rec.payload, dtype=np.uint32) if len(rec.payload) % 4 == 0 else None
