@@ -182,6 +182,52 @@ class LayerInts:
         return self._cache[dtype]
 
 
+def split_weight(ints: "LayerInts", max_code: int, limit: int = 2**24) -> tuple[int, Tensor, Tensor] | None:
+    """Split the centred weight codes w = 2^s w_hi + w_lo (w_lo = w mod 2^s in [0, 2^s)) so that the sums of
+    each part with input codes bounded by ``max_code`` are at most ``limit`` (2^24: exact in float32): the
+    smallest such s, with the parts as float32 (cached), or None when no split keeps both parts under it.
+
+    Each part's bound is max_c max_code * sum_i |w_part[c, i]| (output channel c, its whole fan-in); the layer's
+    sum is then 2^s acc_hi + acc_lo, exact in float64 (Balle et al. 2019 use the same exactness argument for
+    integer networks; splitting the operand is the classic way to widen an exact product, cf. Dekker 1971)."""
+    key = ("split", int(max_code), int(limit))
+    if key in ints._cache:
+        return ints._cache[key]
+    w = ints.w.reshape(ints.w.shape[0], -1) if ints.w.ndim > 1 else ints.w.reshape(1, -1)
+    found = None
+    for shift in range(1, max(int(w.abs().max()).bit_length(), 1) + 1):
+        hi = torch.div(w, 2**shift, rounding_mode="floor")
+        lo = w - hi * 2**shift
+        if max(int(hi.abs().sum(1).max()), int(lo.sum(1).max())) * int(max_code) <= limit:
+            found = (shift, hi.reshape(ints.w.shape).to(torch.float32), lo.reshape(ints.w.shape).to(torch.float32))
+            break
+    ints._cache[key] = found
+    return found
+
+
+def split_codes_shift(ints: "LayerInts", max_code: int, limit: int = 2**24) -> int | None:
+    """The smallest s such that splitting the input codes x = 2^s x_hi + x_lo (x_lo = x mod 2^s) keeps the sums
+    of each part with the layer's weights at most ``limit`` (max_c sum_i |w[c, i]| times the part's largest code),
+    or None. For layers whose *inputs* are wide (16-bit codes of decoded latents) where splitting the weights
+    cannot help (:func:`split_weight`)."""
+    key = ("split-x", int(max_code), int(limit))
+    if key not in ints._cache:
+        w = ints.w.reshape(ints.w.shape[0], -1) if ints.w.ndim > 1 else ints.w.reshape(1, -1)
+        l1 = int(w.abs().sum(1).max())
+        found = None
+        for shift in range(1, max(int(max_code).bit_length(), 1) + 1):
+            if max(2**shift - 1, -(-int(max_code) // 2**shift)) * l1 <= limit:
+                found = shift
+                break
+        ints._cache[key] = found
+    return ints._cache[key]
+
+
+def max_centred_code(p: "QuantParams") -> int:
+    """The largest |code - zero point| an activation quantizer ``p`` produces."""
+    return int(torch.maximum((p.qmax - p.zero_point).abs(), (p.qmin - p.zero_point).abs()).max())
+
+
 def exact_float_dtype(bound: int) -> torch.dtype | None:
     """The narrowest float type whose sums of integers bounded by ``bound`` are exact: float32 up to 2^24,
     float64 up to 2^53, else None."""
@@ -520,14 +566,33 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
             an = _analysis_cached(ints, sg, groups, kk, on_overflow, accumulator, product)
             fdt = exact_float_dtype(an.bound) if kernel == "float" else None
             if fdt is not None and sg.count == 1 and ints.beta is None and not with_bound:
-                w = ints.float_weight(fdt)
-                if func is F.linear:
-                    acc = F.linear(inp.to(fdt), w)
-                    ch_axis = -1
+                # float64 kernels are several times slower than float32 ones: a float64 sum whose weight splits
+                # into two parts with float32-exact sums runs as two float32 kernels (split_weight)
+                # (or, for wide input codes, as two float32 kernels on the split codes: split_codes_shift)
+                wide = fdt == torch.float64
+                split = split_weight(ints, max_centred_code(pa)) if wide else None
+                xshift = split_codes_shift(ints, max_centred_code(pa)) if wide and split is None else None
+                if split is not None:
+                    x32 = inp.to(torch.float32)
+                    parts = [(float(2 ** split[0]), x32, split[1]), (1.0, x32, split[2])]
+                elif xshift is not None:
+                    x_hi = torch.floor(inp.to(torch.float64) / 2**xshift)
+                    x_lo = (inp.to(torch.float64) - x_hi * 2**xshift).to(torch.float32)
+                    w32 = ints.float_weight(torch.float32)
+                    parts = [(float(2**xshift), x_hi.to(torch.float32), w32), (1.0, x_lo, w32)]
                 else:
-                    acc = func(inp.to(fdt), w, None, call.get("stride", 1), call.get("padding", 0),
-                               call.get("dilation", 1), groups)
-                    ch_axis = 1
+                    parts = [(1.0, inp.to(fdt), ints.float_weight(fdt))]
+                split = split if split is not None else xshift
+                acc = None
+                for mult, x_in, w in parts:
+                    if func is F.linear:
+                        a = F.linear(x_in, w)
+                    else:
+                        a = func(x_in, w, None, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1),
+                                 groups)
+                    a = a if split is None else a.to(torch.float64) * mult
+                    acc = a if acc is None else acc + a
+                ch_axis = -1 if func is F.linear else 1
                 y = acc.to(torch.float64) * reshape_for_axis(ints.w_scale * float(sg.base[0]), acc.ndim, ch_axis)
                 if ints.bias is not None:
                     y = y + reshape_for_axis(ints.bias, acc.ndim, ch_axis)
