@@ -449,3 +449,15 @@ def test_default_dataset_and_unknown_model(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert "unknown model 'resnet99'" in err and "lenet5" in err, err
     assert not (tmp_path / "sw").exists()
+
+
+def test_warmup_as_long_as_the_run_is_refused():
+    """With W >= T the warm-up multiplier (step + 1) / W * f(W, T) is 0 for a decaying schedule: lr stays 0."""
+    from bitalloc.errors import ConfigError
+    from bitalloc.train.loop import TrainConfig
+
+    assert S.ScheduleSpec("cosine", warmup_steps=200).build(200)(100) == 0.0  # what the check prevents
+    with pytest.raises(ConfigError, match="warmup_steps=200 is not below steps=200.*--warmup-steps"):
+        TrainConfig(steps=200, warmup_steps=200, schedule="cosine").validate()
+    TrainConfig(steps=200, warmup_steps=20, schedule="cosine").validate()
+    TrainConfig(steps=10, warmup_steps=20, schedule="constant").validate()

@@ -157,6 +157,11 @@ class TrainConfig:
             raise ConfigError(f"resume={self.resume!r} must be True, False or 'auto'")
         if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
             raise ConfigError("nesterov momentum needs momentum > 0")
+        if self.steps is not None and self.warmup_steps >= self.steps and self.schedule != "constant":
+            # the warm-up ends at f(W, T) of the schedule: at W >= T a decaying schedule is 0, so the lr never rises
+            raise ConfigError(f"warmup_steps={self.warmup_steps} is not below steps={self.steps}: with the "
+                              f"{self.schedule} schedule the learning rate would stay near 0; pass fewer warm-up "
+                              "steps (--warmup-steps) or more steps")
         self.schedule_spec(1)  # validates name and arguments
         return self
 
