@@ -245,3 +245,27 @@ def rd_plot(curves: dict[str, Sequence[tuple[float, float]]], path: str | Path, 
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", linestyle="-", label=name)
     return _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
+
+
+def roi_frames(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], titles: Sequence[str],
+               path: str | Path, *, title: str = "") -> Path:
+    """Frames side by side (RGB uint8 [H, W, 3] each), each with its region of interest (a bool [H, W] mask, or
+    None) tinted red and outlined."""
+    plt = _pyplot()
+    if not len(images) == len(masks) == len(titles):
+        raise ValueError(f"{len(images)} images, {len(masks)} masks and {len(titles)} titles: give one of each per panel")
+    h, w = images[0].shape[:2]
+    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images) * w / max(h, w) + 0.5, 4.2 * h / max(h, w) + 0.6),
+                             squeeze=False)
+    for ax, img, mask, name in zip(axes[0], images, masks, titles):
+        ax.imshow(img, interpolation="nearest")
+        if mask is not None and mask.any():
+            tint = np.zeros((*mask.shape, 4))
+            tint[mask] = (1.0, 0.1, 0.1, 0.3)
+            ax.imshow(tint, interpolation="nearest")
+            ax.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
