@@ -29,8 +29,6 @@ def moving_video(frames: int = 5, height: int = 40, width: int = 56, *, seed: in
 
 def tiny_codec(seed: int = 0) -> VideoCodec:
     """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen."""
-    import bitalloc
-    from bitalloc.codec.codec import frame_tensor, padded_size
     from bitalloc.codec.precision import coders, decoder_quant_configs, freeze_decoders, quantize_decoders
 
     torch.manual_seed(seed)
@@ -39,12 +37,7 @@ def tiny_codec(seed: int = 0) -> VideoCodec:
         with torch.no_grad():  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
             coder.log_hyper_gain[0].fill_(math.log(30.0))
     quantize_decoders(model, decoder_quant_configs(8, "fixed"))
-    video = moving_video(3, 32, 48)
-    size = padded_size(video.height, video.width)
-    clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(3)])[None]
-    with torch.no_grad(), bitalloc.calibration(model):
-        for level in range(TINY.levels):
-            model(clip, torch.tensor([level]))
+    calibrate_on(model, moving_video(3, 32, 48))
     freeze_decoders(model)
     for coder in coders(model).values():
         coder.update()  # the coding tables, as save_codec stores them
@@ -62,8 +55,6 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
     makes it pick different widths for the ROI and the rest; quantizers initialised on a synthetic clip."""
     import dataclasses
 
-    import bitalloc
-    from bitalloc.codec.codec import frame_tensor, padded_size
     from bitalloc.codec.dynamic import prepare_dynamic
     from bitalloc.codec.precision import coders
 
@@ -73,12 +64,7 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
         with torch.no_grad():
             coder.log_hyper_gain[0].fill_(math.log(30.0))
     prepare_dynamic(model)
-    video = moving_video(3, 64, 64)
-    size = padded_size(video.height, video.width)
-    clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(3)])[None]
-    with torch.no_grad(), bitalloc.calibration(model):
-        for level in range(TINY.levels):
-            model(clip, torch.tensor([level]))
+    calibrate_on(model, moving_video(3, 64, 64))
     k = len(candidates)
     with torch.no_grad():  # ROI at the widest candidate, the rest at the narrowest
         model.selector.fc.weight.zero_()
@@ -86,3 +72,24 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
     for coder in coders(model).values():
         coder.update()
     return model.eval()
+
+
+def calibrate_on(model: VideoCodec, video: YUVFrames) -> None:
+    """Calibrate the codec's quantizers on ``video`` as one clip, at every quality level."""
+    import bitalloc
+    from bitalloc.codec.codec import frame_tensor, padded_size
+
+    size = padded_size(video.height, video.width)
+    clip = torch.stack([frame_tensor(video, i, size)[0].float() / 255 for i in range(len(video))])[None]
+    with torch.no_grad(), bitalloc.calibration(model):
+        for level in range(model.cfg.levels):
+            model(clip, torch.tensor([level]))
+
+
+def compress_with_threads(coder, video: YUVFrames, threads: int = 2, **kwargs):
+    """``coder.compress(video, **kwargs)`` with ``threads`` torch threads (then back to 1)."""
+    torch.set_num_threads(threads)
+    try:
+        return coder.compress(video, **kwargs)
+    finally:
+        torch.set_num_threads(1)

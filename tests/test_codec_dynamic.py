@@ -19,7 +19,7 @@ from bitalloc.codec.dynamic import (BitFlopsTable, decode_mask, encode_mask, lat
 from bitalloc.codec.precision import load_codec, save_codec
 from bitalloc.codec.video_io import write_y4m
 
-from tests.codec_util import moving_video, tiny_dynamic_codec, tiny_weights
+from tests.codec_util import compress_with_threads, moving_video, tiny_dynamic_codec, tiny_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,11 +81,7 @@ def test_bit_flops_table_reference_and_widths():
 def test_dynamic_round_trip_exact_across_processes(dyn_weights, tmp_path):
     coder = VideoCoder(load_codec(dyn_weights))
     video = moving_video(4, 48, 64)
-    torch.set_num_threads(2)
-    try:
-        res = coder.compress(video, quality=1, intra_period=3)
-    finally:
-        torch.set_num_threads(1)
+    res = compress_with_threads(coder, video, quality=1, intra_period=3)
     kinds = [(f.kind, f.roi_bits, f.non_roi_bits) for f in res.frames]
     assert [k[0] for k in kinds] == list("IPPI")
     assert all(f.roi_bits in (4, 8, 16) and f.non_roi_bits in (4, 8, 16) for f in res.frames)

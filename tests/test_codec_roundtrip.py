@@ -17,7 +17,7 @@ from bitalloc.codec.metrics import psnr_yuv
 from bitalloc.codec.precision import load_codec, model_id
 from bitalloc.errors import ConfigError
 
-from tests.codec_util import moving_video, tiny_codec, tiny_weights
+from tests.codec_util import compress_with_threads, moving_video, tiny_codec, tiny_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,11 +57,7 @@ def test_reconstruction_psnr_reported_per_frame(weights):
 def test_decoding_in_another_process_with_other_threads_is_exact(weights, tmp_path):
     coder = VideoCoder(load_codec(weights))
     video = moving_video(4, 48, 64)
-    torch.set_num_threads(2)
-    try:
-        res = coder.compress(video, quality=2, intra_period=32)
-    finally:
-        torch.set_num_threads(1)
+    res = compress_with_threads(coder, video, quality=2, intra_period=32)
     stream = tmp_path / "s.bav"
     stream.write_bytes(res.stream)
     out = tmp_path / "rec.npz"

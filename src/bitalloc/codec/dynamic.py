@@ -123,7 +123,7 @@ def encode_mask(enc: Any, mask: np.ndarray) -> int:
     n, k = flat.size, int(flat.sum())
     enc.encode(np.array([k], dtype=np.int32), constriction.stream.model.Uniform(n + 1))
     p = min(max(k / n, 1e-6), 1 - 1e-6)
-    enc.encode(flat, constriction.stream.model.Bernoulli(p))
+    enc.encode(flat, constriction.stream.model.Bernoulli(p, perfect=False))
     bits = np.log2(n + 1) + (-(k * np.log2(p) + (n - k) * np.log2(1 - p)) if 0 < k < n else 0.0)
     return int(np.ceil(bits))
 
@@ -135,7 +135,7 @@ def decode_mask(dec: Any, shape: tuple[int, int]) -> np.ndarray:
     n = shape[0] * shape[1]
     k = int(dec.decode(constriction.stream.model.Uniform(n + 1), 1)[0])
     p = min(max(k / n, 1e-6), 1 - 1e-6)
-    flat = dec.decode(constriction.stream.model.Bernoulli(p), n)
+    flat = dec.decode(constriction.stream.model.Bernoulli(p, perfect=False), n)
     return flat.reshape(shape).astype(bool)
 
 
@@ -174,7 +174,8 @@ class _Layer:
     macs_per_pixel: float  # MACs per luma pixel of the frame
     stride: int  # luma pixels per output position (1/2 .. 1/64 resolution -> 2 .. 64)
     region: bool  # region-quantized (else: fixed width, or float)
-    bits_product: float  # b_w * b_a of a fixed-width layer (32 * 32 for float)
+    bits_product: float  # b_w * b_a of a fixed-width layer; 64 for a float layer (its MACs count once: Bit-FLOPs =
+    # float FLOPs + BOPs / 64, SPEC section 3)
 
 
 @dataclass
@@ -203,7 +204,7 @@ class BitFlopsTable:
                     for layer in frame.layers:
                         positions = max(layer.positions, 1)
                         stride = int(round((pixels / positions) ** 0.5))
-                        prod = layer.roi.w_bits * layer.roi.a_bits if layer.quantized else 32 * 32
+                        prod = layer.roi.w_bits * layer.roi.a_bits if layer.quantized else 64.0  # float: 1 x MACs
                         rows.append(_Layer(layer.macs / pixels, stride, layer.region_quantized, float(prod)))
             table.layers[kind] = rows
         return table
