@@ -97,6 +97,13 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean(values) -> float | None:
+    """Mean BD-rate over clips; None when a clip has none (its curves do not overlap the anchor's)."""
+    if any(v is None or not np.isfinite(v) for v in values):
+        return None
+    return float(np.mean(values))
+
+
 def _pct(v) -> str:
     return "n/a (no overlap)" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:+.1f}"
 
@@ -135,8 +142,8 @@ def main() -> int:
         r["plot"] = str(plot.relative_to(ROOT))
         res["clips"].append(r)
         print(f"{r['clip']}: BD-rate {r['bd_rate']}", flush=True)
-    res["mean_bd_rate"] = {a: {m: float(np.mean([c["bd_rate"][a]["yuv"][m] for c in res["clips"]]))
-                               for m in BD_METHODS} for a in res["clips"][0]["bd_rate"]}
+    res["mean_bd_rate"] = {a: {m: _mean([c["bd_rate"][a]["yuv"][m] for c in res["clips"]]) for m in BD_METHODS}
+                           for a in res["clips"][0]["bd_rate"]}
     if args.images:
         img = evaluate_images(args.images, coder, levels=levels, limit=args.image_limit)
         plot = PLOTS / "rd_images.png"

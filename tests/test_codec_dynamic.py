@@ -144,3 +144,14 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
                  "--weights", str(static)]) == 2
     assert main(["codec", "train"] + base[2:] + ["--stage", "dynamic", "--init", str(tmp_path / "i.pt"),
                                                   "--out", str(tmp_path / "e.pt"), "--ship", str(tmp_path / "e2.pt")]) == 2
+
+
+def test_selector_learns_in_its_own_lr_group():
+    """The selector starts untrained in a fine-tuning stage whose base lr suits the pretrained codec: it gets its
+    own parameter group at selector_lr_scale x the base lr (and the gains theirs)."""
+    from bitalloc.train.codec import CodecObjective
+
+    model = tiny_dynamic_codec()
+    groups = {g["name"]: g for g in CodecObjective("all", gamma=0.5).param_groups(model)}
+    assert {id(p) for p in groups["selector"]["params"]} == {id(p) for p in model.selector.parameters()}
+    assert groups["selector"]["lr_scale"] == 100.0 and groups["gains"]["lr_scale"] == 10.0

@@ -35,12 +35,15 @@ class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
-                 gamma: float | None = None):
+                 gamma: float | None = None, selector_lr_scale: float = 100.0):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
         self.first = first
         self.gain_lr_scale = gain_lr_scale
+        #: the width selector (one small linear layer, trained from scratch in a fine-tuning stage whose base lr is
+        #: set for the pretrained codec) learns at ``selector_lr_scale`` x the base lr
+        self.selector_lr_scale = selector_lr_scale
         self.gamma = gamma  # dynamic precision: weight of the relative Bit-FLOPs (bitalloc.codec.dynamic)
         self._table: Any = None
         self._roi: Any = None
@@ -62,7 +65,11 @@ class CodecObjective(Objective):
         steps and must move far from their initialisation (a factor of e in ~500 steps at 2e-3)."""
         self._freeze(model)
         gains = [p for n, p in model.named_parameters() if n.endswith(("log_gain", "log_hyper_gain")) and p.requires_grad]
-        return [{"params": gains, "name": "gains", "lr_scale": self.gain_lr_scale}] if gains else []
+        groups = [{"params": gains, "name": "gains", "lr_scale": self.gain_lr_scale}] if gains else []
+        sel = [p for n, p in model.named_parameters() if "selector" in n.split(".")[:2] and p.requires_grad]
+        if sel:
+            groups.append({"params": sel, "name": "selector", "lr_scale": self.selector_lr_scale})
+        return groups
 
     def task_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         inner = _inner(model)
