@@ -155,3 +155,23 @@ def test_selector_learns_in_its_own_lr_group():
     groups = {g["name"]: g for g in CodecObjective("all", gamma=0.5).param_groups(model)}
     assert {id(p) for p in groups["selector"]["params"]} == {id(p) for p in model.selector.parameters()}
     assert groups["selector"]["lr_scale"] == 100.0 and groups["gains"]["lr_scale"] == 10.0
+
+
+def test_region_lsq_range_init_is_the_min_max_grid():
+    """options init='range': every candidate's step is max|v| / Q_P (no clipping at initialisation), per channel
+    for weights; 'mean' keeps LSQ's 2 mean|v| / sqrt(Q_P); anything else is refused."""
+    from bitalloc.config import TensorConfig
+    from bitalloc.errors import ConfigError
+    from bitalloc.quantizers.region import RegionLSQQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 5, 2, 2, generator=g) * torch.tensor([1.0, 4.0, 0.5]).reshape(3, 1, 1, 1)
+    cfg = TensorConfig(bits=8, granularity="channel", symmetric=True, quantizer="lsq_region",
+                       options={"candidates": [4, 8], "init": "range"})
+    q = RegionLSQQuantizer(cfg, "weight", 0, 3)
+    q.calibrate_weight(w)
+    for k, b in enumerate((4, 8)):
+        expect = w.abs().reshape(3, -1).max(1).values / (2 ** (b - 1) - 1)
+        assert torch.allclose(q.steps[k], expect, rtol=1e-6)
+    with pytest.raises(ConfigError, match="init"):
+        RegionLSQQuantizer(TensorConfig(bits=8, quantizer="lsq_region", options={"init": "median"}), "act", None, None)

@@ -57,6 +57,12 @@ def test_all_stages_then_encode_with_the_shipped_weights(data, tmp_path):
     assert main(["codec", "encode", str(video), "-o", str(out), "-q", "1", "--weights", str(ship),
                  "--json", str(js)]) == 0
     assert json.loads(js.read_text())["exact"] is True
+    # ptq: the same networks on calibrated fixed grids, no training; frozen, shipped, and coding exactly
+    ptq_ship = tmp_path / "ptq_ship.pt"
+    assert _train("--stage", "ptq", "--videos", str(video), "--init", str(joint), "--ship", str(ptq_ship)) == 0
+    assert main(["codec", "encode", str(video), "-o", str(tmp_path / "p.bav"), "-q", "1", "--weights", str(ptq_ship),
+                 "--json", str(js), "--overwrite"]) == 0
+    assert json.loads(js.read_text())["exact"] is True
     # the inter stage trained only the inter codec
     from bitalloc.train.checkpoint import load_model_checkpoint
 
@@ -71,6 +77,11 @@ def test_stage_options_are_checked(data, tmp_path, capsys):
     assert "--ship" in capsys.readouterr().err
     assert _train("--stage", "inter", "--out", str(tmp_path / "i.pt")) == 2
     assert "--videos" in capsys.readouterr().err
+    assert _train("--stage", "inter", "--videos", str(video)) == 2
+    assert "--out" in capsys.readouterr().err
+    assert _train("--stage", "ptq", "--videos", str(video), "--init", str(tmp_path / "j.pt"), "--steps", "3",
+                  "--ship", str(tmp_path / "s.pt")) == 2
+    assert "drop --steps" in capsys.readouterr().err
     assert _train("--stage", "intra", "--videos", str(video), "--frames", "2", "--out", str(tmp_path / "x.pt")) == 2
     assert _train("--stage", "intra", "--videos", str(video), "--codec-config", "{bad", "--out",
                   str(tmp_path / "y.pt")) == 2

@@ -53,7 +53,8 @@ def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
 
     cands = sorted({int(b) for b in candidates})
     default = 8 if 8 in cands else cands[-1]
-    opts = {"candidates": cands}
+    opts = {"candidates": cands, "init": "range"}  # PTQ's min-max grids to start from (measured: LSQ's mean rule
+    # clips the decoder activations so hard that 200 fine-tuning steps leave 8/8 at +32% BD-rate against FP32)
     w = TensorConfig(bits=default, granularity="channel", symmetric=True, quantizer="lsq_region", options=opts)
     a = TensorConfig(bits=default, granularity="tensor", quantizer="lsq_region", options=dict(opts))
     overrides = []

@@ -318,6 +318,11 @@ class RegionLSQQuantizer(LearnedQuantizer):
         super().__init__(cfg, role, axis, channels)
         self.candidates = cands
         self.default_bits = cfg.int_bits
+        #: initial steps: "mean" (LSQ's rule 2 mean|v| / sqrt(Q_P), Esser et al. 2020, section 2.1) or "range"
+        #: (max|v| / Q_P: the min-max grid of PTQ, no clipping; for short fine-tuning, where LSQ's rule clips hard)
+        self.init_rule = str(cfg.options.get("init", "mean"))
+        if self.init_rule not in ("mean", "range"):
+            raise ConfigError(f"options['init']={self.init_rule!r}: use 'mean' (LSQ's rule) or 'range' (max|v| / Q_P)")
         shape = (len(cands),) + ((channels,) if self.per_channel else ())
         self.steps = nn.Parameter(torch.ones(shape))
         self.region: RegionContext | None = None
@@ -337,7 +342,8 @@ class RegionLSQQuantizer(LearnedQuantizer):
     # -- initialisation (the LSQ rule at every candidate width) --------------------------------------------
     def _init_from_stats(self, stats: DataStats) -> None:
         for k in range(len(self.candidates)):
-            s = 2.0 * stats.mean_abs() / math.sqrt(self.bounds_at(k)[1])
+            q_p = self.bounds_at(k)[1]
+            s = stats.abs_max() / max(q_p, 1) if self.init_rule == "range" else 2.0 * stats.mean_abs() / math.sqrt(q_p)
             self.steps[k].copy_(torch.clamp(s, min=MIN_SCALE).to(torch.float32).reshape(self.steps[k].shape))
 
     @torch.no_grad()
@@ -346,7 +352,11 @@ class RegionLSQQuantizer(LearnedQuantizer):
             return
         self.signed.fill_(True)
         for k in range(len(self.candidates)):
-            s = lsq_init_step(weight, self.bounds_at(k)[1], self.stat_axis)
+            if self.init_rule == "range":
+                s = DataStats().update(weight.detach(), self.stat_axis).abs_max() / max(self.bounds_at(k)[1], 1)
+                s = s.to(torch.float32)
+            else:
+                s = lsq_init_step(weight, self.bounds_at(k)[1], self.stat_axis)
             self.steps[k].copy_(torch.clamp(s, min=MIN_SCALE).reshape(self.steps[k].shape))
         self.initialized.fill_(True)
 

@@ -140,6 +140,8 @@ STAGES = {
     "inter": ("inter", "reference", 2, 2e-4, "constant", 6000),
     "joint": ("inter", "intra", 3, 1e-4, "cosine", 2000),
     "qat": ("all", "intra", 3, 2e-5, "cosine", 1000),
+    # post-training quantization: min-max calibrated fixed grids, no optimizer steps
+    "ptq": ("all", "intra", 3, 0.0, "constant", 0),
     "dynamic": ("all", "intra", 2, 2e-5, "cosine", 500),
 }
 
@@ -150,11 +152,12 @@ def add_train_args(p: Any) -> None:
                    help="intra: I-frame codec on images and frames; inter: P-frame codec (motion, residual) on frame "
                         "pairs with uncoded references; joint: the P-frame codec on 3-frame clips (I P P) whose "
                         "references are the intra codec's and its own reconstructions (intra frozen); qat: 8-bit LSQ "
-                        "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship); "
+                        "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship); ptq: the "
+                        "same networks on min-max calibrated 8-bit grids without training, frozen and shipped; "
                         "dynamic: ROI-aware per-frame widths (--candidates, --gamma, --roi) from a float codec")
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
     p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
-    p.add_argument("--out", required=True, help="training checkpoint (resumable with --resume)")
+    p.add_argument("--out", help="training checkpoint (resumable with --resume); every stage but ptq")
     p.add_argument("--init", help="start from this checkpoint (its whole codec)")
     p.add_argument("--init-inter", help="take the inter codec from this checkpoint (with --init for the intra one)")
     p.add_argument("--codec-config", help="sizes of a fresh codec as JSON, e.g. '{\"n\": 64, \"m\": 96}' (fields of "
@@ -235,16 +238,28 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError("give training data: --videos and/or --images")
     if args.stage != "intra" and not args.videos:
         raise ConfigError(f"--stage {args.stage} trains on video: give --videos")
-    if args.stage in ("qat", "dynamic") and not args.ship:
+    if args.stage in ("qat", "ptq", "dynamic") and not args.ship:
         raise ConfigError(f"--stage {args.stage} writes the codec weights: give --ship FILE")
-    if args.ship and args.stage not in ("qat", "dynamic"):
-        raise ConfigError("--ship belongs to --stage qat or dynamic")
-    if args.stage in ("joint", "qat", "dynamic") and not args.init:
+    if args.ship and args.stage not in ("qat", "ptq", "dynamic"):
+        raise ConfigError("--ship belongs to --stage qat, ptq or dynamic")
+    if args.stage in ("joint", "qat", "ptq", "dynamic") and not args.init:
         raise ConfigError(f"--stage {args.stage} fine-tunes a trained codec: give --init (and --init-inter)")
+    if args.stage != "ptq" and not args.out:
+        raise ConfigError(f"--stage {args.stage} trains: give --out (the training checkpoint)")
+    if args.stage == "ptq" and (args.steps or args.out or args.resume):
+        raise ConfigError("--stage ptq calibrates without training and writes only --ship: drop --steps / --out / "
+                          "--resume (or use --stage qat)")
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = build_stage_model(args)
     sources = codec_sources(args.videos, args.images if args.stage == "intra" else None)
+    if args.stage == "ptq":  # bitalloc's post-training path: calibrated min-max grids, frozen, shipped
+        quantize_decoders(model, decoder_quant_configs(args.bits, "fixed"))
+        calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
+        freeze_decoders(model)
+        save_codec(model.eval(), args.ship, extra={"trained_by": f"bitalloc codec train --stage ptq --init {args.init}"})
+        print(f"codec weights: {args.ship}")
+        return 0
     if args.stage == "qat":
         quantize_decoders(model, decoder_quant_configs(args.bits, "lsq"))
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
