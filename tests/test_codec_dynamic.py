@@ -175,3 +175,14 @@ def test_region_lsq_range_init_is_the_min_max_grid():
         assert torch.allclose(q.steps[k], expect, rtol=1e-6)
     with pytest.raises(ConfigError, match="init"):
         RegionLSQQuantizer(TensorConfig(bits=8, quantizer="lsq_region", options={"init": "median"}), "act", None, None)
+
+
+def test_freeze_codec_trains_only_the_selector_and_the_quantizer_steps():
+    from bitalloc.train.codec import CodecObjective
+
+    model = tiny_dynamic_codec()
+    CodecObjective("all", gamma=1.0, freeze_codec=True)._freeze(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("selector.") or n.endswith(("quantizer.steps", "quantizer.step")) for n in trained)
+    assert {n for n, _ in model.selector.named_parameters(prefix="selector")} <= trained
+    assert not any(n.endswith(".weight") and "selector" not in n for n in trained)  # no network weight

@@ -35,7 +35,7 @@ class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
-                 gamma: float | None = None, selector_lr_scale: float = 100.0):
+                 gamma: float | None = None, selector_lr_scale: float = 100.0, freeze_codec: bool = False):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
@@ -44,11 +44,18 @@ class CodecObjective(Objective):
         #: the width selector (one small linear layer, trained from scratch in a fine-tuning stage whose base lr is
         #: set for the pretrained codec) learns at ``selector_lr_scale`` x the base lr
         self.selector_lr_scale = selector_lr_scale
+        #: train only the width selector and the quantizers' steps (the codec's weights, gains and entropy models
+        #: stay as trained): dynamic precision on top of a codec without changing it
+        self.freeze_codec = freeze_codec
         self.gamma = gamma  # dynamic precision: weight of the relative Bit-FLOPs (bitalloc.codec.dynamic)
         self._table: Any = None
         self._roi: Any = None
 
     def _freeze(self, model: nn.Module) -> None:
+        if self.freeze_codec:
+            for n, p in model.named_parameters():
+                p.requires_grad_("quantizer." in n or "selector" in n.split(".")[:2])
+            return
         if self.part == "intra":
             model.inter.requires_grad_(False)
         elif self.part == "inter":
@@ -121,7 +128,7 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
-                image_share: float | None = 0.5, callbacks: tuple = ()) -> Any:
+                image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
@@ -129,7 +136,8 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
 
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
                        image_share=image_share)
-    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma), callbacks=callbacks)
+    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec),
+               callbacks=callbacks)
 
 
 # ---- command line: bitalloc codec train ------------------------------------------------------------------------
@@ -177,6 +185,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--ship", help="qat / dynamic: write the codec weights here (what encode / decode load)")
     p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
                                                "(R + lambda D + gamma C)")
+    p.add_argument("--freeze-codec", action="store_true",
+                   help="dynamic: train only the width selector and the quantizers' steps (the codec's weights stay)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
     p.add_argument("--roi", default="spectral", help="dynamic: ROI source (spectral, motion, faces, mask:PATH; "
                                                      "see docs/roi.md)")
@@ -249,6 +259,8 @@ def run_train_cli(args: Any) -> int:
     if args.stage == "ptq" and (args.steps or args.out or args.resume):
         raise ConfigError("--stage ptq calibrates without training and writes only --ship: drop --steps / --out / "
                           "--resume (or use --stage qat)")
+    if args.freeze_codec and args.stage != "dynamic":
+        raise ConfigError("--freeze-codec belongs to --stage dynamic")
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = build_stage_model(args)
@@ -277,7 +289,7 @@ def run_train_cli(args: Any) -> int:
                       dataset="codec-clips")
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
-                gamma=args.gamma, image_share=_share(args.image_share))
+                gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec)
     if args.stage in ("qat", "dynamic"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
