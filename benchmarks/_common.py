@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -79,3 +79,15 @@ def md_table(columns: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def finish_results(out: Path, partial: Path, result: dict, section: str, text: str | None) -> None:
+    """Write a benchmark's final JSON, drop its partial (resumable) file, and replace BENCHMARKS.md's ``section``
+    with ``text`` (None: leave BENCHMARKS.md alone, e.g. --no-md)."""
+    from bitalloc.io import write_json
+
+    write_json(out, result)
+    partial.unlink(missing_ok=True)
+    print(f"results: {out}")
+    if text is not None:
+        update_section(section, text)

@@ -36,9 +36,7 @@ def single_rate_copy(base, level: int):
     """A one-level codec with ``base``'s weights and level ``level``'s gains and lambda."""
     from bitalloc.codec.model import build_codec
 
-    kw = {**base.cfg.to_dict(), "lambdas": (base.cfg.lambdas[level],)}
-    kw.pop("candidates", None), kw.pop("roi", None)
-    model = build_codec(**kw)
+    model = build_codec(**{**base.cfg.to_dict(), "lambdas": (base.cfg.lambdas[level],)})
     own = model.state_dict()
     for k, v in base.state_dict().items():
         if own[k].shape == v.shape:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, model_data_parser, update_section  # noqa: E402
+from _common import (command_line, finish_results, git_revision, machine, md_table, model_data_parser,  # noqa: E402
+                     update_section)
 
 from bitalloc.cli.budget_sweep import masked_eval_fn  # noqa: E402
 from bitalloc.cli.common import batches, load_model, load_splits  # noqa: E402
@@ -250,11 +251,7 @@ def main() -> int:
                         labels=labels)
     except PlotsUnavailable:
         pass
-    write_json(out, final)
-    partial.unlink(missing_ok=True)
-    print(f"results: {out}")
-    if not args.no_md:
-        update_section(f"mixed-{name}", render(final))
+    finish_results(out, partial, final, f"mixed-{name}", None if args.no_md else render(final))
     return 0
 
 

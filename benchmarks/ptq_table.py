@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, model_data_parser, update_section  # noqa: E402
+from _common import command_line, finish_results, git_revision, machine, md_table, model_data_parser  # noqa: E402
 
 from bitalloc.cli.common import batches, load_model, load_splits, make_eval_fn  # noqa: E402
 from bitalloc.config import preset  # noqa: E402
@@ -177,11 +177,7 @@ def main() -> int:
                   f"(interleaved x{r['timing']['forward']['ratio']:.2f})  calib x{r['timing']['calibration_ratio']:.1f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_json(partial, summary())  # the rows so far survive an interrupted run (render it by hand)
     final = summary()
-    write_json(out, final)
-    partial.unlink(missing_ok=True)
-    print(f"results: {out}")
-    if not args.no_md:
-        update_section(f"ptq-{name}", render(final))
+    finish_results(out, partial, final, f"ptq-{name}", None if args.no_md else render(final))
     return 0
 
 

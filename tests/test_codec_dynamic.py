@@ -186,3 +186,22 @@ def test_freeze_codec_trains_only_the_selector_and_the_quantizer_steps():
     assert trained and all(n.startswith("selector.") or n.endswith(("quantizer.steps", "quantizer.step")) for n in trained)
     assert {n for n, _ in model.selector.named_parameters(prefix="selector")} <= trained
     assert not any(n.endswith(".weight") and "selector" not in n for n in trained)  # no network weight
+
+
+def test_bit_flops_table_matches_the_cost_reports_bireal_ops():
+    """SPEC's Bit-FLOPs (float MACs + BOPs / 64) of a frame type equal bitalloc's cost report (Bi-Real OPs: MACs
+    for a float layer, BOPs / 64 for a quantized one), summed over the networks it runs: the static codec's
+    float encoders and 8/16-bit decoders count once each, as its own per-layer cost says."""
+    import bitalloc
+    from bitalloc.codec.precision import ALL_PARTS, coders, network_input
+    from tests.codec_util import tiny_codec
+
+    model = tiny_codec()
+    table = BitFlopsTable.build(model, size=64)
+    for kind, names in (("I", ("intra",)), ("P", ("motion", "residual"))):
+        total = 0.0
+        for name in names:
+            c = coders(model)[name]
+            for part in ALL_PARTS:
+                total += sum(l.bireal_ops for l in bitalloc.cost_report(getattr(c, part), network_input(c, part, 64)).layers)
+        assert table.reference(kind) == pytest.approx(total / 64**2, rel=1e-9)

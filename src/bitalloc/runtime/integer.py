@@ -228,6 +228,30 @@ def max_centred_code(p: "QuantParams") -> int:
     return int(torch.maximum((p.qmax - p.zero_point).abs(), (p.qmin - p.zero_point).abs()).max())
 
 
+def _exact_float_parts(ints: "LayerInts", inp: Tensor, fdt: torch.dtype) -> list[tuple[float, Tensor, Tensor]]:
+    """The (multiplier, input, weight) kernels whose sum is the layer's exact integer sum in ``fdt``.
+
+    float64 kernels are several times slower than float32 ones, so a sum that needs float64 runs as two float32
+    kernels when the weights (:func:`split_weight`) or, for wide input codes, the codes (:func:`split_codes_shift`)
+    split into parts with float32-exact sums; otherwise one kernel in ``fdt``."""
+    if fdt != torch.float64:
+        return [(1.0, inp.to(fdt), ints.float_weight(fdt))]
+    if "max_code" not in ints._cache:
+        ints._cache["max_code"] = max_centred_code(ints.act)
+    max_code = ints._cache["max_code"]
+    split = split_weight(ints, max_code)
+    if split is not None:
+        x32 = inp.to(torch.float32)
+        return [(float(2 ** split[0]), x32, split[1]), (1.0, x32, split[2])]
+    shift = split_codes_shift(ints, max_code)
+    if shift is not None:
+        x_hi = torch.floor(inp.to(torch.float64) / 2**shift)
+        x_lo = inp.to(torch.float64) - x_hi * 2**shift
+        w32 = ints.float_weight(torch.float32)
+        return [(float(2**shift), x_hi.to(torch.float32), w32), (1.0, x_lo.to(torch.float32), w32)]
+    return [(1.0, inp.to(fdt), ints.float_weight(fdt))]
+
+
 def exact_float_dtype(bound: int) -> torch.dtype | None:
     """The narrowest float type whose sums of integers bounded by ``bound`` are exact: float32 up to 2^24,
     float64 up to 2^53, else None."""
@@ -566,23 +590,7 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
             an = _analysis_cached(ints, sg, groups, kk, on_overflow, accumulator, product)
             fdt = exact_float_dtype(an.bound) if kernel == "float" else None
             if fdt is not None and sg.count == 1 and ints.beta is None and not with_bound:
-                # float64 kernels are several times slower than float32 ones: a float64 sum whose weight splits
-                # into two parts with float32-exact sums runs as two float32 kernels (split_weight)
-                # (or, for wide input codes, as two float32 kernels on the split codes: split_codes_shift)
-                wide = fdt == torch.float64
-                split = split_weight(ints, max_centred_code(pa)) if wide else None
-                xshift = split_codes_shift(ints, max_centred_code(pa)) if wide and split is None else None
-                if split is not None:
-                    x32 = inp.to(torch.float32)
-                    parts = [(float(2 ** split[0]), x32, split[1]), (1.0, x32, split[2])]
-                elif xshift is not None:
-                    x_hi = torch.floor(inp.to(torch.float64) / 2**xshift)
-                    x_lo = (inp.to(torch.float64) - x_hi * 2**xshift).to(torch.float32)
-                    w32 = ints.float_weight(torch.float32)
-                    parts = [(float(2**xshift), x_hi.to(torch.float32), w32), (1.0, x_lo, w32)]
-                else:
-                    parts = [(1.0, inp.to(fdt), ints.float_weight(fdt))]
-                split = split if split is not None else xshift
+                parts = _exact_float_parts(ints, inp, fdt)
                 acc = None
                 for mult, x_in, w in parts:
                     if func is F.linear:
@@ -590,7 +598,7 @@ def integer_forward(layer: QuantLayer, x: Tensor, *, on_overflow: str = "widen",
                     else:
                         a = func(x_in, w, None, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1),
                                  groups)
-                    a = a if split is None else a.to(torch.float64) * mult
+                    a = a if len(parts) == 1 else a.to(torch.float64) * mult  # parts recombine exactly in float64
                     acc = a if acc is None else acc + a
                 ch_axis = -1 if func is F.linear else 1
                 y = acc.to(torch.float64) * reshape_for_axis(ints.w_scale * float(sg.base[0]), acc.ndim, ch_axis)
