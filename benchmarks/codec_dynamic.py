@@ -376,7 +376,7 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
     for name, coder in (("static-8", static), ("fp32", fp32)):
         if coder is not None:
             costs = fixed_costs(coder.model)
-            run(Variant(name, coder, None, name), costs, lambda res: None, verify_all)
+            run(Variant(name, coder, None, name), costs, lambda res: None, verify_sel)  # decoded: timed too
     summarize_clip(clip, bd_rates)
     mask0 = ref_masks[args.levels[len(args.levels) // 2]][0] if ref_masks else None
     clip["plots"] = plots(clip, src.y[0], mask0, folder)
@@ -504,13 +504,15 @@ def point_rows(clip: dict[str, Any]) -> list[list[str]]:
                          f"{p['mean_roi_bits']:.1f}/{p['mean_non_roi_bits']:.1f}", _f(p["bit_flops"] / 1e9, ".3f"),
                          _f(p["bit_flops_a6"] / 1e9, ".3f"), _f(p.get("saving", None) and 100 * p["saving"], ".1f"),
                          _f(100 * p["side_info_share"], ".2f"), _f(p["roi_ms_per_frame"], ".1f"),
+                         _f(1000 * p["encode_s"] / clip["frames"], ".1f"),
+                         _f(p.get("decode_s") and 1000 * p["decode_s"] / clip["frames"], ".1f"),
                          {True: "yes", False: "NO"}.get(p.get("exact"), "")])
     return rows
 
 
 POINT_COLUMNS = ["variant", "level", "kbps", "bits/pixel", "PSNR YUV", "PSNR ROI (Y)", "PSNR non-ROI (Y)",
                  "mean widths ROI/non", "GBit-FLOPs/frame (SPEC)", "GBit-FLOPs/frame (A6)", "saving vs 8-bit %",
-                 "side info % of rate", "ROI ms/frame", "exact"]
+                 "side info % of rate", "ROI ms/frame", "encode ms/frame", "decode ms/frame", "exact"]
 
 
 def summary_rows(clip: dict[str, Any]) -> list[list[str]]:
@@ -571,7 +573,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="fixed (ROI/non-ROI) pairs per dynamic codec: diagonal (R = N, default), all (R >= N), none, "
                          "or a list like 16/8,8/8; the pair matching the selector's Bit-FLOPs is always added")
     ap.add_argument("--verify", choices=("none", "selector", "all"), default="selector",
-                    help="decode the streams of these variants again and compare (default: the selector's)")
+                    help="decode the streams of these variants again and compare (default: the selector's, and "
+                         "the static-8 and fp32 references; decoding is timed: the decode ms/frame column)")
     ap.add_argument("--cross-check", type=int, default=1, metavar="THREADS",
                     help="decode one selector stream per dynamic codec and clip in another process with THREADS "
                          "threads (default 1; 0: skip)")
@@ -605,8 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--dynamic-weights {path} has one fixed precision; give weights written by `bitalloc "
                               "codec train --stage dynamic`")
         group = "dyn" + "-".join(map(str, model.cfg.candidates))
-        if any(g == group for g, _, _ in dyn):
-            group += f"#{len(dyn)}"
+        if any(g.split(":")[0] == group for g, _, _ in dyn):  # a sweep (e.g. over gamma): name by file
+            group += ":" + Path(path).stem
         dyn.append((group, VideoCoder(model), path))
     static = VideoCoder(load_default_or(args.static_weights))
     fp32 = VideoCoder(load_float_codec(args.float_checkpoint), exact=False) if args.float_checkpoint else None

@@ -144,6 +144,9 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
                  "--weights", str(static)]) == 2
     assert main(["codec", "train"] + base[2:] + ["--stage", "dynamic", "--init", str(tmp_path / "i.pt"),
                                                   "--out", str(tmp_path / "e.pt"), "--ship", str(tmp_path / "e2.pt")]) == 2
+    # the selector's lr belongs to the dynamic stage
+    assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "j.pt"),
+                        "--selector-lr-scale", "10"]) == 2
 
 
 def test_selector_learns_in_its_own_lr_group():
@@ -154,7 +157,11 @@ def test_selector_learns_in_its_own_lr_group():
     model = tiny_dynamic_codec()
     groups = {g["name"]: g for g in CodecObjective("all", gamma=0.5).param_groups(model)}
     assert {id(p) for p in groups["selector"]["params"]} == {id(p) for p in model.selector.parameters()}
-    assert groups["selector"]["lr_scale"] == 100.0 and groups["gains"]["lr_scale"] == 10.0
+    assert groups["selector"]["lr_scale"] == 1000.0 and groups["gains"]["lr_scale"] == 10.0
+    steps = [p for n, p in model.named_parameters() if n.endswith("quantizer.log_steps")]
+    assert steps and {id(p) for p in groups["log steps"]["params"]} == {id(p) for p in steps}
+    assert groups["log steps"]["lr_scale"] == 100.0
+    assert CodecObjective("all", gamma=0.5, selector_lr_scale=50.0).param_groups(model)[1]["lr_scale"] == 50.0
 
 
 def test_region_lsq_range_init_is_the_min_max_grid():
@@ -172,7 +179,7 @@ def test_region_lsq_range_init_is_the_min_max_grid():
     q.calibrate_weight(w)
     for k, b in enumerate((4, 8)):
         expect = w.abs().reshape(3, -1).max(1).values / (2 ** (b - 1) - 1)
-        assert torch.allclose(q.steps[k], expect, rtol=1e-6)
+        assert torch.allclose(q.steps[k].detach(), expect, rtol=1e-6)
     with pytest.raises(ConfigError, match="init"):
         RegionLSQQuantizer(TensorConfig(bits=8, quantizer="lsq_region", options={"init": "median"}), "act", None, None)
 
@@ -183,7 +190,7 @@ def test_freeze_codec_trains_only_the_selector_and_the_quantizer_steps():
     model = tiny_dynamic_codec()
     CodecObjective("all", gamma=1.0, freeze_codec=True)._freeze(model)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all(n.startswith("selector.") or n.endswith(("quantizer.steps", "quantizer.step")) for n in trained)
+    assert trained and all(n.startswith("selector.") or n.endswith("quantizer.log_steps") for n in trained)
     assert {n for n, _ in model.selector.named_parameters(prefix="selector")} <= trained
     assert not any(n.endswith(".weight") and "selector" not in n for n in trained)  # no network weight
 
@@ -205,3 +212,24 @@ def test_bit_flops_table_matches_the_cost_reports_bireal_ops():
             for part in ALL_PARTS:
                 total += sum(l.bireal_ops for l in bitalloc.cost_report(getattr(c, part), network_input(c, part, 64)).layers)
         assert table.reference(kind) == pytest.approx(total / 64**2, rel=1e-9)
+
+
+def test_codec_info_lists_every_layer_with_its_widths_and_why(dyn_weights, tmp_path, capsys):
+    from bitalloc.codec.precision import ALL_PARTS, coders, load_codec
+
+    assert main(["codec", "info", "--weights", str(dyn_weights), "--layers", "--json", str(tmp_path / "i.json")]) == 0
+    assert "FIXED_8BIT_LAYERS" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "i.json").read_text())["layers"]
+    model = load_codec(dyn_weights)
+    convs = {(f"{c}.{p}", n.removesuffix(".layer")) for c, coder in coders(model).items() for p in ALL_PARTS
+             for n, m in getattr(coder, p).named_modules() if isinstance(m, torch.nn.Conv2d)}
+    listed = {(r["network"], r["layer"]) for r in rows if r["type"] == "Conv2d"}
+    assert listed == convs  # every convolution of every network, once
+    by = {(r["network"], r["layer"]): r for r in rows}
+    assert by[("intra.analysis", "nonlinear.0")]["weight_bits"] == "8"  # reads the frame: fixed 8 bits
+    assert by[("residual.hyper_analysis", "2")]["act_bits"] == "8"  # the hyper analysis: fixed 8 bits
+    assert by[("intra.analysis", "nonlinear.2")]["weight_bits"] == "4/8/16"  # region LSQ
+    assert by[("intra.synthesis", "linear.0")]["act_bits"] == "16" and "WIDE_LAYERS" in by[("intra.synthesis",
+                                                                                            "linear.0")]["reason"]
+    gdn = [r for r in rows if r["type"] == "SimplifiedGDN"]
+    assert gdn and all(r["status"] == "float" and "not supported" in r["reason"] for r in gdn)

@@ -119,14 +119,16 @@ def test_registered_and_initialised_per_lsq_at_every_width():
     for k, b in enumerate(CANDS):
         lsq = LSQQuantizer(TensorConfig(bits=b, quantizer="lsq"), "act", None, None)
         lsq(x)
-        assert torch.equal(q.steps[k], lsq.step.detach())
+        torch.testing.assert_close(q.steps[k].detach(), lsq.step.detach(), rtol=1e-6, atol=0)  # exp(ln s)
         wl = LSQQuantizer(TensorConfig(bits=b, granularity="channel", symmetric=True, quantizer="lsq"), "weight", 0, 5)
         wl.calibrate_weight(w)
-        assert torch.equal(wq.steps[k], wl.step.detach())
+        torch.testing.assert_close(wq.steps[k].detach(), wl.step.detach(), rtol=1e-6, atol=0)
     assert not q.is_signed and wq.is_signed
     # outside any context: LSQ at the default width, bitwise
     lsq8 = LSQQuantizer(TensorConfig(bits=8, quantizer="lsq"), "act", None, None)
     lsq8(x)
+    with torch.no_grad():  # the same step (exp(ln s) is within an ulp of LSQ's)
+        lsq8.step.copy_(q.steps[CANDS.index(8)])
     assert torch.equal(q(x), lsq8(x))
 
 
@@ -191,9 +193,35 @@ def test_step_gradients_per_region_equal_lsq():
         q_n, q_p = lsq_bounds(b, False)
         outs.append(lsq_quantize(x2, steps[k], q_n, q_p, lsq_grad_scale(n, q_p)))
     ((m * outs[0] + (1 - m) * outs[1]) * up).sum().backward()
-    torch.testing.assert_close(q.steps.grad, steps.grad, rtol=1e-5, atol=1e-6)
+    # the parameter is ln s: its gradient is the step's times s (chain rule)
+    torch.testing.assert_close(q.log_steps.grad, steps.grad * steps.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xin.grad, x2.grad)
-    assert q.steps.grad[2] == 0 and q.steps.grad[0] != 0 and q.steps.grad[1] != 0
+    assert q.log_steps.grad[2] == 0 and q.log_steps.grad[0] != 0 and q.log_steps.grad[1] != 0
+
+
+def test_adam_moves_every_width_step_by_the_same_relative_amount():
+    """Regression: with linear-domain steps one Adam learning rate moved the 16-bit steps (~1e-4) by many times
+    their size (some turned negative); in the log domain an update is a relative change at every width."""
+    torch.manual_seed(5)
+    cfg = TensorConfig(bits=8, granularity="channel", symmetric=True, quantizer="lsq_region",
+                       options={"candidates": [4, 8, 16], "init": "range"})
+    w = torch.randn(6, 4, 3, 3)
+    q = RegionLSQQuantizer(cfg, "weight", 0, 6)
+    q.calibrate_weight(w)
+    start = q.steps.detach().clone()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    target = torch.randn_like(w)
+    for i in range(60):
+        for k in range(3):
+            q.branch = k
+            loss = (q(w) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    q.branch = None
+    ratio = q.steps.detach() / start  # Adam moves ln s by at most ~lr per update: 180 updates -> within e^(+-0.2)
+    assert bool((ratio > math.exp(-0.25)).all()) and bool((ratio < math.exp(0.25)).all()), ratio
+    assert bool((ratio != 1).any())  # the steps did learn
 
 
 def test_gumbel_weights_mix_and_one_hot_limit():
@@ -384,7 +412,8 @@ def test_soft_split_training_mixes_outputs_and_trains_steps_and_selector():
     torch.testing.assert_close(y, ref)
     y.square().mean().backward()
     assert logits.grad is not None and bool(logits.grad.abs().sum() > 0)
-    assert bool((q.c1.weight_quantizer.steps.grad != 0).all()) and bool((q.c1.input_quantizer.steps.grad != 0).all())
+    assert bool((q.c1.weight_quantizer.log_steps.grad != 0).all())
+    assert bool((q.c1.input_quantizer.log_steps.grad != 0).all())
 
 
 def test_freeze_outside_context_is_the_default_width_and_cost_reads_widths():

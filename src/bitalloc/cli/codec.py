@@ -69,6 +69,8 @@ def register(sub: Any) -> None:
     i.add_argument("input", nargs="?", help="a .bav stream (omit to describe the codec weights)")
     i.add_argument("--weights", help="codec weights file (default: the weights shipped with bitalloc)")
     i.add_argument("--json", help="write the description as JSON here")
+    i.add_argument("--layers", action="store_true",
+                   help="also list every layer of every network: quantized or float, its widths, and why")
     i.set_defaults(func=run_info)
 
     from bitalloc.codec.evaluate import add_eval_args
@@ -282,10 +284,15 @@ def run_info(args: argparse.Namespace) -> int:
         model = load_default_or(args.weights)
         desc = describe_weights(model, args.weights)
         print_table("codec weights " + desc["path"], ["", "value"],
-                    [[k, v] for k, v in desc.items() if k not in ("levels", "networks")])
+                    [[k, v] for k, v in desc.items() if k not in ("levels", "networks", "layers")])
         print_table("quality levels", ["level", "lambda"], [[i, lam] for i, lam in enumerate(desc["levels"])])
         print_table("decoder networks", ["network", "quantized layers", "float layers", "bits"],
                     [[n["name"], n["quantized"], n["float"], n["bits"]] for n in desc["networks"]])
+        if args.layers:
+            print_table("layers (bits: weights / activations; 4/8/16 = chosen per frame and region)",
+                        ["network", "layer", "type", "status", "weight bits", "act bits", "why"],
+                        [[r["network"], r["layer"], r["type"], r["status"], r["weight_bits"], r["act_bits"], r["reason"]]
+                         for r in desc["layers"]])
         if args.json:
             write_json(args.json, desc, overwrite=True)
         return 0

@@ -9,7 +9,10 @@ Gumbel-softmax while training, argmax at test) picks one width for the frame's r
 the rest. Layers compute each region at its width ("split" execution: per output position, the layer at the
 region's width). Exceptions, listed by ``bitalloc codec info``: the layers that read decoded latents keep a fixed
 16-bit grid (:data:`bitalloc.codec.precision.WIDE_LAYERS`; an 8-bit or narrower grid there adds noise comparable to
-the finest quantization step), and the encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
+the finest quantization step), the layers that read an encoder's input (the frame, the residual) and the whole
+hyper analysis keep a fixed 8-bit grid (:data:`bitalloc.codec.precision.FIXED_8BIT_LAYERS`; at 4 bits the frame's
+grid alone caps the I frames at 31.6 dB, and a 4-bit hyper analysis triples the rate at low quality), and the encoders' simplified GDN stays in float (not a layer bitalloc
+quantizes).
 
 **The ROI** comes from a pluggable source (:mod:`bitalloc.codec.roi`, default spectral-residual saliency) on the
 frame's luma; it is brought to latent resolution (1/16, rule "any": a 16x16 block is ROI if any of its pixels is)
@@ -48,8 +51,8 @@ MASK_FACTOR = 16
 def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
     """Region LSQ at ``candidates`` for every layer of network ``part`` (default width outside a region context:
     8 bits if it is a candidate, else the widest), with :data:`~bitalloc.codec.precision.WIDE_LAYERS` at a fixed
-    16-bit LSQ grid."""
-    from bitalloc.codec.precision import WIDE_LAYERS
+    16-bit grid and :data:`~bitalloc.codec.precision.FIXED_8BIT_LAYERS` at a fixed 8-bit grid (min-max calibrated)."""
+    from bitalloc.codec.precision import FIXED_8BIT_LAYERS, WIDE_LAYERS
 
     cands = sorted({int(b) for b in candidates})
     default = 8 if 8 in cands else cands[-1]
@@ -59,10 +62,15 @@ def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
     a = TensorConfig(bits=default, granularity="tensor", quantizer="lsq_region", options=dict(opts))
     overrides = []
     for pattern, change in WIDE_LAYERS.get(part, {}).items():
-        wide: dict[str, Any] = {"weight.quantizer": "lsq", "weight.options": {}, "act.quantizer": "lsq",
+        # min-max calibrated fixed grids: at 16 bits there is nothing to learn, and a learned 16-bit step is a
+        # parameter ~1e-5 of its range that an optimizer's update would move by many times its size
+        wide: dict[str, Any] = {"weight.quantizer": "fixed", "weight.options": {}, "act.quantizer": "fixed",
                                 "act.options": {}, "act.bits": 16}
         wide["weight.bits"] = change.get("weight.bits", 8)
         overrides.append((pattern, wide))
+    for pattern in FIXED_8BIT_LAYERS.get(part, ()):
+        overrides.append((pattern, {"weight.quantizer": "fixed", "weight.options": {}, "act.quantizer": "fixed",
+                                    "act.options": {}, "weight.bits": 8, "act.bits": 8}))
     return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
                        fold_bn=False).validate()
 

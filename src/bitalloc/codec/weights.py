@@ -76,4 +76,48 @@ def describe_weights(model: VideoCodec, path: str | os.PathLike | None = None) -
     return {"path": str(path or SHIPPED), "model_id": model_id(model).hex(), "parameters": params,
             "intra parameters": sum(p.numel() for p in model.intra.parameters()),
             "inter parameters": sum(p.numel() for p in model.inter.parameters()),
-            "config": str(model.cfg.to_dict()), "levels": list(model.cfg.lambdas), "networks": networks}
+            "config": str(model.cfg.to_dict()), "levels": list(model.cfg.lambdas), "networks": networks,
+            "layers": layer_table(model)}
+
+
+def _widths(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "float"
+    if spec.get("quantizer") == "lsq_region":
+        return "/".join(str(b) for b in (spec.get("options") or {}).get("candidates", [spec.get("bits")]))
+    return str(int(spec["bits"]))
+
+
+def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
+    """Every layer of every network of the codec: quantized or float, its widths (weights, activations; ``4/8/16``
+    = a per-frame choice among the candidates) and why."""
+    from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, FIXED_8BIT_LAYERS, WIDE_LAYERS, coders
+    from bitalloc.config import match_pattern
+    from bitalloc.model.prepare import prepare_info
+
+    rows = []
+    for cname, coder in coders(model).items():
+        for part in ALL_PARTS:
+            net = getattr(coder, part)
+            if getattr(net, "bitalloc_info", None) is None:
+                why = ("encoder network of a codec with fixed precision: float (it runs only at the sender; the stream "
+                       "does not depend on its arithmetic)" if part not in DECODER_PARTS else "not quantized")
+                rows += [{"network": f"{cname}.{part}", "layer": n, "type": type(m).__name__, "status": "float",
+                          "weight_bits": "float", "act_bits": "float", "reason": why}
+                         for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))]
+                continue
+            for r in prepare_info(net).layers:
+                if r.status != "quantized":
+                    why = r.reason or r.status
+                elif (r.weight or {}).get("quantizer") == "lsq_region":
+                    why = "region LSQ: the ROI and the rest each at the width the frame signals"
+                elif any(match_pattern(p, r.name, r.type) for p in WIDE_LAYERS.get(part, {})):
+                    why = "reads decoded latents: fixed 16-bit input grid (WIDE_LAYERS)"
+                elif any(match_pattern(p, r.name, r.type) for p in FIXED_8BIT_LAYERS.get(part, ())):
+                    why = ("fixed 8-bit grid (FIXED_8BIT_LAYERS): "
+                           + ("reads the frame or residual" if part == "analysis" else "hyper analysis"))
+                else:
+                    why = "decoder network at the codec's precision"
+                rows.append({"network": f"{cname}.{part}", "layer": r.name, "type": r.type, "status": r.status,
+                             "weight_bits": _widths(r.weight), "act_bits": _widths(r.act), "reason": why})
+    return rows

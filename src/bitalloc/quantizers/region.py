@@ -5,9 +5,17 @@ candidate bit widths (e.g. {2, 4, 8} or {4, 8, 16}); for every frame a selector 
 of interest (ROI) and one for the rest. :class:`RegionLSQQuantizer` (registry name ``"lsq_region"``) is that
 quantizer for one tensor:
 
-* **K steps.** ``steps`` holds one LSQ step per candidate (``[K]``, or ``[K, C]`` per channel), each initialised by
-  the LSQ rule at its own width, ``s_k = 2 mean|v| / sqrt(Q_P(b_k))`` (Esser et al. 2020, section 2.1), and trained
-  with LSQ's gradients and gradient scale ``g_k = 1 / sqrt(N Q_P(b_k))`` (:mod:`bitalloc.quant.lsq`). Candidates
+* **K steps.** One LSQ step per candidate (``[K]``, or ``[K, C]`` per channel), each initialised by the LSQ rule at
+  its own width, ``s_k = 2 mean|v| / sqrt(Q_P(b_k))`` (Esser et al. 2020, section 2.1), or by the min-max rule
+  ``s_k = max|v| / Q_P(b_k)`` (``options["init"] = "range"``), and trained with LSQ's gradients and gradient scale
+  ``g_k = 1 / sqrt(N Q_P(b_k))`` (:mod:`bitalloc.quant.lsq`). The parameter is ``log_steps`` = ln s_k (``steps``
+  is exp of it): the candidates' steps differ by up to 2^12 (4 against 16 bits), and Adam moves a parameter by
+  about its learning rate per update whatever its size, so in the linear domain one learning rate that lets a
+  4-bit step move throws a 16-bit step (~1e-5 of the range) about by many times its own size (measured on the
+  codec: after 100 steps at lr 2e-5 the 16-bit steps had moved by a median factor of 16 and some had turned
+  negative, clipping their weights to nothing). In the log domain every update is a relative change of the same
+  size at every width (the log-domain scale of Brevitas' ``LOG_FP`` restriction and of TQT's log2 thresholds,
+  Jain et al. 2020, section 3.3); the step's gradient is LSQ's times s_k. Candidates
   come from ``TensorConfig.options["candidates"]`` (default ``(2, 4, 8)``); ``TensorConfig.bits`` (one of them) is
   the width used outside any region context (``prepare``'s check pass, calibration, a plain ``freeze``).
 * **Region context.** What a forward call needs besides the tensor (a spatial mask and the two widths) does not
@@ -302,7 +310,7 @@ def candidate_widths(cfg: TensorConfig) -> tuple[int, ...]:
 class RegionLSQQuantizer(LearnedQuantizer):
     """Multi-width LSQ quantizer with region-masked widths (module docstring). Registry name ``"lsq_region"``.
 
-    Parameters: ``steps`` ([K] or [K, C]). Plain attributes (not state): ``region`` (the current
+    Parameters: ``log_steps`` ([K] or [K, C]; ``steps`` = exp of it). Plain attributes (not state): ``region`` (the current
     :class:`RegionContext` or None) and ``branch`` (a candidate index forced by a split layer, or None).
     """
 
@@ -324,9 +332,18 @@ class RegionLSQQuantizer(LearnedQuantizer):
         if self.init_rule not in ("mean", "range"):
             raise ConfigError(f"options['init']={self.init_rule!r}: use 'mean' (LSQ's rule) or 'range' (max|v| / Q_P)")
         shape = (len(cands),) + ((channels,) if self.per_channel else ())
-        self.steps = nn.Parameter(torch.ones(shape))
+        self.log_steps = nn.Parameter(torch.zeros(shape))
         self.region: RegionContext | None = None
         self.branch: int | None = None
+
+    @property
+    def steps(self) -> Tensor:
+        """The K steps, ``exp(log_steps)`` (differentiable)."""
+        return torch.exp(self.log_steps)
+
+    def _set_step(self, k: int, s: Tensor) -> None:
+        log_s = torch.log(torch.clamp(s.to(torch.float32), min=MIN_SCALE))
+        self.log_steps[k].copy_(log_s.reshape(self.log_steps[k].shape))
 
     # -- widths ---------------------------------------------------------------------------------------------
     def index_of(self, bits: int) -> int:
@@ -344,7 +361,7 @@ class RegionLSQQuantizer(LearnedQuantizer):
         for k in range(len(self.candidates)):
             q_p = self.bounds_at(k)[1]
             s = stats.abs_max() / max(q_p, 1) if self.init_rule == "range" else 2.0 * stats.mean_abs() / math.sqrt(q_p)
-            self.steps[k].copy_(torch.clamp(s, min=MIN_SCALE).to(torch.float32).reshape(self.steps[k].shape))
+            self._set_step(k, s)
 
     @torch.no_grad()
     def calibrate_weight(self, weight: Tensor) -> None:
@@ -357,22 +374,22 @@ class RegionLSQQuantizer(LearnedQuantizer):
                 s = s.to(torch.float32)
             else:
                 s = lsq_init_step(weight, self.bounds_at(k)[1], self.stat_axis)
-            self.steps[k].copy_(torch.clamp(s, min=MIN_SCALE).reshape(self.steps[k].shape))
+            self._set_step(k, s)
         self.initialized.fill_(True)
 
     def clamp_parameters(self) -> None:
         with torch.no_grad():
-            self.steps.clamp_(min=MIN_SCALE)
+            self.log_steps.clamp_(min=math.log(MIN_SCALE))
 
     # -- forward --------------------------------------------------------------------------------------------
     def quantize_at(self, x: Tensor, k: int) -> Tensor:
         """LSQ fake quantization of ``x`` at candidate index ``k`` (the whole tensor): LSQ's gradients when a
         gradient is needed, else exactly the frozen grid of :meth:`qparams_at`."""
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.steps.requires_grad)):
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.log_steps.requires_grad)):
             p = self._qparams_index(k)
             return fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax, self.axis if p.per_channel else None)
         q_n, q_p = self.bounds_at(k)
-        s = torch.clamp(self.steps[k], min=MIN_SCALE)
+        s = torch.clamp(torch.exp(self.log_steps[k]), min=MIN_SCALE)
         g = lsq_grad_scale(LSQQuantizer._n_per_step(self, x), q_p)
         return lsq_quantize(x, s, q_n, q_p, g, self.axis if self.per_channel else None)
 
@@ -407,7 +424,7 @@ class RegionLSQQuantizer(LearnedQuantizer):
 
     # -- description ----------------------------------------------------------------------------------------
     def _qparams_index(self, k: int) -> QuantParams:
-        step = self.steps[k].detach()
+        step = torch.exp(self.log_steps[k].detach())
         signed = self.is_signed
         bits = torch.full(step.shape, self.candidates[k], dtype=torch.int64, device=step.device)
         qmin, qmax = integer_range(bits, signed=signed)
@@ -433,7 +450,7 @@ class RegionLSQQuantizer(LearnedQuantizer):
         single = ctx.single_index(self.candidates)
         if single is not None or self.role == "act":
             return single
-        v = self._weight_distribution(ctx, self.steps.device).detach()
+        v = self._weight_distribution(ctx, self.log_steps.device).detach()
         hot = torch.nonzero(v == 1)
         return int(hot[0, 0]) if hot.numel() == 1 and bool(((v == 0) | (v == 1)).all()) else None
 

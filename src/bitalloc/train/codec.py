@@ -35,15 +35,21 @@ class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
-                 gamma: float | None = None, selector_lr_scale: float = 100.0, freeze_codec: bool = False):
+                 gamma: float | None = None, selector_lr_scale: float = 1000.0, step_lr_scale: float = 100.0,
+                 freeze_codec: bool = False):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
         self.first = first
         self.gain_lr_scale = gain_lr_scale
         #: the width selector (one small linear layer, trained from scratch in a fine-tuning stage whose base lr is
-        #: set for the pretrained codec) learns at ``selector_lr_scale`` x the base lr
+        #: set for the pretrained codec) learns at ``selector_lr_scale`` x the base lr: its features are of order 1,
+        #: so Adam moves its logits by about that lr per update; 1000 x 2e-5 = 0.02 lets them part by a few units in
+        #: ~100 updates (measured: at 100 x, 150 updates left the choice near where the random init put it)
         self.selector_lr_scale = selector_lr_scale
+        #: the region quantizers' log steps (bitalloc.quantizers.region: one update is a relative change of the step)
+        #: learn at ``step_lr_scale`` x the base lr: 100 x 2e-5 moves a step by up to 0.2% per update
+        self.step_lr_scale = step_lr_scale
         #: train only the width selector and the quantizers' steps (the codec's weights, gains and entropy models
         #: stay as trained): dynamic precision on top of a codec without changing it
         self.freeze_codec = freeze_codec
@@ -76,6 +82,9 @@ class CodecObjective(Objective):
         sel = [p for n, p in model.named_parameters() if "selector" in n.split(".")[:2] and p.requires_grad]
         if sel:
             groups.append({"params": sel, "name": "selector", "lr_scale": self.selector_lr_scale})
+        steps = [p for n, p in model.named_parameters() if n.endswith("quantizer.log_steps") and p.requires_grad]
+        if steps:
+            groups.append({"params": steps, "name": "log steps", "lr_scale": self.step_lr_scale})
         return groups
 
     def task_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -128,7 +137,8 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
-                image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False) -> Any:
+                image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False,
+                selector_lr_scale: float = 1000.0) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
@@ -136,7 +146,8 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
 
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
                        image_share=image_share)
-    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec),
+    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
+                                                           selector_lr_scale=selector_lr_scale),
                callbacks=callbacks)
 
 
@@ -185,6 +196,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--ship", help="qat / dynamic: write the codec weights here (what encode / decode load)")
     p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
                                                "(R + lambda D + gamma C)")
+    p.add_argument("--selector-lr-scale", type=float,
+                   help="dynamic: the width selector's lr as a multiple of --lr (default 1000)")
     p.add_argument("--freeze-codec", action="store_true",
                    help="dynamic: train only the width selector and the quantizers' steps (the codec's weights stay)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
@@ -261,6 +274,8 @@ def run_train_cli(args: Any) -> int:
                           "--resume (or use --stage qat)")
     if args.freeze_codec and args.stage != "dynamic":
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
+    if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
+        raise ConfigError("--selector-lr-scale belongs to --stage dynamic and must be positive")
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = build_stage_model(args)
@@ -289,12 +304,14 @@ def run_train_cli(args: Any) -> int:
                       dataset="codec-clips")
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
-                gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec)
+                gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec,
+                selector_lr_scale=args.selector_lr_scale or 1000.0)
     if args.stage in ("qat", "dynamic"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
         save_codec(model.eval(), args.ship,
-                   extra={"trained_by": f"bitalloc codec train --stage {args.stage} --out {args.out}"})
+                   extra={"trained_by": f"bitalloc codec train --stage {args.stage} --out {args.out}",
+                          "gamma": args.gamma, "freeze_codec": bool(args.freeze_codec), "steps": cfg.steps})
         print(f"codec weights: {args.ship}")
     return 0
 
