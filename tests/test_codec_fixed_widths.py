@@ -203,3 +203,24 @@ def test_cost_table_masks_are_the_run_time_masks():
     at = mask_function(torch.from_numpy(m16)[None, None])
     for size in ((24, 32), (12, 16), (6, 8), (3, 4), (2, 2), (1, 1), (4, 4)):
         assert torch.equal(mask_at(big, size), at(size)), size
+
+
+def test_float_codec_is_the_quantized_codec_with_its_quantizers_off(tmp_path):
+    """float_codec(m): every network equals m's network run with its quantizers disabled (float_mode), on random
+    inputs; no quantizer and no selector remain; the coding tables are those of the same gains."""
+    import torch
+
+    from bitalloc.codec.precision import ALL_PARTS, coders, float_codec, load_codec, network_input
+    from bitalloc.model.layers import float_mode, quant_layers
+    from tests.codec_util import tiny_dynamic_codec, tiny_weights
+
+    for model in (load_codec(tiny_weights(tmp_path / "s.pt")), tiny_dynamic_codec()):
+        f = float_codec(model)
+        assert f.cfg.candidates is None and not any("quantizer" in k for k in f.state_dict())
+        for name, coder in coders(model).items():
+            for part in ALL_PARTS:
+                net, ref = getattr(coders(f)[name], part), getattr(coder, part)
+                assert not list(quant_layers(net))
+                x = torch.randn_like(network_input(coder, part, 64)).abs()
+                with torch.no_grad(), float_mode(ref):
+                    torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-5)

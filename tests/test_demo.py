@@ -128,13 +128,15 @@ def test_codec_part_rates_exactness_and_widths(tiny_codec_files, tmp_path, capsy
                                 str(dynamic), "--frames", "3", "--out", str(out)], capsys)
     assert code == 0, stderr
     res = json.loads((out / "codec.json").read_text())
-    s, d = res["codecs"]
-    for c in (s, d):
+    f, s, d = res["codecs"]
+    for c in (f, s, d):
         assert c["exact"] and c["bytes"] > 0
         assert c["bpp"] == pytest.approx(8 * c["bytes"] / (3 * 176 * 144))
         assert c["kbps"] == pytest.approx(8 * c["bytes"] / 1000 * 25 / 3)
         assert 10 < c["psnr_yuv"] < 100 and [f["type"] for f in c["frames"]] == ["I", "P", "P"]
     assert s["widths"] == {"8/8": 3} and s["relative_to_8bit_codec"] == 1.0
+    # FP32 (the 8-bit codec's weights in float networks): float MACs count once, as 8-bit ones; 16-bit layers 4 x
+    assert f["widths"] == {"32/32": 3} and 0 < f["relative_to_8bit_codec"] < 1
     # the tiny dynamic codec's selector gives the ROI the widest candidate and the rest the narrowest
     assert all((f["roi_bits"], f["non_roi_bits"]) == (16, 4) for f in d["frames"] if 0 < f["roi_fraction"] < 1)
     assert all(0 <= f["roi_fraction"] <= 1 for f in d["frames"])

@@ -1,8 +1,10 @@
 """Part ``codec`` of ``bitalloc demo``: the learned video codec, 8-bit and ROI-aware dynamic precision, on a clip
 synthesized here (nothing is downloaded).
 
-Both codecs (the shipped weights, or ``--codec-weights`` / ``--dynamic-weights``) encode the clip with
-:meth:`bitalloc.codec.VideoCoder.compress` (one I frame, then P frames) and decode the stream with
+Three codecs encode the clip: the FP32 codec (the 8-bit codec's weights in float networks,
+:func:`bitalloc.codec.precision.float_codec`; its stream decodes exactly only in the same process), and the 8-bit
+and dynamic-precision codecs (the shipped weights, or ``--codec-weights`` / ``--dynamic-weights``); each encodes
+with :meth:`bitalloc.codec.VideoCoder.compress` (one I frame, then P frames) and decodes the stream with
 :meth:`~bitalloc.codec.VideoCoder.decompress`; the demo reports
 
 * rate: kbps = 8 bytes / 1000 x fps / frames, bits per pixel = 8 bytes / (frames x H x W)
@@ -98,11 +100,13 @@ def _masks(stream: bytes) -> list[np.ndarray]:
                         (hp // MASK_FACTOR, wp // MASK_FACTOR)) for r in records]
 
 
-def _code(name: str, path: Path, clip: Any, quality: int | None, dynamic: bool) -> tuple[dict[str, Any], Any, Any]:
-    """Encode and decode ``clip`` with the codec in ``path``; returns the row of numbers, the coder, the result."""
+def _code(name: str, path: Path, clip: Any, quality: int | None, dynamic: bool,
+          as_float: bool = False) -> tuple[dict[str, Any], Any, Any]:
+    """Encode and decode ``clip`` with the codec in ``path`` (``as_float``: its weights in float networks, the
+    FP32 codec); returns the row of numbers, the coder, the result."""
     from bitalloc.codec import VideoCoder
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_yuv
-    from bitalloc.codec.precision import load_codec
+    from bitalloc.codec.precision import float_codec, load_codec
 
     model = load_codec(path)
     if bool(model.cfg.candidates) != dynamic:
@@ -110,7 +114,7 @@ def _code(name: str, path: Path, clip: Any, quality: int | None, dynamic: bool) 
         what = "dynamic-precision" if dynamic else "fixed-precision (8-bit)"
         raise ConfigError(f"{path} is not a {what} codec; pass {option} with the weights of "
                           f"`bitalloc codec train --stage {'dynamic' if dynamic else 'qat'} --ship FILE`")
-    coder = VideoCoder(model)
+    coder = VideoCoder(float_codec(model), exact=False) if as_float else VideoCoder(model)
     levels = model.cfg.levels
     level = levels // 2 if quality is None else quality
     print(f"codec: {name}, quality {level} of 0..{levels - 1}: encoding {len(clip)} frames ...", file=sys.stderr)
@@ -171,6 +175,7 @@ def part_codec(out: Path, static_path: Path, dynamic_path: Path, *, frames: int 
     from bitalloc.codec.frames import yuv420_to_rgb
 
     clip = synthetic_clip(frames)
+    fp32, f_coder, _ = _code("FP32 (same weights)", static_path, clip, quality, dynamic=False, as_float=True)
     static, s_coder, _ = _code("8-bit", static_path, clip, quality, dynamic=False)
     dyn, d_coder, (d_res, d_decoded) = _code("dynamic precision", dynamic_path, clip, quality, dynamic=True)
     kinds = [f["type"] for f in dyn["frames"]]
@@ -179,10 +184,11 @@ def part_codec(out: Path, static_path: Path, dynamic_path: Path, *, frames: int 
     widths = [(f["roi_bits"], f["non_roi_bits"]) for f in dyn["frames"]]
     t0 = time.perf_counter()
     s_flops = bit_flops(s_coder.model, kinds, luma, [s_coder.bits] * frames, [s_coder.bits] * frames)
+    f_flops = bit_flops(f_coder.model, kinds, luma, [32] * frames, [32] * frames)
     d_flops = bit_flops(d_coder.model, kinds, luma, [w[0] for w in widths], [w[1] for w in widths])
     d_at8 = bit_flops(d_coder.model, kinds, luma, [8] * frames, [8] * frames)
     print(f"codec: Bit-FLOPs counted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for row, flops in ((static, s_flops), (dyn, d_flops)):
+    for row, flops in ((fp32, f_flops), (static, s_flops), (dyn, d_flops)):
         row["bit_flops_per_frame"] = float(np.mean(flops))
         row["relative_to_8bit_codec"] = float(np.mean(flops) / np.mean(s_flops))
         for f, v in zip(row["frames"], flops):
@@ -195,9 +201,10 @@ def part_codec(out: Path, static_path: Path, dynamic_path: Path, *, frames: int 
         counts[f"{rb}/{nb}"] = counts.get(f"{rb}/{nb}", 0) + 1
     dyn["widths"] = counts
     static["widths"] = {f"{s_coder.bits}/{s_coder.bits}": frames}
+    fp32["widths"] = {"32/32": frames}
     rows = [[r["codec"], r["kbps"], r["bpp"], r["psnr_yuv"], "yes" if r["exact"] else "NO",
              ", ".join(f"{k} x{v}" for k, v in r["widths"].items()), r["bit_flops_per_frame"] / 1e9,
-             100 * r["relative_to_8bit_codec"]] for r in (static, dyn)]
+             100 * r["relative_to_8bit_codec"]] for r in (fp32, static, dyn)]
     print_table(f"Learned video codec: a synthesized {clip.width}x{clip.height} clip, {frames} frames at {FPS:g} fps "
                 f"(one I frame, then P frames)",
                 ["codec", "kbps", "bpp", "PSNR-YUV dB", "exact decode", "widths ROI/rest x frames",
@@ -210,11 +217,14 @@ def part_codec(out: Path, static_path: Path, dynamic_path: Path, *, frames: int 
     sentence = (f"Codec: on a synthesized {clip.width}x{clip.height} clip the dynamic-precision codec spends "
                 f"{100 * dyn['relative_to_8bit_codec']:.0f}% of the 8-bit codec's Bit-FLOPs per frame "
                 f"(ROI/rest widths {', '.join(counts)}) at {dyn['kbps']:.0f} kbps and {dyn['psnr_yuv']:.1f} dB "
-                f"against {static['kbps']:.0f} kbps and {static['psnr_yuv']:.1f} dB, and {exact}.")
+                f"against {static['kbps']:.0f} kbps and {static['psnr_yuv']:.1f} dB (FP32: {fp32['kbps']:.0f} kbps, "
+                f"{fp32['psnr_yuv']:.1f} dB), and {exact}.")
     summary = {"sentence": sentence, "clip": {"frames": frames, "width": clip.width, "height": clip.height,
                                               "fps": FPS, "source": "synthesized (bitalloc.cli.demo_codec)"},
                "bit_flops": "SPEC convention: float MACs + BOPs / 64, every network of the frame's type",
-               "codecs": [static, dyn]}
+               "fp32": "the 8-bit codec's weights in float networks (bitalloc.codec.precision.float_codec); its "
+                       "stream decodes exactly only in the same process",
+               "codecs": [fp32, static, dyn]}
     write_json(out / "codec.json", summary)
     paths = [out / "codec.json"]
     from bitalloc.cli.demo import _plot

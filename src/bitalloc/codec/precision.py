@@ -194,3 +194,20 @@ def load_codec(path: str | os.PathLike) -> VideoCodec:
         raise CheckpointError(f"{path} does not fit the codec it describes ({str(exc).splitlines()[0][:200]}); "
                               f"{fix}") from None
     return model.eval()
+
+
+def float_codec(model: VideoCodec) -> VideoCodec:
+    """The FP32 codec with ``model``'s weights: the same sizes and weights (as stored, e.g. the float16-compacted
+    large tensors of a weights file, widened), every network in float, no quantizer and no width selector. For
+    comparisons: code with ``VideoCoder(float_codec(m), exact=False)`` (streams that decode in the same process)."""
+    import dataclasses
+
+    out = VideoCodec(dataclasses.replace(model.cfg, candidates=None))
+    state = {k.replace(".layer.", "."): v for k, v in model.state_dict().items()
+             if "quantizer." not in k and not k.startswith("selector.")}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"cannot carry the codec's weights into a float codec ({missing[:3]}, {unexpected[:3]})")
+    for coder in coders(out).values():
+        coder.update()  # its coding tables
+    return out.train(model.training)
