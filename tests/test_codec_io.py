@@ -259,7 +259,8 @@ def umask() -> int:
 def test_bad_inputs_are_one_line_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_video(tmp_path / "missing.mp4")
-    (tmp_path / "junk.mp4").write_bytes(os.urandom(2000))
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(2000))  # seeded: ~1 in 200 random files
+    # probes as a container without a video stream (another one-line error)
     with pytest.raises(DataError, match="not a readable video"):
         read_video(tmp_path / "junk.mp4")
     f = rgb_to_yuv420(smooth_rgb(6, 48, 64))
