@@ -291,7 +291,7 @@ def run_info(args: argparse.Namespace) -> int:
         if args.layers:
             print_table("layers (bits: weights / activations; 4/8/16 = chosen per frame and region)",
                         ["network", "layer", "type", "status", "weight bits", "act bits", "why"],
-                        [[r["network"], r["layer"], r["type"], r["status"], r["weight_bits"], r["act_bits"], r["reason"]]
+                        [[r[k] for k in ("network", "layer", "type", "status", "weight_bits", "act_bits", "reason")]
                          for r in desc["layers"]])
         if args.json:
             write_json(args.json, desc, overwrite=True)

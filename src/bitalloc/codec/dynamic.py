@@ -11,8 +11,8 @@ region's width). Exceptions, listed by ``bitalloc codec info``: the layers that 
 16-bit grid (:data:`bitalloc.codec.precision.WIDE_LAYERS`; an 8-bit or narrower grid there adds noise comparable to
 the finest quantization step), the layers that read an encoder's input (the frame, the residual) and the whole
 hyper analysis keep a fixed 8-bit grid (:data:`bitalloc.codec.precision.FIXED_8BIT_LAYERS`; at 4 bits the frame's
-grid alone caps the I frames at 31.6 dB, and a 4-bit hyper analysis triples the rate at low quality), and the encoders' simplified GDN stays in float (not a layer bitalloc
-quantizes).
+grid alone caps the I frames at 31.6 dB, and a 4-bit hyper analysis triples the rate at low quality), and the
+encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
 
 **The ROI** comes from a pluggable source (:mod:`bitalloc.codec.roi`, default spectral-residual saliency) on the
 frame's luma; it is brought to latent resolution (1/16, rule "any": a 16x16 block is ROI if any of its pixels is)
@@ -60,17 +60,16 @@ def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
     # clips the decoder activations so hard that 200 fine-tuning steps leave 8/8 at +32% BD-rate against FP32)
     w = TensorConfig(bits=default, granularity="channel", symmetric=True, quantizer="lsq_region", options=opts)
     a = TensorConfig(bits=default, granularity="tensor", quantizer="lsq_region", options=dict(opts))
-    overrides = []
-    for pattern, change in WIDE_LAYERS.get(part, {}).items():
-        # min-max calibrated fixed grids: at 16 bits there is nothing to learn, and a learned 16-bit step is a
-        # parameter ~1e-5 of its range that an optimizer's update would move by many times its size
-        wide: dict[str, Any] = {"weight.quantizer": "fixed", "weight.options": {}, "act.quantizer": "fixed",
-                                "act.options": {}, "act.bits": 16}
-        wide["weight.bits"] = change.get("weight.bits", 8)
-        overrides.append((pattern, wide))
-    for pattern in FIXED_8BIT_LAYERS.get(part, ()):
-        overrides.append((pattern, {"weight.quantizer": "fixed", "weight.options": {}, "act.quantizer": "fixed",
-                                    "act.options": {}, "weight.bits": 8, "act.bits": 8}))
+
+    def fixed(w_bits: int, a_bits: int) -> dict[str, Any]:
+        # min-max calibrated fixed grids: at 16 bits there is nothing to learn (and a learned 16-bit step is a
+        # parameter ~1e-5 of its range that an optimizer's update would move by many times its size)
+        return {"weight.quantizer": "fixed", "weight.options": {}, "weight.bits": w_bits,
+                "act.quantizer": "fixed", "act.options": {}, "act.bits": a_bits}
+
+    overrides = [(pattern, fixed(change.get("weight.bits", 8), 16))
+                 for pattern, change in WIDE_LAYERS.get(part, {}).items()]
+    overrides += [(pattern, fixed(8, 8)) for pattern in FIXED_8BIT_LAYERS.get(part, ())]
     return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
                        fold_bn=False).validate()
 

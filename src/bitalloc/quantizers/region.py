@@ -310,8 +310,8 @@ def candidate_widths(cfg: TensorConfig) -> tuple[int, ...]:
 class RegionLSQQuantizer(LearnedQuantizer):
     """Multi-width LSQ quantizer with region-masked widths (module docstring). Registry name ``"lsq_region"``.
 
-    Parameters: ``log_steps`` ([K] or [K, C]; ``steps`` = exp of it). Plain attributes (not state): ``region`` (the current
-    :class:`RegionContext` or None) and ``branch`` (a candidate index forced by a split layer, or None).
+    Parameters: ``log_steps`` ([K] or [K, C]; ``steps`` = exp of it). Plain attributes (not state): ``region``
+    (the current :class:`RegionContext` or None) and ``branch`` (a candidate index forced by a split layer, or None).
     """
 
     kind = "lsq_region"

@@ -31,11 +31,15 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+#: the width selector's lr as a multiple of the base lr (CodecObjective.selector_lr_scale)
+SELECTOR_LR_SCALE = 1000.0
+
+
 class CodecObjective(Objective):
     """Rate-distortion objective of :class:`bitalloc.codec.model.VideoCodec` (see the module docstring)."""
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
-                 gamma: float | None = None, selector_lr_scale: float = 1000.0, step_lr_scale: float = 100.0,
+                 gamma: float | None = None, selector_lr_scale: float = SELECTOR_LR_SCALE, step_lr_scale: float = 100.0,
                  freeze_codec: bool = False):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
@@ -138,7 +142,7 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
                 image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False,
-                selector_lr_scale: float = 1000.0) -> Any:
+                selector_lr_scale: float = SELECTOR_LR_SCALE) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
@@ -146,9 +150,9 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
 
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
                        image_share=image_share)
-    return fit(model, data, None, cfg, objective=CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
-                                                           selector_lr_scale=selector_lr_scale),
-               callbacks=callbacks)
+    objective = CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
+                               selector_lr_scale=selector_lr_scale)
+    return fit(model, data, None, cfg, objective=objective, callbacks=callbacks)
 
 
 # ---- command line: bitalloc codec train ------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
                                                "(R + lambda D + gamma C)")
     p.add_argument("--selector-lr-scale", type=float,
-                   help="dynamic: the width selector's lr as a multiple of --lr (default 1000)")
+                   help=f"dynamic: the width selector's lr as a multiple of --lr (default {SELECTOR_LR_SCALE:g})")
     p.add_argument("--freeze-codec", action="store_true",
                    help="dynamic: train only the width selector and the quantizers' steps (the codec's weights stay)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
@@ -305,7 +309,7 @@ def run_train_cli(args: Any) -> int:
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
                 gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec,
-                selector_lr_scale=args.selector_lr_scale or 1000.0)
+                selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE)
     if args.stage in ("qat", "dynamic"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
