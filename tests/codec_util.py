@@ -63,6 +63,11 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
     for coder in coders(model).values():
         with torch.no_grad():
             coder.log_hyper_gain[0].fill_(math.log(30.0))
+            # the nonlinear branches start at zero output (their last convolution is zero-initialised): give them
+            # some, so that the region-quantized layers of analysis and synthesis change the reconstruction
+            for conv in coder.modules():
+                if isinstance(conv, torch.nn.Conv2d) and not bool(conv.weight.any()):
+                    conv.weight.normal_(0.0, 0.05)
     prepare_dynamic(model)
     calibrate_on(model, moving_video(3, 64, 64))
     k = len(candidates)

@@ -108,7 +108,8 @@ def test_sensitivity_then_ptq_budget_then_config_and_lsq(user, capsys, tmp_path)
 
 def test_ptq_budget_errors(user, capsys, tmp_path):
     common = [*_net(user), "--inputs", str(user / "data.pt"), "--calib", "16", "--out", str(tmp_path / "o")]
-    for extra, message in ((["--budget", "latency=3ms"], "latency budgets are not supported"),
+    for extra, message in ((["--budget", "bops=W4A8", "--latency-batch", "2"], "latency budgets"),
+                           (["--budget", "latency=3 parsecs"], "latency"),
                            (["--candidates", "4x4"], "--budget"),
                            (["--budget", "bops=0.01%", "--candidates", "8x8,4x4"], "cheapest"),
                            (["--budget", "flops=3"], "KIND=VALUE")):
@@ -151,6 +152,34 @@ def test_sweep_budget_fronts(user, capsys, tmp_path):
     code, _, err = run(["sweep", "--method", "lsq", "--bits", "4", "--candidates", "4x4", "--model", "lenet5",
                         "--out-dir", str(out)], capsys)
     assert code == 2 and "--budget" in err
+
+
+def test_latency_budget_from_the_command_line(user, capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    common = [*_net(user), "--inputs", str(user / "data.pt"), "--calib", "16", "--first-last-bits", "none"]
+    code, out, err = run(["sensitivity", *common, "--candidates", "8x8,f", "--latency", "--latency-threads", "1",
+                          "--latency-batch", "2", "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    lat = json.loads((tmp_path / "s" / "sensitivity.json").read_text())["latency"]
+    assert (lat["threads"], lat["batch"], [r["name"] for r in lat["layers"]]) == (1, 2, ["conv", "dw", "pw", "fc"])
+    assert "onnxruntime latency per layer" in out
+    code, out, err = run(["ptq", *common, "--budget", "latency=100%", "--sensitivity", str(tmp_path / "s"),
+                          "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    check = json.loads((tmp_path / "o" / "report.json").read_text())["search"]["check"]
+    assert check["latency"]["fp32_ms"] > 0 and check["latency"]["batch"] == 2
+    assert check["cost"]["predicted"]["latency_ms"] <= check["cost"]["limit"] * (1 + 1e-12)
+    assert "onnxruntime latency (ms" in out
+    code, out, err = run(["sweep", "--budget", "latency=100%,W8A8", *_net(user), "--dataset", "imagefolder",
+                          "--data", str(user / "img"), "--calib", "6", "--candidates", "8x8,f", "--first-last-bits",
+                          "none", "--latency-threads", "1", "--out-dir", str(tmp_path / "sw")], capsys)
+    assert code == 0, err
+    points = {p["name"]: p for p in json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"]}
+    assert set(points) == {"mixed-latency-100pct", "mixed-latency-W8A8", "uniform-W8A8"}
+    assert points["mixed-latency-W8A8"]["predicted_latency_ms"] <= points["uniform-W8A8"]["predicted_latency_ms"] + 1e-12
+    # latency options without a latency measurement are errors
+    code, _, err = run(["sensitivity", *common, "--latency-batch", "2", "--out", str(tmp_path / "s2")], capsys)
+    assert code == 2 and "--latency" in err
 
 
 def test_sensitivity_command_errors(user, capsys, tmp_path):

@@ -28,7 +28,8 @@ from bitalloc.errors import ConfigError
 
 #: options of the budget mode only (sweep dests); the training sweep's own options are refused with --budget
 BUDGET_OPTIONS = ("budget", "uniform", "checkpoint", "calib", "split", "seed", "limit", "cache_dir", "candidates",
-                  "metric", "sensitivity", "config", "trust_code", "weights", "model_kwargs") + QUANT_OPTIONS
+                  "metric", "sensitivity", "config", "trust_code", "weights", "model_kwargs", "latency_batch",
+                  "latency_threads") + QUANT_OPTIONS
 TRAIN_OPTIONS = ("method", "mu", "bits", "epochs", "steps", "init", "fp32", "tag", "retrain", "progress")
 
 
@@ -95,7 +96,7 @@ def _slug(text: str) -> str:
 def run_budget_sweep(args: argparse.Namespace) -> int:
     from bitalloc import models
     from bitalloc.cli.common import batches, load_model, load_splits
-    from bitalloc.cli.sensitivity import compute, load_sensitivity
+    from bitalloc.cli.sensitivity import compute, load_sensitivity, with_latency
     from bitalloc.cli.sweep import write_outputs
     from bitalloc.io import write_json
     from bitalloc.ptq import run_ptq
@@ -120,6 +121,8 @@ def run_budget_sweep(args: argparse.Namespace) -> int:
         sens = load_sensitivity(args.sensitivity, cfg, args.calib)
     else:
         sens = compute(model, cfg, calib_batches, args, reference_bits=tuple(uniform))
+    if any(b.kind == "latency" for b in budgets):
+        sens = with_latency(model, sens, calib_batches, args)
     masks: dict[int, np.ndarray] = {}
     evaluate = masked_eval_fn(evaluation, args.eval_batch_size, masks)
     fp32_top1, fp32_s = evaluate(model)
@@ -138,19 +141,22 @@ def run_budget_sweep(args: argparse.Namespace) -> int:
         print(f"sweep: {pname}: top-1 {r['top1']:.2f}% at {100 * r['relative_bops']:.3f}% relative BOPs, "
               f"{r['memory_bits'] / 8e6:.4g} MB", file=sys.stderr)
 
+    def latency_of(choice: dict[str, Any]) -> dict[str, float]:
+        return ({"predicted_latency_ms": sens.total_cost("latency_ms", choice)} if sens.latency is not None else {})
+
     for b in budgets:
         found = search(sens, b)
         pname = f"mixed-{b.kind}-{_slug(b.text.partition('=')[2])}"
         path = write_json(out_dir / f"{pname}.json", found.config.to_dict())
         point(f"mixed {label}", pname, found.config,
               {"setting": {"budget": b.text}, "config": str(path), "predicted_damage": found.predicted,
-               "widths": found.to_dict()["widths"]})
+               "widths": found.to_dict()["widths"], **latency_of(found.choice)})
     for w in uniform:
         patches = {n: sens.patches[i][sens.cost_index(w)] for i, n in enumerate(sens.layers)}
         from bitalloc.search.space import searched_config
 
         point(f"uniform {label}", f"uniform-{w.label}", searched_config(cfg, patches),
-              {"setting": {"w_bits": w.w_bits, "a_bits": w.a_bits}})
+              {"setting": {"w_bits": w.w_bits, "a_bits": w.a_bits}, **latency_of({n: w for n in sens.layers})})
     paths, merged = write_outputs(out_dir, done, plots=plots)
     if plots:
         series: dict[str, list[tuple[float, float]]] = {}

@@ -90,11 +90,13 @@ def run(args: argparse.Namespace) -> int:
                     [[a["samples"], a["top1_agreement"], a["cosine"], a["cosine_min"], a["sqnr_db"], a["nn_agreement"]]])
     write_json(out / "report.json", report)
     print(f"report: {out / 'report.json'}", file=sys.stderr)
-    if not args.no_plot:
+    quantized = [l for l in report["layers"] if l.get("status") == "quantized"]
+    if not args.no_plot and not quantized:
+        print("bit map: skipped (no layer is quantized)", file=sys.stderr)
+    elif not args.no_plot:
         from bitalloc.report.plots import bit_heatmap
 
-        png = bit_heatmap([l for l in report["layers"] if l.get("status") == "quantized"], out / "bitmap.png",
-                          title=f"{name}: {label}")
+        png = bit_heatmap(quantized, out / "bitmap.png", title=f"{name}: {label}")
         print(f"bit map: {png}", file=sys.stderr)
     if args.save_model:
         from bitalloc.model.serialize import save_quantized

@@ -37,11 +37,17 @@ def add_search_args(p: argparse.ArgumentParser, *, group: str = "sensitivity") -
                    help="damage measured on the calibration data: kl (KL divergence of the outputs from the float "
                         "outputs; default), loss (cross-entropy increase; needs labels) or mse (outputs that are not "
                         "class scores)")
+    g.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                   help="batch size of the per-layer onnxruntime latencies of latency budgets (default 1)")
+    g.add_argument("--latency-threads", type=int, default=2, metavar="N",
+                   help="onnxruntime threads for those latencies (default 2)")
 
 
 def sensitivity_options_given(args: argparse.Namespace) -> list[str]:
     return [f for f, d in (("--candidates", "candidates"), ("--metric", "metric"), ("--hessian", "hessian"),
-                           ("--hutchinson", "hutchinson"), ("--sensitivity", "sensitivity")) if d in given(args)]
+                           ("--hutchinson", "hutchinson"), ("--sensitivity", "sensitivity"),
+                           ("--latency-batch", "latency_batch"), ("--latency-threads", "latency_threads"))
+            if d in given(args)]
 
 
 def register(sub: Any) -> None:
@@ -58,17 +64,20 @@ def register(sub: Any) -> None:
                    help="also estimate the damage from Hessian traces (Hutchinson, HAWQ-v2)")
     p.add_argument("--hutchinson", type=int, default=16, metavar="N",
                    help="Rademacher vectors of the Hutchinson estimate (default 16; with --hessian)")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure each layer's onnxruntime latency, int8 against float (the cost table of "
+                        "--budget latency=...; --latency-batch, --latency-threads)")
     p.add_argument("--out", default="runs/sensitivity",
                    help="output folder (sensitivity.json, sensitivity.pt, sensitivity.png; default runs/sensitivity)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG heat map")
     p.set_defaults(func=run)
 
 
-def progress_bar(total: int, desc: str = "sensitivity") -> Any:
+def progress_bar(total: int, desc: str = "sensitivity", unit: str = "layer x width") -> Any:
     """A progress display over ``total`` (layer, candidate) pairs (bars on a terminal, log lines otherwise)."""
     from bitalloc.train.progress import Progress
 
-    return Progress(total, desc, unit="layer x width")
+    return Progress(total, desc, unit=unit)
 
 
 def compute(model: Any, cfg: Any, calib: list, args: argparse.Namespace, *, reference_bits: tuple = (),
@@ -96,6 +105,29 @@ def compute(model: Any, cfg: Any, calib: list, args: argparse.Namespace, *, refe
     return sens
 
 
+def with_latency(model: Any, sens: Any, calib: list, args: argparse.Namespace) -> Any:
+    """``sens`` with its per-layer onnxruntime latency table (measured here unless it has one), for a batch of
+    ``--latency-batch`` calibration samples on ``--latency-threads`` threads."""
+    from bitalloc.batches import batch_inputs, batch_size, cut_inputs
+    from bitalloc.search.latency import add_latency
+
+    if sens.latency is not None:
+        return sens
+    for flag in ("latency_batch", "latency_threads"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
+    x = batch_inputs(calib[0])
+    if batch_size(x) < args.latency_batch:
+        raise ConfigError(f"--latency-batch {args.latency_batch} is larger than a calibration batch "
+                          f"({batch_size(x)}); lower it")
+    bar = progress_bar(2 * len(sens.layers), desc="latency (export, then time)", unit="layer")
+    try:
+        return add_latency(model, sens, cut_inputs(x, args.latency_batch), threads=args.latency_threads,
+                           progress=lambda n, total: bar.update(n))
+    finally:
+        bar.close()
+
+
 def print_sensitivity(sens: Any) -> None:
     from bitalloc.report.tables import print_table
 
@@ -105,6 +137,14 @@ def print_sensitivity(sens: Any) -> None:
     if sens.hessian is not None:
         rows = [[n, sens.types[i], sens.macs[i]] + [float(v) for v in sens.hessian[i]] for i, n in enumerate(sens.layers)]
         print_table("Hutchinson estimate (1/2 tr(H)/n ||dW||^2 + 1/2 tr(H)/n ||dX||^2)", cols, rows)
+    if sens.latency is not None:
+        lat = sens.latency
+        print_table(f"onnxruntime latency per layer (ms; batch {lat['batch']}, {lat['threads']} threads; the cost of "
+                    f"a call subtracted; FP32 model {lat['fp32_model_ms']:.3f} ms)",
+                    ["layer", "input", "float", "int8", "int8 / float", "int8 kernel", "int8 with Q/DQ", "call"],
+                    [[r["name"], "x".join(map(str, r["input_shape"])), r["float_ms"], r["int8_ms"],
+                      r["int8_ms"] / r["float_ms"] if r["float_ms"] > 0 else None, "yes" if r["int8_kernel"] else "no",
+                      r["int8_alone_ms"], r["call_ms"]] for r in lat["layers"]])
     if sens.excluded:
         print_table("Not searched", ["layer", "reason"], [[e["name"], e["reason"]] for e in sens.excluded])
 
@@ -161,7 +201,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     data = model_data(args, model, name, ckpt_dataset, need_eval=False)
     calib = data.calib
+    if not args.latency and any(k in given(args) for k in ("latency_batch", "latency_threads")):
+        raise ConfigError("--latency-batch / --latency-threads set the latency measurement, which only --latency "
+                          "makes; add --latency")
     sens = compute(model, cfg, calib, args, hessian=args.hessian, hutchinson=args.hutchinson)
+    if args.latency:
+        sens = with_latency(model, sens, calib, args)
     print_sensitivity(sens)
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in sens.seconds.items())
     print(f"{len(sens.layers)} layers x {len(sens.candidates)} candidates ({sens.engine}): {secs}", file=sys.stderr)
@@ -192,6 +237,11 @@ def search_for_ptq(args: argparse.Namespace, model: Any, cfg: Any, calib: list) 
     else:
         refs = (budget.uniform,) if budget.uniform is not None else ()
         sens = compute(model, cfg, calib, args, reference_bits=refs)
+    if budget.kind == "latency":
+        sens = with_latency(model, sens, calib, args)
+    elif any(k in given(args) for k in ("latency_batch", "latency_threads")):
+        raise ConfigError("--latency-batch / --latency-threads belong to latency budgets; drop them, or give "
+                          "--budget latency=...")
     return search(sens, budget)
 
 
@@ -217,6 +267,13 @@ def finish_search(args: argparse.Namespace, model: Any, found: Any, calib: list,
                   c["predicted"]["memory_bits"] / 8e6],
                  ["measured", check["measured_damage"], check.get("measured_top1"), check.get("measured_agreement"),
                   100 * c["counted"]["relative_bops"], c["counted"]["memory_bits"] / 8e6]])
+    if "latency" in check:
+        lat = check["latency"]
+        print_table(f"onnxruntime latency (ms; batch {lat['batch']}, {lat['threads']} threads; budget {c['limit']:.4g} ms)",
+                    ["", "FP32 model", "searched configuration", "int8 / float kernels"],
+                    [["predicted (sum of layers)", sens.latency["fp32_model_ms"], c["predicted"]["latency_ms"], ""],
+                     ["measured (whole model)", lat["fp32_ms"], lat["quantized_ms"],
+                      f"{lat['int8_ops']} / {lat['float_ops']}"]])
     if not (c["budget_met"] and c["cost_matches"]):
         print(f"warning: the cost report counts {c['counted']} against the predicted {c['predicted']} and the limit "
               f"{c['limit']:.6g}", file=sys.stderr)

@@ -10,9 +10,9 @@ the rest. Layers compute each region at its width ("split" execution: per output
 region's width). Exceptions, listed by ``bitalloc codec info``: the layers that read decoded latents keep a fixed
 16-bit grid (:data:`bitalloc.codec.precision.WIDE_LAYERS`; an 8-bit or narrower grid there adds noise comparable to
 the finest quantization step), the layers that read an encoder's input (the frame, the residual) and the whole
-hyper analysis keep a fixed 8-bit grid (:data:`bitalloc.codec.precision.FIXED_8BIT_LAYERS`; at 4 bits the frame's
-grid alone caps the I frames at 31.6 dB, and a 4-bit hyper analysis triples the rate at low quality), and the
-encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
+hyperprior keep a fixed 8-bit grid (:data:`bitalloc.codec.precision.FIXED_8BIT_LAYERS`; at 4 bits the frame's
+grid alone caps the I frames at 31.6 dB, a 4-bit hyper analysis triples the rate at low quality, and a 4-bit hyper
+synthesis costs +7-9% BD-rate), and the encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
 
 **The ROI** comes from a pluggable source (:mod:`bitalloc.codec.roi`, default spectral-residual saliency) on the
 frame's luma; it is brought to latent resolution (1/16, rule "any": a 16x16 block is ROI if any of its pixels is)
@@ -67,9 +67,9 @@ def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
         return {"weight.quantizer": "fixed", "weight.options": {}, "weight.bits": w_bits,
                 "act.quantizer": "fixed", "act.options": {}, "act.bits": a_bits}
 
-    overrides = [(pattern, fixed(change.get("weight.bits", 8), 16))
-                 for pattern, change in WIDE_LAYERS.get(part, {}).items()]
-    overrides += [(pattern, fixed(8, 8)) for pattern in FIXED_8BIT_LAYERS.get(part, ())]
+    overrides = [(pattern, fixed(8, 8)) for pattern in FIXED_8BIT_LAYERS.get(part, ())]
+    overrides += [(pattern, fixed(change.get("weight.bits", 8), 16))  # later overrides win: 16-bit inputs stay
+                  for pattern, change in WIDE_LAYERS.get(part, {}).items()]
     return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
                        fold_bn=False).validate()
 

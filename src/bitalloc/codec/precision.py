@@ -63,13 +63,17 @@ WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 
 
 #: with dynamic precision, layers that keep a fixed 8-bit grid (min-max calibrated), as bitalloc keeps first layers
 #: at 8 bits elsewhere: those that read an encoder's input (the frame or the motion-compensated residual: the block
-#: transform and the first convolution of the analysis), and the whole hyper analysis (the latents' magnitudes in,
-#: the hyper-latents out: an encoder-only network at 1/16 and 1/32 of the resolution, a few percent of the MACs).
-#: Measured on carphone (4 frames, every other layer at 4 bits): a 4-bit grid on the frame caps the I frames at
-#: 31.6 dB (35.9 dB at 8 bits); 4-bit |y| into the residual hyper analysis doubles the P frames' rate at level 5,
-#: and the hyper analysis' inner layers at 4 bits triple the I frames' rate at level 1 (a poor hyper-latent, poor
-#: scales). With these layers at 8 bits the codec at 4 bits everywhere else stays within 0.1 dB of the FP32 codec.
-FIXED_8BIT_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_analysis": ("*",)}
+#: transform and the first convolution of the analysis), and the whole hyperprior (hyper analysis and hyper
+#: synthesis: the path from the latents' magnitudes to the entropy model's scales, at 1/16 to 1/64 of the
+#: resolution, about a tenth of the MACs). Measured on carphone (4 frames, every other layer at 4 bits): a 4-bit grid
+#: on the frame caps the I frames at 31.6 dB (35.9 dB at 8 bits); 4-bit |y| into the residual hyper analysis doubles
+#: the P frames' rate at level 5, and the hyper analysis' inner layers at 4 bits triple the I frames' rate at level 1
+#: (a poor hyper-latent, poor scales). On carphone and tree (16 frames, levels 1-7), the hyper synthesis at 4 bits
+#: (the rest at 4 bits too) costs +6.6% / +8.9% BD-rate (scales predicted on a 4-bit grid fit the latents worse):
+#: +6.62% / +2.83% against the FP32 codec, +0.01% / -6.11% with it at 8 bits. With these layers at 8 bits the codec
+#: at 4 bits everywhere else stays within about 0.1 dB of the FP32 codec. WIDE_LAYERS win where both match.
+FIXED_8BIT_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_analysis": ("*",),
+                     "hyper_synthesis": ("*",)}
 
 
 def decoder_quant_config(bits: int = 8, quantizer: str = "lsq", part: str | None = None) -> QuantConfig:

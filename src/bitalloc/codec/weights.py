@@ -115,7 +115,8 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
                     why = "reads decoded latents: fixed 16-bit input grid (WIDE_LAYERS)"
                 elif any(match_pattern(p, r.name, r.type) for p in FIXED_8BIT_LAYERS.get(part, ())):
                     why = ("fixed 8-bit grid (FIXED_8BIT_LAYERS): "
-                           + ("reads the frame or residual" if part == "analysis" else "hyper analysis"))
+                           + ("reads the frame or residual" if part == "analysis"
+                              else "hyperprior (the entropy model's scales)"))
                 else:
                     why = "decoder network at the codec's precision"
                 rows.append({"network": f"{cname}.{part}", "layer": r.name, "type": r.type, "status": r.status,

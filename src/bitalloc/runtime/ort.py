@@ -215,8 +215,9 @@ def measure_latency(session: Any, x: Any, *, runs: int = 20, warmup: int = 3) ->
 
 def interleaved_latency(sessions: dict[str, Any], x: Any, *, runs: int = 20, warmup: int = 3,
                         block: int = 5, pause: float = 0.1, min_seconds: float = 1.0,
-                        turn_seconds: float = 0.05) -> dict[str, Latency]:
+                        turn_seconds: float = 0.05, inputs: dict[str, Any] | None = None) -> dict[str, Latency]:
     """Latency of several sessions on the same batch, measured in turns (fair under background load).
+    ``inputs``: a batch per session (by key) for sessions that take other inputs than ``x`` (e.g. uint8 codes).
 
     Each turn of a session starts with a pause of ``pause`` seconds and one untimed run, then ``block``
     timed runs; turns repeat until each session has at least ``runs`` timed runs and ``min_seconds`` of timed
@@ -229,7 +230,7 @@ def interleaved_latency(sessions: dict[str, Any], x: Any, *, runs: int = 20, war
     EfficientNet-Lite0, 2 threads, batch 1: FP32 12.3 ms and static int8 6.9 ms interleaved without a pause,
     4.9 ms and 2.2 ms with a 50 ms pause, 7.7 ms and 2.8 ms timed one model at a time).
     """
-    feeds = {k: _feed_of(s, x) for k, s in sessions.items()}
+    feeds = {k: _feed_of(s, (inputs or {}).get(k, x)) for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[k])

@@ -8,8 +8,10 @@ Budgets (``parse_budget``), as ``KIND=VALUE``:
 * ``size=1.2MB``: model memory as the cost report counts it: weights at their widths, biases, float layers and
   other parameters at 32 bits, quantization metadata (scales, zero points, corrections) included; units B, KB,
   MB, GB (powers of 1000), KiB, MiB, GiB, bits; ``size=15%`` of the FP32 model; ``size=W4A8`` as above.
-* ``latency=...`` is refused with an error: per-layer latencies measured with onnxruntime are not provided
-  (see :func:`parse_budget`).
+* ``latency=5ms`` (also ``us``, ``s``): the network's latency per batch in onnxruntime on this machine, from
+  per-layer measurements of int8 against float kernels (:mod:`bitalloc.search.latency`; the sensitivity must
+  carry that table: :func:`~bitalloc.search.latency.add_latency`); ``latency=60%`` of the FP32 model's measured
+  latency; ``latency=W8A8``. With candidates such as ``8x8,f`` this chooses which layers stay float.
 
 :func:`search` solves the multiple-choice knapsack exactly (:mod:`bitalloc.search.knapsack`) over the
 sensitivity's damages and costs and returns an ordinary :class:`~bitalloc.config.QuantConfig`
@@ -18,7 +20,9 @@ measures how far that holds for the configuration chosen: the damage of the whol
 calibration samples against the sum of the layers' damages, the outputs against the float outputs plus the sum
 of each layer's output change (from which a predicted top-1 and top-1 agreement with FP32 on the calibration
 samples follow), each layer's measured share (the damage that disappears when that layer alone returns to float,
-against its predicted damage), and the cost as the cost report counts it against the budget.
+against its predicted damage), and the cost as the cost report counts it against the budget (for a latency
+budget: the chosen configuration exported whole and timed in onnxruntime against the summed per-layer prediction;
+met within LATENCY_TOLERANCE of the budget, additive within LATENCY_ADDITIVITY).
 """
 
 from __future__ import annotations
@@ -40,24 +44,30 @@ from bitalloc.errors import ConfigError
 from bitalloc.model.layers import quant_layers
 from bitalloc.model.prepare import prepare
 from bitalloc.search.knapsack import solve
+from bitalloc.search.latency import LATENCY_KEY, parse_time
 from bitalloc.search.sensitivity import Sensitivity, calibration_batches, damage
 from bitalloc.search.space import Candidate, searched_config
 from bitalloc.search.suffix import SuffixRunner
 
 KINDS = ("bops", "size", "latency")
-_COST_KEY = {"bops": "bops", "size": "memory_bits"}
+_COST_KEY = {"bops": "bops", "size": "memory_bits", "latency": LATENCY_KEY}
+_UNIT = {"bops": "BOPs", "size": "bits", "latency": "ms"}
 _SIZE_UNITS = {"b": 8.0, "kb": 8e3, "mb": 8e6, "gb": 8e9, "kib": 8 * 1024.0, "mib": 8 * 1024.0 ** 2,
                "gib": 8 * 1024.0 ** 3, "bits": 1.0, "bit": 1.0}
 _COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-LATENCY_UNSUPPORTED = ("latency budgets are not supported: bitalloc does not measure per-layer onnxruntime latencies "
-                       "(int8 against float) that it could add up reliably; give --budget bops=... (e.g. bops=2.5% or "
-                       "bops=W4A8) or size=... (e.g. size=1.2MB), and measure the result with `bitalloc bench cpu`")
+#: a latency budget counts as met when the whole exported configuration measures within this share of it (timing
+#: noise), and the per-layer sum as matching the whole within LATENCY_ADDITIVITY
+LATENCY_TOLERANCE, LATENCY_ADDITIVITY = 0.05, 0.15
+NO_LATENCY = ("a latency budget needs per-layer onnxruntime latencies, and this sensitivity has none; measure them "
+              "with bitalloc.search.latency.add_latency (the CLI does this for --budget latency=...), or use a bops= or "
+              "size= budget")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget: ``kind`` ("bops" or "size"), ``mode`` ("relative": ``value`` is a fraction; "absolute":
-    BOPs or bits; "uniform": the cost of ``uniform`` at every searched layer) and the text it came from."""
+    """A budget: ``kind`` ("bops", "size" or "latency"), ``mode`` ("relative": ``value`` is a fraction;
+    "absolute": BOPs, bits or milliseconds; "uniform": the cost of ``uniform`` at every searched layer) and the
+    text it came from."""
 
     kind: str
     mode: str
@@ -70,13 +80,16 @@ class Budget:
         return _COST_KEY[self.kind]
 
     def limit(self, sens: Sensitivity) -> float:
-        """The budget in BOPs or bits for the network of ``sens``."""
+        """The budget in BOPs, bits or milliseconds for the network of ``sens``."""
+        if self.kind == "latency" and (sens.latency is None or LATENCY_KEY not in sens.costs):
+            raise ConfigError(NO_LATENCY)
         if self.mode == "uniform":
             assert self.uniform is not None
             j = sens.cost_index(self.uniform)
             return sens.fixed[self.cost_key] + float(sens.costs[self.cost_key][:, j].sum())
         if self.mode == "relative":
-            base = 1024.0 * sens.total_macs if self.kind == "bops" else sens.fp32_memory_bits
+            base = {"bops": 1024.0 * sens.total_macs, "size": sens.fp32_memory_bits,
+                    "latency": float((sens.latency or {}).get("fp32_model_ms", 0.0))}[self.kind]
             return self.value * base
         return self.value
 
@@ -86,10 +99,8 @@ def parse_budget(text: str) -> Budget:
     kind, sep, value = str(text).partition("=")
     kind, value = kind.strip().lower(), value.strip()
     if not sep or kind not in KINDS or not value:
-        raise ConfigError(f"budget {text!r}: give KIND=VALUE with KIND bops or size, e.g. bops=2.5%, bops=W4A8, "
-                          "size=1.2MB")
-    if kind == "latency":
-        raise ConfigError(LATENCY_UNSUPPORTED)
+        raise ConfigError(f"budget {text!r}: give KIND=VALUE with KIND bops, size or latency, e.g. bops=2.5%, "
+                          "bops=W4A8, size=1.2MB, latency=5ms")
     if re.fullmatch(r"[wW](\d+|f)[aA](\d+|f)", value):
         return Budget(kind, "uniform", uniform=Candidate.parse(value), text=text)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*([A-Za-z%]*)", value)
@@ -103,6 +114,8 @@ def parse_budget(text: str) -> Budget:
             raise ConfigError(f"budget {text!r}: a percentage of the FP32 model above 100% bounds nothing; give at "
                               "most 100%")
         return Budget(kind, "relative", number / 100.0, text=text)
+    if kind == "latency":
+        return Budget(kind, "absolute", parse_time(value), text=text)
     if kind == "bops":
         if unit not in _COUNT:
             raise ConfigError(f"budget {text!r}: BOPs take the suffixes K, M, G, T (or % for relative BOPs)")
@@ -153,7 +166,7 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget.text, "kind": self.budget.kind, "limit": self.limit,
-                "limit_unit": "BOPs" if self.budget.kind == "bops" else "bits", "metric": self.metric,
+                "limit_unit": _UNIT[self.budget.kind], "metric": self.metric,
                 "predicted_damage": self.predicted, "cost": self.cost, "solver": self.solver,
                 "solve_seconds": self.seconds, "layers": self.layers,
                 "widths": {c.label: sum(1 for v in self.choice.values() if v == c)
@@ -170,24 +183,25 @@ def search(sens: Sensitivity, budget: Budget | str, *, method: str = "auto") -> 
     cols = [sens.cost_index(c) for c in sens.candidates]
     costs = sens.costs[key][:, cols]
     capacity = limit - sens.fixed[key]
-    what = "BOPs" if key == "bops" else "bits"
+    what = _UNIT[budget.kind]
     least = float(costs.min(axis=1).sum())
     if capacity < least:
         cheapest = sens.fixed[key] + least
-        shown = (f"{100 * cheapest / (1024 * sens.total_macs):.4g}% relative BOPs" if key == "bops"
-                 else f"{cheapest / 8e6:.4g} MB")
+        shown = {"bops": f"{100 * cheapest / (1024 * sens.total_macs):.4g}% relative BOPs",
+                 "size": f"{cheapest / 8e6:.4g} MB", "latency": f"{cheapest:.4g} ms"}[budget.kind]
         raise ConfigError(f"budget {budget.text}: below the cheapest configuration of these candidates ({shown}: "
-                          f"every searched layer at its cheapest width, the others as configured); raise the budget "
-                          "or add narrower candidates (--candidates)")
+                          f"every searched layer at its cheapest width, the others as configured); raise the budget"
+                          + (" (measured: nothing runs faster on this machine)" if budget.kind == "latency"
+                             else " or add narrower candidates (--candidates)"))
     sol = solve(sens.values.tolist(), costs.tolist(), capacity, method=method)
     choice = {n: sens.candidates[j] for n, j in zip(sens.layers, sol.choice)}
     patches = {n: sens.patches[i][cols[j]] for i, (n, j) in enumerate(zip(sens.layers, sol.choice))}
     config = searched_config(QuantConfig.from_dict(sens.config), patches)
-    cost = {k: sens.total_cost(k, choice) for k in ("bops", "memory_bits")}
+    cost = {k: sens.total_cost(k, choice) for k in ("bops", "memory_bits", LATENCY_KEY) if k in sens.costs}
     cost["relative_bops"] = cost["bops"] / (1024.0 * sens.total_macs)
     rows = [{"name": n, "type": sens.types[i], "w_bits": choice[n].w_bits, "a_bits": choice[n].a_bits,
              "candidate": choice[n].label, "predicted_damage": float(sens.values[i, j]),
-             "bops": float(sens.costs["bops"][i, cols[j]]), "memory_bits": float(sens.costs["memory_bits"][i, cols[j]])}
+             **{k: float(sens.costs[k][i, cols[j]]) for k in ("bops", "memory_bits", LATENCY_KEY) if k in sens.costs}}
             for i, (n, j) in enumerate(zip(sens.layers, sol.choice))]
     if cost[key] > limit:
         raise ConfigError(f"internal error: the chosen configuration costs {cost[key]:.6g} {what}, over the budget "
@@ -249,9 +263,21 @@ def check_choice(model: nn.Module, result: SearchResult, sens: Sensitivity, data
     rep = cost_report(qmodel, cut_inputs(inputs[0], 1))
     key = result.budget.cost_key
     counted = {"bops": rep.bops, "memory_bits": rep.memory_bits, "relative_bops": rep.relative_bops}
-    report["cost"] = {"predicted": result.cost, "counted": counted, "limit": result.limit,
-                      "budget_met": counted[key] <= result.limit * (1 + 1e-12),
-                      "cost_matches": bool(np.isclose(counted[key], result.cost[key], rtol=1e-9, atol=0))}
+    met, matches = counted.get(key, 0.0) <= result.limit * (1 + 1e-12), None
+    if key == LATENCY_KEY:  # measured: the chosen configuration exported whole, timed against the float model
+        from bitalloc.search.latency import model_latency
+
+        assert sens.latency is not None
+        whole = model_latency(model, qmodel, inputs, cut_inputs(inputs[0], int(sens.latency["batch"])),
+                              threads=int(sens.latency["threads"]))
+        counted[key] = whole["quantized_ms"]
+        report["latency"] = whole
+        met = counted[key] <= result.limit * (1 + LATENCY_TOLERANCE)
+        matches = abs(counted[key] - result.cost[key]) <= LATENCY_ADDITIVITY * result.cost[key]
+    else:
+        matches = bool(np.isclose(counted[key], result.cost[key], rtol=1e-9, atol=0))
+    report["cost"] = {"predicted": result.cost, "counted": counted, "limit": result.limit, "budget_met": bool(met),
+                      "cost_matches": bool(matches)}
     report["quantized_layers"] = len(quant_layers(qmodel))
     report["engine"] = runner.engine
     runner.release()
@@ -259,4 +285,4 @@ def check_choice(model: nn.Module, result: SearchResult, sens: Sensitivity, data
 
 
 __all__ = ["KINDS", "Budget", "SearchResult", "parse_budget", "parse_budgets", "search", "check_choice",
-           "LATENCY_UNSUPPORTED"]
+           "LATENCY_TOLERANCE", "LATENCY_ADDITIVITY"]

@@ -99,6 +99,8 @@ class Sensitivity:
     reference: Tensor | None = None
     labels: Tensor | None = None
     deltas: Tensor | None = None
+    #: the per-layer onnxruntime measurement behind ``costs["latency_ms"]`` (:func:`bitalloc.search.latency.add_latency`)
+    latency: dict[str, Any] | None = None
 
     def cost_index(self, cand: Candidate) -> int:
         try:
@@ -126,6 +128,9 @@ class Sensitivity:
                    "bops": {c.label: float(self.costs["bops"][i, j]) for j, c in enumerate(self.cost_candidates)},
                    "memory_bits": {c.label: float(self.costs["memory_bits"][i, j])
                                    for j, c in enumerate(self.cost_candidates)}}
+            if "latency_ms" in self.costs:
+                row["latency_ms"] = {c.label: float(self.costs["latency_ms"][i, j])
+                                     for j, c in enumerate(self.cost_candidates)}
             if self.hessian is not None:
                 row["hessian_estimate"] = {c.label: float(self.hessian[i, j]) for j, c in enumerate(self.candidates)}
             if self.traces is not None:
@@ -134,7 +139,8 @@ class Sensitivity:
         return {"metric": self.metric, "samples": self.samples, "candidates": [c.label for c in self.candidates],
                 "engine": self.engine, "seconds": self.seconds, "total_macs": self.total_macs,
                 "fp32_memory_bits": self.fp32_memory_bits, "fixed": self.fixed,
-                "excluded": self.excluded, "layers": rows, "config": self.config}
+                "excluded": self.excluded, "layers": rows, "config": self.config,
+                **({"latency": self.latency} if self.latency is not None else {})}
 
     def state(self) -> dict[str, Any]:
         """Everything, as plain tensors / lists (``torch.save``-able with weights_only; :meth:`from_state`)."""
@@ -148,7 +154,7 @@ class Sensitivity:
                 "samples": self.samples, "macs": self.macs, "params": self.params, "excluded": self.excluded,
                 "hessian": None if self.hessian is None else torch.from_numpy(self.hessian), "traces": self.traces,
                 "seconds": self.seconds, "engine": self.engine, "reference": self.reference, "labels": self.labels,
-                "deltas": self.deltas}
+                "deltas": self.deltas, "latency": self.latency}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "Sensitivity":
@@ -165,7 +171,7 @@ class Sensitivity:
                    samples=int(s["samples"]), macs=list(s["macs"]), params=list(s["params"]),
                    excluded=list(s["excluded"]), hessian=None if s["hessian"] is None else s["hessian"].numpy(),
                    traces=s["traces"], seconds=dict(s["seconds"]), engine=s["engine"], reference=s["reference"],
-                   labels=s["labels"], deltas=s["deltas"])
+                   labels=s["labels"], deltas=s["deltas"], latency=s.get("latency"))
 
 
 # ---- damage metrics ------------------------------------------------------------------------------------------
