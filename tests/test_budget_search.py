@@ -217,3 +217,23 @@ def test_check_choice_with_one_quantized_layer_measures_its_sensitivity():
     assert all(abs(v) < 1e-12 for n, v in share.items() if n != "pw")
     assert report["cost"]["budget_met"] and report["cost"]["cost_matches"]
     assert report["predicted_output_damage"] == pytest.approx(s.values[k, j4], rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chain_solver_is_optimal_against_brute_force(seed):
+    from bitalloc.search.knapsack import chain_cost, solve_chain
+
+    rng = np.random.default_rng(seed)
+    groups, options = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+    v, c = rng.random((groups, options)), rng.random((groups, options))
+    kinds = rng.integers(0, 2, (groups, options))
+    enter, leave = rng.random(groups) * 0.5, rng.random(groups) * 0.5
+    choices = list(itertools.product(range(options), repeat=groups))
+    costs = [chain_cost(c, kinds, enter, leave, ch) for ch in choices]
+    budget = min(costs) if seed % 4 == 0 else rng.uniform(min(costs), max(costs))
+    best = min(sum(v[g][j] for g, j in enumerate(ch)) for ch, cc in zip(choices, costs) if cc <= budget)
+    sol = solve_chain(v, c, kinds, enter, leave, budget)
+    assert sol.damage == pytest.approx(best, rel=1e-12, abs=1e-12)
+    assert sol.cost == pytest.approx(chain_cost(c, kinds, enter, leave, sol.choice)) and sol.cost <= budget * (1 + 1e-12)
+    with pytest.raises(ConfigError):
+        solve_chain(v, c, kinds, enter, leave, min(costs) * 0.5 - 1.0)

@@ -54,6 +54,9 @@ def test_latency_table_is_each_candidates_kernel(timed):
     assert info["batch"] == 2 and info["threads"] == 1 and info["fp32_model_ms"] > 0
     for i, row in enumerate(info["layers"]):
         assert row["input_shape"][0] == 2 and row["float_ms"] >= 0 and row["int8_ms"] >= 0
+        assert min(row["convert_in_ms"], row["convert_out_ms"]) >= 0
+        assert row["convert_in_ms"] + row["convert_out_ms"] == pytest.approx(
+            max(row["int8_alone_ms"] - row["int8_ms"], 0.0), abs=1e-12)
         assert row["int8_kernel"]  # convolutions and linear layers fuse into onnxruntime's integer kernels
         for j, cand in enumerate(sens.cost_candidates):
             want = row["int8_ms"] if kernel_of(cand) == "int8" else row["float_ms"]
@@ -73,7 +76,9 @@ def _controlled(sens):
     for i in range(len(sens.layers)):
         for j, cand in enumerate(sens.cost_candidates):
             table[i, j] = (1.0 + i) * (0.5 if kernel_of(cand) == "int8" else 1.0)
-    info = {**sens.latency, "fp32_model_ms": float(table[:, sens.cost_index(Candidate(32, 32))].sum()) + 1.0}
+    rows = [{**r, "convert_in_ms": 0.0, "convert_out_ms": 0.0} for r in sens.latency["layers"]]  # no borders
+    info = {**sens.latency, "layers": rows,
+            "fp32_model_ms": float(table[:, sens.cost_index(Candidate(32, 32))].sum()) + 1.0}
     return dataclasses.replace(sens, costs={**sens.costs, LATENCY_KEY: table},
                                fixed={**sens.fixed, LATENCY_KEY: 1.0}, latency=info), table
 
@@ -93,6 +98,32 @@ def test_search_under_latency_is_the_brute_force_optimum(timed):
     assert all(kernel_of(c) == "int8" for c in search(s, "latency=W8A8").choice.values())
     with pytest.raises(ConfigError, match="nothing runs faster"):
         search(s, "latency=10%")
+
+
+def test_search_with_border_conversions_is_the_brute_force_optimum(timed):
+    """int8 runs pay a conversion where they begin and end: the chain search against every choice."""
+    import itertools
+
+    s, table = _controlled(timed[1])
+    rng = np.random.default_rng(0)
+    rows = [{**r, "convert_in_ms": float(rng.uniform(0.2, 1.0)), "convert_out_ms": float(rng.uniform(0.2, 1.0))}
+            for r in s.latency["layers"]]
+    s = dataclasses.replace(s, latency={**s.latency, "layers": rows})
+    every_int8 = {n: Candidate(8, 8) for n in s.layers}
+    assert s.total_cost(LATENCY_KEY, every_int8) == pytest.approx(
+        1.0 + table[:, s.cost_index(Candidate(8, 8))].sum() + rows[0]["convert_in_ms"] + rows[-1]["convert_out_ms"])
+    one = dict(every_int8, **{s.layers[2]: Candidate(32, 32)})  # a float layer splits the run: two more borders
+    assert s.total_cost(LATENCY_KEY, one) == pytest.approx(
+        s.total_cost(LATENCY_KEY, every_int8) - table[2, s.cost_index(Candidate(8, 8))] + table[2, s.cost_index(
+            Candidate(32, 32))] + rows[1]["convert_out_ms"] + rows[3]["convert_in_ms"])
+    for budget in ("latency=75%", "latency=85%", "latency=95%"):
+        found = search(s, budget)
+        best = min(sum(s.values[i, s.column(c)] for i, c in enumerate(ch))
+                   for ch in itertools.product(s.candidates, repeat=len(s.layers))
+                   if s.total_cost(LATENCY_KEY, dict(zip(s.layers, ch))) <= found.limit)
+        assert found.predicted == pytest.approx(best, rel=1e-9, abs=1e-15)
+        assert found.cost[LATENCY_KEY] == pytest.approx(s.total_cost(LATENCY_KEY, found.choice))
+        assert found.cost[LATENCY_KEY] <= found.limit * (1 + 1e-12)
 
 
 def test_latency_budget_needs_the_table(timed):

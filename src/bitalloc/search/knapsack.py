@@ -171,6 +171,68 @@ def _solve_dp(vs: list[np.ndarray], cs: list[np.ndarray], budget: float, max_sta
     return _backtrack(back, best)
 
 
+def chain_cost(costs: Sequence[Sequence[float]], kinds: Sequence[Sequence[int]], enter: Sequence[float],
+               leave: Sequence[float], choice: Sequence[int]) -> float:
+    """The cost of ``choice`` in the chain model of :func:`solve_chain`: its options' costs plus the border
+    costs (``enter[g]`` where group g has kind 1 after kind 0 or the start, ``leave[g]`` where it has kind 1
+    before kind 0 or the end)."""
+    k = [int(kinds[g][j]) for g, j in enumerate(choice)]
+    total = float(sum(float(costs[g][j]) for g, j in enumerate(choice)))
+    for g, kg in enumerate(k):
+        if kg == 1 and (g == 0 or k[g - 1] == 0):
+            total += float(enter[g])
+        if kg == 1 and (g == len(k) - 1 or k[g + 1] == 0):
+            total += float(leave[g])
+    return total
+
+
+def solve_chain(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], kinds: Sequence[Sequence[int]],
+                enter: Sequence[float], leave: Sequence[float], budget: float, *,
+                max_states: int = 2_000_000) -> Solution:
+    """The least-damage choice when groups form a chain and options are of two kinds (0, 1) with a cost at each
+    border between them: a group whose option has kind 1 pays ``enter[g]`` when the group before it (or the
+    start, before group 0) has kind 0, and ``leave[g]`` when the group after it (or the end) has kind 0 (e.g.
+    float and int8 layers: quantizing a layer's input where an int8 run begins, dequantizing its output where
+    it ends). Minimise sum v subject to :func:`chain_cost` <= ``budget``. Exact: the Pareto dynamic program
+    of the module docstring with the last group's kind in the state."""
+    vs, cs = _arrays(values, costs)
+    ks = [np.asarray(k, dtype=np.int64).reshape(-1) for k in kinds]
+    en, lv = np.asarray(enter, dtype=np.float64), np.asarray(leave, dtype=np.float64)
+    if len(ks) != len(vs) or any(k.shape != v.shape or not np.isin(k, (0, 1)).all() for k, v in zip(ks, vs)):
+        raise ConfigError("chain knapsack: give one kind (0 or 1) per option of every group")
+    if en.shape != (len(vs),) or lv.shape != (len(vs),) or not (np.isfinite(en).all() and np.isfinite(lv).all()) \
+            or (en < 0).any() or (lv < 0).any():
+        raise ConfigError("chain knapsack: give one finite, non-negative enter and leave cost per group")
+    _infeasible(cs, float(budget))
+    budget = float(budget) * (1 + 1e-12)  # sums in another order than chain_cost's may differ in the last bit
+    rest = np.concatenate([np.cumsum([float(c.min()) for c in cs][::-1])[::-1][1:], [0.0]])
+    cost, value, kind = np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64)  # the start counts as kind 0
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for g, (v, c, k) in enumerate(zip(vs, cs, ks)):
+        border = (en[g] * ((k[None, :] == 1) & (kind[:, None] == 0))
+                  + (lv[g - 1] if g else 0.0) * ((kind[:, None] == 1) & (k[None, :] == 0)))
+        nc = (cost[:, None] + c[None, :] + border).reshape(-1)
+        nv = (value[:, None] + v[None, :]).reshape(-1)
+        nk = np.tile(k, cost.size)
+        parent = np.repeat(np.arange(cost.size), c.size)
+        option = np.tile(np.arange(c.size), cost.size)
+        ok = nc + rest[g] <= budget
+        nc, nv, nk, parent, option = nc[ok], nv[ok], nk[ok], parent[ok], option[ok]
+        keep = np.concatenate([np.flatnonzero(nk == q)[_pareto_prune(nc[nk == q], nv[nk == q])] for q in (0, 1)])
+        if keep.size > max_states:
+            raise ConfigError(f"the chain dynamic program grew past {max_states} states at group {g}")
+        cost, value, kind = nc[keep], nv[keep], nk[keep]
+        back.append((parent[keep], option[keep]))
+    cost = cost + lv[-1] * (kind == 1)
+    feasible = cost <= budget
+    if not feasible.any():
+        raise ConfigError(f"the budget {budget:.6g} is below the least cost any choice reaches with its border costs "
+                          f"({float(cost.min()) if cost.size else float('inf'):.6g}); raise the budget")
+    best = int(np.argmin(np.where(feasible, value, np.inf)))
+    choice = _backtrack(back, best)
+    return Solution(choice, _total(vs, choice), chain_cost(cs, ks, en, lv, choice), "chain-dp")
+
+
 def pareto_front(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], *,
                  max_states: int = 2_000_000) -> list[Solution]:
     """Every Pareto-optimal choice, by increasing cost (each is the exact optimum for budgets from its cost up
@@ -181,4 +243,4 @@ def pareto_front(values: Sequence[Sequence[float]], costs: Sequence[Sequence[flo
     return [Solution(_backtrack(back, int(i)), float(value[i]), float(cost[i]), "dp") for i in order]
 
 
-__all__ = ["METHODS", "Solution", "solve", "pareto_front"]
+__all__ = ["METHODS", "Solution", "solve", "solve_chain", "chain_cost", "pareto_front"]

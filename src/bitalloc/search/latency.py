@@ -19,10 +19,20 @@ dequantized). A layer's time is its session's median minus that of a session on 
 copies it (the cost of a call, which the whole network pays once, not once per layer). The rest of the network
 (layers not searched, other operators) is ``fixed``: the whole float model's latency minus the sum of its
 searched layers' float latencies, so that every layer in float predicts exactly the measured FP32 model (and
-``latency=100%`` always admits it); it is negative where the layers timed alone add up to more than the model
-(small layers, whose times are mostly overheads that a whole network overlaps). A choice's predicted latency
-is ``fixed + sum of its layers' latencies``; whether that sum holds for the whole network is measured after the
-search (:func:`model_latency`: the exported chosen configuration against the float model, timed in turns).
+``latency=100%`` always admits it); it is negative where the layers timed alone add up to more than the model.
+
+**Borders.** Where a run of int8 layers begins, the first layer's input is quantized, and where it ends, the last
+one's output is dequantized; those conversions cost about as much as a small layer. The searched layers are taken
+as a chain in the order of the model's modules (the order a plain CNN runs them; for branches and residual adds
+an approximation), and a choice's predicted latency is (:func:`chain_latency`)::
+
+    fixed + sum_i t_i(kernel_i) + sum over int8 runs (convert_in of the first layer + convert_out of the last)
+
+with ``convert_in + convert_out`` = the layer's int8 time with its own conversions minus without, split by the
+sizes of its input and output. The search under a latency budget solves this exactly
+(:func:`bitalloc.search.knapsack.solve_chain`: the Pareto dynamic program with the last layer's kernel in the
+state). Whether the sum holds for the whole network is measured after the search (:func:`model_latency`: the
+exported chosen configuration against the float model, timed in turns).
 """
 
 from __future__ import annotations
@@ -71,9 +81,10 @@ def parse_time(text: str) -> float:
     return value
 
 
-def _layer_inputs(model: nn.Module, names: list[str], example: Any) -> dict[str, torch.Tensor]:
-    """The input of each named module of ``model`` on one forward pass of ``example``."""
+def _layer_inputs(model: nn.Module, names: list[str], example: Any) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The input of each named module of ``model`` on one forward pass of ``example``, and its output's size."""
     seen: dict[str, torch.Tensor] = {}
+    out_sizes: dict[str, int] = {}
     hooks = []
     for name in names:
         try:
@@ -82,9 +93,10 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Any) -> dict[str,
             raise ConfigError(f"layer {name!r} is not a module of the float model; measure latencies on the model "
                               "the sensitivity was measured on") from None
 
-        def hook(_m: nn.Module, args: tuple, _out: Any, name: str = name) -> None:
+        def hook(_m: nn.Module, args: tuple, out: Any, name: str = name) -> None:
             if name not in seen and args and isinstance(args[0], torch.Tensor):
                 seen[name] = args[0].detach().clone()
+                out_sizes[name] = int(out.numel()) if isinstance(out, torch.Tensor) else int(args[0].numel())
         hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -96,7 +108,7 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Any) -> dict[str,
     if missing:
         raise ConfigError(f"layers {missing[:3]} did not run (or took no tensor input) on the example batch; their "
                           "latency cannot be measured")
-    return seen
+    return seen, out_sizes
 
 
 class _Copy(nn.Module):
@@ -178,7 +190,7 @@ def layer_latencies(model: nn.Module, names: list[str], example: Any, *, threads
 
     model = model.eval()
     t0 = time.perf_counter()
-    inputs = _layer_inputs(model, names, example)
+    inputs, out_sizes = _layer_inputs(model, names, example)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bitalloc-latency-") as tmp:
         folder = Path(tmp)
@@ -198,9 +210,14 @@ def layer_latencies(model: nn.Module, names: list[str], example: Any, *, threads
             timed = interleaved_latency({k: sess for k, (sess, _) in sessions.items()}, x.numpy(), runs=runs,
                                         min_seconds=min_seconds, inputs={k: feed for k, (_, feed) in sessions.items()})
             lat = {k: v.median_ms for k, v in timed.items()}
-            rows.append({"name": name, "input_shape": list(x.shape), "call_ms": lat["call"],
-                         **{f"{key}_ms": max(lat[key] - lat["call"], 0.0) for key in ("float", "int8", "int8_alone")},
-                         "int8_kernel": int8_ops > 0})
+            row = {"name": name, "input_shape": list(x.shape), "call_ms": lat["call"],
+                   **{f"{key}_ms": max(lat[key] - lat["call"], 0.0) for key in ("float", "int8", "int8_alone")},
+                   "int8_kernel": int8_ops > 0}
+            # the two conversions (quantize the input, dequantize the output), split by the tensors' sizes
+            both = max(row["int8_alone_ms"] - row["int8_ms"], 0.0)
+            share = x.numel() / (x.numel() + out_sizes[name])
+            row.update(convert_in_ms=both * share, convert_out_ms=both * (1 - share))
+            rows.append(row)
             if progress is not None:
                 progress(1, 2 * len(names))
     return {"threads": threads, "batch": int(batch_size(example)),
@@ -222,6 +239,26 @@ def add_latency(model: nn.Module, sens: Any, example: Any, *, threads: int = 2, 
     fixed = info["fp32_model_ms"] - sum(r["float_ms"] for r in info["layers"])
     return dataclasses.replace(sens, costs={**sens.costs, LATENCY_KEY: table}, fixed={**sens.fixed, LATENCY_KEY: fixed},
                                latency=info, seconds={**sens.seconds, "latency": info["seconds"]})
+
+
+def chain_terms(sens: Any, candidates: list[Candidate]) -> tuple[list[list[int]], list[float], list[float]]:
+    """The chain model's terms for ``candidates`` of each searched layer of ``sens``: kinds (1 = int8 kernel),
+    and the costs of entering an int8 run at a layer (quantizing its input) and of leaving one after it
+    (dequantizing its output). The layers form a chain in the order of the model's modules (module docstring)."""
+    rows = (sens.latency or {}).get("layers", [])
+    kinds = [[int(kernel_of(c) == "int8") for c in candidates] for _ in sens.layers]
+    return kinds, [float(r.get("convert_in_ms", 0.0)) for r in rows], [float(r.get("convert_out_ms", 0.0)) for r in rows]
+
+
+def chain_latency(sens: Any, choice: dict[str, Candidate]) -> float:
+    """Predicted latency (ms) of ``choice`` (searched layer -> candidate): the rest of the network, each layer on
+    its kernel, and the conversions where int8 runs begin and end."""
+    from bitalloc.search.knapsack import chain_cost
+
+    cands = list(sens.cost_candidates)
+    kinds, enter, leave = chain_terms(sens, cands)
+    idx = [cands.index(choice[n]) for n in sens.layers]
+    return float(sens.fixed[LATENCY_KEY]) + chain_cost(sens.costs[LATENCY_KEY], kinds, enter, leave, idx)
 
 
 def model_latency(model: nn.Module, qmodel: nn.Module, calibration: Iterable, example: Any, *, threads: int = 2,
@@ -253,4 +290,5 @@ def model_latency(model: nn.Module, qmodel: nn.Module, calibration: Iterable, ex
             "batch": int(batch_size(example))}
 
 
-__all__ = ["LATENCY_KEY", "kernel_of", "parse_time", "layer_latencies", "add_latency", "model_latency"]
+__all__ = ["LATENCY_KEY", "kernel_of", "parse_time", "layer_latencies", "add_latency", "model_latency", "chain_terms",
+           "chain_latency"]

@@ -114,7 +114,13 @@ class Sensitivity:
         return self.candidates.index(cand)
 
     def total_cost(self, kind: str, choice: dict[str, Candidate]) -> float:
-        """What a choice (layer -> candidate, every searched layer) costs in all: BOPs or memory bits."""
+        """What a choice (layer -> candidate, every searched layer) costs in all: BOPs, memory bits, or the
+        predicted latency in ms (with the conversions at the borders of int8 runs,
+        :func:`bitalloc.search.latency.chain_latency`)."""
+        if kind == "latency_ms" and self.latency is not None:
+            from bitalloc.search.latency import chain_latency
+
+            return chain_latency(self, choice)
         return self.fixed[kind] + sum(float(self.costs[kind][i, self.cost_index(choice[n])])
                                       for i, n in enumerate(self.layers))
 
