@@ -56,7 +56,7 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for r in res["rows"]:
         if "infeasible" in r:
-            rows.append([r["budget"], "infeasible: below every layer's fastest kernel"] + [""] * 8)
+            rows.append([r["budget"], "infeasible: no choice is predicted that fast"] + [""] * 8)
             continue
         c = r["check"]
         rows.append([r["budget"], f"{r['limit_ms']:.2f}", r["int8_layers"], f"{r['predicted_ms']:.2f}",
@@ -76,8 +76,9 @@ def render(res: dict[str, Any]) -> str:
              "file, timed in turns with each configuration): compare configurations only with the FP32 time of their own "
              "row.")
     note += ("\n\nPredicted = the rest of the network (FP32 model minus its layers' float times) plus each layer's "
-            "time on its chosen kernel; measured = the chosen configuration exported whole (bitalloc's QDQ export "
-            "with onnxruntime's int8 points) and timed in turns against the FP32 model in the same run. "
+            "time on its chosen kernel plus the conversions where int8 runs begin and end; measured = the chosen "
+            "configuration exported whole (bitalloc's QDQ export with onnxruntime's int8 points) and timed in turns "
+            "against the FP32 model in the same run. "
             "`latency=W8A8`: the time of every searched layer on int8 kernels.")
     return head + table + note
 

@@ -226,8 +226,9 @@ def solve_chain(values: Sequence[Sequence[float]], costs: Sequence[Sequence[floa
     cost = cost + lv[-1] * (kind == 1)
     feasible = cost <= budget
     if not feasible.any():
-        raise ConfigError(f"the budget {budget:.6g} is below the least cost any choice reaches with its border costs "
-                          f"({float(cost.min()) if cost.size else float('inf'):.6g}); raise the budget")
+        raise ConfigError(f"the budget {budget:.6g} is below every choice's cost once the costs at the borders between "
+                          "kinds are counted (e.g. quantizing and dequantizing where int8 runs begin and end); raise "
+                          "the budget")
     best = int(np.argmin(np.where(feasible, value, np.inf)))
     choice = _backtrack(back, best)
     return Solution(choice, _total(vs, choice), chain_cost(cs, ks, en, lv, choice), "chain-dp")
