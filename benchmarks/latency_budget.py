@@ -48,7 +48,8 @@ def render(res: dict[str, Any]) -> str:
             f"{', '.join(res['candidates'])}; FP32 top-1 {res['fp32_top1']:.2f}%. Per-layer latencies: "
             f"{len(lat['layers'])} layers, each alone in float and at onnxruntime's W8A8, the cost of a call "
             f"subtracted; FP32 model {lat['fp32_model_ms']:.2f} ms; the layers alone sum to "
-            f"{sum(r['float_ms'] for r in lat['layers']):.2f} ms in float and {sum(r['int8_ms'] for r in lat['layers']):.2f}"
+            f"{sum(r['float_ms'] for r in lat['layers']):.2f} ms in float and "
+            f"{sum(r['int8_ms'] for r in lat['layers']):.2f}"
             f" ms in int8 between int8 neighbours ({sum(r['int8_ms'] < r['float_ms'] for r in lat['layers'])} of "
             f"{len(lat['layers'])} layers faster in int8; {sum(r['int8_alone_ms'] for r in lat['layers']):.2f} ms with "
             f"each layer's own input and output conversions); measured in {lat['seconds']:.0f} s (sensitivity "
@@ -69,12 +70,12 @@ def render(res: dict[str, Any]) -> str:
     u = res["uniform_w8a8"]
     note = (f"\n\nEvery searched layer at W8A8 ({res['preset']}, exported whole, no search): "
             f"{u['latency']['quantized_ms']:.2f} ms against FP32 {u['latency']['fp32_ms']:.2f} ms in the same turns "
-            f"({u['latency']['fp32_ms'] / u['latency']['quantized_ms']:.2f}x; {u['latency']['int8_ops']} int8 kernels), "
-            f"top-1 {u['top1']:.2f}%.")
+            f"({u['latency']['fp32_ms'] / u['latency']['quantized_ms']:.2f}x; {u['latency']['int8_ops']} int8 "
+            f"kernels), top-1 {u['top1']:.2f}%.")
     fp32 = [u["latency"]["fp32_ms"]] + [r["check"]["latency"]["fp32_ms"] for r in res["rows"] if "check" in r]
     note += (f"\n\nThe FP32 model measured {min(fp32):.2f} to {max(fp32):.2f} ms across the rows of this run (the same "
-             "file, timed in turns with each configuration): compare configurations only with the FP32 time of their own "
-             "row.")
+             "file, timed in turns with each configuration): compare configurations only with the FP32 time of their "
+             "own row.")
     note += ("\n\nPredicted = the rest of the network (FP32 model minus its layers' float times) plus each layer's "
             "time on its chosen kernel plus the conversions where int8 runs begin and end; measured = the chosen "
             "configuration exported whole (bitalloc's QDQ export with onnxruntime's int8 points) and timed in turns "

@@ -105,13 +105,18 @@ def main() -> int:
 
         state = json.loads(partial.read_text())
     rows: dict[str, dict] = {r["key"]: r for r in state.get("rows", [])}
+    if rows and (state.get("revision"), state.get("command")) != (git_revision(), command_line()):
+        # resumed from another run: say which rows (and the sensitivity, kept in --work-dir) it measured
+        state.setdefault("earlier_runs", []).append(
+            {"revision": state.get("revision"), "command": state.get("command"), "rows": list(rows),
+             "sensitivity_seconds": (state.get("sensitivity") or {}).get("seconds")})
     plots = RESULTS / "mixed_precision" / name
     work = Path(args.work_dir)
 
     def save() -> dict:
         s = {"model": name, "dataset": dataset, "data": args.data, "split": args.split,
              "eval_images": len(evaluation), "calibration_images": args.calib, "preset": args.preset,
-             **{k: state[k] for k in ("fp32", "sensitivity", "hessian_correlation") if k in state},
+             **{k: state[k] for k in ("fp32", "sensitivity", "hessian_correlation", "earlier_runs") if k in state},
              "rows": list(rows.values()), "machine": machine(), "command": command_line(), "revision": git_revision()}
         write_json(partial, s)
         return s
@@ -369,6 +374,11 @@ def render(s: dict) -> str:
     lines += [f"Plots: `benchmarks/results/mixed_precision/{s['model']}/` (sensitivity.png, pareto-relative.png, "
               "pareto-size.png).", "",
               f"Machine: {s['machine']}. Revision {s['revision']}. Command: `{s['command']}`"]
+    for e in s.get("earlier_runs", []):
+        lines += ["", f"Resumed from an earlier run (revision {e['revision']}, command `{e['command']}`), which "
+                  f"measured the rows {', '.join(e['rows'])}, the FP32 top-1 and calibration pass, and the measured "
+                  "sensitivity (its float_pass, costs, measure and total times above); this run added the other rows "
+                  "and the Hessian estimate."]
     return "\n".join(lines)
 
 

@@ -152,12 +152,13 @@ def test_int8_chain_model_is_the_quantized_layer_without_its_conversions(tmp_pat
 
     from bitalloc.runtime.onnx_export import export_float
     from bitalloc.runtime.ort import int8_compute_ops, make_session, optimized_op_counts, ort_static_quantize
-    from bitalloc.search.latency import _Alone, _int8_chain
+    from bitalloc.search.latency import _int8_chain
 
     torch.manual_seed(0)
     x = torch.randn(2, 8, 12, 12)
     fp = tmp_path / "f.onnx"
-    fp.write_bytes(export_float(_Alone(torch.nn.Conv2d(8, 16, 3, padding=1)).eval(), x).SerializeToString())
+    layer = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1)).eval()
+    fp.write_bytes(export_float(layer, x).SerializeToString())
     qp = ort_static_quantize(fp, tmp_path / "q.onnx", [x], method="minmax")
     scale, zero = _int8_chain(qp, tmp_path / "c.onnx")
     chain = onnx.load(str(tmp_path / "c.onnx"))

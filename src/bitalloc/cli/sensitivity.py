@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
 
 
 def progress_bar(total: int, desc: str = "sensitivity", unit: str = "layer x width") -> Any:
-    """A progress display over ``total`` (layer, candidate) pairs (bars on a terminal, log lines otherwise)."""
+    """A progress display over ``total`` items (``unit``; bars on a terminal, log lines otherwise)."""
     from bitalloc.train.progress import Progress
 
     return Progress(total, desc, unit=unit)
@@ -269,7 +269,8 @@ def finish_search(args: argparse.Namespace, model: Any, found: Any, calib: list,
                   100 * c["counted"]["relative_bops"], c["counted"]["memory_bits"] / 8e6]])
     if "latency" in check:
         lat = check["latency"]
-        print_table(f"onnxruntime latency (ms; batch {lat['batch']}, {lat['threads']} threads; budget {c['limit']:.4g} ms)",
+        print_table(f"onnxruntime latency (ms; batch {lat['batch']}, {lat['threads']} threads; budget "
+                    f"{c['limit']:.4g} ms)",
                     ["", "FP32 model", "searched configuration", "int8 / float kernels"],
                     [["predicted (sum of layers)", sens.latency["fp32_model_ms"], c["predicted"]["latency_ms"], ""],
                      ["measured (whole model)", lat["fp32_ms"], lat["quantized_ms"],

@@ -26,6 +26,5 @@ from bitalloc.search.sensitivity import METRICS, Sensitivity, add_hessian, layer
 from bitalloc.search.space import DEFAULT_CANDIDATES, Candidate, parse_candidates
 
 __all__ = ["Budget", "Candidate", "DEFAULT_CANDIDATES", "METRICS", "SearchResult", "Sensitivity", "Solution", "add_hessian",
-           "add_latency", "model_latency",
-           "check_choice", "layer_sensitivity", "parse_budget", "parse_budgets", "parse_candidates", "pareto_front",
+           "add_latency", "model_latency", "check_choice", "layer_sensitivity", "parse_budget", "parse_budgets", "parse_candidates", "pareto_front",
            "search", "solve"]

@@ -59,8 +59,8 @@ _COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 #: noise), and the per-layer sum as matching the whole within LATENCY_ADDITIVITY
 LATENCY_TOLERANCE, LATENCY_ADDITIVITY = 0.05, 0.15
 NO_LATENCY = ("a latency budget needs per-layer onnxruntime latencies, and this sensitivity has none; measure them "
-              "with bitalloc.search.latency.add_latency (the CLI does this for --budget latency=...), or use a bops= or "
-              "size= budget")
+              "with bitalloc.search.latency.add_latency (the CLI does this for --budget latency=...), or use a "
+              "bops= or size= budget")
 
 
 @dataclass(frozen=True)

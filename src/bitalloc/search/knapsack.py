@@ -17,6 +17,10 @@ Two exact solvers:
   :func:`pareto_front` returns the whole front of optimal (cost, damage) choices, for every budget at once.
 
 ``"auto"`` uses milp when scipy is installed, else dp. Both are checked against brute force in the tests.
+
+:func:`solve_chain` adds costs at the borders between two kinds of option along the groups taken as a chain (float
+and int8 layers: the conversions where int8 runs begin and end), solved by the same Pareto program with the last
+group's kind in the state; also checked against brute force.
 """
 
 from __future__ import annotations

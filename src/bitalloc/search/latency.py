@@ -7,9 +7,9 @@ weights, uint8 input and output; :func:`~bitalloc.runtime.ort.ort_static_quantiz
 an integer kernel (QLinearConv, QGemm; whether it did is recorded per layer). The int8 time is that of the fused
 kernel with uint8 codes in and out (the quantized model without its input QuantizeLinear and output
 DequantizeLinear): the layer as it runs between int8 neighbours, which is how most layers of a mostly-int8 network
-run. The time with both conversions (``int8_alone_ms``: a lone int8 layer between float neighbours) is recorded too;
-the conversions at the borders of float runs are what the per-layer sum leaves out, and what the whole-network
-measurement after the search shows. Sessions are timed in turns (:func:`~bitalloc.runtime.ort.interleaved_latency`:
+run. The time with both conversions (``int8_alone_ms``: a lone int8 layer between float neighbours) is recorded too:
+the difference is what a layer pays where a run of int8 layers begins or ends (Borders, below). Sessions are timed
+in turns (:func:`~bitalloc.runtime.ort.interleaved_latency`:
 background load hits all alike).
 
 A candidate's latency is that of the kernel it runs on (:func:`kernel_of`): the int8 kernel when both widths are
@@ -112,21 +112,10 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Any) -> tuple[dic
 
 
 class _Copy(nn.Module):
-    """x -> x + 0: the cheapest graph with the layer's input (what a session call costs without the layer)."""
+    """x -> x * 1: the cheapest graph with the layer's input (what a session call costs without the layer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 1.0
-
-
-class _Alone(nn.Module):
-    """One layer as a model (not nn.Sequential: alignment adds child modules a Sequential would run)."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _int8_chain(path: Path, out: Path) -> tuple[float, int]:
@@ -164,10 +153,10 @@ def _sessions(module: nn.Module, x: torch.Tensor, folder: Path, tag: str,
     from bitalloc.runtime.ort import int8_compute_ops, make_session, optimized_op_counts, ort_static_quantize
 
     fp = folder / f"{tag}-float.onnx"
-    fp.write_bytes(export_float(_Alone(copy.deepcopy(module)).eval(), x).SerializeToString())
+    fp.write_bytes(export_float(nn.Sequential(copy.deepcopy(module)).eval(), x).SerializeToString())
     ip = ort_static_quantize(fp, folder / f"{tag}-int8.onnx", [x], method="minmax")
     cp = folder / f"{tag}-call.onnx"
-    cp.write_bytes(export_float(_Alone(_Copy()), x).SerializeToString())
+    cp.write_bytes(export_float(_Copy(), x).SerializeToString())
     chain = folder / f"{tag}-chain.onnx"
     scale, zero = _int8_chain(ip, chain)
     xf = x.numpy()
@@ -247,7 +236,8 @@ def chain_terms(sens: Any, candidates: list[Candidate]) -> tuple[list[list[int]]
     (dequantizing its output). The layers form a chain in the order of the model's modules (module docstring)."""
     rows = (sens.latency or {}).get("layers", [])
     kinds = [[int(kernel_of(c) == "int8") for c in candidates] for _ in sens.layers]
-    return kinds, [float(r.get("convert_in_ms", 0.0)) for r in rows], [float(r.get("convert_out_ms", 0.0)) for r in rows]
+    enter = [float(r.get("convert_in_ms", 0.0)) for r in rows]
+    return kinds, enter, [float(r.get("convert_out_ms", 0.0)) for r in rows]
 
 
 def chain_latency(sens: Any, choice: dict[str, Candidate]) -> float:
@@ -263,9 +253,9 @@ def chain_latency(sens: Any, choice: dict[str, Candidate]) -> float:
 
 def model_latency(model: nn.Module, qmodel: nn.Module, calibration: Iterable, example: Any, *, threads: int = 2,
                   runs: int = 20, min_seconds: float = 1.0) -> dict[str, Any]:
-    """The float ``model`` and the quantized ``qmodel`` exported whole (int8 points aligned for onnxruntime, as
-    for the layers) and timed in turns on ``example``: medians in ms, and how many compute kernels of the
-    quantized export onnxruntime runs in int8 and in float."""
+    """The float ``model`` and the quantized ``qmodel`` exported whole (bitalloc's QDQ export with onnxruntime's
+    int8 points added, :func:`~bitalloc.runtime.align.align_for_ort`) and timed in turns on ``example``: medians in
+    ms, and how many compute kernels of the quantized export onnxruntime runs in int8 and in float."""
     from bitalloc.runtime.align import align_for_ort
     from bitalloc.runtime.onnx_export import export_float, export_onnx
     from bitalloc.runtime.ort import (float_compute_ops, input_feed, int8_compute_ops, interleaved_latency,

@@ -99,7 +99,8 @@ class Sensitivity:
     reference: Tensor | None = None
     labels: Tensor | None = None
     deltas: Tensor | None = None
-    #: the per-layer onnxruntime measurement behind ``costs["latency_ms"]`` (:func:`bitalloc.search.latency.add_latency`)
+    #: the per-layer onnxruntime measurement behind ``costs["latency_ms"]``
+    #: (:func:`bitalloc.search.latency.add_latency`)
     latency: dict[str, Any] | None = None
 
     def cost_index(self, cand: Candidate) -> int:
