@@ -31,6 +31,8 @@ from _common import ROOT, command_line, git_revision, machine, md_table, update_
 from bitalloc.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: the curve of the same codec and weights with the trained analysis only (no encoder search)
+SINGLE = "bitalloc-single-pass"
 PLOTS = RESULTS / "codec"
 
 
@@ -54,7 +56,9 @@ def speed(coder, path: str, frames: int, quality: int) -> dict:
 def render(res: dict) -> str:
     lines = ["## Learned video codec", "",
              f"Command: `{res['command']}`  ", f"Revision: {res['revision']}; machine: {res['machine']}; "
-             f"torch threads: {res['threads']}. Weights: `{res['weights']}` ({res['parameters']:,} parameters).", ""]
+             f"torch threads: {res['threads']}. Weights: `{res['weights']}` ({res['parameters']:,} parameters). "
+             f"Encoder: analysis scales {', '.join(f'{a:g}' for a in res.get('analysis_scales', [1.0]))} searched per "
+             f"frame (`bitalloc` rows; docs/codec.md), and `{SINGLE}` rows with the trained analysis alone.", ""]
     for c in res["clips"]:
         lines += [f"### {c['clip']} ({c['width']}x{c['height']}, {c['frames']} frames, intra period {c['intra_period']})",
                   "", f"![RD]({c['plot']})", ""]
@@ -70,6 +74,11 @@ def render(res: dict) -> str:
         lines += [md_table(["anchor", "YUV Akima", "YUV PCHIP", "RGB Akima", "RGB PCHIP"],
                           [[a, *(_pct(v[s][m]) for s in ("yuv", "rgb") for m in ("akima", "pchip"))]
                            for a, v in c["bd_rate"].items()])]
+        if c.get("single_pass_bd_rate"):
+            sp = c["single_pass_bd_rate"]
+            lines += ["", f"Encoder search: `{SINGLE}` (the same weights, the trained analysis only) has BD-rate "
+                          f"{_pct(sp['x265-medium'])}% against x265-medium (YUV, Akima); the search codes "
+                          f"{_pct(sp['search_vs_single'])}% bits against it at equal PSNR."]
         lines.append("")
     if res.get("mean_bd_rate"):
         lines += ["### Mean BD-rate over the held-out clips", ""]
@@ -118,24 +127,32 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=96)
     ap.add_argument("--levels")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--analysis-scales", help="the encoder's analysis scales (default: bitalloc's)")
     ap.add_argument("--no-md", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bitalloc.codec.codec import VideoCoder
-    from bitalloc.codec.evaluate import BD_METHODS, evaluate_clip, evaluate_images
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
+    from bitalloc.codec.video_io import read_video
+    from bitalloc.codec.evaluate import BD_METHODS, bd_rates, codec_point, evaluate_clip, evaluate_images
     from bitalloc.codec.weights import default_weights_path, load_default_or
     from bitalloc.report.plots import rd_plot
 
     model = load_default_or(args.weights)
-    coder = VideoCoder(model)
+    scales = check_analysis_scales(args.analysis_scales) if args.analysis_scales else ANALYSIS_SCALES
+    coder = VideoCoder(model, analysis_scales=scales)
+    single = VideoCoder(model, analysis_scales=(1.0,))  # the trained analysis only: what the encoder search adds
     levels = [int(v) for v in args.levels.split(",")] if args.levels else list(range(model.cfg.levels))
     PLOTS.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": command_line(), "revision": git_revision(), "machine": machine(),
-                 "threads": args.threads, "weights": str(Path(args.weights or default_weights_path()).name),
+                 "threads": args.threads, "analysis_scales": list(scales), "weights": str(Path(args.weights or default_weights_path()).name),
                  "parameters": sum(p.numel() for p in model.parameters()), "clips": []}
     for clip in args.clips:
         r = evaluate_clip(clip, coder, frames=args.frames, levels=levels, cross_check=1, weights=args.weights)
+        src = read_video(clip, frames=args.frames)
+        r["curves"][SINGLE] = [codec_point(single, src, lv, r["intra_period"])[0] for lv in levels]
+        r["single_pass_bd_rate"] = {"x265-medium": bd_rates(r["curves"]["x265-medium"], r["curves"][SINGLE])["akima"],
+                                    "search_vs_single": bd_rates(r["curves"][SINGLE], r["curves"]["bitalloc"])["akima"]}
         plot = PLOTS / f"rd_{Path(clip).stem}.png"
         rd_plot({n: [(p["kbps"], p["psnr_yuv"]) for p in pts] for n, pts in r["curves"].items()}, plot,
                 title=f"{r['clip']}: {r['frames']} frames, intra period {r['intra_period']}", ylabel="PSNR YUV (dB)")
@@ -145,7 +162,8 @@ def main() -> int:
     res["mean_bd_rate"] = {a: {m: _mean([c["bd_rate"][a]["yuv"][m] for c in res["clips"]]) for m in BD_METHODS}
                            for a in res["clips"][0]["bd_rate"]}
     if args.images:
-        img = evaluate_images(args.images, coder, levels=levels, limit=args.image_limit)
+        img = evaluate_images(args.images, coder, levels=levels, limit=args.image_limit,
+                              extra_coders={SINGLE + "-intra": single})
         plot = PLOTS / "rd_images.png"
         rd_plot({n: [(p["bpp"], p["psnr_rgb"]) for p in pts] for n, pts in img["curves"].items()}, plot,
                 title=f"{img['images']} held-out images", xlabel="bits per pixel", ylabel="PSNR RGB (dB)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,6 +64,28 @@ def test_all_stages_then_encode_with_the_shipped_weights(data, tmp_path):
     assert main(["codec", "encode", str(video), "-o", str(tmp_path / "p.bav"), "-q", "1", "--weights", str(ptq_ship),
                  "--json", str(js), "--overwrite"]) == 0
     assert json.loads(js.read_text())["exact"] is True
+    # encoder: the analyses trained against the shipped decoder; everything the decoder reads is unchanged
+    from bitalloc.codec.codec import VideoCoder
+    from bitalloc.codec.precision import coders, load_codec
+
+    enc_ship = tmp_path / "enc_ship.pt"
+    assert _train("--stage", "encoder", "--videos", str(video), "--images", str(d / "images"), "--steps", "2",
+                  "--init", str(ptq_ship), "--out", str(tmp_path / "enc.pt"), "--ship", str(enc_ship)) == 0
+    before, after = load_codec(ptq_ship), load_codec(enc_ship)
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
+    assert changed and all(".analysis." in k or ".hyper_analysis." in k for k in changed)
+    assert any(".hyper_analysis." in k for k in changed) and any("inter." in k for k in changed)
+    for c in coders(after).values():
+        assert c.proxy == "noise"  # the training proxy is not part of the weights
+    res = VideoCoder(after).compress(moving_video(3, 32, 32), quality=1)
+    # the old decoder decodes the new encoder's frames exactly (only the model id in the header differs)
+    from bitalloc.codec.bitstream import read_stream, write_stream
+
+    header, records = read_stream(res.stream)
+    header = dataclasses.replace(header, model_id=VideoCoder(before).id)
+    assert VideoCoder(before).decompress(write_stream(header, records)).equal(res.reconstruction)
+    assert _train("--stage", "encoder", "--videos", str(video), "--steps", "1", "--init", str(joint),
+                  "--out", str(tmp_path / "enc2.pt"), "--ship", str(tmp_path / "e2.pt")) == 2
     # the inter stage trained only the inter codec
     from bitalloc.train.checkpoint import load_model_checkpoint
 

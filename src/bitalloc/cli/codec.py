@@ -42,6 +42,10 @@ def register(sub: Any) -> None:
     e.add_argument("--intra-period", type=int, default=32, help="an I frame every P frames; -1: only the first (32)")
     e.add_argument("--motion-preset", choices=("ultrafast", "fast", "medium"), default="medium",
                    help="speed of the encoder's motion estimation (DIS optical flow preset)")
+    e.add_argument("--analysis-scales", metavar="A,B,...", default=None,
+                   help="weights of the analysis' nonlinear branch the encoder tries on every frame, keeping the "
+                        "payload of least rate + lambda * distortion (default 0,0.25,0.5,0.75,1: one encode each; "
+                        "1 alone encodes fastest); the stream and the decoder do not depend on it")
     e.add_argument("--dynamic", action="store_true",
                    help="ROI-aware dynamic precision: per-frame bit widths for the region of interest and the rest, "
                         "chosen by the codec's selector and written in the stream (the shipped dynamic weights, or "
@@ -102,7 +106,7 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     for decoding ``stream`` (the shipped codec whose model id the stream names, or --weights)."""
     import torch
 
-    from bitalloc.codec.codec import VideoCoder
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
     from bitalloc.codec.weights import load_default_or, load_for_stream
 
     if getattr(args, "threads", None):
@@ -121,7 +125,16 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
                           "one with `bitalloc codec train --stage dynamic`)")
     if roi and not dynamic:
         raise ConfigError("--roi goes with --dynamic")
-    return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi)
+    scales = getattr(args, "analysis_scales", None)
+    return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi,
+                      analysis_scales=ANALYSIS_SCALES if scales is None else check_analysis_scales(scales))
+
+
+def _scale_counts(frames: list) -> str:
+    """How often the encoder chose each analysis scale, e.g. "0.25 x12, 0.5 x4"."""
+    from collections import Counter
+
+    return ", ".join(f"{a:g} x{n}" for a, n in sorted(Counter(f.analysis_scale for f in frames).items()))
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -152,7 +165,8 @@ def write_frames(path: str, frames: Any) -> Path:
 def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
     keys = [("frames", "frames"), ("size", "size"), ("bytes", "bytes"), ("bits per pixel", "bpp"), ("kbps", "kbps"),
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
-            ("encode fps", "encode_fps"), ("decode fps", "decode_fps"), ("exact decode", "exact"),
+            ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
+            ("exact decode", "exact"),
             ("ROI source", "roi_source"), ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
             ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
             ("ROI mask's share of the rate", "mask_share"), ("ROI ms per frame", "roi_ms_per_frame")]
@@ -213,8 +227,10 @@ def run_encode(args: argparse.Namespace) -> int:
         "frame_types": "".join(f.kind for f in res.frames),
         "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr,
                        "roi_bits": f.roi_bits, "non_roi_bits": f.non_roi_bits, "roi_fraction": f.roi_fraction,
-                       "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds} for f in res.frames],
+                       "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds, "analysis_scale": f.analysis_scale}
+                      for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
+        "analysis_scales": _scale_counts(res.frames),
     }
     if coder.dynamic:  # the widths' and the mask's share of the rate, the ROI source's time
         side = 4 * len(res.frames)  # two 16-bit fields per frame

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,22 @@ from bitalloc.errors import ConfigError
 
 #: spatial granularity of the networks (luma pixels): latents are at 1/16
 ALIGN = 16
+#: the weights of the analysis' nonlinear branch the encoder tries on every frame (y = L(x) + a N(x); see
+#: :class:`VideoCoder`)
+ANALYSIS_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
+    """``scales`` (floats, or their comma-separated text) as a tuple of distinct values in [0, 2], in the given
+    order; ConfigError naming the problem otherwise."""
+    try:
+        vals = [float(t) for t in scales.split(",") if t.strip()] if isinstance(scales, str) else [float(v) for v in scales]
+    except (TypeError, ValueError):
+        vals = []
+    if not vals or any(not (0.0 <= v <= 2.0) for v in vals) or len(set(vals)) != len(vals):
+        raise ConfigError(f"analysis scales {scales!r}: give distinct values between 0 and 2, e.g. 0,0.25,0.5,0.75,1 "
+                          "(1 alone: the trained analysis, fastest encoding)")
+    return tuple(vals)
 
 
 def _constriction() -> Any:
@@ -118,11 +134,12 @@ class _Latents:
         y_hat = y_from(mu, log_scale)
         return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True))
 
-    def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
-        """Code x's latents into ``enc``; returns the decoder's synthesis output (float)."""
+    def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats, analysis_scale: float = 1.0) -> Tensor:
+        """Code x's latents into ``enc``; returns the decoder's synthesis output (float). ``analysis_scale``: the
+        weight of the analysis' nonlinear branch (:class:`bitalloc.codec.networks.Analysis`; an encoder choice)."""
         lv = self._level(level)
         c = self.coder
-        yg = c.analysis(x) * c.gain("y", lv, coding=True)
+        yg = c.analysis(x, analysis_scale) * c.gain("y", lv, coding=True)
         zg = c.hyper_analysis(yg) * c.gain("z", lv, coding=True)
         z_sym = torch.round(zg)
         stats.clamped += int((z_sym.abs() > Z_RANGE).sum())
@@ -179,6 +196,8 @@ class FrameInfo:
     roi_fraction: float | None = None
     mask_bits: int = 0
     roi_seconds: float = 0.0
+    #: the weight of the analysis' nonlinear branch the encoder chose for this frame (:class:`VideoCoder`)
+    analysis_scale: float = 1.0
     #: dynamic precision: the ROI source's mask at luma resolution (bool [height, width], cropped to the frame) and
     #: the latent mask coded in the stream (bool [padded height / 16, padded width / 16]); None otherwise
     roi_mask: np.ndarray | None = field(default=None, repr=False)
@@ -215,6 +234,17 @@ class VideoCoder:
     precision the selector's choice (or the ``widths`` given to :meth:`compress`). ``motion_preset``: DIS preset of
     the encoder's motion estimation; ``roi``: the ROI source of a dynamic-precision codec (default: the codec's).
 
+    **Encoder-side rate-distortion choice of the analysis.** The analysis transforms run only at the sender, so the
+    encoder may code a frame with any latents it likes: for every frame it tries y = L(x) + a N(x) (linear block
+    transform plus ``a`` times the nonlinear branch, :class:`~bitalloc.codec.networks.Analysis`) for each ``a`` in
+    ``analysis_scales``, in every coder of the frame, and keeps the payload of least bits per pixel + lambda *
+    MSE_YUV, the objective the codec was trained on (lambda: the quality level's). The stream and the decoder do not
+    change. Measured (BENCHMARKS.md, "Learned video codec"): the trained branch at full weight is far from the best
+    choice on held-out content (the intra codec alone: -44% BD-rate on held-out images with these five scales); the
+    cost is one encode per scale (``analysis_scales=(1.0,)``: the trained analysis only, fastest). Like the choice
+    of motion vectors in any encoder, this is search at the sender, in the spirit of the encoder-side latent
+    refinement of Yang et al. 2020 ("Improving inference for neural image compression").
+
     ``exact=False`` also accepts a codec whose decoder networks are *not* quantized (the FP32 codec, e.g. a training
     checkpoint loaded with :func:`bitalloc.train.checkpoint.load_model_checkpoint`, after ``coder.update()`` on each
     of :func:`bitalloc.codec.precision.coders`): its networks then run in float32 PyTorch in this process (no
@@ -225,7 +255,8 @@ class VideoCoder:
     """
 
     def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
-                 exact: bool = True):
+                 exact: bool = True, analysis_scales: Sequence[float] = ANALYSIS_SCALES):
+        self.analysis_scales = check_analysis_scales(analysis_scales)
         quantized = is_quantized(model)
         if exact and not quantized:
             raise ConfigError("the codec's decoder networks are not quantized: its stream would not decode exactly "
@@ -302,11 +333,11 @@ class VideoCoder:
             raise ConfigError(f"widths {widths!r}: give a (ROI, non-ROI) pair of widths; {what}")
         return int(pair[0]), int(pair[1])
 
-    def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, enc: Any, info: FrameInfo,
+    def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, info: FrameInfo,
                 widths: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int]:
-        """Dynamic precision at the encoder: the frame's ROI (the ROI source on its luma), latent mask (coded into
-        ``enc``), the selector's features and widths (``widths``: forced, the selector is bypassed)."""
-        from bitalloc.codec.dynamic import encode_mask, latent_mask
+        """Dynamic precision at the encoder: the frame's ROI (the ROI source on its luma), latent mask, the
+        selector's features and widths (``widths``: forced, the selector is bypassed)."""
+        from bitalloc.codec.dynamic import latent_mask
         from bitalloc.codec.selector import frame_features
 
         luma = unpack_yuv(x)[0].to(torch.uint8).numpy()  # [1, H, W], padded
@@ -325,7 +356,6 @@ class VideoCoder:
             bits = self.model.selector.select(feats, roi_fraction=[float(m16.mean())])[0]
         else:
             bits = widths
-        info.mask_bits = encode_mask(enc, m16)
         info.roi_fraction = float(m16.mean())
         info.latent_mask = m16
         info.roi_mask = np.asarray(mask, dtype=bool)  # padded luma size; compress crops it to the frame
@@ -337,17 +367,17 @@ class VideoCoder:
                               "(0 = lowest rate)")
 
     # -- one frame ------------------------------------------------------------------------------------------
-    def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats) -> Tensor:
+    def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats, a: float = 1.0) -> Tensor:
         off = self.model.intra.OFFSET
-        return to_pixels(lat.intra.encode(x.float() / 255.0 - off, level, enc, stats) + off)
+        return to_pixels(lat.intra.encode(x.float() / 255.0 - off, level, enc, stats, a) + off)
 
     def _inter(self, lat: _LatentSet, x: Tensor, ref: Tensor, flow: Tensor, level: int, enc: Any,
-               stats: LatentStats) -> Tensor:
+               stats: LatentStats, a: float = 1.0) -> Tensor:
         xf, rf = x.float() / 255.0, ref.float() / 255.0
-        flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats) * FLOW_SCALE
+        flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats, a) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
         pf = pred.float() / 255.0
-        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats)
+        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats, a)
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _decode_intra(self, lat: _LatentSet, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
@@ -373,6 +403,31 @@ class VideoCoder:
         cfg = self.model.cfg
         return (1, cfg.motion_m, hp // 16, wp // 16), (1, cfg.m, hp // 16, wp // 16)
 
+    def _code_frame(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, a: float,
+                    mask16: np.ndarray | None, rb: int, nb: int, size: tuple[int, int]) -> tuple:
+        """Code one frame (an I frame when ``ref`` is None) with analysis scale ``a`` into a fresh payload:
+        (RD cost, payload, reconstruction, stats, mask bits, a). The cost is the training objective,
+        bits per pixel + lambda_level * MSE_YUV (pixel units, the frame's own area)."""
+        from bitalloc.codec.networks import weighted_mse
+
+        enc = _constriction().stream.queue.RangeEncoder()
+        stats = LatentStats()
+        mask_bits = 0
+        if mask16 is not None:
+            from bitalloc.codec.dynamic import encode_mask
+
+            mask_bits = encode_mask(enc, mask16)
+        with self._frame_latents(mask16, rb, nb) as lat:
+            rec = (self._intra(lat, x, level, enc, stats, a) if ref is None
+                   else self._inter(lat, x, ref, flow, level, enc, stats, a))
+        payload = enc.get_compressed().tobytes()
+        cost = 0.0
+        if len(self.analysis_scales) > 1:
+            h2, w2 = (size[0] + 1) // 2, (size[1] + 1) // 2
+            mse = float(weighted_mse(rec[..., :h2, :w2].double(), x[..., :h2, :w2].double()))
+            cost = 8.0 * len(payload) / (size[0] * size[1]) + float(self.model.lambdas[level]) * mse
+        return cost, payload, rec, stats, mask_bits, a
+
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
                  progress: Callable[[int], None] | None = None,
@@ -392,10 +447,9 @@ class VideoCoder:
             raise ConfigError(f"intra period {intra_period}: give a positive period, or -1 for one intra frame")
         if len(frames) == 0:
             raise ConfigError("no frames to encode")
-        c = _constriction()
+        _constriction()  # fails here, naming the extra, when constriction is missing
         h, w = frames.height, frames.width
         size = padded_size(h, w)
-        mshape, rshape = self._shapes(size)
         records: list[FrameRecord] = []
         infos: list[FrameInfo] = []
         ys, us, vs = [], [], []
@@ -405,17 +459,17 @@ class VideoCoder:
             for i in range(len(frames)):
                 t0 = time.perf_counter()
                 x = frame_tensor(frames, i, size)
-                enc = c.stream.queue.RangeEncoder()
-                stats = LatentStats()
                 intra = ref is None or (intra_period > 0 and i % intra_period == 0)
                 info = FrameInfo(i, "I" if intra else "P", 0)
                 flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
-                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, enc, info, forced) if self.dynamic
+                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, info, forced) if self.dynamic
                                   else (None, self.bits, self.bits))
-                with self._frame_latents(mask16, rb, nb) as lat:
-                    rec = (self._intra(lat, x, quality, enc, stats) if intra
-                           else self._inter(lat, x, ref, flow, quality, enc, stats))
-                payload = enc.get_compressed().tobytes()
+                best = None
+                for a in self.analysis_scales:  # encoder-side RD choice of the analysis (the decoder needs none)
+                    trial = self._code_frame(x, None if intra else ref, flow, quality, a, mask16, rb, nb, (h, w))
+                    if best is None or trial[0] < best[0]:
+                        best = trial
+                _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
                 records.append(fr)
                 ref = rec

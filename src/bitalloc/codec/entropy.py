@@ -72,6 +72,22 @@ def noisy(x: Tensor) -> Tensor:
     return x + torch.empty_like(x).uniform_(-0.5, 0.5)
 
 
+#: training proxies of rounding: additive uniform noise (Balle et al. 2017), or rounding with the straight-through
+#: gradient (what coding does, e.g. for fine-tuning an encoder against a fixed decoder)
+PROXIES = ("noise", "ste")
+
+
+def rounding_proxy(x: Tensor, proxy: str, training: bool) -> Tensor:
+    """round(x) outside training; in training ``noisy(x)`` (proxy "noise") or ``ste_round(x)`` (proxy "ste")."""
+    if not training:
+        return torch.round(x)
+    if proxy == "noise":
+        return noisy(x)
+    if proxy == "ste":
+        return ste_round(x)
+    raise ValueError(f"proxy={proxy!r}: choose one of {PROXIES}")
+
+
 class EntropyBottleneck(nn.Module):
     """Learned factorized prior for ``channels`` hyper-latent channels (Balle et al. 2018, appendix 6.1).
 
@@ -95,6 +111,8 @@ class EntropyBottleneck(nn.Module):
                 self.factors.append(nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
         # coding table: probabilities of z in [-Z_RANGE, Z_RANGE] per channel (float64), filled by update()
         self.register_buffer("pmf", torch.zeros(channels, 2 * Z_RANGE + 1, dtype=torch.float64))
+        #: the rounding proxy in training (:data:`PROXIES`)
+        self.proxy = "noise"
 
     def _logits_cdf(self, x: Tensor) -> Tensor:
         """x: [C, 1, N] -> the logit of the cumulative c(x), [C, 1, N]."""
@@ -117,8 +135,9 @@ class EntropyBottleneck(nn.Module):
         return p.reshape(c, z.shape[0], *z.shape[2:]).transpose(0, 1)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(z_hat, likelihoods): z + noise in training, round(z) otherwise."""
-        z_hat = noisy(z) if self.training else torch.round(z)
+        """(z_hat, likelihoods): z + noise (or round(z) straight-through, :attr:`proxy`) in training, round(z)
+        otherwise."""
+        z_hat = rounding_proxy(z, self.proxy, self.training)
         return z_hat, self.likelihood(z_hat)
 
     @torch.no_grad()

@@ -125,8 +125,10 @@ def evaluate_clip(path: str | os.PathLike, coder: Any, *, frames: int = 96, leve
 
 def evaluate_images(path: str | os.PathLike, coder: Any, *, levels: Sequence[int], limit: int | None = None,
                     crop: int = 256, jpeg_qualities: Sequence[int] = JPEG_QUALITIES, qps: Sequence[int] = ANCHOR_QPS,
-                    progress: Any = None) -> dict[str, Any]:
-    """Intra codec vs JPEG and x265 intra on the held-out images (centre crops of ``crop`` pixels)."""
+                    progress: Any = None, extra_coders: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Intra codec vs JPEG and x265 intra on the held-out images (centre crops of ``crop`` pixels).
+    ``extra_coders``: more codec curves by name (e.g. another encoder setting), measured on the same images; the
+    BD-rate table is ``coder``'s."""
     from bitalloc.codec.dataset import load_images
 
     images = load_images(path, "test", limit=limit, min_size=crop)
@@ -145,8 +147,8 @@ def evaluate_images(path: str | os.PathLike, coder: Any, *, levels: Sequence[int
                 progress(1)
         return pts
 
-    def ours(im: YUVFrames, level: int) -> tuple[float, float, float]:
-        res = coder.compress(im, quality=level, intra_period=1)
+    def ours(im: YUVFrames, level: int, c: Any = coder) -> tuple[float, float, float]:
+        res = c.compress(im, quality=level, intra_period=1)
         return (bits_per_pixel(res.bytes, 1, im.height, im.width), psnr_yuv(im, res.reconstruction)["psnr_yuv"],
                 psnr_rgb(im, res.reconstruction)["psnr_rgb"])
 
@@ -161,6 +163,8 @@ def evaluate_images(path: str | os.PathLike, coder: Any, *, levels: Sequence[int
     curves = {"bitalloc-intra": aggregate("bitalloc", ours, levels, "level"),
               "jpeg": aggregate("jpeg", jpeg, jpeg_qualities, "quality"),
               "x265-intra": aggregate("x265", hevc, qps, "qp")}
+    for name, other in (extra_coders or {}).items():
+        curves[name] = aggregate(name, lambda im, lv, c=other: ours(im, lv, c), levels, "level")
     bd = {name: {"yuv": bd_rates(c, curves["bitalloc-intra"], rate="bpp"),
                  "rgb": bd_rates(c, curves["bitalloc-intra"], "psnr_rgb", rate="bpp")}
           for name, c in curves.items() if name != "bitalloc-intra"}
@@ -183,6 +187,8 @@ def add_eval_args(p: Any) -> None:
     p.add_argument("--cross-check", type=int, metavar="THREADS",
                    help="also decode every stream in a separate process with THREADS torch threads and compare")
     p.add_argument("--weights", help="codec weights file (default: the shipped weights)")
+    p.add_argument("--analysis-scales", metavar="A,B,...",
+                   help="the encoder's analysis scales (default 0,0.25,0.5,0.75,1; see `codec encode --help`)")
     p.add_argument("--out", required=True, help="output folder: results.json and one RD plot (PNG) per clip")
     p.add_argument("--threads", type=int, help="torch threads of this process")
 
@@ -197,7 +203,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def run_eval_cli(args: Any) -> int:
     import torch
 
-    from bitalloc.codec.codec import VideoCoder
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
     from bitalloc.codec.weights import load_default_or
     from bitalloc.io import write_json
     from bitalloc.report.plots import rd_plot
@@ -209,7 +215,7 @@ def run_eval_cli(args: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_default_or(args.weights)
-    coder = VideoCoder(model)
+    coder = VideoCoder(model, analysis_scales=check_analysis_scales(args.analysis_scales or ANALYSIS_SCALES))
     levels = _ints(args.levels, "--levels") if args.levels else list(range(model.cfg.levels))
     qps, presets = _ints(args.qps, "--qps"), [p for p in args.presets.split(",") if p]
     out_dir = Path(args.out)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitalloc.codec.entropy import EntropyBottleneck, GaussianConditional, noisy, ste_round
+from bitalloc.codec.entropy import PROXIES, EntropyBottleneck, GaussianConditional, rounding_proxy, ste_round
 from bitalloc.codec.motion import estimate_flow_packed, warp
 from bitalloc.codec.networks import Analysis, HyperAnalysis, HyperSynthesis, Synthesis, weighted_mse
 
@@ -101,6 +101,18 @@ class HyperpriorCoder(nn.Module):
         with torch.no_grad():  # initial scales e^1: untrained entropy parameters should not be overconfident
             self.hyper_synthesis[-1].bias[m:] = 1.0
 
+    @property
+    def proxy(self) -> str:
+        """The training proxy of rounding for both latents (``bitalloc.codec.entropy.PROXIES``): "noise" (training
+        from scratch) or "ste" (rounding as coding does it, straight-through: fine-tuning an encoder)."""
+        return self.entropy_bottleneck.proxy
+
+    @proxy.setter
+    def proxy(self, value: str) -> None:
+        if value not in PROXIES:
+            raise ValueError(f"proxy={value!r}: choose one of {PROXIES}")
+        self.entropy_bottleneck.proxy = value
+
     def gain(self, which: str, level: Tensor, *, coding: bool = False) -> Tensor:
         """The per-sample gains [B, C, 1, 1] of ``which`` ("y", "y_inv", "z", "z_inv") at ``level`` [B]:
         exp of the parameters (training), or the stored tables (``coding``; filled by :meth:`update`)."""
@@ -135,7 +147,7 @@ class HyperpriorCoder(nn.Module):
         zg = z * self.gain("z", level)
         z_hat, z_lik = self.entropy_bottleneck(zg)
         mu, log_scale = self.entropy_parameters(z_hat, level, yg.shape[-2:])
-        v = noisy(yg - mu) if self.training else torch.round(yg - mu)
+        v = rounding_proxy(yg - mu, self.proxy, self.training)
         y_lik = self.gaussian_conditional.likelihood(v, log_scale)
         y_hat = ste_round(yg - mu) + mu
         x_hat = self.synthesis(y_hat * self.gain("y_inv", level))

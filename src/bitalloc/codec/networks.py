@@ -146,8 +146,12 @@ class Analysis(nn.Module):
                                        conv(n, n), SimplifiedGDN(n),
                                        conv(n, n), _zero(nn.Conv2d(n, m, 1)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x[:, : self.linear_channels]) + self.nonlinear(x)
+    def forward(self, x: Tensor, nonlinear_scale: float = 1.0) -> Tensor:
+        """y = linear(x) + ``nonlinear_scale`` * nonlinear(x). The scale is the encoder's choice (the analysis runs
+        only at the sender, so the decoder never needs it): 1 in training, searched per frame by
+        :class:`bitalloc.codec.codec.VideoCoder` (``analysis_scales``)."""
+        y = self.linear(x[:, : self.linear_channels])
+        return y if nonlinear_scale == 0 else y + nonlinear_scale * self.nonlinear(x)
 
 
 class Synthesis(nn.Module):

@@ -642,7 +642,7 @@ def capture_inputs(model: VideoCodec, frames: YUVFrames, quality: int) -> dict[s
 
     handles = [net.register_forward_pre_hook(keep(name)) for name, net in decoder_networks(model)]
     try:
-        VideoCoder(model).compress(frames[:2], quality=quality, intra_period=-1)
+        VideoCoder(model, analysis_scales=(1.0,)).compress(frames[:2], quality=quality, intra_period=-1)
     finally:
         for h in handles:
             h.remove()
@@ -791,10 +791,12 @@ class _Opaque(nn.Module):
 def backend_coder(model: VideoCodec, backend: Backend) -> Any:
     """A :class:`~bitalloc.codec.codec.VideoCoder` of a copy of the quantized ``model`` with ``backend``'s decoder
     networks swapped in after construction (the coder's checks need the quantized networks). Networks of backends
-    that are not run by ``integer_mode`` are hidden from it (:class:`_Opaque`)."""
+    that are not run by ``integer_mode`` are hidden from it (:class:`_Opaque`). The encoder runs one analysis pass
+    (``analysis_scales=(1.0,)``): encode times are those of one pass; the default encoder's search over
+    :data:`~bitalloc.codec.codec.ANALYSIS_SCALES` runs one pass per scale."""
     from bitalloc.codec.codec import VideoCoder
 
-    coder = VideoCoder(copy.deepcopy(model))
+    coder = VideoCoder(copy.deepcopy(model), analysis_scales=(1.0,))
     for name, net in backend.networks.items():
         cname, part = name.split(".")
         setattr(coders(coder.model)[cname], part, net if backend.integer else _Opaque(net))

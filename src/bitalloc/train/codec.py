@@ -40,7 +40,7 @@ class CodecObjective(Objective):
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
                  gamma: float | None = None, selector_lr_scale: float = SELECTOR_LR_SCALE, step_lr_scale: float = 100.0,
-                 freeze_codec: bool = False):
+                 freeze_codec: bool = False, encoder_only: bool = False):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
@@ -57,11 +57,26 @@ class CodecObjective(Objective):
         #: train only the width selector and the quantizers' steps (the codec's weights, gains and entropy models
         #: stay as trained): dynamic precision on top of a codec without changing it
         self.freeze_codec = freeze_codec
+        #: train only the sender's networks (analysis and hyper analysis of every coder) against the fixed decoder
+        #: (decoder networks, gains, entropy models), with rounding as coding does it (straight-through): the
+        #: decoder, and every stream it reads, stay as they are
+        self.encoder_only = encoder_only
+        if freeze_codec and encoder_only:
+            raise ValueError("freeze_codec and encoder_only train disjoint parameters: choose one")
         self.gamma = gamma  # dynamic precision: weight of the relative Bit-FLOPs (bitalloc.codec.dynamic)
         self._table: Any = None
         self._roi: Any = None
 
     def _freeze(self, model: nn.Module) -> None:
+        if self.encoder_only:
+            from bitalloc.codec.precision import coders
+
+            model.requires_grad_(False)
+            for coder in coders(_inner(model)).values():
+                coder.analysis.requires_grad_(True)
+                coder.hyper_analysis.requires_grad_(True)
+                coder.proxy = "ste"
+            return
         if self.freeze_codec:
             for n, p in model.named_parameters():
                 p.requires_grad_("quantizer." in n or "selector" in n.split(".")[:2])
@@ -142,7 +157,7 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
                 image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False,
-                selector_lr_scale: float = SELECTOR_LR_SCALE) -> Any:
+                selector_lr_scale: float = SELECTOR_LR_SCALE, encoder_only: bool = False) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
@@ -151,7 +166,7 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
                        image_share=image_share)
     objective = CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
-                               selector_lr_scale=selector_lr_scale)
+                               selector_lr_scale=selector_lr_scale, encoder_only=encoder_only)
     return fit(model, data, None, cfg, objective=objective, callbacks=callbacks)
 
 
@@ -166,6 +181,8 @@ STAGES = {
     # post-training quantization: min-max calibrated fixed grids, no optimizer steps
     "ptq": ("all", "intra", 3, 0.0, "constant", 0),
     "dynamic": ("all", "intra", 2, 2e-5, "cosine", 500),
+    # the sender's networks against a shipped (quantized, frozen) decoder
+    "encoder": ("all", "intra", 3, 1e-4, "cosine", 300),
 }
 
 
@@ -177,7 +194,10 @@ def add_train_args(p: Any) -> None:
                         "references are the intra codec's and its own reconstructions (intra frozen); qat: 8-bit LSQ "
                         "fine-tuning of the decoder networks, then frozen into the shippable weights (--ship); ptq: the "
                         "same networks on min-max calibrated 8-bit grids without training, frozen and shipped; "
-                        "dynamic: ROI-aware per-frame widths (--candidates, --gamma, --roi) from a float codec")
+                        "dynamic: ROI-aware per-frame widths (--candidates, --gamma, --roi) from a float codec; "
+                        "encoder: the analysis and hyper analysis networks of codec weights (--init, default the "
+                        "shipped ones) trained against their fixed decoder with rounding as coding does it (the "
+                        "decoder, its tables and the streams it reads do not change), shipped with --ship")
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
     p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
     p.add_argument("--out", help="training checkpoint (resumable with --resume); every stage but ptq")
@@ -212,6 +232,23 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
     p.add_argument("--threads", type=int, help="torch threads per process")
     p.add_argument("--progress", choices=("auto", "bar", "log", "off"), default="auto")
+
+
+#: the stages that write codec weights (--ship)
+SHIPPING = ("qat", "ptq", "dynamic", "encoder")
+
+
+def encoder_stage_model(path: str | None) -> Any:
+    """The codec whose encoder ``--stage encoder`` trains: codec weights (``path``, default the shipped ones) with
+    quantized, frozen decoder networks and one fixed precision; ConfigError naming the fix otherwise."""
+    from bitalloc.codec.precision import is_quantized
+    from bitalloc.codec.weights import load_default_or
+
+    model = load_default_or(path)
+    if not is_quantized(model) or model.cfg.candidates:
+        raise ConfigError(f"--stage encoder trains the encoder of fixed-precision codec weights (a file written by "
+                          f"--stage ptq or qat --ship); {path} is not one")
+    return model
 
 
 def _load_codec_checkpoint(path: str) -> Any:
@@ -250,7 +287,8 @@ def run_train_cli(args: Any) -> int:
     """``bitalloc codec train``: build the stage's model and data, train with the loop, ship (qat)."""
     import torch
 
-    from bitalloc.codec.precision import decoder_quant_configs, freeze_decoders, quantize_decoders, save_codec
+    from bitalloc.codec.precision import (calibrate_codec, decoder_quant_configs, freeze_decoders, quantize_decoders,
+                                          save_codec)
     from bitalloc.train.loop import TrainConfig
 
     if args.threads:
@@ -259,16 +297,16 @@ def run_train_cli(args: Any) -> int:
     frames = args.frames or frames
     if args.stage == "intra" and frames != 1:
         raise ConfigError("--stage intra trains on single frames; drop --frames")
-    if args.stage != "intra" and frames < 2:
+    if args.stage not in ("intra", "encoder") and frames < 2:
         raise ConfigError(f"--stage {args.stage} needs clips of at least 2 frames (--frames)")
-    if args.stage == "intra" and not (args.videos or args.images):
+    if args.stage in ("intra", "encoder") and not (args.videos or args.images):
         raise ConfigError("give training data: --videos and/or --images")
-    if args.stage != "intra" and not args.videos:
+    if args.stage not in ("intra", "encoder") and not args.videos:
         raise ConfigError(f"--stage {args.stage} trains on video: give --videos")
-    if args.stage in ("qat", "ptq", "dynamic") and not args.ship:
+    if args.stage in SHIPPING and not args.ship:
         raise ConfigError(f"--stage {args.stage} writes the codec weights: give --ship FILE")
-    if args.ship and args.stage not in ("qat", "ptq", "dynamic"):
-        raise ConfigError("--ship belongs to --stage qat, ptq or dynamic")
+    if args.ship and args.stage not in SHIPPING:
+        raise ConfigError(f"--ship belongs to --stage {', '.join(SHIPPING)}")
     if args.stage in ("joint", "qat", "ptq", "dynamic") and not args.init:
         raise ConfigError(f"--stage {args.stage} fine-tunes a trained codec: give --init (and --init-inter)")
     if args.stage != "ptq" and not args.out:
@@ -282,8 +320,8 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError("--selector-lr-scale belongs to --stage dynamic and must be positive")
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
-    model = build_stage_model(args)
-    sources = codec_sources(args.videos, args.images if args.stage == "intra" else None)
+    model = encoder_stage_model(args.init) if args.stage == "encoder" else build_stage_model(args)
+    sources = codec_sources(args.videos, args.images if args.stage in ("intra", "encoder") else None)
     if args.stage == "ptq":  # bitalloc's post-training path: calibrated min-max grids, frozen, shipped
         quantize_decoders(model, decoder_quant_configs(args.bits, "fixed"))
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
@@ -309,8 +347,8 @@ def run_train_cli(args: Any) -> int:
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
                 gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec,
-                selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE)
-    if args.stage in ("qat", "dynamic"):
+                selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE, encoder_only=args.stage == "encoder")
+    if args.stage in ("qat", "dynamic", "encoder"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
         save_codec(model.eval(), args.ship,
@@ -340,22 +378,3 @@ def _widths(text: str) -> tuple[int, ...]:
     if len(widths) < 2 or any(not 2 <= b <= 16 for b in widths):
         raise ConfigError(f"--candidates {text!r}: give at least two widths between 2 and 16, e.g. 4,8,16 or 2,4,8")
     return widths
-
-
-def calibrate_codec(model: Any, sources: list[Any], *, frames: int = 3, crop: int = 128, clips: int = 16,
-                    seed: int = 0) -> None:
-    """Initialise the decoder networks' quantizers (LSQ steps or fixed grids) from ``clips`` random clips."""
-    import bitalloc
-    from bitalloc.codec.dataset import ClipDataset
-
-    data = ClipDataset(sources, crop=crop, frames=frames, samples=clips, levels=model.cfg.levels)
-    gen = torch.Generator().manual_seed(seed)
-    state = torch.get_rng_state()
-    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
-    try:
-        with torch.no_grad(), bitalloc.calibration(model):
-            for i in range(clips):
-                clip, level = data[i]
-                model(clip[None], level[None])
-    finally:
-        torch.set_rng_state(state)
