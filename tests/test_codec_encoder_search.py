@@ -3,6 +3,7 @@ of the decoder networks' latent readers (their 16-bit grids cover the pixel rang
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -82,6 +83,32 @@ def test_encoder_keeps_the_scale_of_least_rate_distortion_cost():
     res = coder.compress(moving_video(4, 32, 48, seed=5), quality=2, intra_period=-1)
     assert "".join(f.kind for f in res.frames) == "IPPP"
     assert VideoCoder(model, analysis_scales=(1.0,)).decompress(res.stream).equal(res.reconstruction)
+
+
+def test_adaptive_intra_keeps_the_cheaper_frame_type():
+    model = _branchy_codec()
+    # the untrained tiny codec codes I frames cheaper than P frames; with its I frames quantized 8x finer (gain
+    # tables of encoder and decoder alike) P frames win at the higher levels: both choices are exercised
+    finer = copy.deepcopy(model)
+    with torch.no_grad():
+        finer.intra.coder.gain_table[0] *= 8
+        finer.intra.coder.gain_table[1] /= 8
+    video = moving_video(2, 32, 48, seed=6)
+    chosen = set()
+    for m, level in ((model, 1), (finer, 2)):
+        lam = float(m.lambdas[level])
+        cost = {}
+        for kind, period in (("P", -1), ("I", 1)):  # frame 1 coded each way after the same frame 0
+            res = VideoCoder(m, analysis_scales=(0.5,)).compress(video, quality=level, intra_period=period)
+            assert res.frames[1].kind == kind
+            pay = read_stream(res.stream)[1][1].payload
+            cost[kind] = 8.0 * len(pay) / (32 * 48) + lam * _weighted_mse(video[1:], res.reconstruction[1:])[0]
+        coder = VideoCoder(m, analysis_scales=(0.5,), adaptive_intra=True)
+        res = coder.compress(video, quality=level, intra_period=-1)
+        assert res.frames[1].kind == min(cost, key=cost.get)
+        chosen.add(res.frames[1].kind)
+        assert coder.decompress(res.stream).equal(res.reconstruction)
+    assert chosen == {"I", "P"}
 
 
 @pytest.mark.parametrize("bad", ["", "abc", "-0.5", "3", "1,1", [], [0.5, float("nan")]])

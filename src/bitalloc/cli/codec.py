@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     e.add_argument("--intra-period", type=int, default=32, help="an I frame every P frames; -1: only the first (32)")
     e.add_argument("--motion-preset", choices=("ultrafast", "fast", "medium"), default="medium",
                    help="speed of the encoder's motion estimation (DIS optical flow preset)")
+    e.add_argument("--adaptive-intra", action="store_true",
+                   help="also try every P frame as an I frame and keep the cheaper (rate + lambda * distortion): "
+                        "scene cuts, content motion does not predict; twice the encoding work for P frames")
     e.add_argument("--analysis-scales", metavar="A,B,...", default=None,
                    help="weights of the analysis' nonlinear branch the encoder tries on every frame, keeping the "
                         "payload of least rate + lambda * distortion (default 0,0.25,0.5,0.75,1: one encode each; "
@@ -127,7 +130,8 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
         raise ConfigError("--roi goes with --dynamic")
     scales = getattr(args, "analysis_scales", None)
     return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi,
-                      analysis_scales=ANALYSIS_SCALES if scales is None else check_analysis_scales(scales))
+                      analysis_scales=ANALYSIS_SCALES if scales is None else check_analysis_scales(scales),
+                      adaptive_intra=getattr(args, "adaptive_intra", False))
 
 
 def _scale_counts(frames: list) -> str:

@@ -245,6 +245,10 @@ class VideoCoder:
     of motion vectors in any encoder, this is search at the sender, in the spirit of the encoder-side latent
     refinement of Yang et al. 2020 ("Improving inference for neural image compression").
 
+    ``adaptive_intra``: also code every P frame as an I frame and keep whichever costs less (the same objective;
+    the frame record says its type, so the decoder needs nothing more; like x265's scene-cut decision, the intra
+    period stays the longest distance between I frames). Twice the encoding work for P frames; off by default.
+
     ``exact=False`` also accepts a codec whose decoder networks are *not* quantized (the FP32 codec, e.g. a training
     checkpoint loaded with :func:`bitalloc.train.checkpoint.load_model_checkpoint`, after ``coder.update()`` on each
     of :func:`bitalloc.codec.precision.coders`): its networks then run in float32 PyTorch in this process (no
@@ -255,8 +259,9 @@ class VideoCoder:
     """
 
     def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
-                 exact: bool = True, analysis_scales: Sequence[float] = ANALYSIS_SCALES):
+                 exact: bool = True, analysis_scales: Sequence[float] = ANALYSIS_SCALES, adaptive_intra: bool = False):
         self.analysis_scales = check_analysis_scales(analysis_scales)
+        self.adaptive_intra = bool(adaptive_intra)
         quantized = is_quantized(model)
         if exact and not quantized:
             raise ConfigError("the codec's decoder networks are not quantized: its stream would not decode exactly "
@@ -421,11 +426,9 @@ class VideoCoder:
             rec = (self._intra(lat, x, level, enc, stats, a) if ref is None
                    else self._inter(lat, x, ref, flow, level, enc, stats, a))
         payload = enc.get_compressed().tobytes()
-        cost = 0.0
-        if len(self.analysis_scales) > 1:
-            h2, w2 = (size[0] + 1) // 2, (size[1] + 1) // 2
-            mse = float(weighted_mse(rec[..., :h2, :w2].double(), x[..., :h2, :w2].double()))
-            cost = 8.0 * len(payload) / (size[0] * size[1]) + float(self.model.lambdas[level]) * mse
+        h2, w2 = (size[0] + 1) // 2, (size[1] + 1) // 2
+        mse = float(weighted_mse(rec[..., :h2, :w2].double(), x[..., :h2, :w2].double()))
+        cost = 8.0 * len(payload) / (size[0] * size[1]) + float(self.model.lambdas[level]) * mse
         return cost, payload, rec, stats, mask_bits, a
 
     # -- whole videos ---------------------------------------------------------------------------------------
@@ -464,12 +467,14 @@ class VideoCoder:
                 flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
                 mask16, rb, nb = (self._choose(x, None if intra else ref, flow, info, forced) if self.dynamic
                                   else (None, self.bits, self.bits))
-                best = None
-                for a in self.analysis_scales:  # encoder-side RD choice of the analysis (the decoder needs none)
-                    trial = self._code_frame(x, None if intra else ref, flow, quality, a, mask16, rb, nb, (h, w))
-                    if best is None or trial[0] < best[0]:
-                        best = trial
+                best = None  # encoder-side RD choices the decoder needs nothing for: analysis scale, frame type
+                for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
+                    for a in self.analysis_scales:
+                        trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, rb, nb, (h, w))
+                        if best is None or trial[0] < best[0]:
+                            best, intra = trial, as_intra
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
+                info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
                 records.append(fr)
                 ref = rec

@@ -189,6 +189,8 @@ def add_eval_args(p: Any) -> None:
     p.add_argument("--weights", help="codec weights file (default: the shipped weights)")
     p.add_argument("--analysis-scales", metavar="A,B,...",
                    help="the encoder's analysis scales (default 0,0.25,0.5,0.75,1; see `codec encode --help`)")
+    p.add_argument("--adaptive-intra", action="store_true", help="the encoder may code P frames as I frames (see "
+                                                                 "`codec encode --help`)")
     p.add_argument("--out", required=True, help="output folder: results.json and one RD plot (PNG) per clip")
     p.add_argument("--threads", type=int, help="torch threads of this process")
 
@@ -215,7 +217,8 @@ def run_eval_cli(args: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_default_or(args.weights)
-    coder = VideoCoder(model, analysis_scales=check_analysis_scales(args.analysis_scales or ANALYSIS_SCALES))
+    coder = VideoCoder(model, analysis_scales=check_analysis_scales(args.analysis_scales or ANALYSIS_SCALES),
+                       adaptive_intra=args.adaptive_intra)
     levels = _ints(args.levels, "--levels") if args.levels else list(range(model.cfg.levels))
     qps, presets = _ints(args.qps, "--qps"), [p for p in args.presets.split(",") if p]
     out_dir = Path(args.out)
