@@ -145,7 +145,8 @@ def main() -> int:
     levels = [int(v) for v in args.levels.split(",")] if args.levels else list(range(model.cfg.levels))
     PLOTS.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": command_line(), "revision": git_revision(), "machine": machine(),
-                 "threads": args.threads, "analysis_scales": list(scales), "weights": str(Path(args.weights or default_weights_path()).name),
+                 "threads": args.threads, "analysis_scales": list(scales),
+                 "weights": str(Path(args.weights or default_weights_path()).name),
                  "parameters": sum(p.numel() for p in model.parameters()), "clips": []}
     for clip in args.clips:
         r = evaluate_clip(clip, coder, frames=args.frames, levels=levels, cross_check=1, weights=args.weights)

@@ -183,8 +183,10 @@ def test_latent_readers_cover_the_extremes_and_other_grids_keep_the_content(monk
         assert wlo <= plo and whi >= phi
     assert any(w[1] > p[1] * 1.2 for p, w in zip(_reader_ranges(plain), _reader_ranges(wide)))
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, i=i: seen.append((i, inp[0].min().item(), inp[0].max().item())))
-             for i, m in enumerate(readers)]
+    def keep(i):
+        return lambda mod, inp: seen.append((i, inp[0].min().item(), inp[0].max().item()))
+
+    hooks = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(readers)]
     ranges = _reader_ranges(wide)
     with torch.no_grad():
         for clip in extreme_clips(2, 32):

@@ -55,7 +55,8 @@ def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
     """``scales`` (floats, or their comma-separated text) as a tuple of distinct values in [0, 2], in the given
     order; ConfigError naming the problem otherwise."""
     try:
-        vals = [float(t) for t in scales.split(",") if t.strip()] if isinstance(scales, str) else [float(v) for v in scales]
+        items = [t for t in scales.split(",") if t.strip()] if isinstance(scales, str) else list(scales)
+        vals = [float(v) for v in items]
     except (TypeError, ValueError):
         vals = []
     if not vals or any(not (0.0 <= v <= 2.0) for v in vals) or len(set(vals)) != len(vals):
