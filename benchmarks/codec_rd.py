@@ -132,26 +132,24 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
-    from bitalloc.codec.video_io import read_video
-    from bitalloc.codec.evaluate import BD_METHODS, bd_rates, codec_point, evaluate_clip, evaluate_images
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder
+    from bitalloc.codec.evaluate import BD_METHODS, bd_rates, evaluate_clip, evaluate_images
     from bitalloc.codec.weights import default_weights_path, load_default_or
     from bitalloc.report.plots import rd_plot
 
     model = load_default_or(args.weights)
-    scales = check_analysis_scales(args.analysis_scales) if args.analysis_scales else ANALYSIS_SCALES
+    scales = ANALYSIS_SCALES if args.analysis_scales is None else args.analysis_scales  # VideoCoder checks them
     coder = VideoCoder(model, analysis_scales=scales)
     single = VideoCoder(model, analysis_scales=(1.0,))  # the trained analysis only: what the encoder search adds
     levels = [int(v) for v in args.levels.split(",")] if args.levels else list(range(model.cfg.levels))
     PLOTS.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": command_line(), "revision": git_revision(), "machine": machine(),
-                 "threads": args.threads, "analysis_scales": list(scales),
+                 "threads": args.threads, "analysis_scales": list(coder.analysis_scales),
                  "weights": str(Path(args.weights or default_weights_path()).name),
                  "parameters": sum(p.numel() for p in model.parameters()), "clips": []}
     for clip in args.clips:
-        r = evaluate_clip(clip, coder, frames=args.frames, levels=levels, cross_check=1, weights=args.weights)
-        src = read_video(clip, frames=args.frames)
-        r["curves"][SINGLE] = [codec_point(single, src, lv, r["intra_period"])[0] for lv in levels]
+        r = evaluate_clip(clip, coder, frames=args.frames, levels=levels, cross_check=1, weights=args.weights,
+                          extra_coders={SINGLE: single})
         r["single_pass_bd_rate"] = {"x265-medium": bd_rates(r["curves"]["x265-medium"], r["curves"][SINGLE])["akima"],
                                     "search_vs_single": bd_rates(r["curves"][SINGLE], r["curves"]["bitalloc"])["akima"]}
         plot = PLOTS / f"rd_{Path(clip).stem}.png"

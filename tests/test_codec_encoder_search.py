@@ -49,6 +49,28 @@ def test_analysis_scale_weights_the_nonlinear_branch():
         assert torch.allclose(a(x, 0.5), lin + 0.5 * nl, atol=1e-6)
 
 
+def test_rounding_proxies():
+    from bitalloc.codec.entropy import rounding_proxy
+
+    x = (torch.randn(4000, dtype=torch.float64) * 3).requires_grad_()
+    for proxy in ("noise", "ste"):
+        assert rounding_proxy(x, proxy, False).equal(torch.round(x))  # coding rounds, whatever the proxy
+    ste = rounding_proxy(x, "ste", True)
+    assert ste.equal(torch.round(x))
+    ste.sum().backward()
+    assert x.grad.equal(torch.ones_like(x))  # straight-through
+    noisy = rounding_proxy(x.detach(), "noise", True)
+    d = noisy - x.detach()
+    assert d.abs().max() <= 0.5 and abs(float(d.mean())) < 0.03 and abs(float(d.var()) - 1 / 12) < 0.01
+    with pytest.raises(ValueError, match="proxy"):
+        rounding_proxy(x, "floor", True)
+    coder = VideoCodec(TINY).intra.coder
+    with pytest.raises(ValueError, match="proxy"):
+        coder.proxy = "floor"
+    coder.proxy = "ste"
+    assert coder.entropy_bottleneck.proxy == "ste"
+
+
 def _weighted_mse(src, rec) -> np.ndarray:
     """Per frame (6 MSE_Y + MSE_U + MSE_V) / 8 in pixel units, float64 numpy."""
     def mse(a, b):

@@ -109,7 +109,7 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     for decoding ``stream`` (the shipped codec whose model id the stream names, or --weights)."""
     import torch
 
-    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder
     from bitalloc.codec.weights import load_default_or, load_for_stream
 
     if getattr(args, "threads", None):
@@ -128,9 +128,9 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
                           "one with `bitalloc codec train --stage dynamic`)")
     if roi and not dynamic:
         raise ConfigError("--roi goes with --dynamic")
-    scales = getattr(args, "analysis_scales", None)
+    scales = getattr(args, "analysis_scales", None)  # VideoCoder checks them
     return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi,
-                      analysis_scales=ANALYSIS_SCALES if scales is None else check_analysis_scales(scales),
+                      analysis_scales=ANALYSIS_SCALES if scales is None else scales,
                       adaptive_intra=getattr(args, "adaptive_intra", False))
 
 

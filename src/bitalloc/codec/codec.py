@@ -260,7 +260,8 @@ class VideoCoder:
     """
 
     def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
-                 exact: bool = True, analysis_scales: Sequence[float] = ANALYSIS_SCALES, adaptive_intra: bool = False):
+                 exact: bool = True, analysis_scales: Sequence[float] | str = ANALYSIS_SCALES,
+                 adaptive_intra: bool = False):
         self.analysis_scales = check_analysis_scales(analysis_scales)
         self.adaptive_intra = bool(adaptive_intra)
         quantized = is_quantized(model)

@@ -94,8 +94,9 @@ def bd_rates(anchor: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], k
 def evaluate_clip(path: str | os.PathLike, coder: Any, *, frames: int = 96, levels: Sequence[int],
                   qps: Sequence[int] = ANCHOR_QPS, presets: Sequence[str] = ("medium", "veryslow"),
                   intra_period: int = 32, cross_check: int | None = None, weights: str | None = None,
-                  progress: Any = None) -> dict[str, Any]:
-    """The codec and the x265 anchors on one clip (module docstring)."""
+                  progress: Any = None, extra_coders: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The codec and the x265 anchors on one clip (module docstring). ``extra_coders``: more codec curves by name
+    (e.g. another encoder setting), coded on the same frames (not cross-checked; the BD-rate table is ``coder``'s)."""
     from bitalloc.codec.video_io import read_video
 
     src = read_video(path, frames=frames)
@@ -120,6 +121,8 @@ def evaluate_clip(path: str | os.PathLike, coder: Any, *, frames: int = 96, leve
                 progress(1)
     out["bd_rate"] = {name: {"yuv": bd_rates(curve, points), "rgb": bd_rates(curve, points, "psnr_rgb")}
                       for name, curve in out["curves"].items() if name != "bitalloc"}
+    for name, other in (extra_coders or {}).items():
+        out["curves"][name] = [codec_point(other, src, level, intra_period)[0] for level in levels]
     return out
 
 
@@ -205,7 +208,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def run_eval_cli(args: Any) -> int:
     import torch
 
-    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder, check_analysis_scales
+    from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder
     from bitalloc.codec.weights import load_default_or
     from bitalloc.io import write_json
     from bitalloc.report.plots import rd_plot
@@ -217,8 +220,8 @@ def run_eval_cli(args: Any) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_default_or(args.weights)
-    coder = VideoCoder(model, analysis_scales=check_analysis_scales(args.analysis_scales or ANALYSIS_SCALES),
-                       adaptive_intra=args.adaptive_intra)
+    scales = ANALYSIS_SCALES if args.analysis_scales is None else args.analysis_scales  # VideoCoder checks them
+    coder = VideoCoder(model, analysis_scales=scales, adaptive_intra=args.adaptive_intra)
     levels = _ints(args.levels, "--levels") if args.levels else list(range(model.cfg.levels))
     qps, presets = _ints(args.qps, "--qps"), [p for p in args.presets.split(",") if p]
     out_dir = Path(args.out)
