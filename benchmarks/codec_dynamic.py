@@ -3,7 +3,7 @@ Bit-FLOPs of the dynamic codec against the FP32 codec, static widths and a fixed
 
     python benchmarks/codec_dynamic.py --clips "$DATA/video/carphone_qcif.mp4" "$DATA/video/tree.avi" \\
         --dynamic-weights src/bitalloc/codec/weights/bitalloc-codec-dynamic.pt --dynamic-weights runs/codec/dyn248.pt \\
-        --float-checkpoint runs/codec/joint.pt
+        --float-checkpoint src/bitalloc/codec/weights/bitalloc-codec.pt
 
 ($DATA: the benchmark data folder.) For each clip (first ``--frames`` frames, an I frame every ``--intra-period``)
 and each quality level of ``--levels``, real streams are written (rate = stream bytes, side information included)
@@ -16,7 +16,8 @@ for these variants:
   with R >= N; or a list ``16/8,8/4``), plus always the **matched pair**: the pair whose mean Bit-FLOPs per frame
   (over all frames and levels, with the selector runs' masks) is nearest to the selector's (all K^2 pairs considered);
 * ``static-8``: the shipped 8-bit codec (``--static-weights``); ``fp32``: the float codec (``--float-checkpoint``, a
-  training checkpoint, run with ``VideoCoder(exact=False)``: float networks, its streams decode in this process only).
+  training checkpoint or the float weights of codec weights, :func:`bitalloc.train.codec.load_float_start`; run with
+  ``VideoCoder(exact=False)``: float networks, its streams decode in this process only).
 
 Per point: kbps, bits per pixel, PSNR_YUV; luma PSNR inside and outside the ROI (per frame over the ROI / non-ROI
 pixels, averaged over the frames that have such pixels; the mask is the one the encoder used, for static-8 and fp32
@@ -264,21 +265,6 @@ def measure(variant: Variant, src: Any, level: int, intra_period: int, verify: b
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 
-def load_float_codec(path: str) -> Any:
-    """The FP32 codec of a training checkpoint (``bitalloc codec train`` output), its coding tables updated."""
-    from bitalloc.codec.model import VideoCodec
-    from bitalloc.codec.precision import coders
-    from bitalloc.train.checkpoint import load_model_checkpoint
-
-    model = load_model_checkpoint(path)
-    if not isinstance(model, VideoCodec):
-        raise ConfigError(f"--float-checkpoint {path} holds a {type(model).__name__}, not a codec; give a checkpoint "
-                          "written by `bitalloc codec train` (e.g. the joint stage)")
-    for c in coders(model).values():
-        c.update()
-    return model.eval()
-
-
 def _mask_key(masks16: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(masks16).tobytes() + str(masks16.shape).encode()).hexdigest()
 
@@ -399,6 +385,9 @@ def summarize_clip(clip: dict[str, Any], bd: Any) -> None:
         if all("static8_bit_flops" in p for p in pts):
             s["relative_bit_flops"] = s["bit_flops"] / float(np.mean([p["static8_bit_flops"] for p in pts]))
             s["saving"] = 1.0 - s["relative_bit_flops"]
+        if "static-8" in variants:  # the static 8-bit codec, costed with the same masks
+            s["relative_to_static_codec"] = s["bit_flops"] / float(np.mean([p["bit_flops"] for p in
+                                                                             variants["static-8"]["points"]]))
         if anchor and name != "fp32":
             s["bd_rate_vs_fp32"] = bd_rates(anchor, pts)
             if all(p.get("psnr_roi") is not None for p in pts + anchor):
@@ -424,7 +413,8 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         sel = f"{group}-selector"
         limits = GOALS.get(tuple(cands))
         bd = [c["variants"][sel]["summary"].get("bd_rate_vs_fp32", {}).get("akima") for c in clips]
-        rel = [c["variants"][sel]["summary"].get("relative_bit_flops") for c in clips]
+        rel = [c["variants"][sel]["summary"].get("relative_to_static_codec") for c in clips]
+        own = [c["variants"][sel]["summary"].get("relative_bit_flops") for c in clips]
         if limits:
             max_bd, max_rel = limits
             have = all(v is not None for v in bd + rel)
@@ -434,7 +424,9 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "static 8-bit", None if not have else (mean_bd <= max_bd and mean_rel <= max_rel),
                 "n/a (no fp32 or no 8-bit reference)" if not have else
                 f"BD-rate (Akima, mean over clips) {mean_bd:+.2f}% [{', '.join(f'{v:+.2f}' for v in bd)}]; "
-                f"Bit-FLOPs {mean_rel:.3f} x static 8-bit [{', '.join(f'{v:.3f}' for v in rel)}]")
+                f"Bit-FLOPs {mean_rel:.3f} x the static 8-bit codec [{', '.join(f'{v:.3f}' for v in rel)}]"
+                + ("" if any(v is None for v in own) else
+                   f" ({float(np.mean(own)):.3f} x the same codec at 8/8 [{', '.join(f'{v:.3f}' for v in own)}])"))
         eq = [c["variants"][sel]["summary"].get("roi_equal_rate_vs_fp32") for c in clips]
         have = all(e is not None for e in eq)
         row(f"{group}: ROI PSNR at equal rate within {ROI_GOAL_DB} dB of FP32",
@@ -522,12 +514,12 @@ def summary_rows(clip: dict[str, Any]) -> list[list[str]]:
         bd, eq = s.get("bd_rate_vs_fp32") or {}, s.get("roi_equal_rate_vs_fp32") or {}
         rows.append([name, _f(bd.get("akima"), "+.2f"), _f(bd.get("pchip"), "+.2f"), _f(eq.get("delta"), "+.2f"),
                      _f(eq.get("mean_delta"), "+.2f"), _f(s["bit_flops"] / 1e9, ".3f"),
-                     _f(s.get("relative_bit_flops"), ".3f")])
+                     _f(s.get("relative_to_static_codec"), ".3f"), _f(s.get("relative_bit_flops"), ".3f")])
     return rows
 
 
 SUMMARY_COLUMNS = ["variant", "BD-rate vs FP32 % (Akima)", "(PCHIP)", "ROI PSNR vs FP32 at equal rate (dB)",
-                   "mean over the overlap (dB)", "mean GBit-FLOPs/frame", "x static 8-bit"]
+                   "mean over the overlap (dB)", "mean GBit-FLOPs/frame", "x static 8-bit codec", "x own 8/8"]
 
 
 def render(res: dict[str, Any]) -> str:
@@ -535,10 +527,13 @@ def render(res: dict[str, Any]) -> str:
              f"Revision: {res['revision']}; machine: {res['machine']}; torch threads: {res['threads']}. "
              f"Dynamic codecs: {', '.join(f'`{w}` ({g})' for g, w in res['weights'].items())}; static: "
              f"`{res['static_weights']}`; FP32: `{res['float_checkpoint']}`. Levels {res['levels']}, "
-             f"{res['frames']} frames, intra period {res['intra_period']}, ROI masks: {res['roi_sources']}.", "",
+             f"{res['frames']} frames, intra period {res['intra_period']}, ROI masks: {res['roi_sources']}."
+             + (f" Summarized again at revision {res['summarized']['revision']} by `{res['summarized']['command']}`."
+                if res.get("summarized") else ""), "",
              "Bit-FLOPs per frame: every network the frame type runs (encoder and decoder, as the training objective "
-             "counts them), SPEC = float MACs + BOPs / 64, A6 = the rebuttal's formula (BOPs / 16); saving against the "
-             "same codec at 8 bits everywhere with the same masks. Side information: two 16-bit widths per frame plus "
+             "counts them), SPEC = float MACs + BOPs / 64, A6 = the rebuttal's formula (BOPs / 16); relative to the static "
+             "8-bit codec (the goals' reference) and to the same codec at 8/8 (its fixed layers at their own widths), "
+             "with the same masks. Side information: two 16-bit widths per frame plus "
              "the coded ROI mask. ROI PSNR of static-8 and fp32 uses the first dynamic codec's ROI masks.", "",
              "Goals (issue 16):", "", md_table(["goal", "status", "numbers"],
                                                  [[g["goal"], g["status"], g["detail"]] for g in res["goals"]]), ""]
@@ -560,7 +555,7 @@ def render(res: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", nargs="+", required=True, help="held-out clips (any FFmpeg input)")
+    ap.add_argument("--clips", nargs="+", help="held-out clips (any FFmpeg input); required unless --from-json")
     ap.add_argument("--frames", type=int, default=32, help="first N frames of each clip (32)")
     ap.add_argument("--levels", default="0,2,4,6", help="quality levels, comma-separated (0,2,4,6)")
     ap.add_argument("--intra-period", type=int, default=32)
@@ -568,7 +563,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dynamic-weights", action="append",
                     help="a dynamic-precision codec (repeatable, one per candidate set; default: the shipped one)")
     ap.add_argument("--static-weights", help="the static 8-bit codec (default: the shipped weights)")
-    ap.add_argument("--float-checkpoint", help="training checkpoint of the FP32 codec (e.g. the joint stage's)")
+    ap.add_argument("--float-checkpoint", help="the FP32 codec: a training checkpoint (e.g. the joint stage's) or "
+                    "codec weights, whose float weights it takes (e.g. the shipped 8-bit codec's)")
     ap.add_argument("--variants", default="diagonal",
                     help="fixed (ROI/non-ROI) pairs per dynamic codec: diagonal (R = N, default), all (R >= N), none, "
                          "or a list like 16/8,8/8; the pair matching the selector's Bit-FLOPs is always added")
@@ -581,6 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
                     help="folder for codec_dynamic.json and the codec_dynamic/ plots (default benchmarks/results)")
     ap.add_argument("--no-md", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--from-json", metavar="FILE", help="encode nothing: summarize the results FILE of an earlier run "
+                    "again (summaries, goals, tables, BENCHMARKS.md) with this revision's code; --clips is ignored")
     args = ap.parse_args(argv)
     try:
         args.levels = [int(v) for v in args.levels.split(",") if v.strip()]
@@ -592,13 +590,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resummarize(args: argparse.Namespace) -> int:
+    """``--from-json``: the summaries, goals, tables and BENCHMARKS.md section of an earlier run's results, again."""
+    import json
+
+    from bitalloc.codec.evaluate import bd_rates
+    from bitalloc.io import write_json
+    from bitalloc.report.tables import print_table
+
+    path = Path(args.from_json)
+    try:
+        res = json.loads(path.read_text())
+        clips = res["clips"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--from-json {path}: not the results of benchmarks/codec_dynamic.py ({exc}); run the "
+                          "benchmark first") from None
+    for clip in clips:
+        summarize_clip(clip, bd_rates)
+        print_table(f"{clip['clip']}: per variant", SUMMARY_COLUMNS, summary_rows(clip))
+    res["goals"] = check_goals(res)
+    res["summarized"] = {"revision": git_revision(), "command": command_line()}
+    print_table("goals of issue 16", ["goal", "status", "numbers"],
+                [[g["goal"], g["status"], g["detail"]] for g in res["goals"]])
+    write_json(path, res)
+    if not args.no_md:
+        update_section("codec-dynamic", render(res))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return resummarize(args)
+    if not args.clips:
+        raise ConfigError("give --clips (held-out clips), or --from-json FILE to summarize an earlier run again")
     torch.set_num_threads(args.threads)
     from bitalloc.codec.codec import VideoCoder
     from bitalloc.codec.weights import default_weights_path, load_default_or
     from bitalloc.io import write_json
     from bitalloc.report.tables import print_table
+    from bitalloc.train.codec import load_float_start
 
     dyn_paths = args.dynamic_weights or [str(default_weights_path(dynamic=True))]
     dyn = []
@@ -612,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group += ":" + Path(path).stem
         dyn.append((group, VideoCoder(model), path))
     static = VideoCoder(load_default_or(args.static_weights))
-    fp32 = VideoCoder(load_float_codec(args.float_checkpoint), exact=False) if args.float_checkpoint else None
+    fp32 = VideoCoder(load_float_start(args.float_checkpoint), exact=False) if args.float_checkpoint else None
     if fp32 is None:
         log("no --float-checkpoint: the FP32 curve and the goals against it are skipped")
     for name, coder in [(g, c) for g, c, _ in dyn] + [("static", static)] + ([("fp32", fp32)] if fp32 else []):

@@ -53,11 +53,10 @@ def run(mode: str, args: argparse.Namespace, out: Path) -> dict:
     from bitalloc.codec.dataset import frames_to_tensor, load_images
     from bitalloc.codec.model import bits_of
     from bitalloc.codec.networks import weighted_mse
-    from bitalloc.train.checkpoint import load_model_checkpoint
-    from bitalloc.train.codec import codec_sources, train_codec
+    from bitalloc.train.codec import codec_sources, load_float_start, train_codec
     from bitalloc.train.loop import TrainConfig
 
-    base = load_model_checkpoint(args.init)
+    base = load_float_start(args.init)
     lam = base.cfg.lambdas[args.level]
     model = single_rate_copy(base, args.level) if mode == "single" else base
     d = Path(args.data)

@@ -50,7 +50,8 @@ def tiny_weights(path: Path) -> Path:
     return save_codec(tiny_codec(), path)
 
 
-def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, roi: str = "spectral") -> VideoCodec:
+def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, roi: str = "spectral",
+                       hyper_bits: int = 8) -> VideoCodec:
     """An untrained tiny codec with region-quantized networks at ``candidates`` and a width selector whose bias
     makes it pick different widths for the ROI and the rest; quantizers initialised on a synthetic clip."""
     import dataclasses
@@ -68,7 +69,7 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
             for conv in coder.modules():
                 if isinstance(conv, torch.nn.Conv2d) and not bool(conv.weight.any()):
                     conv.weight.normal_(0.0, 0.05)
-    prepare_dynamic(model)
+    prepare_dynamic(model, hyper_bits=hyper_bits)
     calibrate_on(model, moving_video(3, 64, 64))
     k = len(candidates)
     with torch.no_grad():  # ROI at the widest candidate, the rest at the narrowest

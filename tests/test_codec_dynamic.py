@@ -218,7 +218,7 @@ def test_codec_info_lists_every_layer_with_its_widths_and_why(dyn_weights, tmp_p
     from bitalloc.codec.precision import ALL_PARTS, coders, load_codec
 
     assert main(["codec", "info", "--weights", str(dyn_weights), "--layers", "--json", str(tmp_path / "i.json")]) == 0
-    assert "FIXED_8BIT_LAYERS" in capsys.readouterr().out
+    assert "FIXED_LAYERS" in capsys.readouterr().out
     rows = json.loads((tmp_path / "i.json").read_text())["layers"]
     model = load_codec(dyn_weights)
     convs = {(f"{c}.{p}", n.removesuffix(".layer")) for c, coder in coders(model).items() for p in ALL_PARTS
@@ -227,9 +227,65 @@ def test_codec_info_lists_every_layer_with_its_widths_and_why(dyn_weights, tmp_p
     assert listed == convs  # every convolution of every network, once
     by = {(r["network"], r["layer"]): r for r in rows}
     assert by[("intra.analysis", "nonlinear.0")]["weight_bits"] == "8"  # reads the frame: fixed 8 bits
-    assert by[("residual.hyper_analysis", "2")]["act_bits"] == "8"  # the hyper analysis: fixed 8 bits
+    ha = by[("residual.hyper_analysis", "2")]  # the hyper analysis: float, sender-only
+    assert ha["status"] == "float" and ha["act_bits"] == "float" and "DYNAMIC_FLOAT_PARTS" in ha["reason"]
+    assert by[("residual.hyper_synthesis", "0.0")]["weight_bits"] == "8"  # the hyper synthesis: fixed 8 bits
     assert by[("intra.analysis", "nonlinear.2")]["weight_bits"] == "4/8/16"  # region LSQ
     assert by[("intra.synthesis", "linear.0")]["act_bits"] == "16" and "WIDE_LAYERS" in by[("intra.synthesis",
                                                                                             "linear.0")]["reason"]
     gdn = [r for r in rows if r["type"] == "SimplifiedGDN"]
     assert gdn and all(r["status"] == "float" and "not supported" in r["reason"] for r in gdn)
+
+
+def test_dynamic_layer_rules_hyper_bits_and_float_hyper_analysis():
+    """prepare_dynamic: the hyper analysis stays float (DYNAMIC_FLOAT_PARTS), the hyper synthesis is on fixed grids
+    at hyper_bits (its 16-bit-input first layer excepted), the latent readers read 16-bit inputs with 8-bit weights,
+    every other convolution of analysis and synthesis is region LSQ; the grids' widths are the ones the quantizers
+    really apply (a fixed 4-bit weight grid holds at most 16 distinct values per channel)."""
+    from bitalloc.codec.dynamic import dynamic_quant_config
+    from bitalloc.codec.precision import coders
+    from bitalloc.errors import ConfigError
+    from bitalloc.model.layers import quant_layers
+
+    model = tiny_dynamic_codec(hyper_bits=4)
+    for name, coder in coders(model).items():
+        assert getattr(coder.hyper_analysis, "bitalloc_info", None) is None, name
+        assert not list(quant_layers(coder.hyper_analysis))
+        for lname, layer in quant_layers(coder.hyper_synthesis):
+            w, a = layer.weight_quantizer, layer.input_quantizer
+            assert type(w).__name__ == "FixedQuantizer", (name, lname)
+            expect_a = 16 if lname.startswith("0.0") else 4
+            expect_w = 8 if lname.startswith("0.0") else 4
+            assert int(a.qparams().bits.max()) == expect_a and int(w.qparams().bits.max()) == expect_w
+            if expect_w == 4:
+                wq = w(layer.layer.weight.detach() if hasattr(layer, "layer") else layer.weight.detach())
+                per_channel = wq.reshape(wq.shape[0], -1)
+                assert max(len(torch.unique(r)) for r in per_channel) <= 16
+        syn = dict(quant_layers(coder.synthesis))
+        first = next(v for k, v in syn.items() if k.startswith("linear.0"))
+        assert int(first.input_quantizer.qparams().bits.max()) == 16
+        assert int(first.weight_quantizer.qparams().bits.max()) == 8
+        assert any(type(l.weight_quantizer).__name__ == "RegionLSQQuantizer" for l in syn.values())
+    with pytest.raises(ConfigError, match="hyper_bits"):
+        dynamic_quant_config((4, 8, 16), "hyper_synthesis", hyper_bits=1)
+
+
+def test_init_from_codec_weights_takes_their_float_weights(tmp_path):
+    """--init (load_float_start) accepts codec weights written by --ship: the float codec of their stored weights
+    (bitalloc.codec.precision.float_codec), with no quantizer; a file that is neither is refused with the fix."""
+    from bitalloc.codec.precision import float_codec, network_configs
+    from bitalloc.errors import BitallocError
+    from bitalloc.io import torch_save
+    from bitalloc.train.codec import load_float_start
+
+    path = tiny_weights(tmp_path / "static.pt")
+    start = load_float_start(str(path))
+    assert not network_configs(start) and not start.cfg.candidates
+    ref = float_codec(load_codec(path)).state_dict()
+    got = start.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    torch_save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(BitallocError, match="bitalloc train"):
+        load_float_start(str(tmp_path / "other.pt"))
+    assert main(["codec", "train", "--stage", "intra", "--videos", str(path), "--hyper-bits", "4", "--out",
+                 str(tmp_path / "x.pt"), "--steps", "1"]) == 2

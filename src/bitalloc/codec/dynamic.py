@@ -9,10 +9,12 @@ Gumbel-softmax while training, argmax at test) picks one width for the frame's r
 the rest. Layers compute each region at its width ("split" execution: per output position, the layer at the
 region's width). Exceptions, listed by ``bitalloc codec info``: the layers that read decoded latents keep a fixed
 16-bit grid (:data:`bitalloc.codec.precision.WIDE_LAYERS`; an 8-bit or narrower grid there adds noise comparable to
-the finest quantization step), the layers that read an encoder's input (the frame, the residual) and the whole
-hyperprior keep a fixed 8-bit grid (:data:`bitalloc.codec.precision.FIXED_8BIT_LAYERS`; at 4 bits the frame's
-grid alone caps the I frames at 31.6 dB, a 4-bit hyper analysis triples the rate at low quality, and a 4-bit hyper
-synthesis costs +7-9% BD-rate), and the encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
+the finest quantization step), the layers that read an encoder's input (the frame, the residual) and the hyper
+synthesis keep one fixed grid (:data:`bitalloc.codec.precision.FIXED_LAYERS`: 8 bits, the hyper synthesis at
+``hyper_bits``; at 4 bits the frame's grid alone caps the I frames at 31.6 dB, and a hyper synthesis that switches
+to 2 bits with the frame multiplies the rate by 10), the hyper analysis stays in
+float (:data:`bitalloc.codec.precision.DYNAMIC_FLOAT_PARTS`: sender-only, and quantized it loses the encoder
+search's gain), and the encoders' simplified GDN stays in float (not a layer bitalloc quantizes).
 
 **The ROI** comes from a pluggable source (:mod:`bitalloc.codec.roi`, default spectral-residual saliency) on the
 frame's luma; it is brought to latent resolution (1/16, rule "any": a 16x16 block is ROI if any of its pixels is)
@@ -48,11 +50,14 @@ from bitalloc.errors import ConfigError
 MASK_FACTOR = 16
 
 
-def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
+def dynamic_quant_config(candidates: Sequence[int], part: str, hyper_bits: int = 8) -> QuantConfig:
     """Region LSQ at ``candidates`` for every layer of network ``part`` (default width outside a region context:
-    8 bits if it is a candidate, else the widest), with :data:`~bitalloc.codec.precision.WIDE_LAYERS` at a fixed
-    16-bit grid and :data:`~bitalloc.codec.precision.FIXED_8BIT_LAYERS` at a fixed 8-bit grid (min-max calibrated)."""
-    from bitalloc.codec.precision import FIXED_8BIT_LAYERS, WIDE_LAYERS
+    8 bits if it is a candidate, else the widest), with fixed grids (min-max calibrated) on
+    :data:`~bitalloc.codec.precision.FIXED_LAYERS` (8 bits; the hyper synthesis at ``hyper_bits``) and on
+    :data:`~bitalloc.codec.precision.WIDE_LAYERS` (16-bit inputs, 8-bit weights: the static codec's 16-bit weights
+    of the inverse block transform would make it 4 x its MACs in Bit-FLOPs, the largest single cost of a codec at
+    2 bits; 8-bit weights there cost 0.02 dB at level 7 on carphone)."""
+    from bitalloc.codec.precision import FIXED_LAYERS, WIDE_LAYERS
 
     cands = sorted({int(b) for b in candidates})
     default = 8 if 8 in cands else cands[-1]
@@ -67,25 +72,31 @@ def dynamic_quant_config(candidates: Sequence[int], part: str) -> QuantConfig:
         return {"weight.quantizer": "fixed", "weight.options": {}, "weight.bits": w_bits,
                 "act.quantizer": "fixed", "act.options": {}, "act.bits": a_bits}
 
-    overrides = [(pattern, fixed(8, 8)) for pattern in FIXED_8BIT_LAYERS.get(part, ())]
-    overrides += [(pattern, fixed(change.get("weight.bits", 8), 16))  # later overrides win: 16-bit inputs stay
-                  for pattern, change in WIDE_LAYERS.get(part, {}).items()]
+    if not 2 <= int(hyper_bits) <= 16:
+        raise ConfigError(f"hyper_bits={hyper_bits}: give the hyper synthesis' width, 2 to 16 bits (8 by default)")
+    bits = int(hyper_bits) if part == "hyper_synthesis" else 8
+    overrides = [(pattern, fixed(bits, bits)) for pattern in FIXED_LAYERS.get(part, ())]
+    overrides += [(pattern, fixed(8, 16))  # later overrides win: 16-bit inputs stay
+                  for pattern in WIDE_LAYERS.get(part, {})]
     return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
                        fold_bn=False).validate()
 
 
-def prepare_dynamic(model: VideoCodec) -> VideoCodec:
-    """Quantize every network of every coder of ``model`` (float, with ``cfg.candidates`` set) with region LSQ
-    (in place; returns model). The quantizers are initialised by the first calibration or training batch."""
+def prepare_dynamic(model: VideoCodec, hyper_bits: int = 8) -> VideoCodec:
+    """Quantize the networks of every coder of ``model`` (float, with ``cfg.candidates`` set) with region LSQ, all
+    but :data:`~bitalloc.codec.precision.DYNAMIC_FLOAT_PARTS`, with the fixed grids of :func:`dynamic_quant_config`
+    (the hyper synthesis at ``hyper_bits``) (in place; returns model). The quantizers are initialised by the first
+    calibration or training batch."""
     import bitalloc
-    from bitalloc.codec.precision import coders
+    from bitalloc.codec.precision import DYNAMIC_FLOAT_PARTS, coders
 
     if not model.cfg.candidates:
         raise ConfigError("the codec has no candidate widths: build it with CodecConfig(candidates=(4, 8, 16))")
     for coder in coders(model).values():
-        for part in ALL_PARTS:
+        for part in (p for p in ALL_PARTS if p not in DYNAMIC_FLOAT_PARTS):
             net = getattr(coder, part)
-            q = bitalloc.prepare(net, dynamic_quant_config(model.cfg.candidates, part), network_input(coder, part, 64))
+            q = bitalloc.prepare(net, dynamic_quant_config(model.cfg.candidates, part, hyper_bits),
+                                 network_input(coder, part, 64))
             q.train(net.training)
             setattr(coder, part, q)
     return model

@@ -61,21 +61,28 @@ WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 
                              "re:^nonlinear\\.0$": {"act.bits": 16}},
                "hyper_synthesis": {"re:^0\\.0$": {"act.bits": 16}}}
 
-#: with dynamic precision, layers that keep a fixed 8-bit grid (min-max calibrated), as bitalloc keeps first layers
-#: at 8 bits elsewhere: those that read an encoder's input (the frame or the motion-compensated residual: the block
-#: transform and the first convolution of the analysis), and the whole hyperprior (hyper analysis and hyper
-#: synthesis: the path from the latents' magnitudes to the entropy model's scales, at 1/16 to 1/64 of the
-#: resolution, about a tenth of the MACs). Measured on carphone (4 frames, every other layer at 4 bits): a 4-bit grid
-#: on the frame caps the I frames at 31.6 dB (35.9 dB at 8 bits); 4-bit |y| into the residual hyper analysis doubles
-#: the P frames' rate at level 5, and the hyper analysis' inner layers at 4 bits triple the I frames' rate at level 1
-#: (a poor hyper-latent, poor scales). On carphone and tree (16 frames, levels 1-7), the hyper synthesis at 4 bits
-#: (the rest at 4 bits too) costs +6.6% / +8.9% BD-rate (scales predicted on a 4-bit grid fit the latents worse):
-#: +6.62% / +2.83% against the FP32 codec, +0.01% / -6.11% with it at 8 bits. With these layers at 8 bits the codec
-#: at 4 bits everywhere else stays within about 0.1 dB of the FP32 codec. WIDE_LAYERS win where both match.
-FIXED_8BIT_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_analysis": ("*",),
-                     "hyper_synthesis": ("*",)}
+#: with dynamic precision, layers that keep one fixed grid (min-max calibrated) whatever widths a frame signals, as
+#: bitalloc keeps first layers at 8 bits elsewhere: at 8 bits those that read an encoder's input (the frame or the
+#: motion-compensated residual: the block transform and the first convolution of the analysis), and the hyper
+#: synthesis (the path from the hyper-latent to the entropy model's scales, at 1/16 to 1/64 of the resolution) at
+#: ``hyper_bits`` (8 by default; :func:`bitalloc.codec.dynamic.prepare_dynamic`). Measured on carphone (4 frames,
+#: every other layer at 4 bits): a 4-bit grid on the frame caps the I frames at 31.6 dB (35.9 dB at 8 bits). The
+#: hyper synthesis switching with the frame's widths breaks down at 2 bits (carphone, 4 frames, level 1: 32,382
+#: bytes against 2,862 at 8 bits); on a fixed 4-bit grid it costs 0.1 dB and under 1% of the rate at 2 bits
+#: elsewhere (2,946 against 2,862 bytes at level 1, 17,126 against 17,046 at level 7, -0.08 dB), where at 8 bits
+#: it would be a quarter of a {2,4,8} codec's Bit-FLOPs. WIDE_LAYERS win where both match.
+FIXED_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_synthesis": ("*",)}
 
-
+#: with dynamic precision, networks that stay in float: the hyper analysis. It runs only at the sender (its output,
+#: the hyper-latent, is rounded and written to the stream, so decoding does not depend on its arithmetic), at 1/16 to
+#: 1/64 of the resolution (under 3% of a frame's MACs). Quantized, it blocks the encoder's search over analysis
+#: scales (:data:`bitalloc.codec.codec.ANALYSIS_SCALES`): the search shrinks the latents and a grid calibrated on
+#: unscaled ones codes their magnitudes coarsely, so the hyper-latent, and with it the scales of the entropy model,
+#: fit them worse. Measured (carphone, 4 frames, level 3, everything else at 4 bits, with the search): 5,034 bytes
+#: with a float hyper analysis, 6,482 with an 8-bit one (recalibrated on every searched scale: no better), against
+#: 5,234 for the static 8-bit codec; at 4 bits the hyper analysis triples the I frames' rate at level 1. Bit-FLOPs
+#: count a float layer's MACs once, as an 8-bit layer's (SPEC section 3: float FLOPs + BOPs / 64).
+DYNAMIC_FLOAT_PARTS = ("hyper_analysis",)
 def decoder_quant_config(bits: int = 8, quantizer: str = "lsq", part: str | None = None) -> QuantConfig:
     """Weights per channel (symmetric), activations per tensor, ``bits`` each (no 8-bit first/last rule: every
     layer is already at ``bits``); for ``part`` ("synthesis" / "hyper_synthesis") the layers of

@@ -91,7 +91,7 @@ def _widths(spec: dict[str, Any] | None) -> str:
 def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
     """Every layer of every network of the codec: quantized or float, its widths (weights, activations; ``4/8/16``
     = a per-frame choice among the candidates) and why."""
-    from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, FIXED_8BIT_LAYERS, WIDE_LAYERS, coders
+    from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, FIXED_LAYERS, WIDE_LAYERS, coders
     from bitalloc.config import match_pattern
     from bitalloc.model.prepare import prepare_info
 
@@ -100,8 +100,11 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
         for part in ALL_PARTS:
             net = getattr(coder, part)
             if getattr(net, "bitalloc_info", None) is None:
-                why = ("encoder network of a codec with fixed precision: float (it runs only at the sender; the stream "
-                       "does not depend on its arithmetic)" if part not in DECODER_PARTS else "not quantized")
+                why = "not quantized"
+                if part not in DECODER_PARTS:
+                    why = ("float (DYNAMIC_FLOAT_PARTS): " if model.cfg.candidates else
+                           "encoder network of a codec with fixed precision: float ") + \
+                          "it runs only at the sender; the stream does not depend on its arithmetic"
                 rows += [{"network": f"{cname}.{part}", "layer": n, "type": type(m).__name__, "status": "float",
                           "weight_bits": "float", "act_bits": "float", "reason": why}
                          for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))]
@@ -113,10 +116,10 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
                     why = "region LSQ: the ROI and the rest each at the width the frame signals"
                 elif any(match_pattern(p, r.name, r.type) for p in WIDE_LAYERS.get(part, {})):
                     why = "reads decoded latents: fixed 16-bit input grid (WIDE_LAYERS)"
-                elif any(match_pattern(p, r.name, r.type) for p in FIXED_8BIT_LAYERS.get(part, ())):
-                    why = ("fixed 8-bit grid (FIXED_8BIT_LAYERS): "
+                elif any(match_pattern(p, r.name, r.type) for p in FIXED_LAYERS.get(part, ())):
+                    why = ("fixed grid (FIXED_LAYERS): "
                            + ("reads the frame or residual" if part == "analysis"
-                              else "hyperprior (the entropy model's scales)"))
+                              else "hyper synthesis (the entropy model's scales)"))
                 else:
                     why = "decoder network at the codec's precision"
                 rows.append({"network": f"{cname}.{part}", "layer": r.name, "type": r.type, "status": r.status,

@@ -201,7 +201,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
     p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
     p.add_argument("--out", help="training checkpoint (resumable with --resume); every stage but ptq")
-    p.add_argument("--init", help="start from this checkpoint (its whole codec)")
+    p.add_argument("--init", help="start from this checkpoint (its whole codec), or from codec weights (--ship "
+                   "output, e.g. the shipped ones: their float weights)")
     p.add_argument("--init-inter", help="take the inter codec from this checkpoint (with --init for the intra one)")
     p.add_argument("--codec-config", help="sizes of a fresh codec as JSON, e.g. '{\"n\": 64, \"m\": 96}' (fields of "
                                           "bitalloc.codec.model.CodecConfig; default: the shipped codec's)")
@@ -225,6 +226,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--freeze-codec", action="store_true",
                    help="dynamic: train only the width selector and the quantizers' steps (the codec's weights stay)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
+    p.add_argument("--hyper-bits", type=int, help="dynamic: width of the hyper synthesis' fixed grids (default 8; 4 "
+                                                  "for a {2,4,8} codec, see docs/roi.md)")
     p.add_argument("--roi", default="spectral", help="dynamic: ROI source (spectral, motion, faces, mask:PATH; "
                                                      "see docs/roi.md)")
     p.add_argument("--seed", type=int, default=0)
@@ -251,10 +254,27 @@ def encoder_stage_model(path: str | None) -> Any:
     return model
 
 
-def _load_codec_checkpoint(path: str) -> Any:
+def load_float_start(path: str) -> Any:
+    """The float codec to start a stage from (or to compare with): a training checkpoint of ``bitalloc codec train``,
+    or codec weights written by ``--ship`` (:func:`bitalloc.codec.precision.float_codec`: their weights as stored,
+    the large tensors float16-rounded and the decoder networks' weights as their quantizers left them), in eval
+    mode with its coding tables updated; CheckpointError naming the fix for anything else."""
+    from bitalloc.codec.model import VideoCodec
+    from bitalloc.codec.precision import FORMAT, coders, float_codec, load_codec
+    from bitalloc.io import torch_load
     from bitalloc.train.checkpoint import load_model_checkpoint
 
-    return load_model_checkpoint(path)
+    state = torch_load(path, what="codec checkpoint", fix="give a checkpoint written by `bitalloc codec train --out` "
+                       "or codec weights written by --ship")
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return float_codec(load_codec(path)).eval()
+    model = load_model_checkpoint(path)
+    if not isinstance(model, VideoCodec):
+        raise ConfigError(f"{path} holds a {type(model).__name__}, not a codec; give a checkpoint written by "
+                          "`bitalloc codec train` (e.g. the joint stage) or codec weights written by --ship")
+    for c in coders(model).values():
+        c.update()
+    return model.eval()
 
 
 def build_stage_model(args: Any) -> Any:
@@ -273,9 +293,9 @@ def build_stage_model(args: Any) -> Any:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"--codec-config {args.codec_config!r} is not a JSON object of CodecConfig fields ({exc})"
                               ) from None
-    model = _load_codec_checkpoint(args.init) if args.init else build_codec(**kwargs)
+    model = load_float_start(args.init) if args.init else build_codec(**kwargs)
     if args.init_inter:
-        other = _load_codec_checkpoint(args.init_inter)
+        other = load_float_start(args.init_inter)
         if other.cfg != model.cfg:
             raise ConfigError(f"--init-inter {args.init_inter} has another codec configuration than --init; give "
                               "checkpoints of the same codec")
@@ -318,6 +338,8 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
     if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
         raise ConfigError("--selector-lr-scale belongs to --stage dynamic and must be positive")
+    if args.hyper_bits is not None and (args.stage != "dynamic" or not 2 <= args.hyper_bits <= 16):
+        raise ConfigError("--hyper-bits belongs to --stage dynamic and must be 2 to 16 (bits)")
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = encoder_stage_model(args.init) if args.stage == "encoder" else build_stage_model(args)
@@ -336,7 +358,7 @@ def run_train_cli(args: Any) -> int:
         from bitalloc.codec.dynamic import prepare_dynamic, with_candidates
 
         model = with_candidates(model, _widths(args.candidates), args.roi)
-        prepare_dynamic(model)
+        prepare_dynamic(model, hyper_bits=args.hyper_bits or 8)
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
     cfg = TrainConfig(steps=args.steps or steps, batch_size=args.batch_size, optimizer="adam", lr=args.lr or lr,
                       schedule=args.schedule or schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0,
