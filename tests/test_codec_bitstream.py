@@ -69,12 +69,15 @@ def test_other_version_and_magic():
     with pytest.raises(BitstreamError, match="not a bitalloc video stream"):
         read_stream(b"RIFF" + bytes(data[4:]))
     body = bytearray(data[:HEADER_SIZE - 4])
-    body[4:6] = struct.pack("<H", 2)
     import zlib
 
-    patched = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))) + bytes(data[HEADER_SIZE:])
-    with pytest.raises(BitstreamError, match="version 2"):
-        read_stream(patched)
+    def with_version(v: int) -> bytes:
+        body[4:6] = struct.pack("<H", v)
+        return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))) + bytes(data[HEADER_SIZE:])
+
+    with pytest.raises(BitstreamError, match="version 3; this bitalloc reads versions 1, 2"):
+        read_stream(with_version(3))
+    assert read_stream(with_version(1))[0].version == 1  # the previous version is read
 
 
 def test_header_fields_out_of_range_are_refused():

@@ -45,6 +45,65 @@ def test_mask_coding_round_trip():
     assert bits[2] == int(np.ceil(np.log2(n + 1) - k * np.log2(p) - (n - k) * np.log2(1 - p)))
 
 
+def _h_bits(flat: np.ndarray) -> float:
+    """log2(n + 1) + n H(k / n): the count, then the blocks (closed form, float64)."""
+    n, k = flat.size, int(flat.sum())
+    h = 0.0 if k in (0, n) else -(k * np.log2(k / n) + (n - k) * np.log2(1 - k / n))
+    return np.log2(n + 1) + h
+
+
+def test_mask_coding_in_the_context_of_the_previous_mask():
+    """P frames: the blocks are coded per context of the previous mask (count + Bernoulli in each); round trip
+    exact, bits as the closed form per context, an unchanged mask costs only the two counts, and a mask that
+    moved a little costs far fewer bits than on its own; a previous mask of another size is refused."""
+    import constriction
+
+    from bitalloc.errors import ShapeError
+
+    rng = np.random.default_rng(1)
+    prev = rng.random((9, 11)) < 0.3
+    moved = prev.copy()
+    moved[rng.random((9, 11)) < 0.05] ^= True
+    cases = [(prev, prev), (moved, prev), (rng.random((9, 11)) < 0.5, prev), (np.ones((9, 11), bool), prev),
+             (prev, np.zeros((9, 11), bool)), (prev, np.ones((9, 11), bool))]
+    enc = constriction.stream.queue.RangeEncoder()
+    bits = [encode_mask(enc, m, p) for m, p in cases]
+    dec = constriction.stream.queue.RangeDecoder(enc.get_compressed())
+    for m, p in cases:
+        assert np.array_equal(decode_mask(dec, m.shape, p), m)
+    for (m, p), b in zip(cases, bits):
+        parts = [m.reshape(-1)[~p.reshape(-1)], m.reshape(-1)[p.reshape(-1)]]
+        assert b == sum(int(np.ceil(_h_bits(f))) if f.size else 0 for f in parts)
+    n0, n1 = int((~prev).sum()), int(prev.sum())
+    assert bits[0] == int(np.ceil(np.log2(n0 + 1))) + int(np.ceil(np.log2(n1 + 1)))
+    assert bits[1] < 0.6 * np.ceil(_h_bits(moved.reshape(-1)))
+    with pytest.raises(ShapeError, match="previous ROI mask"):
+        encode_mask(constriction.stream.queue.RangeEncoder(), prev, np.zeros((3, 3), bool))
+
+
+def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
+    """A version 1 stream (every ROI mask coded on its own) decodes to the same frames; version 2 streams code P
+    frames' masks in context and are smaller or equal."""
+    import dataclasses
+
+    import bitalloc.codec.dynamic as dynamic
+    from bitalloc.codec.bitstream import write_stream
+
+    coder = VideoCoder(load_codec(dyn_weights))
+    video = moving_video(4, 48, 64)
+    v2 = coder.compress(video, quality=1, intra_period=-1)
+    assert read_stream(v2.stream)[0].version == 2
+    own = dynamic.encode_mask
+    monkeypatch.setattr(dynamic, "encode_mask", lambda enc, mask, prev=None: own(enc, mask))
+    v1 = coder.compress(video, quality=1, intra_period=-1)
+    monkeypatch.undo()
+    header, records = read_stream(v1.stream)
+    old = write_stream(dataclasses.replace(header, version=1), records)
+    assert coder.decompress(old).equal(v1.reconstruction)
+    assert v1.reconstruction.equal(v2.reconstruction) and len(v2.stream) <= len(v1.stream)
+    assert sum(f.mask_bits for f in v2.frames[1:]) <= sum(f.mask_bits for f in v1.frames[1:])
+
+
 def test_latent_mask_and_resampling_against_brute_force():
     rng = np.random.default_rng(1)
     luma = rng.random((40, 52)) < 0.02

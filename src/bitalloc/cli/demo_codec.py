@@ -93,11 +93,17 @@ def _masks(stream: bytes) -> list[np.ndarray]:
     from bitalloc.codec.codec import _constriction, padded_size
     from bitalloc.codec.dynamic import MASK_FACTOR, decode_mask
 
+    from bitalloc.codec.bitstream import FRAME_I
+
     header, records = read_stream(stream, source="demo stream")
     hp, wp = padded_size(header.height, header.width)
     queue = _constriction().stream.queue
-    return [decode_mask(queue.RangeDecoder(np.frombuffer(r.payload, dtype=np.uint32).copy()),
-                        (hp // MASK_FACTOR, wp // MASK_FACTOR)) for r in records]
+    masks: list[np.ndarray] = []
+    for r in records:  # from version 2 on, a P frame's mask is coded in the context of the previous one
+        prev = masks[-1] if masks and header.version >= 2 and r.kind != FRAME_I else None
+        masks.append(decode_mask(queue.RangeDecoder(np.frombuffer(r.payload, dtype=np.uint32).copy()),
+                                 (hp // MASK_FACTOR, wp // MASK_FACTOR), prev))
+    return masks
 
 
 def _code(name: str, path: Path, clip: Any, quality: int | None, dynamic: bool,

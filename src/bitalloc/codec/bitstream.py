@@ -29,7 +29,10 @@ from fractions import Fraction
 from bitalloc.errors import DataError
 
 MAGIC = b"BAVC"
-VERSION = 1
+VERSION = 2
+#: versions this bitalloc reads: 1 coded the ROI mask of every frame of a dynamic-precision stream on its own, 2
+#: codes a P frame's in the context of the previous frame's mask (bitalloc.codec.dynamic.encode_mask)
+READABLE_VERSIONS = (1, 2)
 FRAME_I, FRAME_P = 0, 1
 FRAME_TYPES = {FRAME_I: "I", FRAME_P: "P"}
 _HEADER = struct.Struct("<4sHH8sBBHHIIIi")
@@ -85,9 +88,10 @@ class StreamHeader:
         if crc != zlib.crc32(body):
             raise BitstreamError(f"{source}: the stream header is corrupted (checksum mismatch); the file cannot be "
                                  "decoded, re-encode it")
-        if version != VERSION:
-            raise BitstreamError(f"{source} has bitstream version {version}; this bitalloc reads version {VERSION} "
-                                 "only: decode it with the bitalloc that wrote it, or re-encode it")
+        if version not in READABLE_VERSIONS:
+            raise BitstreamError(f"{source} has bitstream version {version}; this bitalloc reads versions "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}: decode it with the bitalloc that wrote it, "
+                                 "or re-encode it")
         if den == 0 or width == 0 or height == 0:
             raise BitstreamError(f"{source}: invalid header (frame size {width}x{height}, fps {num}/{den}); re-encode it")
         return cls(model_id=model_id, quality=quality, width=width, height=height, frame_count=count,

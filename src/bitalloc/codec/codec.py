@@ -411,10 +411,12 @@ class VideoCoder:
         return (1, cfg.motion_m, hp // 16, wp // 16), (1, cfg.m, hp // 16, wp // 16)
 
     def _code_frame(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, a: float,
-                    mask16: np.ndarray | None, rb: int, nb: int, size: tuple[int, int]) -> tuple:
+                    mask16: np.ndarray | None, rb: int, nb: int, size: tuple[int, int],
+                    prev_mask: np.ndarray | None = None) -> tuple:
         """Code one frame (an I frame when ``ref`` is None) with analysis scale ``a`` into a fresh payload:
         (RD cost, payload, reconstruction, stats, mask bits, a). The cost is the training objective,
-        bits per pixel + lambda_level * MSE_YUV (pixel units, the frame's own area)."""
+        bits per pixel + lambda_level * MSE_YUV (pixel units, the frame's own area). A P frame's ROI mask is coded
+        in the context of ``prev_mask``, the previous frame's."""
         from bitalloc.codec.networks import weighted_mse
 
         enc = _constriction().stream.queue.RangeEncoder()
@@ -423,7 +425,7 @@ class VideoCoder:
         if mask16 is not None:
             from bitalloc.codec.dynamic import encode_mask
 
-            mask_bits = encode_mask(enc, mask16)
+            mask_bits = encode_mask(enc, mask16, None if ref is None else prev_mask)
         with self._frame_latents(mask16, rb, nb) as lat:
             rec = (self._intra(lat, x, level, enc, stats, a) if ref is None
                    else self._inter(lat, x, ref, flow, level, enc, stats, a))
@@ -458,7 +460,7 @@ class VideoCoder:
         records: list[FrameRecord] = []
         infos: list[FrameInfo] = []
         ys, us, vs = [], [], []
-        ref = None
+        ref = prev_mask = None
         t_all = time.perf_counter()
         with torch.no_grad(), self._whole():
             for i in range(len(frames)):
@@ -472,14 +474,15 @@ class VideoCoder:
                 best = None  # encoder-side RD choices the decoder needs nothing for: analysis scale, frame type
                 for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
                     for a in self.analysis_scales:
-                        trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, rb, nb, (h, w))
+                        trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, rb, nb, (h, w),
+                                                 prev_mask)
                         if best is None or trial[0] < best[0]:
                             best, intra = trial, as_intra
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
                 info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
                 records.append(fr)
-                ref = rec
+                ref, prev_mask = rec, mask16
                 y, u, v = crop_frame(rec, h, w)
                 ys.append(y), us.append(u), vs.append(v)
                 info.bytes, info.encode_s = len(fr.pack()), time.perf_counter() - t0
@@ -511,7 +514,8 @@ class VideoCoder:
         size = padded_size(header.height, header.width)
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
-        ref = None
+        ref = mask16 = None
+        temporal_masks = header.version >= 2  # version 1 coded every frame's ROI mask on its own
         with torch.no_grad(), self._whole():
             for i, rec in enumerate(records):
                 self._check_widths(rec, i, source)
@@ -521,11 +525,11 @@ class VideoCoder:
                                          "32-bit words; the stream is corrupted")
                 dec = c.stream.queue.RangeDecoder(words.copy())
                 try:
-                    mask16 = None
                     if self.dynamic:
                         from bitalloc.codec.dynamic import decode_mask
 
-                        mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16))
+                        prev = mask16 if temporal_masks and rec.kind != FRAME_I else None
+                        mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16), prev)
                     with self._frame_latents(mask16, rec.roi_bits, rec.non_roi_bits) as lat:
                         if rec.kind == FRAME_I:
                             out = self._decode_intra(lat, dec, header.quality, rshape)

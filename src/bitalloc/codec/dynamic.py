@@ -20,8 +20,8 @@ search's gain), and the encoders' simplified GDN stays in float (not a layer bit
 frame's luma; it is brought to latent resolution (1/16, rule "any": a 16x16 block is ROI if any of its pixels is)
 and that latent-resolution mask is what every layer uses (nearest-upsampled for finer layers, max-pooled for the
 hyper networks at 1/32 and 1/64). The stream carries it (:func:`encode_mask`: the count of ROI blocks, then one
-bit per block under a Bernoulli model), so the decoder never recomputes it from data it does not have; its bits are
-counted in the rate and reported.
+bit per block under a Bernoulli model; in P frames per context of the previous frame's mask, stream version 2),
+so the decoder never recomputes it from data it does not have; its bits are counted in the rate and reported.
 
 **The objective** (``bitalloc codec train --stage dynamic --gamma G``): R + lambda D + gamma C, with C the frame's
 expected Bit-FLOPs relative to the same codec at 8 bits everywhere (:class:`BitFlopsTable`): per region-quantized
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from bitalloc.codec.model import VideoCodec
 from bitalloc.codec.precision import ALL_PARTS, network_input
 from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
-from bitalloc.errors import ConfigError
+from bitalloc.errors import ConfigError, ShapeError
 
 #: latent resolution of the mask that travels in the stream (luma pixels per block side)
 MASK_FACTOR = 16
@@ -133,13 +133,31 @@ def latent_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return m.reshape(height // MASK_FACTOR, MASK_FACTOR, width // MASK_FACTOR, MASK_FACTOR).any(axis=(1, 3))
 
 
-def encode_mask(enc: Any, mask: np.ndarray) -> int:
-    """Code a bool block mask into a constriction range encoder: the number k of ROI blocks (uniform over
-    0..n), then each block (C order) under Bernoulli(k / n). Returns the information content in bits."""
+def encode_mask(enc: Any, mask: np.ndarray, prev: np.ndarray | None = None) -> int:
+    """Code a bool block mask into a constriction range encoder; returns the information content in bits.
+
+    Without ``prev`` (I frames): the number k of ROI blocks (uniform over 0..n), then each block (C order) under
+    Bernoulli(k / n), i.e. log2(n + 1) + n H(k / n) bits. With ``prev`` (P frames: the previous frame's mask, which
+    the decoder has), the same per context c in {0, 1} of the previous mask's block: the n_c blocks with
+    ``prev == c`` carry their count k_c (uniform over 0..n_c) and their values under Bernoulli(k_c / n_c), i.e.
+    sum_c log2(n_c + 1) + n_c H(k_c / n_c) bits: a mask that moves little costs little (an unchanged one only the
+    two counts), and since n H(k / n) >= sum_c n_c H(k_c / n_c) (conditioning does not increase the empirical
+    entropy) it never costs more than the second count, at most log2(n + 1) bits."""
+    flat = mask.reshape(-1).astype(np.int32)
+    if prev is None:
+        return _encode_bits(enc, flat)
+    ctx = np.asarray(prev, dtype=bool).reshape(-1)
+    if ctx.size != flat.size:
+        raise ShapeError(f"the previous ROI mask has {ctx.size} blocks, this frame's {flat.size}")
+    return _encode_bits(enc, flat[~ctx]) + _encode_bits(enc, flat[ctx])
+
+
+def _encode_bits(enc: Any, flat: np.ndarray) -> int:
     import constriction
 
-    flat = mask.reshape(-1).astype(np.int32)
     n, k = flat.size, int(flat.sum())
+    if n == 0:  # an empty context: nothing to code (the decoder knows n)
+        return 0
     enc.encode(np.array([k], dtype=np.int32), constriction.stream.model.Uniform(n + 1))
     p = min(max(k / n, 1e-6), 1 - 1e-6)
     enc.encode(flat, constriction.stream.model.Bernoulli(p, perfect=False))
@@ -147,15 +165,28 @@ def encode_mask(enc: Any, mask: np.ndarray) -> int:
     return int(np.ceil(bits))
 
 
-def decode_mask(dec: Any, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`encode_mask` for a mask of ``shape``."""
+def decode_mask(dec: Any, shape: tuple[int, int], prev: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`encode_mask` for a mask of ``shape`` (with the same ``prev``)."""
+    n = shape[0] * shape[1]
+    if prev is None:
+        return _decode_bits(dec, n).reshape(shape).astype(bool)
+    ctx = np.asarray(prev, dtype=bool).reshape(-1)
+    if ctx.size != n:
+        raise ShapeError(f"the previous ROI mask has {ctx.size} blocks, this frame's {n}")
+    flat = np.zeros(n, dtype=np.int32)
+    flat[~ctx] = _decode_bits(dec, int((~ctx).sum()))
+    flat[ctx] = _decode_bits(dec, int(ctx.sum()))
+    return flat.reshape(shape).astype(bool)
+
+
+def _decode_bits(dec: Any, n: int) -> np.ndarray:
     import constriction
 
-    n = shape[0] * shape[1]
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
     k = int(dec.decode(constriction.stream.model.Uniform(n + 1), 1)[0])
     p = min(max(k / n, 1e-6), 1 - 1e-6)
-    flat = dec.decode(constriction.stream.model.Bernoulli(p, perfect=False), n)
-    return flat.reshape(shape).astype(bool)
+    return np.asarray(dec.decode(constriction.stream.model.Bernoulli(p, perfect=False), n), dtype=np.int32)
 
 
 def mask_function(mask16: Tensor) -> Any:
