@@ -68,7 +68,9 @@ REMEDIES = [
 #: the int8 exports timed in onnxruntime: (label, preset, w_bits, a_bits, options). onnxruntime's u8 x s8 kernels
 #: on AVX2 CPUs without VNNI sum pairs of products in int16 and saturate with full 8-bit weights; 7-bit weights
 #: cannot (2 * 255 * 64 < 2^15), so the W7A8 export computes exactly what the bitalloc model computes
-LATENCY = [("minmax W8A8", "minmax", 8, 8, {}), ("minmax W7A8", "minmax", 7, 8, {"first_last_bits": 7})]
+#: (static per-tensor activations: allowed on this model's outlier channels, as --allow-act-outliers)
+LATENCY = [("minmax W8A8", "minmax", 8, 8, {"act_outliers": "allow"}),
+           ("minmax W7A8", "minmax", 7, 8, {"first_last_bits": 7, "act_outliers": "allow"})]
 
 
 def row_specs(presets: list[str], token_presets: list[str], remedies: bool, select: str | None = None) -> list[dict]:
@@ -239,11 +241,36 @@ def latency(model, rows_models: list[tuple[str, object]], calib, held_x, threads
     return result
 
 
+#: the words of bitalloc's activation outlier refusal (bitalloc.calibration.outliers)
+OUTLIER_REFUSAL = "cannot serve this model"
+
+
 def verdict(r: dict) -> str:
+    """PASS / MISS against the goal; a W8A8 row refused with a reason passes (the issue: "or the preset refuses
+    with a reason"), with what it measured when quantized anyway."""
     goal = GOALS.get(r["bits"])
-    if goal is None or "refused" in r:
+    if goal is None or ("refused" in r and "cosine" not in r):
         return ""
-    return f"{'PASS' if r['cosine'] >= goal else 'MISS'} ({r['cosine']:.5f} {'>=' if r['cosine'] >= goal else '<'} {goal})"
+    measured = f"{r['cosine']:.5f} {'>=' if r['cosine'] >= goal else '<'} {goal}"
+    if "refused" in r:
+        return f"{'PASS' if r['bits'] == 'W8A8' else 'MISS'} (refused; allowed anyway {measured})"
+    return f"{'PASS' if r['cosine'] >= goal else 'MISS'} ({measured})"
+
+
+def check_refusals(model, rows: list[dict], calib) -> None:
+    """``--check-refusals``: mark each stored row that bitalloc's configuration checks now refuse (without
+    quantizing: :func:`bitalloc.check_config`), keeping the numbers it measured (as --allow-act-outliers would)."""
+    for r in rows:
+        if "refused" in r:
+            continue
+        w, a = re.match(r"W(\d+)A(\d+|float)", r["bits"]).groups()
+        spec = {"preset": r["preset"], "kw": r.get("options") or {}, "overrides": r.get("overrides") or [],
+                "clip_check": r.get("clip_check"), "float_acts": a == "float"}
+        try:
+            bitalloc.check_config(model, config(spec, int(w), 8 if a == "float" else int(a)), calib)
+        except bitalloc.BitallocError as exc:
+            r["refused"] = str(exc)
+            print(f"{r['bits']} {r['label']}: refused ({exc})", flush=True)
 
 
 def goal_lines(s: dict) -> list[str]:
@@ -261,10 +288,11 @@ def goal_lines(s: dict) -> list[str]:
                 continue
             ok = [f"{r['label']} {r['cosine']:.5f}" for r in g if "refused" not in r and r["cosine"] >= goal]
             miss = [f"{r['label']} {r['cosine']:.5f}" for r in g if "refused" not in r and r["cosine"] < goal]
-            refused = [r["label"] for r in g if "refused" in r]
+            refused = [r["label"] + (f" (allowed anyway {r['cosine']:.5f})" if "cosine" in r else "")
+                       for r in g if "refused" in r]
             lines.append(f"- {bits}, goal cosine >= {goal}, {what}: PASS {len(ok)} ({'; '.join(ok) or 'none'}); "
                          f"MISS {len(miss)} ({'; '.join(miss) or 'none'})"
-                         + (f"; refused {len(refused)} ({'; '.join(refused)})" if refused else ""))
+                         + (f"; refused with a reason {len(refused)} ({'; '.join(refused)})" if refused else ""))
     return lines
 
 
@@ -288,9 +316,11 @@ def render(s: dict) -> str:
     rows = []
     for r in s["rows"]:
         name = r["label"] if r["group"] == "preset" else f"{r['group']}: {r['label']}"
-        if "refused" in r:
+        if "refused" in r and "cosine" not in r:
             rows.append([r["bits"], name, f"refused: {r['refused']}"] + [""] * 9)
             continue
+        if "refused" in r:
+            name += " (refused; as --allow-act-outliers)"
         lay = r["layers"]
         rows.append([r["bits"], name, f"{r['cosine']:.5f}", f"{r['cosine_min']:.4f}", f"{r['nn_agreement']:.1f}",
                      f"{r['sqnr_db']:.1f}", f"{lay['quantized']} / {lay['float']}",
@@ -306,6 +336,13 @@ def render(s: dict) -> str:
                   f"{fp['attention_macs'] / 1e6:.1f} M in the attention products (in float). Layers left in float "
                   f"(every row): {float_reasons(fp['layers'])}."]
     lines += ["", "Goals:", ""] + goal_lines(s)
+    if any("refused" in r and "cosine" in r for r in s["rows"]):
+        lines += ["", "Refused rows: bitalloc refuses static per-tensor activation grids on token features whose "
+                  "largest input channel exceeds 16x the median channel (which then keeps fewer than 4 of 8 bits; "
+                  "`bitalloc.calibration.outliers`), naming the worst layer and the fixes (--preset smoothquant, "
+                  "per-token scales, or --allow-act-outliers). Their numbers are the same configuration quantized with "
+                  "--allow-act-outliers (the check changes no quantization). A refusal is what the W8A8 goal allows; "
+                  "the W4A8 goal has no such clause."]
     lines += ["", "Notes: per-token dynamic scales are computed per input (`online`), so no calibration range exists to "
               "check: the clipping check (`clip_check`) does not apply to them, and a clipping estimator (ACIQ, "
               "percentile, ...) clips every token's own outliers; they are not exportable to ONNX (no latency row). "
@@ -345,6 +382,10 @@ def main() -> int:
     ap.add_argument("--rows", help="only the rows whose label this regular expression finds")
     ap.add_argument("--append", action="store_true",
                     help="keep the stored rows (--out), add or replace the rows run now (same sentences)")
+    ap.add_argument("--check-refusals", action="store_true",
+                    help="with --append and no --rows: run no quantization, only bitalloc's configuration checks on "
+                         "every stored row (bitalloc.check_config); a row they refuse now is marked refused and keeps "
+                         "the numbers it measured")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--latency", action="store_true", help="also export to ONNX and time onnxruntime (off by default)")
     ap.add_argument("--no-accuracy", action="store_true",
@@ -359,6 +400,8 @@ def main() -> int:
         ap.error("--no-accuracy measures latency only: add --latency")
     if args.no_accuracy and args.append:
         ap.error("--append adds accuracy rows; --no-accuracy runs none: give one of them")
+    if args.check_refusals and (not args.append or args.rows):
+        ap.error("--check-refusals marks the stored rows: give --append, without --rows")
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     model, tok, name = load(args.random_weights, args.seq_len)
@@ -397,7 +440,9 @@ def main() -> int:
                            revision=stored["revision"] + ("" if stored["revision"] == summary["revision"] else
                                                           f"; then {summary['revision']}"))
         print(f"{name}: reference check {summary['reference']}", flush=True)
-        specs = row_specs([p for p in args.presets.split(",") if p], [p for p in args.token_presets.split(",") if p],
+        if args.check_refusals:
+            check_refusals(model, summary["rows"], calib)
+        specs = [] if args.check_refusals else row_specs([p for p in args.presets.split(",") if p], [p for p in args.token_presets.split(",") if p],
                           not args.no_remedies, args.rows)
         done_float = set()
         for bits in args.bits.split(","):
@@ -417,6 +462,10 @@ def main() -> int:
                 except bitalloc.BitallocError as exc:  # a preset that refuses these options, with its reason
                     row = {**head, "refused": str(exc)}
                     print(f"{head['bits']} {spec['label']}: refused ({exc})", flush=True)
+                    if OUTLIER_REFUSAL in str(exc):  # measured anyway, as --allow-act-outliers would
+                        cfg = config(spec, w, a)
+                        cfg.act_outliers = "allow"
+                        row.update(run_row(model, cfg, calib, held, ref, example))
                 else:
                     print(f"{row['bits']} {spec['label'][:60]:60s} cos {row['cosine']:.5f} (min "
                           f"{row['cosine_min']:.4f}) NN {row['nn_agreement']:.1f}% SQNR {row['sqnr_db']:.1f} dB, "

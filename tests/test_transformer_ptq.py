@@ -183,10 +183,10 @@ class _no_warning:
 def test_aciq_presets_recover_on_heavy_tailed_transformer_activations():
     m = outlier_encoder()
     calib, held = [tokens(8, s) for s in range(4)], tokens(32, 99)
-    plain = bitalloc.preset("aciq", 8, 8)
+    plain = bitalloc.preset("aciq", 8, 8, act_outliers="allow")  # static grids on outliers: allowed for the test
     plain.default.act.clip_check = "none"  # ACIQ's window everywhere, as before
     unchecked = agreement(bitalloc.quantize(m, plain, calib), m, held)
-    q = bitalloc.quantize(m, bitalloc.preset("aciq", 8, 8), calib)
+    q = bitalloc.quantize(m, bitalloc.preset("aciq", 8, 8, act_outliers="allow"), calib)
     checked = agreement(q, m, held)
     assert checked > unchecked and checked > 0.99
     assert any(c["chosen"] == "minmax" for c in q.bitalloc_calibration["clip_checks"].values())
@@ -195,7 +195,7 @@ def test_aciq_presets_recover_on_heavy_tailed_transformer_activations():
 def test_smoothquant_scales_function_and_accuracy():
     m = outlier_encoder()
     calib, held = [tokens(8, s) for s in range(4)], tokens(32, 99)
-    base = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8), calib)
+    base = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
     q = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, smooth=0.5), calib)
     layer = q.encoder.layer[0].attention.self.query
     # s_j = max|X_j|^0.5 / max|W_:j|^0.5, from the layer's calibration inputs and its original weight
@@ -273,5 +273,40 @@ def test_smoothquant_preset_smooths_the_layers_that_read_a_layernorm():
     assert smoothed == {f"encoder.layer.{i}.{p}" for i in range(2) for p in
                         ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")}
     assert all(l.input_quantizer.online and l.input_quantizer.per_token for _, l in bitalloc.quant_layers(q))
-    static = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8), calib)
+    static = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
     assert agreement(q, m, held) > agreement(static, m, held)
+
+
+def test_static_activation_grids_on_outlier_channels_are_refused(tmp_path, capsys):
+    """Static per-tensor activations on token sequences whose input channels have outliers (r = largest channel's
+    max|x| / the median channel's > 16) are refused with one line naming the worst layer, its ratio and the fixes;
+    the ratio is the brute-force one; per-token scales, SmoothQuant that evens the channels, a model without
+    outliers and act_outliers="allow" pass; the allowed model reports the ratios."""
+    from bitalloc.calibration.outliers import activation_outliers
+
+    m = outlier_encoder()
+    calib = [tokens(8, s) for s in range(4)]
+    with pytest.raises(ConfigError, match=r"static per-tensor 8-bit activations cannot serve this model: .* layer\(s\) "
+                                          r"see outlier input channels, worst .*x the median.*--preset smoothquant"):
+        bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8), calib)
+    q = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
+    rows = {r["name"]: r for r in q.bitalloc_calibration["activation_outliers"]}
+    xs = []
+    h = m.encoder.layer[0].attention.self.query.register_forward_pre_hook(lambda mod, a: xs.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            m(**b)
+    h.remove()
+    amax = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().amax(0).double().numpy()
+    expect = float(amax.max() / np.median(amax)) if amax.size % 2 else float(amax.max() / np.sort(amax)[amax.size // 2 - 1])
+    got = rows["encoder.layer.0.attention.self.query"]
+    assert got["ratio"] == pytest.approx(expect, rel=1e-9) and got["flagged"] == (expect > 16)
+    assert any(r["flagged"] for r in rows.values())
+    bitalloc.quantize(m, bitalloc.preset("smoothquant", 8, 8), calib)  # per-token scales: not checked
+    torch.manual_seed(0)
+    plain = bert_encoder(**SMALL).eval()  # random weights: no outlier channels
+    assert not any(r.flagged for r in activation_outliers(bitalloc.prepare(plain, bitalloc.preset("minmax", 8, 8),
+                                                                          calib[0]), calib))
+    bitalloc.quantize(plain, bitalloc.preset("minmax", 8, 8), calib)
+    with pytest.raises(ConfigError, match="act_outliers"):
+        bitalloc.preset("minmax", 8, 8, act_outliers="maybe")

@@ -40,6 +40,13 @@ MODEL_FILE = textwrap.dedent('''
         return bert_encoder(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=32, max_position_embeddings=16)
 
+    def outlier_encoder():  # LayerNorm output channels 40x the others, as trained BERTs have
+        m = encoder()
+        with torch.no_grad():
+            for layer in m.encoder.layer:
+                layer.attention.output.LayerNorm.weight[[2, 9]] = 40.0
+        return m
+
     class TwoInputs(nn.Module):
         def __init__(self):
             super().__init__()
@@ -134,6 +141,23 @@ def test_ptq_with_dict_token_inputs_evaluates_agreement(user, capsys):
     assert {"matmul", "softmax"} <= kinds  # attention products are counted (in float)
     firsts = [l["name"] for l in report["layers"] if "first layer at 8 bits" in l.get("rules", [])]
     assert firsts == [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+
+
+def test_ptq_refuses_static_activations_on_outlier_channels(user, capsys):
+    """The CLI refuses a static per-tensor W8A8 preset on a model whose token features have outlier channels (exit
+    2, one line naming the layer and the fixes, nothing written); --allow-act-outliers and --preset smoothquant
+    quantize it."""
+    base = ["ptq", "--model", f"{user}/net.py:outlier_encoder", "--trust-code", "--inputs", str(user / "tok.pt"),
+            "--calib", "16", "--w-bits", "8", "--a-bits", "8", "--no-plot"]
+    code, _, err = run(base + ["--preset", "minmax", "--out", str(user / "a")], capsys)
+    assert code == 2 and "cannot serve this model" in err and "--allow-act-outliers" in err
+    assert len(err.strip().splitlines()) == 1 and not (user / "a").exists()
+    code, _, err = run(base + ["--preset", "minmax", "--allow-act-outliers", "--out", str(user / "b")], capsys)
+    assert code == 0, err
+    report = json.loads((user / "b" / "report.json").read_text())
+    assert report["config"]["act_outliers"] == "allow"
+    code, _, err = run(base + ["--preset", "smoothquant", "--out", str(user / "c")], capsys)
+    assert code == 0, err
 
 
 def test_tuple_inputs_from_a_list_of_samples(user, capsys):

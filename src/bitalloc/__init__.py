@@ -19,7 +19,7 @@ from bitalloc.errors import (BitallocError, CheckpointError, ConfigError, DataEr
 from bitalloc.model.layers import QuantLayer, float_mode, quant_layers
 from bitalloc.model.freeze import freeze
 from bitalloc.model.prepare import prepare, prepare_info
-from bitalloc.ptq import bit_map, quantize
+from bitalloc.ptq import bit_map, check_config, quantize
 from bitalloc.quant.allocation import allocate_channel_bits
 from bitalloc.quant.clipping import aciq_clip_ratio
 from bitalloc.quantizers import QuantParams, Quantizer
@@ -31,7 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BitallocError", "CheckpointError", "ConfigError", "CostReport", "DataError", "LayerConfig", "QuantConfig",
     "QuantLayer", "QuantParams", "Quantizer", "ShapeError", "TensorConfig", "UnsupportedLayerError",
-    "aciq_clip_ratio", "allocate_channel_bits", "bit_map", "calibrate", "calibration", "cost_report", "float_mode",
+    "aciq_clip_ratio", "allocate_channel_bits", "bit_map", "calibrate", "calibration", "check_config", "cost_report",
+    "float_mode",
     "freeze",
     "layer_sensitivity", "prepare", "prepare_info", "preset", "quant_layers", "quantize", "runtime",
 ]

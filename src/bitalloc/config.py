@@ -167,7 +167,11 @@ class LayerConfig:
 
 @dataclass
 class QuantConfig:
-    """A whole model's quantization: defaults, per-layer overrides, first/last layer bits, BN folding."""
+    """A whole model's quantization: defaults, per-layer overrides, first/last layer bits, BN folding.
+
+    ``act_outliers``: "refuse" (default) makes :func:`bitalloc.quantize` refuse static per-tensor activation grids
+    on token sequences whose input channels have outliers too large for them (one line naming the layer and the
+    fix; :mod:`bitalloc.calibration.outliers`); "allow" quantizes anyway (CLI ``--allow-act-outliers``)."""
 
     default: LayerConfig = field(default_factory=LayerConfig)
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -175,6 +179,7 @@ class QuantConfig:
     fold_bn: bool = True
     calibration_samples: int = 32
     seed: int = 0
+    act_outliers: str = "refuse"
 
     # ---- resolution -------------------------------------------------------------------------------
     def for_layer(self, name: str, type_names: str | list[str], *, is_first: bool = False,
@@ -205,6 +210,8 @@ class QuantConfig:
             check_bits(self.first_last_bits, name="first_last_bits", lo=2, hi=32)
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be at least 1")
+        if self.act_outliers not in ("refuse", "allow"):
+            raise ConfigError(f"act_outliers={self.act_outliers!r} is not 'refuse' or 'allow'")
         for item in self.overrides:
             if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"override {item!r} must be a pair [PATTERN, {{settings}}], e.g. "

@@ -17,6 +17,7 @@ from torch import nn
 
 from bitalloc.batches import batch_inputs, batch_size, call_model, cut_inputs, take_inputs
 from bitalloc.calibration.calibrate import calibrate
+from bitalloc.calibration.outliers import activation_outliers, check_activation_outliers, outlier_summary
 from bitalloc.calibration.smooth import apply_smoothing
 from bitalloc.config import QuantConfig
 from bitalloc.cost import CostReport, cost_report
@@ -50,16 +51,7 @@ def _first_batch(data: Iterable) -> Any:
     raise DataError("the calibration set is empty: give at least one calibration sample")
 
 
-def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, *, example_inputs: Any = None,
-             num_samples: int | None = None, seed: int | None = None) -> nn.Module:
-    """Prepare ``model`` with ``config`` and calibrate it on ``calibration_data`` (batches of (x, ...) or x).
-
-    Returns the quantized model (an ordinary ``nn.Module`` in eval mode; the input model is unchanged).
-    ``calibration_data`` may be any iterable, a one-shot generator or iterator included (see
-    :func:`replayable`). ``num_samples`` defaults to ``config.calibration_samples`` (32). ``example_inputs``
-    defaults to the first calibration batch (two samples of it); one sample of it is recorded on the model
-    (:func:`record_example`), so that ``pack_model(qmodel, path)`` needs no ``example_shape``.
-    """
+def _calibration_samples(config: QuantConfig, num_samples: int | None) -> int:
     n = config.calibration_samples if num_samples is None else num_samples
     try:
         n = operator.index(n)
@@ -68,15 +60,52 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
     if n < 1:
         raise ConfigError(f"num_samples={num_samples!r}: give the number of calibration samples, an integer >= 1 "
                           f"(None: the configuration's calibration_samples, {config.calibration_samples})")
-    calibration_data = replayable(calibration_data, n)
+    return n
+
+
+def _prepare_checked(model: nn.Module, config: QuantConfig, calibration_data: Iterable, n: int,
+                     example_inputs: Any) -> tuple[nn.Module, dict[str, Any], list[Any]]:
+    """prepare, SmoothQuant scales, the activation outlier check: (prepared model, smoothing, outlier reports)."""
     if example_inputs is None:
         example_inputs = _first_batch(calibration_data)
     qmodel = prepare(model, config, example_inputs)
     record_example(qmodel, example_inputs)
     smoothing = apply_smoothing(qmodel, calibration_data, n)  # SmoothQuant layers (LayerConfig.smooth), if any
+    # static per-tensor activation grids on token sequences with outlier channels: refused unless allowed
+    outliers = (check_activation_outliers if config.act_outliers == "refuse" else activation_outliers)(
+        qmodel, calibration_data, n)
+    return qmodel, smoothing, outliers
+
+
+def check_config(model: nn.Module, config: QuantConfig, calibration_data: Iterable, *, example_inputs: Any = None,
+                 num_samples: int | None = None) -> list[Any]:
+    """What :func:`quantize` checks before calibrating, without calibrating: the configuration prepares the model,
+    and the activation outlier check (:mod:`bitalloc.calibration.outliers`) passes or refuses it (ConfigError) on
+    ``calibration_data``. Returns the outlier reports (worst first)."""
+    n = _calibration_samples(config, num_samples)
+    return _prepare_checked(model, config, replayable(calibration_data, n), n, example_inputs)[2]
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, *, example_inputs: Any = None,
+             num_samples: int | None = None, seed: int | None = None) -> nn.Module:
+    """Prepare ``model`` with ``config`` and calibrate it on ``calibration_data`` (batches of (x, ...) or x).
+
+    Returns the quantized model (an ordinary ``nn.Module`` in eval mode; the input model is unchanged).
+    ``calibration_data`` may be any iterable, a one-shot generator or iterator included (see
+    :func:`replayable`). ``num_samples`` defaults to ``config.calibration_samples`` (32). ``example_inputs``
+    defaults to the first calibration batch (two samples of it); one sample of it is recorded on the model
+    (:func:`record_example`), so that ``pack_model(qmodel, path)`` needs no ``example_shape``. Static per-tensor
+    activation grids on token features with outlier channels are refused (ConfigError naming the layer and the
+    fixes) unless ``config.act_outliers == "allow"`` (:mod:`bitalloc.calibration.outliers`).
+    """
+    n = _calibration_samples(config, num_samples)
+    calibration_data = replayable(calibration_data, n)
+    qmodel, smoothing, outliers = _prepare_checked(model, config, calibration_data, n, example_inputs)
     info = calibrate(qmodel, calibration_data, n, seed=config.seed if seed is None else seed)
     if smoothing:
         info["smoothing"] = smoothing
+    if outliers:
+        info["activation_outliers"] = outlier_summary(outliers)
     if any(getattr(l.weight_quantizer, "cfg", None) is not None and l.weight_quantizer.cfg.rounding == "gptq"
            for _, l in quant_layers(qmodel)):
         from bitalloc.calibration.gptq import apply_gptq

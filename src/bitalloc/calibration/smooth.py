@@ -30,7 +30,7 @@ from bitalloc.batches import call_model, take_inputs
 from bitalloc.errors import DataError
 from bitalloc.model.layers import QuantLayer, activation_axis, float_mode, quant_layers
 
-__all__ = ["apply_smoothing", "smooth_scales", "input_channel_max"]
+__all__ = ["apply_smoothing", "smooth_scales", "input_channel_absmax", "input_channel_max"]
 
 MIN_SCALE = 1e-5
 
@@ -69,25 +69,7 @@ def apply_smoothing(model: nn.Module, data: Iterable, num_samples: int | None = 
     layers = [(n, l) for n, l in quant_layers(model) if getattr(l, "smooth_scale", None) is not None]
     if not layers:
         return {}
-    amax: dict[str, Tensor] = {}
-    handles = []
-    for name, layer in layers:
-        def hook(mod: QuantLayer, args: tuple, _name: str = name) -> None:
-            x = args[0].detach()
-            axis = activation_axis(mod.layer) % x.ndim
-            m = x.abs().amax(dim=[d for d in range(x.ndim) if d != axis]).to(torch.float64)
-            amax[_name] = m if _name not in amax else torch.maximum(amax[_name], m)
-        handles.append(layer.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with float_mode(model):
-            for x in take_inputs(data, num_samples):
-                call_model(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    amax = input_channel_absmax(model, layers, data, num_samples)
     report: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
         if name not in amax:
@@ -102,3 +84,36 @@ def apply_smoothing(model: nn.Module, data: Iterable, num_samples: int | None = 
         report[name] = {"alpha": float(layer.smooth_alpha), "scale_min": float(s.min()), "scale_max": float(s.max()),
                         "act_max_before": float(amax[name].max()), "act_max_after": float((amax[name] / s).max())}
     return report
+
+
+@torch.no_grad()
+def input_channel_absmax(model: nn.Module, layers: list[tuple[str, QuantLayer]], data: Iterable,
+                         num_samples: int | None, *, smoothed: bool = False, min_ndim: int = 1) -> dict[str, Tensor]:
+    """max |x_j| per input channel j (float64) of each named layer's input over one float pass of ``model`` on up to
+    ``num_samples`` inputs of ``data``; ``smoothed``: of the input as the layer's quantizer sees it (after
+    SmoothQuant's division); inputs with fewer than ``min_ndim`` dimensions are skipped. Layers that did not run
+    (or saw only skipped inputs) are missing from the result."""
+    amax: dict[str, Tensor] = {}
+    handles = []
+    for name, layer in layers:
+        def hook(mod: QuantLayer, args: tuple, _name: str = name) -> None:
+            x = args[0].detach()
+            if x.ndim < min_ndim:
+                return
+            if smoothed:
+                x = mod.smooth_input(x)
+            axis = activation_axis(mod.layer) % x.ndim
+            m = x.abs().amax(dim=[d for d in range(x.ndim) if d != axis]).to(torch.float64)
+            amax[_name] = m if _name not in amax else torch.maximum(amax[_name], m)
+        handles.append(layer.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with float_mode(model):
+            for x in take_inputs(data, num_samples):
+                call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return amax

@@ -314,6 +314,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding layer")
     g.add_argument("--smooth", metavar="ALPHA", help="SmoothQuant: move activation outliers into the weights with "
                                                      "migration strength ALPHA in [0, 1] (0.5 usual) on the layers that read a LayerNorm")
+    g.add_argument("--allow-act-outliers", action="store_true",
+                   help="quantize static per-tensor activations even where their input channels have outliers too "
+                        "large for the grid (refused by default, naming the layer; see --preset smoothquant)")
     g.add_argument("--override", action="append", default=[], metavar="PATTERN=JSON",
                    help="per-layer override, e.g. 'features.0={\"weight.bits\": 8}' (glob, re:REGEX or type:CLASS)")
     g.add_argument("--config", help="a JSON QuantConfig file instead of --preset; the other options given on the "
@@ -323,7 +326,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
-                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth")
+                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
@@ -458,6 +461,8 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
         if not isinstance(patch, dict):
             raise ConfigError(f"--override {item!r}: the value must be a JSON object of settings")
         cfg.overrides.append((pattern, patch))
+    if getattr(args, "allow_act_outliers", False):
+        cfg.act_outliers = "allow"
     args.config_sources = {
         "config_file": str(args.config) if args.config else None,
         "preset": None if args.config else args.preset,
