@@ -37,6 +37,17 @@ def outlier_encoder() -> BertEncoder:
     return m
 
 
+def query_input_absmax(m, batches) -> torch.Tensor:
+    """max |x_j| per input channel of the first query layer over ``batches`` (by hand: a hook on the float model)."""
+    xs = []
+    h = m.encoder.layer[0].attention.self.query.register_forward_pre_hook(lambda mod, a: xs.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            m(**b)
+    h.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().amax(0)
+
+
 def agreement(q, m, batch) -> float:
     with torch.no_grad():
         return output_agreement(m(**batch).numpy(), q(**batch).numpy()).cosine
@@ -199,13 +210,7 @@ def test_smoothquant_scales_function_and_accuracy():
     q = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, smooth=0.5), calib)
     layer = q.encoder.layer[0].attention.self.query
     # s_j = max|X_j|^0.5 / max|W_:j|^0.5, from the layer's calibration inputs and its original weight
-    xs = []
-    h = m.encoder.layer[0].attention.self.query.register_forward_pre_hook(lambda mod, a: xs.append(a[0]))
-    with torch.no_grad():
-        for b in calib:
-            m(**b)
-    h.remove()
-    amax = torch.cat([x.reshape(-1, 32) for x in xs]).abs().amax(0).double()
+    amax = query_input_absmax(m, calib).double()
     w = m.encoder.layer[0].attention.self.query.weight.detach().double()
     s = amax.sqrt() / w.abs().amax(0).sqrt()
     assert torch.allclose(layer.smooth_scale.double(), s, rtol=1e-5)
@@ -291,13 +296,7 @@ def test_static_activation_grids_on_outlier_channels_are_refused(tmp_path, capsy
         bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8), calib)
     q = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
     rows = {r["name"]: r for r in q.bitalloc_calibration["activation_outliers"]}
-    xs = []
-    h = m.encoder.layer[0].attention.self.query.register_forward_pre_hook(lambda mod, a: xs.append(a[0]))
-    with torch.no_grad():
-        for b in calib:
-            m(**b)
-    h.remove()
-    amax = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().amax(0).double().numpy()
+    amax = query_input_absmax(m, calib).double().numpy()
     expect = float(amax.max() / np.median(amax)) if amax.size % 2 else float(amax.max() / np.sort(amax)[amax.size // 2 - 1])
     got = rows["encoder.layer.0.attention.self.query"]
     assert got["ratio"] == pytest.approx(expect, rel=1e-9) and got["flagged"] == (expect > 16)
