@@ -309,3 +309,20 @@ def test_static_activation_grids_on_outlier_channels_are_refused(tmp_path, capsy
     bitalloc.quantize(plain, bitalloc.preset("minmax", 8, 8), calib)
     with pytest.raises(ConfigError, match="act_outliers"):
         bitalloc.preset("minmax", 8, 8, act_outliers="maybe")
+
+
+def test_check_config_checks_without_quantizing():
+    """bitalloc.check_config runs quantize's checks (prepare, SmoothQuant scales, the outlier check) without
+    calibrating: it refuses what quantize refuses, returns the outlier reports otherwise, and leaves the model
+    unchanged."""
+    m = outlier_encoder()
+    calib = [tokens(8, s) for s in range(4)]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="cannot serve this model"):
+        bitalloc.check_config(m, bitalloc.preset("minmax", 8, 8), calib)
+    reports = bitalloc.check_config(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
+    assert reports and reports[0].flagged and reports[0].ratio == max(r.ratio for r in reports)
+    q = bitalloc.quantize(m, bitalloc.preset("minmax", 8, 8, act_outliers="allow"), calib)
+    assert [r["name"] for r in q.bitalloc_calibration["activation_outliers"]] == [r.name for r in reports]
+    assert bitalloc.check_config(m, bitalloc.preset("smoothquant", 8, 8), calib) == []
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
