@@ -326,3 +326,20 @@ def test_check_config_checks_without_quantizing():
     assert [r["name"] for r in q.bitalloc_calibration["activation_outliers"]] == [r.name for r in reports]
     assert bitalloc.check_config(m, bitalloc.preset("smoothquant", 8, 8), calib) == []
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_the_search_refuses_before_measuring():
+    """layer_sensitivity runs quantize's outlier check first: a base configuration that quantize would refuse is
+    refused before any layer is measured; allowed, the search runs."""
+    from bitalloc.search import layer_sensitivity
+
+    m = outlier_encoder()
+    calib = [tokens(8, s) for s in range(2)]
+    calls = []
+    with pytest.raises(ConfigError, match="cannot serve this model"):
+        layer_sensitivity(m, bitalloc.preset("minmax", 4, 8), calib, bits="8x8,4x8", metric="mse",
+                          progress=lambda *a: calls.append(a))
+    assert not calls
+    sens = layer_sensitivity(m, bitalloc.preset("minmax", 4, 8, act_outliers="allow"), calib, bits="8x8,4x8",
+                             metric="mse", progress=lambda *a: calls.append(a))
+    assert calls and sens.samples > 0

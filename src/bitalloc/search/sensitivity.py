@@ -410,6 +410,10 @@ def _float_pass(model: nn.Module, config: QuantConfig, data: Iterable, layers: I
                 use_fx: bool) -> _Pass:
     data = replayable(data, n)
     inputs, labels = calibration_batches(data, n)
+    if config.act_outliers == "refuse":  # what quantize would refuse at the end, refused before the search's work
+        from bitalloc.ptq import check_config
+
+        check_config(model, config, inputs, num_samples=n)
     qmodel = prepare(model.eval(), config, cut_inputs(inputs[0], 2))
     found, excluded = searchable_layers(qmodel, config, layers)
     names = [l.name for l in found]
