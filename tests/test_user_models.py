@@ -156,6 +156,8 @@ def test_ptq_refuses_static_activations_on_outlier_channels(user, capsys):
     assert code == 0, err
     report = json.loads((user / "b" / "report.json").read_text())
     assert report["config"]["act_outliers"] == "allow"
+    rows = report["calibration"]["activation_outliers"]  # the ratios, in the report
+    assert any(r["flagged"] and r["ratio"] > 16 for r in rows) and all(r["bits"] == 8 for r in rows)
     code, _, err = run(base + ["--preset", "smoothquant", "--out", str(user / "c")], capsys)
     assert code == 0, err
 

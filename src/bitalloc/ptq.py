@@ -219,6 +219,10 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
             "eval_ratio": eval_seconds / fp32_eval_seconds if fp32_eval_seconds else None,
         },
         "config": config.to_dict(),
+        # the decisions calibration made from the data: clipping checked per tensor, SmoothQuant scales, the
+        # activation outlier ratios (bitalloc.calibration.clip_check / smooth / outliers)
+        "calibration": {key: calib[key] for key in ("clip_checks", "smoothing", "activation_outliers")
+                        if calib.get(key)},
     }
     return PTQResult(qmodel, report)
 
