@@ -595,7 +595,6 @@ def resummarize(args: argparse.Namespace) -> int:
     import json
 
     from bitalloc.codec.evaluate import bd_rates
-    from bitalloc.io import write_json
     from bitalloc.report.tables import print_table
 
     path = Path(args.from_json)
@@ -608,14 +607,22 @@ def resummarize(args: argparse.Namespace) -> int:
     for clip in clips:
         summarize_clip(clip, bd_rates)
         print_table(f"{clip['clip']}: per variant", SUMMARY_COLUMNS, summary_rows(clip))
-    res["goals"] = check_goals(res)
     res["summarized"] = {"revision": git_revision(), "command": command_line()}
+    finish(res, path, args)
+    return 0
+
+
+def finish(res: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    """Check the goals, print them, write the results JSON and (unless --no-md) the BENCHMARKS.md section."""
+    from bitalloc.io import write_json
+    from bitalloc.report.tables import print_table
+
+    res["goals"] = check_goals(res)
     print_table("goals of issue 16", ["goal", "status", "numbers"],
                 [[g["goal"], g["status"], g["detail"]] for g in res["goals"]])
     write_json(path, res)
     if not args.no_md:
         update_section("codec-dynamic", render(res))
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -627,7 +634,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from bitalloc.codec.codec import VideoCoder
     from bitalloc.codec.weights import default_weights_path, load_default_or
-    from bitalloc.io import write_json
     from bitalloc.report.tables import print_table
     from bitalloc.train.codec import load_float_start
 
@@ -672,14 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip = run_clip(path, args, dyn, static, fp32, budget, folder)
         res["clips"].append(clip)
         print_table(f"{clip['clip']}: per variant", SUMMARY_COLUMNS, summary_rows(clip))
-    res["goals"] = check_goals(res)
     res["seconds"] = time.perf_counter() - t_all
-    print_table("goals of issue 16", ["goal", "status", "numbers"],
-                [[g["goal"], g["status"], g["detail"]] for g in res["goals"]])
-    write_json(results / "codec_dynamic.json", res)
+    finish(res, results / "codec_dynamic.json", args)
     log(f"wrote {results / 'codec_dynamic.json'} and the plots in {folder} ({res['seconds'] / 60:.1f} min)")
-    if not args.no_md:
-        update_section("codec-dynamic", render(res))
     return 0
 
 

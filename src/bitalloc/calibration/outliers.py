@@ -10,12 +10,12 @@ of 3 or more dimensions, [..., tokens, channels]) and whose activation grid is s
     r = max_j max|x_j| / median_j max|x_j|        (max|x_j| over the calibration data, per input channel j)
 
 and the layer is flagged when the median channel loses more than :data:`MAX_LOST_BITS` of the grid's bits, i.e.
-r > 2^MAX_LOST_BITS = 16 (at 8 bits it keeps fewer than 4). :func:`bitalloc.quantize` then refuses the configuration (a one-line
-ConfigError naming the worst layer, its ratio and the fixes: per-token scales, SmoothQuant, or
-``QuantConfig.act_outliers = "allow"`` / ``--allow-act-outliers`` to quantize anyway).
+r > 2^MAX_LOST_BITS = 16 (at 8 bits it keeps fewer than 4). :func:`bitalloc.quantize` then refuses the
+configuration (a one-line ConfigError naming the worst layer, its ratio and the fixes: per-token scales,
+SmoothQuant, or ``QuantConfig.act_outliers = "allow"`` / ``--allow-act-outliers`` to quantize anyway).
 
 Measured on all-MiniLM-L6-v2 (32 calibration sentences): r up to 21 (the feed-forward output layers, after GELU)
-and 18 (the LayerNorm-fed layers), 10 of 36 layers above 16; the static per-tensor W8A8 presets reach cosine
+and 18 (the LayerNorm-fed layers), 5 of 36 layers above 16; the static per-tensor W8A8 presets reach cosine
 0.993 to FP32 there and the ``smoothquant`` preset (SmoothQuant + per-token scales) 0.9995 (BENCHMARKS.md,
 "Transformers"). Convolutions and Linear layers on plain feature vectors are not checked: their channels are
 not tokens' features (EfficientNet-Lite0: r <= 3.6 anyway). SmoothQuant's division is applied before measuring,

@@ -90,17 +90,16 @@ def _masks(stream: bytes) -> list[np.ndarray]:
     """The latent-resolution ROI mask of every frame of a dynamic-precision stream, decoded as the decoder does
     (each frame's payload starts with it)."""
     from bitalloc.codec.bitstream import read_stream
-    from bitalloc.codec.codec import _constriction, padded_size
-    from bitalloc.codec.dynamic import MASK_FACTOR, decode_mask
-
     from bitalloc.codec.bitstream import FRAME_I
+    from bitalloc.codec.codec import _constriction, padded_size
+    from bitalloc.codec.dynamic import MASK_FACTOR, decode_mask, mask_context
 
     header, records = read_stream(stream, source="demo stream")
     hp, wp = padded_size(header.height, header.width)
     queue = _constriction().stream.queue
     masks: list[np.ndarray] = []
-    for r in records:  # from version 2 on, a P frame's mask is coded in the context of the previous one
-        prev = masks[-1] if masks and header.version >= 2 and r.kind != FRAME_I else None
+    for r in records:
+        prev = mask_context(masks[-1] if masks else None, intra=r.kind == FRAME_I, version=header.version)
         masks.append(decode_mask(queue.RangeDecoder(np.frombuffer(r.payload, dtype=np.uint32).copy()),
                                  (hp // MASK_FACTOR, wp // MASK_FACTOR), prev))
     return masks

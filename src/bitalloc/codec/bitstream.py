@@ -89,9 +89,9 @@ class StreamHeader:
             raise BitstreamError(f"{source}: the stream header is corrupted (checksum mismatch); the file cannot be "
                                  "decoded, re-encode it")
         if version not in READABLE_VERSIONS:
-            raise BitstreamError(f"{source} has bitstream version {version}; this bitalloc reads versions "
-                                 f"{', '.join(map(str, READABLE_VERSIONS))}: decode it with the bitalloc that wrote it, "
-                                 "or re-encode it")
+            readable = ", ".join(map(str, READABLE_VERSIONS))
+            raise BitstreamError(f"{source} has bitstream version {version}; this bitalloc reads versions {readable}: "
+                                 "decode it with the bitalloc that wrote it, or re-encode it")
         if den == 0 or width == 0 or height == 0:
             raise BitstreamError(f"{source}: invalid header (frame size {width}x{height}, fps {num}/{den}); re-encode it")
         return cls(model_id=model_id, quality=quality, width=width, height=height, frame_count=count,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bitalloc.codec.bitstream import (FRAME_I, FRAME_P, BitstreamError, FrameRecord, StreamHeader, read_stream,
+from bitalloc.codec.bitstream import (FRAME_I, FRAME_P, VERSION, BitstreamError, FrameRecord, StreamHeader, read_stream,
                                       write_stream)
 from bitalloc.codec.entropy import Y_RANGE, Z_RANGE
 from bitalloc.codec.frames import YUVFrames
@@ -423,9 +423,9 @@ class VideoCoder:
         stats = LatentStats()
         mask_bits = 0
         if mask16 is not None:
-            from bitalloc.codec.dynamic import encode_mask
+            from bitalloc.codec.dynamic import encode_mask, mask_context
 
-            mask_bits = encode_mask(enc, mask16, None if ref is None else prev_mask)
+            mask_bits = encode_mask(enc, mask16, mask_context(prev_mask, intra=ref is None, version=VERSION))
         with self._frame_latents(mask16, rb, nb) as lat:
             rec = (self._intra(lat, x, level, enc, stats, a) if ref is None
                    else self._inter(lat, x, ref, flow, level, enc, stats, a))
@@ -515,7 +515,6 @@ class VideoCoder:
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
         ref = mask16 = None
-        temporal_masks = header.version >= 2  # version 1 coded every frame's ROI mask on its own
         with torch.no_grad(), self._whole():
             for i, rec in enumerate(records):
                 self._check_widths(rec, i, source)
@@ -526,9 +525,9 @@ class VideoCoder:
                 dec = c.stream.queue.RangeDecoder(words.copy())
                 try:
                     if self.dynamic:
-                        from bitalloc.codec.dynamic import decode_mask
+                        from bitalloc.codec.dynamic import decode_mask, mask_context
 
-                        prev = mask16 if temporal_masks and rec.kind != FRAME_I else None
+                        prev = mask_context(mask16, intra=rec.kind == FRAME_I, version=header.version)
                         mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16), prev)
                     with self._frame_latents(mask16, rec.roi_bits, rec.non_roi_bits) as lat:
                         if rec.kind == FRAME_I:

@@ -165,6 +165,12 @@ def _encode_bits(enc: Any, flat: np.ndarray) -> int:
     return int(np.ceil(bits))
 
 
+def mask_context(prev: np.ndarray | None, *, intra: bool, version: int) -> np.ndarray | None:
+    """The mask a frame's ROI mask is coded against (:func:`encode_mask`'s ``prev``): the previous frame's in P frames
+    of streams of version 2 on, none in I frames (each decodable on its own) and in version 1 streams."""
+    return None if intra or version < 2 else prev
+
+
 def decode_mask(dec: Any, shape: tuple[int, int], prev: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`encode_mask` for a mask of ``shape`` (with the same ``prev``)."""
     n = shape[0] * shape[1]
@@ -342,4 +348,5 @@ class DynamicFrames:
 
 
 __all__ = ["BitFlopsTable", "with_candidates", "DynamicFrames", "FrameChoice", "MASK_FACTOR", "decode_mask",
-           "dynamic_quant_config", "encode_mask", "latent_mask", "mask_function", "prepare_dynamic", "roi_fractions"]
+           "dynamic_quant_config", "encode_mask", "latent_mask", "mask_context", "mask_function", "prepare_dynamic",
+           "roi_fractions"]

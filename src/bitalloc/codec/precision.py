@@ -83,6 +83,8 @@ FIXED_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_sy
 #: 5,234 for the static 8-bit codec; at 4 bits the hyper analysis triples the I frames' rate at level 1. Bit-FLOPs
 #: count a float layer's MACs once, as an 8-bit layer's (SPEC section 3: float FLOPs + BOPs / 64).
 DYNAMIC_FLOAT_PARTS = ("hyper_analysis",)
+
+
 def decoder_quant_config(bits: int = 8, quantizer: str = "lsq", part: str | None = None) -> QuantConfig:
     """Weights per channel (symmetric), activations per tensor, ``bits`` each (no 8-bit first/last rule: every
     layer is already at ``bits``); for ``part`` ("synthesis" / "hyper_synthesis") the layers of
@@ -262,12 +264,20 @@ def _compact(name: str, t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.numel() >= 4096 and name.endswith(".weight")
 
 
+_WEIGHTS_FIX = "use the codec weights shipped with bitalloc, or re-create the file with `bitalloc codec train`"
+
+
 def load_codec(path: str | os.PathLike) -> VideoCodec:
     """Rebuild a codec written by :func:`save_codec` (checksum verified), in eval mode."""
     from bitalloc.io import torch_load
 
-    fix = "use the codec weights shipped with bitalloc, or re-create the file with `bitalloc codec train`"
-    state = torch_load(path, what="codec weights file", fix=fix)
+    return codec_from_state(torch_load(path, what="codec weights file", fix=_WEIGHTS_FIX), path)
+
+
+def codec_from_state(state: Any, path: str | os.PathLike) -> VideoCodec:
+    """The codec of the contents of a weights file (``state``, already read and checksum-verified from ``path``,
+    which messages name), in eval mode; CheckpointError naming the fix when it is not such a file."""
+    fix = _WEIGHTS_FIX
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bitalloc codec weights file; {fix}")
     if int(state.get("version", 0)) != VERSION:

@@ -100,11 +100,13 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
         for part in ALL_PARTS:
             net = getattr(coder, part)
             if getattr(net, "bitalloc_info", None) is None:
-                why = "not quantized"
-                if part not in DECODER_PARTS:
-                    why = ("float (DYNAMIC_FLOAT_PARTS): " if model.cfg.candidates else
-                           "encoder network of a codec with fixed precision: float ") + \
-                          "it runs only at the sender; the stream does not depend on its arithmetic"
+                sender = "it runs only at the sender; the stream does not depend on its arithmetic"
+                if part in DECODER_PARTS:
+                    why = "not quantized"
+                elif model.cfg.candidates:
+                    why = f"float (DYNAMIC_FLOAT_PARTS): {sender}"
+                else:
+                    why = f"encoder network of a codec with fixed precision: float {sender}"
                 rows += [{"network": f"{cname}.{part}", "layer": n, "type": type(m).__name__, "status": "float",
                           "weight_bits": "float", "act_bits": "float", "reason": why}
                          for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))]

@@ -260,14 +260,14 @@ def load_float_start(path: str) -> Any:
     the large tensors float16-rounded and the decoder networks' weights as their quantizers left them), in eval
     mode with its coding tables updated; CheckpointError naming the fix for anything else."""
     from bitalloc.codec.model import VideoCodec
-    from bitalloc.codec.precision import FORMAT, coders, float_codec, load_codec
+    from bitalloc.codec.precision import FORMAT, codec_from_state, coders, float_codec
     from bitalloc.io import torch_load
     from bitalloc.train.checkpoint import load_model_checkpoint
 
     state = torch_load(path, what="codec checkpoint", fix="give a checkpoint written by `bitalloc codec train --out` "
                        "or codec weights written by --ship")
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return float_codec(load_codec(path)).eval()
+        return float_codec(codec_from_state(state, path)).eval()
     model = load_model_checkpoint(path)
     if not isinstance(model, VideoCodec):
         raise ConfigError(f"{path} holds a {type(model).__name__}, not a codec; give a checkpoint written by "
