@@ -45,7 +45,7 @@ from bitalloc.report.stats import output_agreement  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "transformer_ptq.json"
 SECTION, TITLE = "transformer-ptq", "## Transformers: a BERT-style sentence encoder"
 GOALS = {"W8A8": 0.999, "W4A8": 0.98}
-PRESET_ROWS = ("minmax", "aciq", "aciq-gptq", "kld", "percentile", "mse", "ksigma", "smoothquant")
+PRESET_ROWS = ("minmax", "aciq", "aciq-gptq", "kld", "percentile", "mse", "ksigma", "smoothquant", "smoothquant-gptq")
 TOKEN = {"act_granularity": "token", "online": True}
 PER_TOKEN = {"act.granularity": "token", "act.online": True}
 #: the layers reading a LayerNorm (q / k / v, the first feed-forward layer) and those reading the GELU output
@@ -63,6 +63,11 @@ REMEDIES = [
          overrides=[(GELU_FED, PER_TOKEN)]),
     dict(label="aciq-gptq weights + SmoothQuant 0.5, per-token dynamic activations", preset="aciq-gptq",
          kw={"smooth": 0.5, **TOKEN}, only_bits="4x8"),
+    dict(label="smoothquant + GPTQ weights (MSE grids per channel)", preset="smoothquant", only_bits="4x8",
+         kw={"weight_method": "mse", "rounding": "gptq"}),
+    *[dict(label=f"smoothquant + GPTQ group-wise weights ({g} inputs per range)", preset="smoothquant",
+           only_bits="4x8", kw={"weight_method": "mse", "rounding": "gptq", "weight_granularity": "group",
+                                "group_size": g}) for g in (128, 32)],  # 64: the preset smoothquant-gptq
     dict(label="weights only, activations in float (diagnostic: the weights' share)", preset="minmax", float_acts=True),
 ]
 #: the int8 exports timed in onnxruntime: (label, preset, w_bits, a_bits, options). onnxruntime's u8 x s8 kernels
@@ -347,7 +352,10 @@ def render(s: dict) -> str:
               "check: the clipping check (`clip_check`) does not apply to them, and a clipping estimator (ACIQ, "
               "percentile, ...) clips every token's own outliers; they are not exportable to ONNX (no latency row). "
               "*+ clipping check* rows set `TensorConfig.clip_check = \"output\"` (what the ACIQ presets do) on a "
-              "baseline estimator."]
+              "baseline estimator. *group-wise* rows and the `smoothquant-gptq` preset (64 input features per range) "
+              "give each block of input features of a weight row its own scale and zero point "
+              "(`weight_granularity=\"group\"`), counted in *size MB*; GPTQ rounds onto those grids. The QDQ "
+              "export and the integer runtime refuse group-wise layers (one scale per output channel there)."]
     if s.get("latency"):
         lat = s["latency"]
         lines += ["", f"onnxruntime ({lat['threads']} thread(s), median ms, models timed in turns; export align=ort; "

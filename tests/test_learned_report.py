@@ -117,6 +117,42 @@ def test_uniform_check_compares_with_the_best_uniform_run_it_can_afford(report):
     assert report.uniform_check([p for p in points if p["method"] != "lsq"]) is None
 
 
+def test_mixed_check_pairs_searched_runs_with_the_fronts_at_each_level(report):
+    rng = np.random.default_rng(4)
+    n = 3000
+    w2, w4, w4s1 = (rng.random(n) < q for q in (0.80, 0.86, 0.85))
+    lsq = [(8, 8, 1.0)] + [(4, 4, 1.0)] * 3
+
+    def searched(name, bops, correct, seed=0):
+        return {**_point(name, "lsq", bops, correct, MIXED, seed), "setting": {"config": f"{name}.json"}}
+
+    up = w4.copy()
+    up[np.flatnonzero(~w4)[:150]] = True        # +150 / n over LSQ 4/4
+    down = w2.copy()
+    down[np.flatnonzero(w2)[:150]] = False      # -150 / n under LSQ 2/4
+    points = [_point("lsq-w2a4", "lsq", 0.008, w2, lsq), _point("lsq-w4a4", "lsq", 0.016, w4, lsq),
+              _point("lsq-w4a4-s1", "lsq", 0.016, w4s1, lsq, seed=1), _point("bb-a", "bb", 0.012, w4, MIXED),
+              _point("bb-cheap", "bb", 0.005, w2, MIXED),  # below every searched run's BOPs: no shared level
+              searched("lsq-mixed-W4A4", 0.016, up), searched("lsq-mixed-W2A4", 0.008, down),
+              {"name": "fp32", "method": "fp32", "top1": 0.87, "relative_bops": 1.0}]
+    text, res = report.mixed_check(points)
+    by = {r["reference"]: r for r in res["points"]}
+    assert set(by) == {"lsq-w2a4", "lsq-w4a4", "lsq-w4a4-s1", "bb-a"}  # searched runs are not their own front
+    assert by["lsq-w4a4"]["name"] == "lsq-mixed-W4A4" and by["lsq-w4a4"]["diff"] == pytest.approx(150 / n)
+    assert by["lsq-w4a4"]["verdict"] == "above"
+    assert by["lsq-w4a4-s1"]["name"] == "lsq-mixed-W4A4"  # no seed-1 searched run: seed 0's
+    assert by["lsq-w4a4-s1"]["diff"] == pytest.approx((up.sum() - w4s1.sum()) / n)
+    assert by["bb-a"]["name"] == "lsq-mixed-W2A4"  # the searched front at 1.2%: only the 0.8% run fits
+    assert by["lsq-w2a4"]["diff"] == pytest.approx(-150 / n) and by["lsq-w2a4"]["verdict"] == "below"
+    assert not res["met"] and res["below"] == [r for r, v in by.items() if v["verdict"] == "below"]
+    assert "lsq-w2a4" in res["below"]
+    assert "**Not met**: below at" in text and "| lsq-w4a4 |" in text
+    # the uniform check leaves searched runs out of the LSQ front
+    _, uni = report.uniform_check(points)
+    assert {r["reference"] for r in uni["points"]} <= {"lsq-w2a4", "lsq-w4a4", "lsq-w4a4-s1"}
+    assert report.mixed_check([p for p in points if "mixed" not in p["name"]]) is None
+
+
 def test_carry_points_keeps_stored_points_whose_runs_are_gone(report):
     stored = [{"name": "a", "top1": 0.1}, {"name": "b", "top1": 0.2, "revision": "r1"}]
     fresh = [{"name": "b", "top1": 0.3, "revision": "r3"}, {"name": "c", "top1": 0.4, "revision": "r3"}]

@@ -104,6 +104,22 @@ def test_sensitivity_then_ptq_budget_then_config_and_lsq(user, capsys, tmp_path)
     frozen = load_quantized(tmp_path / "l-frozen.pt", model=ns["build"]())  # the searched widths, learned steps
     widths = {l.name: (l.w_bits, l.a_bits) for l in cost_report(frozen, torch.randn(1, 3, 10, 12)).layers}
     assert {n: widths[n] for n in chosen} == {n: (float(w), float(a)) for n, (w, a) in chosen.items()}
+    # a trained sweep runs one LSQ fine-tune per searched configuration (named after the file) beside uniform ones
+    code, _, err = run(["sweep", "--method", "lsq", "--configs", str(tmp_path / "p" / "searched.json"), "--bits", "8",
+                        *_net(user)[:3], "--init", str(user / "net.pt"), "--dataset", "imagefolder", "--data",
+                        str(user / "img"), "--steps", "1", "--eval-batch-size", "4", "--out-dir", str(tmp_path / "sw"), "--progress", "off", "--",
+                        "--batch-size", "4", "--input-shape", "3,10,12"], capsys)
+    assert code == 0, err
+    points = {p["name"]: p for p in json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"]}
+    assert set(points) == {"lsq-searched", "lsq-w8a8"}
+    assert points["lsq-searched"]["setting"] == {"config": str(tmp_path / "p" / "searched.json")}
+    swept = {l["name"]: (l["w_bits"], l["a_bits"]) for l in points["lsq-searched"]["layers"]}
+    assert {n: swept[n] for n in chosen} == {n: (float(w), float(a)) for n, (w, a) in chosen.items()}
+    assert {l["w_bits"] for l in points["lsq-w8a8"]["layers"]} == {8.0}
+    code, _, err = run(["sweep", "--method", "lsq", "--configs", str(tmp_path / "p" / "searched.json"), *_net(user)[:3],
+                        "--out-dir", str(tmp_path / "sw2"), "--", "--config", str(tmp_path / "p" / "searched.json")],
+                       capsys)
+    assert code == 2 and "--configs FILE" in err and err.count("\n") == 1
 
 
 def test_ptq_budget_errors(user, capsys, tmp_path):

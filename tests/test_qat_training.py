@@ -423,7 +423,7 @@ def test_sweep_outputs_merge_points_of_concurrent_sweeps(tmp_path):
     assert (tmp_path / "sweep.json").read_text() == '{"points": ['
 
 
-def test_sweep_points_and_pareto_front():
+def test_sweep_points_and_pareto_front(tmp_path):
     from bitalloc.cli.sweep import pareto_front, sweep_points
     from bitalloc.errors import ConfigError
 
@@ -437,6 +437,16 @@ def test_sweep_points_and_pareto_front():
                                                                                       "pact-w4a4-init4"]
     with pytest.raises(ConfigError, match="--tag"):
         sweep_points(["bb"], [0.03], None, "a/b")
+    # --configs: one lsq / pact run per QuantConfig file, named after it, beside the --bits runs
+    (tmp_path / "mixed-W4A4.json").write_text("{}")
+    pts = sweep_points(["lsq"], None, "4", "-s1", str(tmp_path / "mixed-W4A4.json"))
+    assert [p["name"] for p in pts] == ["lsq-mixed-W4A4-s1", "lsq-w4a4-s1"]
+    assert pts[0]["args"] == ["--config", str(tmp_path / "mixed-W4A4.json")]
+    assert pts[0]["setting"] == {"config": str(tmp_path / "mixed-W4A4.json")}
+    with pytest.raises(ConfigError, match="does not exist"):
+        sweep_points(["lsq"], None, None, "", str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match="--method lsq"):
+        sweep_points(["bb"], [0.03], None, "", str(tmp_path / "mixed-W4A4.json"))
     cands = [{"name": "a", "relative_bops": 0.01, "top1": 0.90}, {"name": "b", "relative_bops": 0.02, "top1": 0.95},
              {"name": "c", "relative_bops": 0.03, "top1": 0.94}, {"name": "d", "relative_bops": 0.01, "top1": 0.89},
              {"name": "e", "relative_bops": 0.05, "top1": 0.96}]

@@ -282,6 +282,24 @@ def test_smoothquant_preset_smooths_the_layers_that_read_a_layernorm():
     assert agreement(q, m, held) > agreement(static, m, held)
 
 
+def test_smoothquant_gptq_preset_rounds_group_wise_weights():
+    m = outlier_encoder()
+    calib, held = [tokens(8, s) for s in range(4)], tokens(32, 99)
+    cfg = bitalloc.preset("smoothquant-gptq", 3, 8, group_size=8)
+    q = bitalloc.quantize(m, cfg, calib)
+    layers = dict(bitalloc.quant_layers(q))
+    for name, l in layers.items():
+        wq, w = l.weight_quantizer, l.layer.weight
+        assert bool(wq.locked) and tuple(wq.scale.shape) == (w.shape[0], w.shape[1] // 8), name
+        p = wq.qparams()
+        assert torch.equal(p.dequantize(p.quantize(w)), w), name  # GPTQ put every weight on its block's grid
+    assert {n for n, l in layers.items() if l.smooth_scale is not None} == {
+        f"encoder.layer.{i}.{p}" for i in range(2) for p in
+        ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")}
+    # random weights are easy at 3 bits (on all-MiniLM-L6-v2 at W4A8: cosine 0.981, BENCHMARKS.md)
+    assert agreement(q, m, held) > 0.999
+
+
 def test_static_activation_grids_on_outlier_channels_are_refused(tmp_path, capsys):
     """Static per-tensor activations on token sequences whose input channels have outliers (r = largest channel's
     max|x| / the median channel's > 16) are refused with one line naming the worst layer, its ratio and the fixes;

@@ -24,6 +24,7 @@ from bitalloc.errors import DataError
 from bitalloc.model.layers import QuantLayer, quant_layers
 from bitalloc.model.prepare import prepare_info
 from bitalloc.quant.gptq import gptq_round
+from bitalloc.quant.grid import dequantize, group_params
 
 _OPS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.linear: "linear"}
 
@@ -151,10 +152,12 @@ def round_layer(layer: QuantLayer, H: Tensor, *, damp: float = 0.01) -> None:
     p = wq.qparams()
     rows = w.shape[0]
     per_row = [t.expand(rows) if t.ndim == 0 else t for t in (p.scale, p.zero_point, p.qmin, p.qmax)]
-    grid = [t.reshape(G, rows // G) for t in per_row]
+    if p.grouped:  # a scale and zero point per weight ([rows, K]); G = 1 (group-wise grids are for Linear weights)
+        per_row[:2] = group_params(w.reshape(rows, -1), 0, p.scale, p.zero_point)
+    grid = [t.reshape(G, rows // G, *t.shape[1:]) for t in per_row]
     codes = gptq_round(w.reshape(G, rows // G, -1), H, *grid, damp=damp)
     q = codes.reshape(rows, -1)
-    deq = (q - per_row[1][:, None]).to(torch.float32) * per_row[0].float()[:, None]
+    deq = dequantize(q, per_row[0], per_row[1], axis=0)
     w.copy_(deq.reshape(w.shape).to(w.dtype))
     wq.set_bias_correction(w, "none")
     wq.lock()

@@ -27,10 +27,11 @@ from bitalloc.cli.common import QUANT_OPTIONS, SPLITS, add_quant_args, build_con
 from bitalloc.errors import ConfigError
 
 #: options of the budget mode only (sweep dests); the training sweep's own options are refused with --budget
+#: (--trust-code and --model-kwargs serve both: a trained sweep passes them to every `bitalloc train`)
 BUDGET_OPTIONS = ("budget", "uniform", "checkpoint", "calib", "split", "seed", "limit", "cache_dir", "candidates",
-                  "metric", "sensitivity", "config", "trust_code", "weights", "model_kwargs", "latency_batch",
+                  "metric", "sensitivity", "config", "weights", "latency_batch",
                   "latency_threads") + QUANT_OPTIONS
-TRAIN_OPTIONS = ("method", "mu", "bits", "epochs", "steps", "init", "fp32", "tag", "retrain", "progress")
+TRAIN_OPTIONS = ("method", "mu", "bits", "configs", "epochs", "steps", "init", "fp32", "tag", "retrain", "progress")
 
 
 def add_budget_sweep_args(p: argparse.ArgumentParser) -> None:

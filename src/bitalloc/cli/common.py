@@ -281,13 +281,18 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="aciq", choices=PRESETS,
                    help="method: minmax (naive), aciq-clip, aciq-alloc, aciq (full ACIQ pipeline), aciq-gptq "
                         "(full pipeline with GPTQ-rounded weights: the most accurate at 4 bits), kld, ksigma, "
-                        "percentile, mse (default aciq)")
+                        "percentile, mse, smoothquant (transformers, W8A8), smoothquant-gptq (transformers, W4A8: "
+                        "group-wise GPTQ weights) (default aciq)")
     g.add_argument("--w-bits", type=float, default=4, help="weight bits (fractional = per-channel average; default 4)")
     g.add_argument("--a-bits", type=_bits_or_none, default=4.0, help="activation bits, or 'none' (default 4)")
     g.add_argument("--act-granularity", choices=("tensor", "channel", "token"),
                    help="override the preset's activation granularity (default tensor; fractional --a-bits need "
                         "channel; token: one range per token on every input, per-token dynamic scales, with --online)")
-    g.add_argument("--weight-granularity", choices=("tensor", "channel"), help="weight granularity (default channel)")
+    g.add_argument("--weight-granularity", choices=("tensor", "channel", "group"),
+                   help="weight granularity (default channel; group: a range per --group-size input features of each "
+                        "output channel, Linear layers, e.g. 4-bit GPTQ weights of transformers)")
+    g.add_argument("--group-size", type=int, metavar="N",
+                   help="input features per range with --weight-granularity group (default 128)")
     g.add_argument("--prior", choices=("laplace", "gauss", "auto"), help="ACIQ prior (default laplace; aciq presets)")
     g.add_argument("--k-sigma", metavar="K", help="k of the ksigma preset: clip at mean +- K standard deviations "
                                                   "(default 2)")
@@ -326,7 +331,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
-                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers")
+                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers", "group_size")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
@@ -372,6 +377,12 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
             t = tensor(key, dest)
             t.granularity = getattr(args, dest)
             t.allocate = t.allocate and t.granularity == "channel"
+    if "group_size" in cli:
+        t = tensor("weight", "group_size")
+        if t.granularity != "group":
+            raise ConfigError("--group-size sets the input features per range of group-wise weights, but the weights "
+                              f"are quantized per {t.granularity}: add --weight-granularity group")
+        t.group_size = args.group_size
     if "online" in cli:
         tensor("act", "online").online = True
     if "weight_method" in cli:
@@ -405,7 +416,8 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   weight_granularity=args.weight_granularity, online=args.online, first_last_bits=_first_last(args),
                   fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
                   seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
-                  rounding=getattr(args, "rounding", None), smooth=_smooth(args), **_bounds(args))
+                  rounding=getattr(args, "rounding", None), smooth=_smooth(args),
+                  group_size=getattr(args, "group_size", None), **_bounds(args))
 
 
 def build_config(args: argparse.Namespace) -> QuantConfig:

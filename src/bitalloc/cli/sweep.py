@@ -62,6 +62,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--mu", type=_floats, default=None, help="bb: regulariser strengths, e.g. 0.01,0.03,0.1")
     p.add_argument("--bits", default=None,
                    help="lsq/pact: bit widths, e.g. 2,3,4,8 (W=A) or WxA pairs such as 4x8,4x4")
+    p.add_argument("--configs", default=None, metavar="FILE,...",
+                   help="lsq/pact: also a run from each of these QuantConfig files' per-layer widths (e.g. the "
+                        "searched.json of `bitalloc ptq --budget`), named <method>-<file name without .json>")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", default=None)
     p.add_argument("--data", default=None, help="data path (default: $BITALLOC_DATA)")
@@ -119,12 +122,36 @@ def run_plot_bits(args: argparse.Namespace) -> int:
 
 # ---- points ------------------------------------------------------------------------------------------------
 
-def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None, tag: str = "") -> list[dict[str, Any]]:
+def _config_points(method: str, configs: str, tag: str) -> list[dict[str, Any]]:
+    """One lsq / pact run per QuantConfig file of ``configs`` (comma-separated): ``--config FILE`` (the run
+    starts from the file's per-layer widths, :func:`bitalloc.train.methods.qat_config_from`), named
+    ``<method>-<file stem><tag>``, setting ``{"config": FILE}``."""
+    points = []
+    for item in str(configs).split(","):
+        path = Path(item.strip())
+        if not item.strip():
+            continue
+        if not path.is_file():
+            raise ConfigError(f"--configs: {path} does not exist; give QuantConfig JSON files, e.g. the searched.json "
+                              "written by `bitalloc ptq --budget`")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", path.stem):
+            raise ConfigError(f"--configs: {path.name}: the file name becomes the run name; rename it to letters, "
+                              "digits and . _ + - only")
+        points.append({"method": method, "name": f"{method}-{path.stem}{tag}", "args": ["--config", str(path)],
+                       "setting": {"config": str(path)}})
+    return points
+
+
+def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None, tag: str = "",
+                 configs: str | None = None) -> list[dict[str, Any]]:
     """The runs of a sweep: ``{"method", "name", "args": [...train options], "setting": {...}}``.
 
-    ``tag`` is appended to every name (runs of other train options can then share one folder and front)."""
+    ``tag`` is appended to every name (runs of other train options can then share one folder and front);
+    ``configs`` adds lsq / pact runs from QuantConfig files (:func:`_config_points`)."""
     if tag and not re.fullmatch(r"[A-Za-z0-9_.+-]+", tag):
         raise ConfigError(f"--tag {tag!r}: use letters, digits and . _ + - only (it becomes part of file names)")
+    if configs and not set(methods) & {"lsq", "pact"}:
+        raise ConfigError("--configs starts lsq or pact runs: add --method lsq (or pact)")
     points = []
     for method in methods:
         if method == "bb":
@@ -134,9 +161,10 @@ def sweep_points(methods: list[str], mu: list[float] | None, bits: str | None, t
                 points.append({"method": "bb", "name": f"bb-mu{m:g}{tag}", "args": ["--mu", repr(float(m))],
                                "setting": {"mu": float(m)}})
         elif method in ("lsq", "pact"):
-            if not bits:
-                raise ConfigError(f"--method {method} needs --bits, e.g. --bits 2,3,4,8 or 4x8,4x4")
-            for item in str(bits).split(","):
+            if not bits and not configs:
+                raise ConfigError(f"--method {method} needs --bits, e.g. --bits 2,3,4,8 or 4x8,4x4 (or --configs)")
+            points += _config_points(method, configs, tag) if configs else []
+            for item in str(bits or "").split(","):
                 item = item.strip().lower()
                 if not item:
                     continue
@@ -225,6 +253,10 @@ def train_argv(args: argparse.Namespace, point: dict[str, Any], out: Path, state
                         ("--steps", args.steps), ("--init", args.init), ("--progress", args.progress)):
         if value is not None:
             argv += [flag, str(value)]
+    if getattr(args, "trust_code", False):
+        argv.append("--trust-code")
+    if getattr(args, "model_kwargs", None):
+        argv += ["--model-kwargs", args.model_kwargs]
     argv += point["args"]
     extra = _extra(args)
     argv += extra if train_parser is None else method_train_args(extra, point["method"], train_parser)
@@ -288,7 +320,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
     from bitalloc.train import distributed as D
 
     state = load_checkpoint(out)
-    model = load_model_checkpoint(out)
+    model = load_model_checkpoint(out, trust_factory=bool(getattr(train_ns, "trust_code", False)))
     frozen = freeze(model)
     frozen_file = frozen_path(out)
     if D.is_main_process() and (not frozen_file.exists() or frozen_file.stat().st_mtime < out.stat().st_mtime):
@@ -327,7 +359,7 @@ def fp32_point(path: str, train_ns: argparse.Namespace, eval_batch_size: int) ->
     from bitalloc.train.checkpoint import load_model_checkpoint
     from bitalloc.train.loop import evaluate
 
-    model = load_model_checkpoint(path)
+    model = load_model_checkpoint(path, trust_factory=bool(getattr(train_ns, "trust_code", False)))
     _, val_set, _ = load_data(train_ns, augment=False)
     ev = evaluate(model, val_set, batch_size=eval_batch_size, progress="off", per_sample=True)
     return {"method": "fp32", "name": "fp32", "setting": {}, "top1": ev.accuracy, "relative_bops": 1.0,
@@ -434,13 +466,16 @@ def run(args: argparse.Namespace) -> int:
     check_mode(args)
     if args.budget:
         return run_budget_sweep(args)
+    if any(g[0].split("=", 1)[0] == "--config" for g in _option_groups(_extra(args))):
+        raise ConfigError("--config after -- would give every run the same widths: use --configs FILE,... "
+                          "(one run per file)")
 
     if args.dataset is None:  # as `bitalloc train` does
         from bitalloc.train.presets import default_dataset
 
         args.dataset = default_dataset(args.model)
     methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
-    points = sweep_points(methods, args.mu, args.bits, getattr(args, "tag", ""))
+    points = sweep_points(methods, args.mu, args.bits, getattr(args, "tag", ""), getattr(args, "configs", None))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     read_points(out_dir / "sweep.json")  # a corrupt sweep.json stops the sweep before any training

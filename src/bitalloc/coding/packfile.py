@@ -278,7 +278,7 @@ def _shape(value: Any) -> tuple[int, ...]:
 # ---- packing ---------------------------------------------------------------------------------------------------
 
 def _axis_of(p: QuantParams) -> int | None:
-    return p.axis if (p.axis is not None and p.scale.ndim == 1) else None
+    return p.axis if (p.axis is not None and p.scale.ndim in (1, 2)) else None  # per channel, or group-wise rows
 
 
 def _channel_major(codes: Tensor, axis: int | None) -> Tensor:
@@ -736,8 +736,13 @@ def _decode_layer(reader: _Reader, entry: dict[str, Any]) -> tuple[Tensor, Tenso
         raise ValueError(f"axis {axis!r} out of range for shape {shape}")
     channels = shape[axis] if axis is not None else None
     for f in ("bits", "scale", "zero_point", "qmin", "qmax"):
-        if t[f].ndim > 1 or (t[f].ndim == 1 and (channels is None or t[f].numel() != channels)):
+        grouped = (f in ("scale", "zero_point") and t[f].ndim == 2 and len(shape) == 2 and axis is not None
+                   and axis % 2 == 0 and t[f].shape[0] == channels and t[f].shape[1] > 0
+                   and shape[1] % t[f].shape[1] == 0)  # group-wise: [C, G] blocks of a [C, K] weight
+        if not grouped and (t[f].ndim > 1 or (t[f].ndim == 1 and (channels is None or t[f].numel() != channels))):
             raise ValueError(f"{f} has shape {tuple(t[f].shape)}, which does not fit weight shape {shape}")
+    if (t["scale"].ndim == 2) != (t["zero_point"].ndim == 2):
+        raise ValueError("scale and zero point disagree on group-wise blocks")
     params = QuantParams(bits=t["bits"], scale=t["scale"], zero_point=t["zero_point"], qmin=t["qmin"],
                          qmax=t["qmax"], axis=axis, signed=bool(entry.get("signed")), corr_scale=t["corr_scale"],
                          corr_shift=t["corr_shift"], kept=t["kept"], online=bool(entry.get("online")))

@@ -74,7 +74,8 @@ def freeze_quantizer(q: nn.Module) -> nn.Module:
         q.train(was_training)
     if qp.online:
         return q
-    return FrozenQuantizer.from_qparams(qp.detach(), q.role, q.axis, q.channels)
+    group_size = q.cfg.group_size if qp.grouped else None  # group-wise grids: PTQ quantizers, which have a cfg
+    return FrozenQuantizer.from_qparams(qp.detach(), q.role, q.axis, q.channels, group_size=group_size)
 
 
 @torch.no_grad()

@@ -335,7 +335,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
         if not lcfg.quantize or (lcfg.weight is None and lcfg.act is None):
             records.append(LayerRecord(name, tname, "float", "left in float by configuration", rules))
             continue
-        wq = make_quantizer(lcfg.weight, "weight", 0, m.weight.shape[0]) if lcfg.weight is not None else None
+        try:
+            wq = (make_quantizer(lcfg.weight, "weight", 0, m.weight.shape[0], tuple(m.weight.shape))
+                  if lcfg.weight is not None else None)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {name!r} ({tname}) weight: {exc}") from None
         aq = (make_quantizer(lcfg.act, "act", activation_axis(m), input_channels(m))
               if lcfg.act is not None else None)
         if aq is not None and hasattr(aq, "check_online_input"):

@@ -37,7 +37,9 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
         weight: [G, R, K]: G independent groups (e.g. groups of a grouped convolution), R rows (output
             channels) per group, K columns (inputs x kernel positions).
         hessian: [G, K, K], sum of x x^T of each group's inputs (symmetric positive semi-definite).
-        scale, zero_point, qmin, qmax: the grid of every row, [G, R].
+        scale, zero_point, qmin, qmax: the grid of every row, [G, R]; scale and zero point may also be
+            [G, R, K], one per weight (group-wise grids: a range per block of columns), column i of which
+            quantizes column i.
         damp: relative damping lambda * mean(diag H) added to the diagonal (GPTQ uses 1%).
         block: columns per lazy batch update.
     Returns: int64 codes [G, R, K].
@@ -67,7 +69,9 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
         for i in range(i2 - i1):
             w = W1[:, :, i]
             d = U1[:, i, i][:, None]
-            q, deq = _quant_dequant(w, scale, zero_point, qmin, qmax)
+            j = i1 + i
+            q, deq = _quant_dequant(w, scale[..., j] if scale.ndim == 3 else scale,
+                                    zero_point[..., j] if zero_point.ndim == 3 else zero_point, qmin, qmax)
             codes[:, :, i1 + i] = q
             err = (w - deq) / d
             W1[:, :, i:] -= err[:, :, None] * U1[:, i, i:][:, None, :]

@@ -2,7 +2,9 @@
 
 One notion of granularity for everything (as in torchao): quantization parameters are either 0-d tensors
 (per tensor) or 1-d tensors of length C applied along one ``axis`` of the data (per channel). Bits may
-differ per channel, so ``qmin`` and ``qmax`` are tensors too.
+differ per channel, so ``qmin`` and ``qmax`` are tensors too. Group-wise weights (a 2-d tensor [C, K], axis 0)
+have [C, G] scales and zero points, one per block of K / G consecutive columns of each row (ONNX's blocked
+quantization along axis 1), beside [C] code ranges: :func:`group_params` expands them to the data's shape.
 
 Grids (b bits, range [lo, hi] with lo <= 0 <= hi enforced so that 0 is exactly representable):
 
@@ -41,9 +43,34 @@ def integer_range(bits: Tensor | int, signed: bool) -> tuple[Tensor, Tensor]:
     return torch.zeros_like(b), (1 << b) - 1
 
 
+def group_params(x: Tensor, axis: int | None, *params: Tensor) -> tuple[Tensor, ...]:
+    """``params`` of a group-wise grid as tensors of ``x``'s shape; unchanged when none is 2-d.
+
+    With a [C, G] parameter, ``x`` must be [C, K] (``axis`` 0) with G dividing K: a [C, G] parameter covers
+    blocks of K / G consecutive columns of its row, a [C] one its whole row, a 0-d one everything."""
+    if not any(p.ndim == 2 for p in params):
+        return params
+    if x.ndim != 2 or axis is None or axis % 2 != 0:
+        raise ShapeError(f"group-wise quantization parameters apply to a 2-d tensor along axis 0, got a tensor of "
+                         f"shape {tuple(x.shape)} with axis {axis}")
+    c, k = x.shape
+    out = []
+    for p in params:
+        if p.ndim == 2:
+            if p.shape[0] != c or p.shape[1] == 0 or k % p.shape[1]:
+                raise ShapeError(f"group-wise parameters of shape {tuple(p.shape)} do not divide a tensor of shape "
+                                 f"{tuple(x.shape)} into blocks")
+            p = p.repeat_interleave(k // p.shape[1], dim=1)
+        elif p.ndim == 1:
+            p = p.reshape(c, 1).expand(c, k)
+        out.append(p)
+    return tuple(out)
+
+
 def reshape_for_axis(t: Tensor, ndim: int, axis: int | None) -> Tensor:
-    """View a per-channel parameter (0-d or [C]) so that it broadcasts along ``axis`` of an ``ndim`` tensor."""
-    if t.ndim == 0 or axis is None:
+    """View a per-channel parameter (0-d or [C]) so that it broadcasts along ``axis`` of an ``ndim`` tensor
+    (a parameter that already has ``ndim`` dimensions, e.g. from :func:`group_params`, is returned as is)."""
+    if t.ndim == 0 or axis is None or t.ndim == ndim:
         return t
     if t.ndim != 1:
         raise ShapeError(f"per-channel quantization parameters must be 1-d, got shape {tuple(t.shape)}")
@@ -110,6 +137,7 @@ def round_ste(x: Tensor) -> Tensor:
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
              axis: int | None = None) -> Tensor:
     """Integer codes q = clamp(round(x / s) + z, qmin, qmax) as an int64 tensor (x / s computed as x * (1/s))."""
+    scale, zero_point, qmin, qmax = group_params(x, axis, scale, zero_point, qmin, qmax)
     s, z, lo, hi = (reshape_for_axis(t, x.ndim, axis) for t in (scale, zero_point, qmin, qmax))
     # x * (1/s) in float32, exactly as torch's fused fake-quant kernels compute it, so codes agree bitwise.
     q = torch.round(x.float() * torch.reciprocal(s.float())).to(torch.int64) + z
@@ -118,6 +146,7 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: T
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values s * (q - z) (float32)."""
+    scale, zero_point = group_params(q, axis, scale, zero_point)
     s, z = (reshape_for_axis(t, q.ndim, axis) for t in (scale, zero_point))
     return ((q - z).to(torch.float32)) * s.to(torch.float32)
 
@@ -141,6 +170,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
     """
     if x.dtype != torch.float32:
         return fake_quantize(x.float(), scale, zero_point, qmin, qmax, axis).to(x.dtype)
+    scale, zero_point, qmin, qmax = group_params(x, axis, scale, zero_point, qmin, qmax)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     # codes beyond 2^24 (asymmetric grids of 25+ bits) are not exact in float32
     wide = int(torch.maximum(qmin.abs(), qmax.abs()).max()) > (1 << 24)
@@ -155,7 +185,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
         lo, hi = (reshape_for_axis((t - zero_point).float(), x.ndim, axis) for t in (qmin, qmax))
         y = x * torch.reciprocal(s32)
         return y.round_().clamp_(lo, hi).mul_(s32)
-    if _uniform(qmin) and _uniform(qmax) and int(qmax.reshape(-1)[0] - qmin.reshape(-1)[0]) <= 65535:
+    if scale.ndim <= 1 and _uniform(qmin) and _uniform(qmax) and int(qmax.reshape(-1)[0] - qmin.reshape(-1)[0]) <= 65535:
         lo, hi = int(qmin.reshape(-1)[0]), int(qmax.reshape(-1)[0])
         if scale.ndim == 0 or axis is None:
             return torch.fake_quantize_per_tensor_affine(

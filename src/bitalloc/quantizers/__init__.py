@@ -26,12 +26,16 @@ def register_quantizer(name: str, cls: type[Quantizer]) -> None:
     QUANTIZERS[name] = cls
 
 
-def make_quantizer(cfg: TensorConfig, role: str, axis: int, channels: int) -> Quantizer:
-    """Build the quantizer named by ``cfg.quantizer`` for a tensor with ``channels`` channels along ``axis``."""
+def make_quantizer(cfg: TensorConfig, role: str, axis: int, channels: int,
+                   shape: tuple[int, ...] | None = None) -> Quantizer:
+    """Build the quantizer named by ``cfg.quantizer`` for a tensor with ``channels`` channels along ``axis``
+    (``shape``: the tensor's shape, which group-wise weight grids need)."""
     try:
         cls = QUANTIZERS[cfg.quantizer]
     except KeyError:
         raise ConfigError(f"unknown quantizer {cfg.quantizer!r}; choose one of {sorted(QUANTIZERS)}") from None
+    if cfg.granularity == "group":  # TensorConfig.validate admits it for the fixed and frozen quantizers only
+        return cls(cfg, role, axis, channels, shape=shape)
     return cls(cfg, role, axis, channels)
 
 

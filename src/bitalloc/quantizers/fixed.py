@@ -33,16 +33,34 @@ from bitalloc.quantizers.base import QuantParams, Quantizer
 SAMPLE_METHODS = {"percentile", "mse", "kld"}
 
 
+def group_grid_shape(cfg: TensorConfig, role: str, channels: int, shape: tuple[int, ...] | None) -> tuple[int, int]:
+    """[C, K / group_size], the scale shape of a group-wise weight of ``shape`` [C, K]; ConfigError (with the fix)
+    for activations, weights that are not 2-d, and group sizes that do not divide K."""
+    if role != "weight":
+        raise ConfigError("granularity='group' applies to weights (ranges per block of input features), not to "
+                          "activations: use 'tensor', 'channel' or 'token' for them")
+    fix = 'override {"weight.granularity": "channel"} for this layer (CLI --override \'NAME={...}\')'
+    if shape is None or len(shape) != 2 or shape[0] != channels:
+        raise ConfigError(f"granularity='group' needs a 2-d [out, in] weight (Linear layers), got shape "
+                          f"{None if shape is None else tuple(shape)}; {fix}")
+    if shape[1] % cfg.group_size:
+        raise ConfigError(f"group_size {cfg.group_size} does not divide the weight's {shape[1]} input features: choose "
+                          f"a divisor of {shape[1]} (CLI --group-size), or {fix}")
+    return channels, shape[1] // cfg.group_size
+
+
 class FixedQuantizer(Quantizer):
     """PTQ quantizer of one tensor, configured by a :class:`~bitalloc.config.TensorConfig`.
 
-    Buffers (saved in ``state_dict``): ``bits``, ``scale``, ``zero_point`` (0-d per tensor, [C] per channel),
-    ``corr_scale`` / ``corr_shift`` ([C], weights only: bias correction) and ``calibrated``.
+    Buffers (saved in ``state_dict``): ``bits``, ``scale``, ``zero_point`` (0-d per tensor, [C] per channel;
+    group-wise weights: ``bits`` [C], ``scale`` / ``zero_point`` [C, K / group_size]), ``corr_scale`` /
+    ``corr_shift`` ([C], weights only: bias correction) and ``calibrated``. ``shape``: the weight's shape, which
+    group-wise weights need (2-d: Linear layers).
     """
 
     kind = "fixed"
 
-    def __init__(self, cfg: TensorConfig, role: str, axis: int, channels: int):
+    def __init__(self, cfg: TensorConfig, role: str, axis: int, channels: int, shape: tuple[int, ...] | None = None):
         super().__init__(role, axis, channels)
         cfg.validate(role)
         if cfg.method not in RANGE_ESTIMATORS:
@@ -52,10 +70,12 @@ class FixedQuantizer(Quantizer):
         self.per_token = cfg.granularity == "token"  # online only (TensorConfig.validate)
         if self.per_token and role != "act":
             raise ConfigError("granularity='token' applies to activations (one range per token), not to weights")
-        shape = (channels,) if self.per_channel else ()
-        self.register_buffer("bits", torch.full(shape, cfg.int_bits, dtype=torch.int64))
-        self.register_buffer("scale", torch.ones(shape))
-        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
+        self.per_group = cfg.granularity == "group"
+        grid_shape = group_grid_shape(cfg, role, channels, shape) if self.per_group else None
+        bits_shape = (channels,) if self.per_channel or self.per_group else ()
+        self.register_buffer("bits", torch.full(bits_shape, cfg.int_bits, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(grid_shape or bits_shape))
+        self.register_buffer("zero_point", torch.zeros(grid_shape or bits_shape, dtype=torch.int64))
         self.register_buffer("calibrated", torch.tensor(False))
         #: a locked grid is kept by later (re)calibration: set after GPTQ rounded the weight onto it
         self.register_buffer("locked", torch.tensor(False))
@@ -80,7 +100,11 @@ class FixedQuantizer(Quantizer):
 
     @property
     def stat_axis(self) -> int | None:
-        return self.axis if self.per_channel else None
+        return self.axis if self.per_channel or self.per_group else None
+
+    def _stat_rows(self, weight: Tensor) -> Tensor:
+        """The weight as the rows its statistics are taken over: [C * G, group_size] group-wise, else itself."""
+        return weight.reshape(-1, self.cfg.group_size) if self.per_group else weight
 
     def start_observing(self, seed: int = 0, name: str = "") -> None:
         from bitalloc.calibration.clip_check import InputSample
@@ -109,7 +133,7 @@ class FixedQuantizer(Quantizer):
         """Weights need no data: their statistics are exact. A locked quantizer keeps its grid."""
         if bool(self.locked):
             return
-        self.set_from_stats(ChannelStats.of(weight.detach(), self.stat_axis))
+        self.set_from_stats(ChannelStats.of(self._stat_rows(weight.detach()), self.stat_axis))
 
     def _one_sided(self, stats: ChannelStats) -> Tensor:
         if self.cfg.one_sided == "auto":
@@ -174,7 +198,7 @@ class FixedQuantizer(Quantizer):
             raise ConfigError(f"range method {self.cfg.method!r} needs samples of the tensor")
         bits, scale, zero_point = self._grid(stats)
         shape = self.scale.shape
-        self.bits.copy_(bits.reshape(shape))
+        self.bits.copy_(bits.reshape(shape)[:, 0] if self.per_group else bits.reshape(shape))  # one width per row
         self.scale.copy_(scale.reshape(shape))
         self.zero_point.copy_(zero_point.reshape(shape))
         self.calibrated.fill_(True)
@@ -262,7 +286,8 @@ class FixedQuantizer(Quantizer):
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         p = self.qparams()
-        y = fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax, self.axis if self.per_channel else None)
+        y = fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax,
+                          self.axis if self.per_channel or self.per_group else None)
         if self.role == "weight":
             y = y * reshape_for_axis(self.corr_scale, y.ndim, self.axis) + reshape_for_axis(self.corr_shift, y.ndim, self.axis)
         if cacheable:

@@ -7,7 +7,8 @@ mask of kept output channels. Its forward is ``fake_quantize`` on that grid (the
 pruned channels zeroed), i.e. exactly :meth:`QuantParams.dequantize` of :meth:`QuantParams.quantize`; cost,
 serialization, export, packing and integer execution read the same description.
 
-Buffer shapes follow the TensorConfig (``granularity`` "channel": ``[C]``; "tensor": 0-d; weights always
+Buffer shapes follow the TensorConfig (``granularity`` "channel": ``[C]``; "tensor": 0-d; "group": ``bits``,
+``qmin``, ``qmax`` ``[C]``, ``scale`` and ``zero_point`` ``[C, K / group_size]``; weights always
 carry ``corr_scale``, ``corr_shift`` and ``kept`` of ``[C]``), so ``bitalloc.prepare`` with a frozen config
 (``TensorConfig(quantizer="frozen", ...)``) rebuilds a model that ``load_state_dict`` fills:
 :func:`bitalloc.model.serialize.load_quantized` works unchanged.
@@ -19,8 +20,10 @@ import torch
 from torch import Tensor
 
 from bitalloc.config import TensorConfig
+from bitalloc.errors import ConfigError
 from bitalloc.quant.grid import fake_quantize, integer_range, reshape_for_axis
 from bitalloc.quantizers.base import QuantParams, Quantizer
+from bitalloc.quantizers.fixed import group_grid_shape
 
 
 class FrozenQuantizer(Quantizer):
@@ -29,17 +32,20 @@ class FrozenQuantizer(Quantizer):
 
     kind = "frozen"
 
-    def __init__(self, cfg: TensorConfig, role: str, axis: int | None, channels: int | None):
+    def __init__(self, cfg: TensorConfig, role: str, axis: int | None, channels: int | None,
+                 shape: tuple[int, ...] | None = None):
         super().__init__(role, axis, channels)
         self.cfg = cfg
         self.per_channel = cfg.granularity == "channel"
-        shape = (channels,) if self.per_channel else ()
+        self.per_group = cfg.granularity == "group"
+        bits_shape = (channels,) if self.per_channel or self.per_group else ()
+        grid_shape = group_grid_shape(cfg, role, channels, shape) if self.per_group else bits_shape
         signed = bool(cfg.symmetric)
-        bits = torch.full(shape, cfg.int_bits, dtype=torch.int64)
+        bits = torch.full(bits_shape, cfg.int_bits, dtype=torch.int64)
         qmin, qmax = integer_range(bits, signed=signed)
         self.register_buffer("bits", bits)
-        self.register_buffer("scale", torch.ones(shape))
-        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(grid_shape))
+        self.register_buffer("zero_point", torch.zeros(grid_shape, dtype=torch.int64))
         self.register_buffer("qmin", qmin.clone())
         self.register_buffer("qmax", qmax.clone())
         if role == "weight":
@@ -51,16 +57,24 @@ class FrozenQuantizer(Quantizer):
         self._cache: tuple | None = None
 
     @classmethod
-    def from_qparams(cls, qp: QuantParams, role: str, axis: int | None, channels: int | None) -> "FrozenQuantizer":
-        """A frozen quantizer computing exactly what ``qp`` describes (tensors are copied)."""
+    def from_qparams(cls, qp: QuantParams, role: str, axis: int | None, channels: int | None,
+                     group_size: int | None = None) -> "FrozenQuantizer":
+        """A frozen quantizer computing exactly what ``qp`` describes (tensors are copied); ``group_size`` for
+        group-wise grids."""
         tensors = [qp.bits, qp.scale, qp.zero_point, qp.qmin, qp.qmax]
         per_channel = any(t.ndim == 1 and t.numel() > 1 for t in tensors) or (
             qp.per_channel and channels is not None)
         bits_max = int(qp.bits.max())
-        cfg = TensorConfig(bits=bits_max, granularity="channel" if per_channel else "tensor", symmetric=bool(qp.signed),
-                           quantizer="frozen", min_bits=1, max_bits=32)
-        q = cls(cfg, role, axis, channels)
-        shape = q.scale.shape
+        granularity = "group" if qp.grouped else ("channel" if per_channel else "tensor")
+        cfg = TensorConfig(bits=bits_max, granularity=granularity, symmetric=bool(qp.signed), quantizer="frozen",
+                           min_bits=1, max_bits=32)
+        shape = None
+        if qp.grouped:  # a [C, G] grid of a [C, K] weight: K is not in the description, only blocks of it
+            if group_size is None:
+                raise ConfigError("freezing a group-wise grid needs its group_size (input features per range)")
+            cfg.group_size = group_size
+            shape = (int(qp.scale.shape[0]), int(qp.scale.shape[1]) * group_size)
+        q = cls(cfg, role, axis, channels, shape=shape)
         with torch.no_grad():
             for name, t in (("bits", qp.bits), ("scale", qp.scale), ("zero_point", qp.zero_point), ("qmin", qp.qmin),
                             ("qmax", qp.qmax)):
@@ -69,7 +83,7 @@ class FrozenQuantizer(Quantizer):
                 if src.numel() == 1:
                     buf.fill_(src.reshape(()).item())
                 else:
-                    buf.copy_(src.reshape(shape))
+                    buf.copy_(src.reshape(buf.shape))
             if role == "weight":
                 if qp.corr_scale is not None:
                     q.corr_scale.copy_(qp.corr_scale.detach().float().cpu().reshape(-1))
@@ -111,7 +125,8 @@ class FrozenQuantizer(Quantizer):
             key = (id(x), x._version, x.dtype, x.device, *(b._version for b in self.buffers()))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        y = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis if self.per_channel else None)
+        y = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax,
+                          self.axis if self.per_channel or self.per_group else None)
         if self.role == "weight":
             if not self._identity_corr():
                 y = (y * reshape_for_axis(self.corr_scale, y.ndim, self.axis)

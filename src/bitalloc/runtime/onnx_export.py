@@ -1430,6 +1430,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
                                   "cannot express (scales are constants); export an offline-calibrated model")
             if not q.is_ready:
                 raise ConfigError(f"layer {name!r} is not calibrated: calibrate the model before exporting it")
+        if ql.weight_quantizer is not None and ql.weight_quantizer.qparams().grouped:
+            raise ConfigError(f"layer {name!r} has group-wise weight scales (granularity 'group'), which QDQ at opset "
+                              f"{opset} cannot express (one scale per channel); quantize its weights per channel "
+                              "(weight granularity 'channel', CLI --weight-granularity channel) to export it")
     was_training = model.training
     model.eval()
     try:

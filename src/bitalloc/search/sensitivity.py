@@ -325,7 +325,8 @@ class _Candidates:
         wq = None
         if lcfg.weight is not None:
             if wkey not in self._weights:
-                fresh = make_quantizer(lcfg.weight, "weight", 0, float_layer.weight.shape[0])
+                fresh = make_quantizer(lcfg.weight, "weight", 0, float_layer.weight.shape[0],
+                                       tuple(float_layer.weight.shape))
                 QuantLayer(float_layer, fresh, None, name=layer.name, bias_correction=lcfg.bias_correction
                            ).calibrate_weight()
                 self._weights[wkey] = fresh
