@@ -44,6 +44,13 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     #   ... likewise --mu 0.015 and --mu 0.04 (one sweep per mu and seed, one per core), and LSQ 3/4 (0.76x the
     #   BOPs of 4/4): --method lsq --bits 3x4 (seed 1: --tag=-s1 ... --seed 1); likewise --bits 2x4 (two seeds)
     #   and 3x3, and --method pact --bits 4
+    # Issue 17: LSQ from per-layer widths searched without training (bitalloc ptq --budget bops=W4A4 / W3A4 / W2A4,
+    # candidates 8x8,8x4,4x8,4x4,3x4,4x2,2x8,2x4,2x2, aciq-gptq, anchors split; searched.json copied to
+    # benchmarks/results/mixed_lsq/mixed-<budget>.json), 8 epochs as the uniform runs (one sweep per file and core):
+    python benchmarks/learned_precision.py sweep --model resnet20 --data $DATA/cifar10-jpeg.zip \
+        --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method lsq \
+        --configs benchmarks/results/mixed_lsq/mixed-W4A4.json --epochs 8 -- --lr 1e-4 --q-granularity channel
+    #   ... likewise mixed-W3A4.json and mixed-W2A4.json, and mixed-W4A4.json with --tag=-s1 ... --seed 1
     # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
     python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb --mu 0.1 \\
@@ -118,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     argv = ["sweep", "--model", args.model, "--method", args.method, "--out-dir", args.out_dir, "--progress",
             args.progress]
     for flag, value in (("--dataset", args.dataset), ("--data", args.data), ("--epochs", args.epochs),
-                        ("--init", args.init), ("--mu", args.mu), ("--bits", args.bits),
+                        ("--init", args.init), ("--mu", args.mu), ("--bits", args.bits), ("--configs", args.configs),
                         ("--fp32", args.fp32 or args.init), ("--tag", args.tag or None)):
         if value is not None:
             argv.append(f"{flag}={value}")
@@ -232,6 +239,16 @@ def _seed(p: dict[str, Any]) -> int:
     return int((p.get("options") or {}).get("seed") or 0)
 
 
+def _searched(p: dict[str, Any]) -> bool:
+    """A run fine-tuned from a searched configuration's per-layer widths (``bitalloc sweep --configs``)."""
+    return bool((p.get("setting") or {}).get("config"))
+
+
+def _series(p: dict[str, Any]) -> str:
+    """The front a point belongs to: its method, with runs from searched widths apart from uniform ones."""
+    return f"{p['method']} (searched widths)" if _searched(p) else p["method"]
+
+
 def _compare(p: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
     """``p`` against ``ref`` on the same test images (:func:`bitalloc.report.stats.paired_comparison` of their
     per-sample outcomes): top-1 difference, its paired standard error and McNemar's exact p; None when either
@@ -251,7 +268,7 @@ def uniform_check(points: list[dict[str, Any]], method: str = "lsq") -> tuple[st
     relative BOPs not above its own (e.g. LSQ 3/4 for a point between LSQ 3/4 and 4/4): the question the
     paper's Pareto fronts answer, whether the learned allocation beats the best uniform network it can afford.
     None when no Bayesian Bits point has such a run."""
-    uniform = [q for q in points if q["method"] == method and q.get("correct")]
+    uniform = [q for q in points if _series(q) == method and q.get("correct")]
     rows, results = [], []
     for p in sorted((p for p in points if p["method"] == "bb"), key=lambda p: (p["relative_bops"], p["name"])):
         cheaper = [q for q in uniform if q["relative_bops"] <= p["relative_bops"] * (1 + 1e-9)]
@@ -350,6 +367,47 @@ def goal_check(points: list[dict[str, Any]], reference: str = "lsq-w4a4",
                   "points": results}
 
 
+def mixed_check(points: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """Issue 17's ResNet-20 goal: LSQ fine-tuning from searched mixed-precision widths (``bitalloc ptq --budget``,
+    then ``bitalloc sweep --configs``) is on or above the fronts of uniform LSQ and of Bayesian Bits at every BOPs
+    level they share, in paired comparisons on the same test images.
+
+    Every uniform LSQ and Bayesian Bits point ``q`` with per-sample outcomes is compared (:func:`_compare`) with the
+    searched run of its seed (else of seed 0) that is the most accurate among those with relative BOPs not above
+    ``q``'s (the searched front at ``q``'s level); a level without such a run is not shared and is skipped.
+    Verdicts: "above" / "below" by more than one paired standard error, else "level". The goal is met when no
+    comparison is "below". None without searched runs."""
+    searched = [p for p in points if _searched(p) and p.get("correct")]
+    if not searched:
+        return None
+    others = [q for q in points if q["method"] in ("lsq", "bb") and not _searched(q) and q.get("correct")]
+    rows, results = [], []
+    for q in sorted(others, key=lambda q: (q["relative_bops"], q["name"])):
+        cheaper = [p for p in searched if p["relative_bops"] <= q["relative_bops"] * (1 + 1e-9)]
+        same_seed = [p for p in cheaper if _seed(p) == _seed(q)] or [p for p in cheaper if _seed(p) == 0]
+        if not same_seed:
+            continue
+        p = max(same_seed, key=lambda p: (p["top1"], -p["relative_bops"]))
+        r = _compare(p, q)
+        r["verdict"] = "above" if r["diff"] > r["se"] else ("below" if -r["diff"] > r["se"] else "level")
+        results.append(r)
+        rows.append([q["name"], f"{_pct(q['top1'])}% at {_pct(q['relative_bops'], 3)}%", p["name"], _pct(p["top1"]),
+                     _pct(p["relative_bops"], 3), f"{p['relative_bops'] / q['relative_bops']:.2f}x",
+                     f"{100 * r['diff']:+.2f} ± {100 * r['se']:.2f}", f"{r['p_value']:.3f}", r["verdict"]])
+    below = [r for r in results if r["verdict"] == "below"]
+    met = bool(results) and not below
+    text = ("**Searched widths + LSQ against the uniform LSQ and Bayesian Bits fronts** (issue 17: on or above them at "
+            "every BOPs level they share). Each uniform LSQ and Bayesian Bits run against the most accurate run "
+            "fine-tuned from searched widths of its seed with no more BOPs, on the same test images: top-1 difference "
+            "(searched minus the other) with its paired standard error, McNemar's exact p; \"above\" / \"below\": by "
+            "more than one standard error. "
+            + ("**Met.**" if met else f"**Not met**: below at {', '.join(r['reference'] for r in below)}."
+               if results else "**Not met**: no shared BOPs level.")
+            + "\n\n" + md_table(["run", "its top-1 at rel. BOPs", "searched run", "top-1 %", "rel. BOPs %", "BOPs vs it",
+                                  "top-1 difference (points)", "McNemar p", "verdict"], rows))
+    return text, {"met": met, "below": [r["reference"] for r in below], "points": results}
+
+
 def carry_points(stored: list[dict[str, Any]], fresh: list[dict[str, Any]],
                  stored_revision: str) -> tuple[list[dict[str, Any]], list[str]]:
     """One experiment's points for the report: every point of its ``sweep.json`` (``fresh``), plus the points of
@@ -379,8 +437,8 @@ def keep_plots(name: str, points: list[dict[str, Any]], folder: Path, plots_dir:
     names: dict[str, list[str]] = {}
     for p in points:
         if p["method"] != "fp32":  # at 100% it would squeeze the quantized points into one corner: in the title
-            series.setdefault(p["method"], []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
-            names.setdefault(p["method"], []).append(p["name"])
+            series.setdefault(_series(p), []).append((100.0 * float(p["relative_bops"]), 100.0 * float(p["top1"])))
+            names.setdefault(_series(p), []).append(p["name"])
     fp32 = next((f", FP32 {_pct(p['top1'])}%" for p in points if p["method"] == "fp32"), "")
     costs = [c for pts in series.values() for c, _ in pts]
     try:
@@ -559,6 +617,9 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         if cifar and (front_check := uniform_check(points)):
             goal_txt += f"\n{front_check[0]}\n"
             summary.setdefault("uniform_checks", {})[name] = front_check[1]
+        if cifar and (searched_check := mixed_check(points)):
+            goal_txt += f"\n{searched_check[0]}\n"
+            summary.setdefault("mixed_checks", {})[name] = searched_check[1]
         kept = ", ".join(f"{p['name']} ({p['revision']})" for p in points if p["name"] in carried)
         carried_txt = (f"Kept from the previous results file (their run folders were not on the machine that made "
                        f"this report; the revision each was reported at): {kept}.\n\n" if carried else "")
@@ -601,6 +662,7 @@ def main() -> int:
     s.add_argument("--method", required=True)
     s.add_argument("--mu")
     s.add_argument("--bits")
+    s.add_argument("--configs", help="lsq / pact: one run per QuantConfig file (e.g. searched widths)")
     s.add_argument("--epochs", type=int)
     s.add_argument("--tag", help="suffix of the run names (runs of other train options in one folder)")
     s.add_argument("--progress", default="log")
