@@ -183,7 +183,10 @@ class QuantConfig:
 
     ``act_outliers``: "refuse" (default) makes :func:`bitalloc.quantize` refuse static per-tensor activation grids
     on token sequences whose input channels have outliers too large for them (one line naming the layer and the
-    fix; :mod:`bitalloc.calibration.outliers`); "allow" quantizes anyway (CLI ``--allow-act-outliers``)."""
+    fix; :mod:`bitalloc.calibration.outliers`); "allow" quantizes anyway (CLI ``--allow-act-outliers``).
+    ``product_bits``: bits of both operands of every activation x activation product (attention's q k^T and
+    weights x v), quantized per sample on every input (:mod:`bitalloc.model.products`; CLI ``--product-bits``);
+    None (default): those products stay in float."""
 
     default: LayerConfig = field(default_factory=LayerConfig)
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -192,6 +195,7 @@ class QuantConfig:
     calibration_samples: int = 32
     seed: int = 0
     act_outliers: str = "refuse"
+    product_bits: int | None = None
 
     # ---- resolution -------------------------------------------------------------------------------
     def for_layer(self, name: str, type_names: str | list[str], *, is_first: bool = False,
@@ -224,6 +228,8 @@ class QuantConfig:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be at least 1")
         if self.act_outliers not in ("refuse", "allow"):
             raise ConfigError(f"act_outliers={self.act_outliers!r} is not 'refuse' or 'allow'")
+        if self.product_bits is not None:
+            check_bits(self.product_bits, name="product_bits", lo=2, hi=16)
         for item in self.overrides:
             if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"override {item!r} must be a pair [PATTERN, {{settings}}], e.g. "

@@ -24,8 +24,9 @@ Conventions (SPEC "Cost conventions"; all per input sample):
 * Products of two activations (attention's q k^T and weights x v: ``matmul`` / ``bmm`` / ``baddbmm`` /
   ``scaled_dot_product_attention`` calls whose two operands both depend on the model's inputs) are entries of
   ``kind`` "matmul", named ``<module>.<function>#<k>``, with their MACs (output elements x inner dimension)
-  and 32 x 32-bit BOPs; softmaxes are entries of ``kind`` "softmax" without MACs (``elements``: values
-  computed). Both are computed in float and both count in the totals.
+  and 32 x 32-bit BOPs, or b x b bits when the model quantizes them (``QuantConfig.product_bits``,
+  :mod:`bitalloc.model.products`); softmaxes are entries of ``kind`` "softmax" without MACs (``elements``:
+  values computed), in float. All of them count in the totals.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from bitalloc.model.layers import QuantLayer, float_mode
+from bitalloc.model.products import MATMUL_FUNCTIONS, product_bits
 from bitalloc.model.trace import trace_model
 
 FLOAT_BITS = 32.0
@@ -136,16 +138,14 @@ def _input_kept(layer_name: str, trace, modules: dict[str, nn.Module], c_in: int
     return None
 
 
-#: torch functions that multiply two tensors as matrices (activation x activation when both depend on the inputs)
-MATMUL_FUNCTIONS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "scaled_dot_product_attention"}
 SOFTMAX_FUNCTIONS = {"softmax", "_softmax", "log_softmax"}
 FLOAT_PRODUCT_NOTE = "activation x activation product, computed in float (32 x 32 bits)"
 
 
-def _matmul_macs(node: Any) -> tuple[float, float]:
-    """(MACs, softmax elements) of one traced product: matmul / bmm / baddbmm (output elements x the inner
-    dimension), scaled_dot_product_attention (q k^T and weights x v: L S E + L S E_v per batch and head, plus a
-    softmax over its L S weights)."""
+def _matmul_macs(node: Any) -> tuple[float, float, float]:
+    """(MACs, softmax elements, MACs of the product with the softmax weights) of one traced product: matmul / bmm /
+    baddbmm (output elements x the inner dimension), scaled_dot_product_attention (q k^T and weights x v:
+    L S E + L S E_v per batch and head, plus a softmax over its L S weights; the last value is L S E_v)."""
     shapes = node.input_shapes
     out = node.output_shapes[0] if node.output_shapes else ()
     numel = float(torch.tensor(out, dtype=torch.float64).prod()) if out else 1.0
@@ -153,14 +153,17 @@ def _matmul_macs(node: Any) -> tuple[float, float]:
         q, k = shapes[0], shapes[1]
         lead = float(torch.tensor(q[:-2], dtype=torch.float64).prod()) if len(q) > 2 else 1.0
         weights = lead * q[-2] * k[-2]
-        return weights * q[-1] + numel * k[-2], weights
+        return weights * q[-1] + numel * k[-2], weights, numel * k[-2]
     inner = shapes[-2][-1] if node.target == "baddbmm" else (shapes[0][-1] if shapes and len(shapes[0]) else 1)
-    return numel * inner, 0.0
+    return numel * inner, 0.0, 0.0
 
 
 def _activation_products(trace: Any, model: nn.Module, batch: int) -> list[LayerCost]:
     """The products of two activations (tensors computed from the model's inputs) and the softmaxes of a traced
-    forward pass, outside the layers with weights, per input sample (float: 32 x 32 bits)."""
+    forward pass, outside the layers with weights, per input sample: float (32 x 32 bits), or b x b bits when the
+    model quantizes them (``QuantConfig.product_bits``; the softmax weights inside scaled_dot_product_attention
+    stay float: 32 x b bits for that half)."""
+    b = product_bits(model)
     constant = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     live: set[int] = set()  # tensors that depend on the model's inputs
     produced = {t for n in trace.nodes for t in n.outputs}
@@ -179,12 +182,21 @@ def _activation_products(trace: Any, model: nn.Module, batch: int) -> list[Layer
                 "softmax" if node.target in SOFTMAX_FUNCTIONS and inputs_live else None)
         if kind is None:
             continue
-        macs, elements = _matmul_macs(node) if kind == "matmul" else (0.0, float(
-            torch.tensor(node.output_shapes[0], dtype=torch.float64).prod()) if node.output_shapes else 0.0)
+        macs, elements, float_half = _matmul_macs(node) if kind == "matmul" else (0.0, float(
+            torch.tensor(node.output_shapes[0], dtype=torch.float64).prod()) if node.output_shapes else 0.0, 0.0)
         base = f"{node.scope + '.' if node.scope else ''}{node.target.strip('_')}"
         counts[base] = counts.get(base, 0) + 1
-        macs, elements = macs / batch, elements / batch
-        out.append(LayerCost(f"{base}#{counts[base]}", node.target.strip("_"), False, macs, FLOAT_BITS, FLOAT_BITS,
+        macs, elements, float_half = macs / batch, elements / batch, float_half / batch
+        name, target = f"{base}#{counts[base]}", node.target.strip("_")
+        if kind == "matmul" and b is not None:
+            bops = b * b * (macs - float_half) + FLOAT_BITS * b * float_half
+            note = (f"activation x activation product, operands quantized to {b} bits per sample on every input"
+                    + (" (its softmax weights in float)" if float_half else ""))
+            out.append(LayerCost(name, target, True, macs, float(b), float(b), 1.0, bops, 0, 0.0,
+                                 relative_bops=bops / (1024.0 * macs) if macs else 0.0, bireal_ops=bops / 64.0,
+                                 kind=kind, elements=elements, note=note))
+            continue
+        out.append(LayerCost(name, target, False, macs, FLOAT_BITS, FLOAT_BITS,
                              1.0, FLOAT_BITS * FLOAT_BITS * macs, 0, 0.0, relative_bops=1.0 if macs else 0.0,
                              bireal_ops=macs, kind=kind, elements=elements,
                              note=FLOAT_PRODUCT_NOTE if kind == "matmul" else "softmax, computed in float"))

@@ -322,6 +322,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-act-outliers", action="store_true",
                    help="quantize static per-tensor activations even where their input channels have outliers too "
                         "large for the grid (refused by default, naming the layer; see --preset smoothquant)")
+    g.add_argument("--product-bits", type=int, metavar="B",
+                   help="quantize both operands of every activation x activation product (attention's q k^T and "
+                        "weights x v) to B bits per sample on every input (default: float)")
     g.add_argument("--override", action="append", default=[], metavar="PATTERN=JSON",
                    help="per-layer override, e.g. 'features.0={\"weight.bits\": 8}' (glob, re:REGEX or type:CLASS)")
     g.add_argument("--config", help="a JSON QuantConfig file instead of --preset; the other options given on the "
@@ -331,7 +334,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
-                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers", "group_size")
+                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers", "group_size",
+                 "product_bits")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
@@ -405,6 +409,8 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
         cfg.fold_bn = False
     if "smooth" in cli:
         cfg.default.smooth = _smooth(args)
+    if "product_bits" in cli:
+        cfg.product_bits = args.product_bits
 
 
 def _from_preset(args: argparse.Namespace) -> QuantConfig:
@@ -417,7 +423,8 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
                   seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
                   rounding=getattr(args, "rounding", None), smooth=_smooth(args),
-                  group_size=getattr(args, "group_size", None), **_bounds(args))
+                  group_size=getattr(args, "group_size", None), product_bits=getattr(args, "product_bits", None),
+                  **_bounds(args))
 
 
 def build_config(args: argparse.Namespace) -> QuantConfig:

@@ -174,6 +174,10 @@ class float_mode:
             for q in layer.quantizers():
                 self.saved.append((q, q.enabled))
                 q.enabled = False
+        products = getattr(self.model, "bitalloc_products", None)  # activation x activation products
+        if products is not None:
+            self.saved.append((products, products.enabled))
+            products.enabled = False
         return self.model
 
     def __exit__(self, *exc: Any) -> None:

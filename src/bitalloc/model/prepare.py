@@ -45,6 +45,7 @@ from bitalloc.model.attention import rewrite_attention
 from bitalloc.model.layers import (QuantLayer, activation_axis, call_counts, float_mode, input_channels, is_supported,
                                    SUPPORTED_LAYERS)
 from bitalloc.model.trace import _flatten_tensors, trace_model
+from bitalloc.model.products import attach_product_quantizer
 from bitalloc.quantizers import make_quantizer
 
 #: relative output change allowed by rewrites that must preserve the FP32 function (float rounding only)
@@ -362,6 +363,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_inputs:
                             f"{change:.3g}); please report this with the model definition")
     model.eval()
     model.bitalloc_info = PrepareInfo(config, records, order, folds)
+    if config.product_bits is not None:
+        attach_product_quantizer(model, config.product_bits)
     demote_uncalled(model, before, "a plain eval-mode forward pass under torch.no_grad()", pin=False)
     return model
 

@@ -1423,6 +1423,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path | None =
     qlayers = _find_layers(model)
     if not qlayers:
         raise ConfigError("the model has no quantized layers: quantize it with bitalloc.quantize first")
+    if getattr(model, "bitalloc_products", None) is not None:
+        raise ConfigError("the model quantizes its activation x activation products on every input (product_bits), "
+                          "which ONNX QDQ cannot express (scales are constants); prepare it with product_bits=None "
+                          "(no --product-bits) to export it")
     for name, ql in qlayers.items():
         for q in ql.quantizers():
             if getattr(q, "online", False):
