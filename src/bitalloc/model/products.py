@@ -11,8 +11,8 @@ Kim et al. 2021, computes them on integers). The cost report counts them at ``b 
 
 The products are found as :class:`torch.overrides.TorchFunctionMode` sees them: calls of ``torch.matmul`` / ``@``
 / ``bmm`` / ``baddbmm`` whose two operands are not parameters or buffers of the model, and
-``scaled_dot_product_attention``, whose q, k and v are quantized (its softmax weights stay inside the fused
-kernel, in float: the cost report counts that half at 32 x b bits). The mode is entered by a forward pre-hook
+``scaled_dot_product_attention``, whose q, k and v are quantized when given positionally (its softmax weights
+stay inside the fused kernel, in float: the cost report counts that half at 32 x b bits). The mode is entered by a forward pre-hook
 of the model and left by a forward hook that runs even when the forward raises.
 """
 
@@ -49,9 +49,10 @@ def quantize_operand(x: Tensor, bits: int) -> Tensor:
     return out.reshape(x.shape)
 
 
-def _operand_positions(name: str, args: tuple, kwargs: dict) -> list[int]:
+def _operand_positions(name: str) -> list[int]:
+    """Positions of the multiplied operands among a product's positional arguments (sdpa: q, k, v)."""
     if name == "scaled_dot_product_attention":
-        return [i for i in range(min(len(args), 3))]
+        return [0, 1, 2]
     if name == "baddbmm":
         return [1, 2]
     return [0, 1]
@@ -69,7 +70,7 @@ class ProductMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         owner = self.owner
         if owner.enabled and name in MATMUL_FUNCTIONS:
-            pos = _operand_positions(name, args, kwargs)
+            pos = _operand_positions(name)
             operands = [args[i] for i in pos if i < len(args)]
             if (len(operands) >= 2 and all(isinstance(t, Tensor) for t in operands)
                     and not any(id(t) in owner.constants for t in operands)):
@@ -83,12 +84,12 @@ class ProductQuantizer(nn.Module):
     off), and the ids of the model's parameters and buffers (operands that are not activations). No tensors: it
     adds nothing to the state dict."""
 
-    def __init__(self, bits: int, model: nn.Module):
+    def __init__(self, bits: int):
         super().__init__()
         self.bits = int(bits)
         self.enabled = True
         self.calls = 0  # products quantized so far (a count for reports and tests)
-        self.constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        self.constants: set[int] = set()  # ids of the model's parameters and buffers, taken at each forward
         self._modes: list[ProductMode] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
@@ -108,7 +109,7 @@ class ProductQuantizer(nn.Module):
 def attach_product_quantizer(model: nn.Module, bits: int) -> ProductQuantizer:
     """Quantize ``model``'s activation x activation products to ``bits`` on every forward (module docstring):
     ``model.bitalloc_products`` holds the :class:`ProductQuantizer`."""
-    pq = ProductQuantizer(bits, model)
+    pq = ProductQuantizer(bits)
     model.bitalloc_products = pq
     model.register_forward_pre_hook(pq.enter)
     model.register_forward_hook(pq.leave, always_call=True)
