@@ -14,7 +14,7 @@ import bitalloc
 from bitalloc.coding.packfile import pack_model, unpack_model
 from bitalloc.config import TensorConfig
 from bitalloc.errors import ConfigError, ShapeError
-from bitalloc.model.freeze import freeze
+from bitalloc.model.freeze import freeze, save_frozen
 from bitalloc.model.serialize import load_quantized, save_quantized
 from bitalloc.quant.grid import dequantize, fake_quantize, group_params, quantize
 from bitalloc.quantizers.fixed import FixedQuantizer
@@ -127,7 +127,10 @@ def test_group_wise_model_saves_packs_freezes_and_costs_its_scales(tmp_path):
     assert torch.equal(again(x), y)
     pack_model(q, tmp_path / "q.bapk", example_shape=(1, 64))
     assert torch.equal(unpack_model(tmp_path / "q.bapk", model=_mlp())(x), y)
-    assert torch.equal(freeze(q)(x), y)
+    frozen = freeze(q)
+    assert torch.equal(frozen(x), y)
+    save_frozen(frozen, tmp_path / "f.pt", model_name=None, example_shape=(1, 64))
+    assert torch.equal(load_quantized(tmp_path / "f.pt", _mlp())(x), y)  # frozen group-wise grids rebuilt
     # where one scale per channel is all a backend can apply: a one-line refusal naming the fix
     with pytest.raises(IntegerExecutionError, match="per channel"):
         layer_ints(dict(bitalloc.quant_layers(q))["2"])
