@@ -45,8 +45,8 @@ from bitalloc.report.stats import output_agreement  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "transformer_ptq.json"
 SECTION, TITLE = "transformer-ptq", "## Transformers: a BERT-style sentence encoder"
 GOALS = {"W8A8": 0.999, "W4A8": 0.98}
-PRESET_ROWS = ("minmax", "aciq-clip", "aciq-alloc", "aciq", "aciq-gptq", "kld", "percentile", "mse", "ksigma", "smoothquant",
-               "smoothquant-gptq")
+PRESET_ROWS = ("minmax", "aciq-clip", "aciq-alloc", "aciq", "aciq-gptq", "kld", "percentile", "mse", "ksigma",
+               "smoothquant", "smoothquant-gptq")
 TOKEN = {"act_granularity": "token", "online": True}
 PER_TOKEN = {"act.granularity": "token", "act.online": True}
 #: the layers reading a LayerNorm (q / k / v, the first feed-forward layer) and those reading the GELU output
@@ -319,9 +319,10 @@ def render(s: dict) -> str:
               "with FP32; SQNR in dB). First and last layers (by dataflow) at 8 bits, weights per channel, "
               "activations static per tensor unless the row says otherwise. Layers: quantized / left in float "
               "(reasons below). Relative BOPs: BOPs / (1024 MACs) per sentence of the padded length, with the "
-              "attention products (activation x activation) counted in float at 32 x 32 bits (at 8 x 8 in the product_bits=8 rows). *clip*: activation "
-              "tensors where the ACIQ window gave a larger layer-output error than min-max on the calibration "
-              "sentences and min-max was used (of the tensors checked). Goal: cosine >= 0.999 at W8A8, >= 0.98 "
+              "attention products (activation x activation) counted in float at 32 x 32 bits (at 8 x 8 in the "
+              "product_bits=8 rows). *clip*: activation tensors where the ACIQ window gave a larger layer-output "
+              "error than min-max on the calibration sentences and min-max was used (of the tensors checked). "
+              "Goal: cosine >= 0.999 at W8A8, >= 0.98 "
               "at W4A8.", ""]
     rows = []
     for r in s["rows"]:

@@ -449,8 +449,9 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     ``act_granularity`` / ``weight_granularity`` override the granularities ("tensor" or "channel"; per-tensor
     tensors are not allocated, so they need integer bits; weights also "group", with ``group_size`` input
     features per range (default 128), not allocated either: e.g. ``preset("aciq-gptq", 4, 8,
-    weight_granularity="group", group_size=64)`` is GPTQ with group-wise 4-bit weights); ``online`` recomputes activation statistics on every
-    input; ``weight_method`` / ``weight_options`` override the weights' range estimator (default per preset);
+    weight_granularity="group", group_size=64)`` is GPTQ with group-wise 4-bit weights); ``online`` recomputes
+    activation statistics on every input; ``weight_method`` / ``weight_options``
+    override the weights' range estimator (default per preset);
     ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid. ``smooth``:
     SmoothQuant migration strength alpha of every layer (:class:`LayerConfig`). Other keywords are QuantConfig
     fields.

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from bitalloc.model.layers import QuantLayer, float_mode
-from bitalloc.model.products import MATMUL_FUNCTIONS, product_bits
+from bitalloc.model.products import MATMUL_FUNCTIONS, constant_ids, product_bits
 from bitalloc.model.trace import trace_model
 
 FLOAT_BITS = 32.0
@@ -164,7 +164,7 @@ def _activation_products(trace: Any, model: nn.Module, batch: int) -> list[Layer
     model quantizes them (``QuantConfig.product_bits``; the softmax weights inside scaled_dot_product_attention
     stay float: 32 x b bits for that half)."""
     b = product_bits(model)
-    constant = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    constant = constant_ids(model)
     live: set[int] = set()  # tensors that depend on the model's inputs
     produced = {t for n in trace.nodes for t in n.outputs}
     out: list[LayerCost] = []

@@ -96,8 +96,8 @@ def check_activation_outliers(model: nn.Module, data: Iterable, num_samples: int
             f"static per-tensor {w.bits:g}-bit activations cannot serve this model: {len(flagged)} layer(s) see "
             f"outlier input channels, worst {w.name} (largest channel {w.ratio:.0f}x the median one, which keeps "
             f"{w.effective_bits:.1f} of {w.bits:g} bits); use --preset smoothquant (SmoothQuant + per-token "
-            "scales; smoothquant-gptq for 4-bit weights), or --act-granularity token --online, or --allow-act-outliers to quantize anyway "
-            "(API: QuantConfig.act_outliers='allow')")
+            "scales; smoothquant-gptq for 4-bit weights), or --act-granularity token --online, or "
+            "--allow-act-outliers to quantize anyway (API: QuantConfig.act_outliers='allow')")
     return reports
 
 

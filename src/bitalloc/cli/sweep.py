@@ -127,10 +127,10 @@ def _config_points(method: str, configs: str, tag: str) -> list[dict[str, Any]]:
     starts from the file's per-layer widths, :func:`bitalloc.train.methods.qat_config_from`), named
     ``<method>-<file stem><tag>``, setting ``{"config": FILE}``."""
     points = []
-    for item in str(configs).split(","):
-        path = Path(item.strip())
-        if not item.strip():
+    for item in (i.strip() for i in str(configs).split(",")):
+        if not item:
             continue
+        path = Path(item)
         if not path.is_file():
             raise ConfigError(f"--configs: {path} does not exist; give QuantConfig JSON files, e.g. the searched.json "
                               "written by `bitalloc ptq --budget`")

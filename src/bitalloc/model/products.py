@@ -12,8 +12,8 @@ Kim et al. 2021, computes them on integers). The cost report counts them at ``b 
 The products are found as :class:`torch.overrides.TorchFunctionMode` sees them: calls of ``torch.matmul`` / ``@``
 / ``bmm`` / ``baddbmm`` whose two operands are not parameters or buffers of the model, and
 ``scaled_dot_product_attention``, whose q, k and v are quantized when given positionally (its softmax weights
-stay inside the fused kernel, in float: the cost report counts that half at 32 x b bits). The mode is entered by a forward pre-hook
-of the model and left by a forward hook that runs even when the forward raises.
+stay inside the fused kernel, in float: the cost report counts that half at 32 x b bits). The mode is entered
+by a forward pre-hook of the model and left by a forward hook that runs even when the forward raises.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from bitalloc.quant.grid import fake_quantize, qparams_from_range
 
 #: torch functions that multiply two tensors as matrices (activation x activation when neither is a parameter)
 MATMUL_FUNCTIONS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "scaled_dot_product_attention"}
+
+
+def constant_ids(model: nn.Module) -> set[int]:
+    """ids of ``model``'s parameters and buffers: the tensors that are not activations."""
+    return {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
 
 
 def quantize_operand(x: Tensor, bits: int) -> Tensor:
@@ -93,7 +98,7 @@ class ProductQuantizer(nn.Module):
         self._modes: list[ProductMode] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        self.constants = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+        self.constants = constant_ids(module)
         mode = ProductMode(self)
         mode.__enter__()
         self._modes.append(mode)
@@ -122,4 +127,5 @@ def product_bits(model: nn.Module) -> int | None:
     return pq.bits if isinstance(pq, ProductQuantizer) else None
 
 
-__all__ = ["MATMUL_FUNCTIONS", "ProductQuantizer", "attach_product_quantizer", "product_bits", "quantize_operand"]
+__all__ = ["MATMUL_FUNCTIONS", "ProductQuantizer", "attach_product_quantizer", "constant_ids", "product_bits",
+           "quantize_operand"]

@@ -185,7 +185,8 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
         lo, hi = (reshape_for_axis((t - zero_point).float(), x.ndim, axis) for t in (qmin, qmax))
         y = x * torch.reciprocal(s32)
         return y.round_().clamp_(lo, hi).mul_(s32)
-    if scale.ndim <= 1 and _uniform(qmin) and _uniform(qmax) and int(qmax.reshape(-1)[0] - qmin.reshape(-1)[0]) <= 65535:
+    fused = scale.ndim <= 1 and _uniform(qmin) and _uniform(qmax)  # torch's kernels: per tensor or channel
+    if fused and int(qmax.reshape(-1)[0] - qmin.reshape(-1)[0]) <= 65535:
         lo, hi = int(qmin.reshape(-1)[0]), int(qmax.reshape(-1)[0])
         if scale.ndim == 0 or axis is None:
             return torch.fake_quantize_per_tensor_affine(

@@ -25,7 +25,8 @@ class QuantParams:
     Real values are ``x_hat = corr_scale * s * (q - z) + corr_shift`` with codes ``q`` in [qmin, qmax]
     (``corr_*`` are per-output-channel bias-correction terms of weights, ACIQ eq. 12-13; identity if None).
     Tensors are 0-d (per tensor) or [C] along ``axis`` (per channel); group-wise weights ([C, K]) have [C, G]
-    scales and zero points, one per block of K / G columns (:func:`bitalloc.quant.grid.group_params`). ``kept`` is a bool [C] mask of the
+    scales and zero points, one per block of K / G columns (:func:`~bitalloc.quant.grid.group_params`).
+    ``kept`` is a bool [C] mask of the
     output channels that survive pruning (None: all). ``online`` means scale and zero point are recomputed
     from each input at run time, so the values here are only those of the last input seen.
     """

@@ -33,9 +33,14 @@ from bitalloc.quantizers.base import QuantParams, Quantizer
 SAMPLE_METHODS = {"percentile", "mse", "kld"}
 
 
-def group_grid_shape(cfg: TensorConfig, role: str, channels: int, shape: tuple[int, ...] | None) -> tuple[int, int]:
-    """[C, K / group_size], the scale shape of a group-wise weight of ``shape`` [C, K]; ConfigError (with the fix)
-    for activations, weights that are not 2-d, and group sizes that do not divide K."""
+def grid_shapes(cfg: TensorConfig, role: str, channels: int | None,
+                shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(bits shape, scale / zero-point shape) of a grid: 0-d per tensor (and per token), [C] per channel, [C] and
+    [C, K / group_size] for a group-wise weight of ``shape`` [C, K]; ConfigError (with the fix) for group-wise
+    activations, weights that are not 2-d, and group sizes that do not divide K."""
+    if cfg.granularity != "group":
+        bits_shape = (channels,) if cfg.granularity == "channel" else ()
+        return bits_shape, bits_shape
     if role != "weight":
         raise ConfigError("granularity='group' applies to weights (ranges per block of input features), not to "
                           "activations: use 'tensor', 'channel' or 'token' for them")
@@ -46,7 +51,7 @@ def group_grid_shape(cfg: TensorConfig, role: str, channels: int, shape: tuple[i
     if shape[1] % cfg.group_size:
         raise ConfigError(f"group_size {cfg.group_size} does not divide the weight's {shape[1]} input features: choose "
                           f"a divisor of {shape[1]} (CLI --group-size), or {fix}")
-    return channels, shape[1] // cfg.group_size
+    return (channels,), (channels, shape[1] // cfg.group_size)
 
 
 class FixedQuantizer(Quantizer):
@@ -71,11 +76,10 @@ class FixedQuantizer(Quantizer):
         if self.per_token and role != "act":
             raise ConfigError("granularity='token' applies to activations (one range per token), not to weights")
         self.per_group = cfg.granularity == "group"
-        grid_shape = group_grid_shape(cfg, role, channels, shape) if self.per_group else None
-        bits_shape = (channels,) if self.per_channel or self.per_group else ()
+        bits_shape, grid_shape = grid_shapes(cfg, role, channels, shape)
         self.register_buffer("bits", torch.full(bits_shape, cfg.int_bits, dtype=torch.int64))
-        self.register_buffer("scale", torch.ones(grid_shape or bits_shape))
-        self.register_buffer("zero_point", torch.zeros(grid_shape or bits_shape, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(grid_shape))
+        self.register_buffer("zero_point", torch.zeros(grid_shape, dtype=torch.int64))
         self.register_buffer("calibrated", torch.tensor(False))
         #: a locked grid is kept by later (re)calibration: set after GPTQ rounded the weight onto it
         self.register_buffer("locked", torch.tensor(False))

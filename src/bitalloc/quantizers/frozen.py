@@ -23,7 +23,7 @@ from bitalloc.config import TensorConfig
 from bitalloc.errors import ConfigError
 from bitalloc.quant.grid import fake_quantize, integer_range, reshape_for_axis
 from bitalloc.quantizers.base import QuantParams, Quantizer
-from bitalloc.quantizers.fixed import group_grid_shape
+from bitalloc.quantizers.fixed import grid_shapes
 
 
 class FrozenQuantizer(Quantizer):
@@ -38,8 +38,7 @@ class FrozenQuantizer(Quantizer):
         self.cfg = cfg
         self.per_channel = cfg.granularity == "channel"
         self.per_group = cfg.granularity == "group"
-        bits_shape = (channels,) if self.per_channel or self.per_group else ()
-        grid_shape = group_grid_shape(cfg, role, channels, shape) if self.per_group else bits_shape
+        bits_shape, grid_shape = grid_shapes(cfg, role, channels, shape)
         signed = bool(cfg.symmetric)
         bits = torch.full(bits_shape, cfg.int_bits, dtype=torch.int64)
         qmin, qmax = integer_range(bits, signed=signed)

@@ -295,7 +295,8 @@ def layer_ints(layer: QuantLayer) -> LayerInts:
     if pw.grouped:
         raise IntegerExecutionError(f"layer {name!r} has group-wise weight scales (granularity 'group'): one integer "
                                     "accumulator per output cannot apply a scale per block of inputs; quantize its "
-                                    "weights per channel (--weight-granularity channel) to run it in integer arithmetic")
+                                    "weights per channel (--weight-granularity channel) to run it in integer "
+                                    "arithmetic")
     weight = layer.layer.weight.detach()
     cout = weight.shape[0]
     if pw.per_channel and pw.axis % weight.ndim != 0:
