@@ -479,7 +479,7 @@ def plots(clip: dict[str, Any], src_y0: np.ndarray, mask0: np.ndarray | None, fo
         ax.set_title(f"{clip['clip']}, frame 0: ROI ({100 * mask0.mean():.0f}% of the pixels, red)")
         ax.axis("off")
         out["roi"] = _save(fig, folder / f"roi_{stem}.png")
-    return {k: str(Path(p).relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else str(p)
+    return {k: str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else str(p)
             for k, p in out.items()}
 
 
