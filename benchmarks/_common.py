@@ -14,6 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
+def repo_path(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (resolved: a relative path counts from the
+    working directory), else as given; for paths written into results and BENCHMARKS.md."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def machine() -> str:
     """One line describing the machine the numbers come from (:func:`bitalloc.report.machine.machine_description`)."""
     from bitalloc.report.machine import machine_description

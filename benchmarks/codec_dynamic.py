@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, command_line, git_revision, machine, md_table, update_section  # noqa: E402
+from _common import ROOT, command_line, git_revision, machine, md_table, repo_path, update_section  # noqa: E402
 
 from bitalloc.errors import ConfigError  # noqa: E402
 
@@ -479,8 +479,7 @@ def plots(clip: dict[str, Any], src_y0: np.ndarray, mask0: np.ndarray | None, fo
         ax.set_title(f"{clip['clip']}, frame 0: ROI ({100 * mask0.mean():.0f}% of the pixels, red)")
         ax.axis("off")
         out["roi"] = _save(fig, folder / f"roi_{stem}.png")
-    return {k: str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else str(p)
-            for k, p in out.items()}
+    return {k: repo_path(p) for k, p in out.items()}
 
 
 def _f(v: Any, fmt: str) -> str:

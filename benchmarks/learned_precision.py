@@ -90,9 +90,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, git_revision, machine, md_table, update_section  # noqa: E402
+from _common import ROOT, command_line, git_revision, machine, md_table, repo_path, update_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = ROOT / "runs" / "learned"
 
@@ -202,13 +201,6 @@ def cmd_timing(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -577,8 +569,8 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
                                        previous.get("revision", "unknown"))
         if carried:
             summary.setdefault("carried", {})[name] = carried
-            print(f"{name}: {len(carried)} point(s) kept from {_rel(results_path)} (their runs are not under "
-                  f"{_rel(runs_dir)}): {', '.join(carried)}")
+            print(f"{name}: {len(carried)} point(s) kept from {repo_path(results_path)} (their runs are not under "
+                  f"{repo_path(runs_dir)}): {', '.join(carried)}")
         summary["experiments"][name] = points
         rows = []
         front = {p["name"] for p in pareto_front([p for p in points if p["method"] != "fp32"])}
@@ -607,7 +599,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
                          rows)
         paper = PAPER.get(name, {})
         paper_txt = "; ".join(v if k == "none" else f"{k}: {v}" for k, v in paper.items()) or "-"
-        pngs = [f"`{_rel(q)}`" for q in keep_plots(name, points, folder, results_path.with_suffix(""))]
+        pngs = [f"`{repo_path(q)}`" for q in keep_plots(name, points, folder, results_path.with_suffix(""))]
         cifar = any((p.get("options") or {}).get("dataset") == "cifar10" for p in points)
         # the CIFAR-10 goal; LeNet-5's is absolute (notes)
         check = goal_check(points, previous=previous.get("goal_checks", {}).get(name)) if cifar else None
