@@ -15,6 +15,11 @@ for these variants:
   (``diagonal``: R = N for every candidate, i.e. static 4-, 8-, 16-bit LSQ of the same weights; ``all``: every pair
   with R >= N; or a list ``16/8,8/4``), plus always the **matched pair**: the pair whose mean Bit-FLOPs per frame
   (over all frames and levels, with the selector runs' masks) is nearest to the selector's (all K^2 pairs considered);
+* ``dyn{C}-search-G`` (with ``--search-gamma G[,G...]``): the same codec with the encoder's width search instead of the
+  selector (``VideoCoder.compress(search_gamma=G)``: every frame coded at every pair, the one of least
+  bpp + lambda * MSE + G * relative Bit-FLOPs kept), each with its own matched pair;
+* a second codec of the same candidate set (e.g. the same weights with another selector, ``bitalloc codec
+  fit-selector``; named ``dyn{C}:FILE``) runs its selector and its matched pair only (no --variants, no search);
 * ``static-8``: the shipped 8-bit codec (``--static-weights``); ``fp32``: the float codec (``--float-checkpoint``, a
   training checkpoint or the float weights of codec weights, :func:`bitalloc.train.codec.load_float_start`; run with
   ``VideoCoder(exact=False)``: float networks, its streams decode in this process only).
@@ -214,8 +219,9 @@ class Variant:
     """One curve: a coder, forced widths (or None), and where its Bit-FLOPs and ROI masks come from."""
 
     def __init__(self, name: str, coder: Any, widths: tuple[int, int] | None = None, group: str = "",
-                 weights: str | None = None):
+                 weights: str | None = None, search_gamma: float | None = None):
         self.name, self.coder, self.widths, self.group, self.weights = name, coder, widths, group, weights
+        self.search_gamma = search_gamma
         self.points: list[dict[str, Any]] = []
 
 
@@ -224,7 +230,8 @@ def measure(variant: Variant, src: Any, level: int, intra_period: int, verify: b
     """Encode (and decode when ``verify``) one point; returns (point, CompressResult)."""
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_yuv
 
-    res = variant.coder.compress(src, quality=level, intra_period=intra_period, widths=variant.widths)
+    res = variant.coder.compress(src, quality=level, intra_period=intra_period, widths=variant.widths,
+                                 search_gamma=variant.search_gamma)
     p = psnr_yuv(src, res.reconstruction)
     widths = [(f.roi_bits, f.non_roi_bits) for f in res.frames]
     masks = (np.stack([f.roi_mask for f in res.frames]) if res.frames[0].roi_mask is not None else ref_masks)
@@ -342,13 +349,22 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
         pair_cost = {(r, n): float(np.mean([costs(res).mean([(r, n)] * len(res.frames))["all"]["bit_flops"]
                                             for res in results])) for r in cands for n in cands}
         match = matched_pair(sel_cost, pair_cost)
-        pairs = parse_variants(args.variants, cands)
-        if match not in pairs:
-            pairs.append(match)
+        again = ":" in group  # another codec of a candidate set already run (e.g. another selector): its matched pair
+        pairs = [] if again else parse_variants(args.variants, cands)
+        search = {}
+        for gamma in [] if again else args.search_gamma:  # the encoder's width search, each with its own matched pair
+            sv = Variant(f"{group}-search-{gamma:g}", coder, None, group, weights, search_gamma=gamma)
+            run(sv, costs, ref, verify_sel)
+            cost = float(np.mean([p["bit_flops"] for p in sv.points]))
+            search[f"{gamma:g}"] = {"gamma": gamma, "bit_flops": cost, "matched_pair": list(matched_pair(cost, pair_cost))}
+        for m in [match] + [tuple(v["matched_pair"]) for v in search.values()]:
+            if m not in pairs:
+                pairs.append(m)
         clip["groups"][group] = {"candidates": list(cands), "weights": weights, "selector_bit_flops": sel_cost,
                                  "pair_bit_flops": {f"{r}/{n}": v for (r, n), v in pair_cost.items()},
-                                 "matched_pair": list(match), "fixed_pairs": [list(p) for p in pairs]}
-        budget["total"] += len(args.levels) * (len(pairs) - len(parse_variants(args.variants, cands)))
+                                 "matched_pair": list(match), "fixed_pairs": [list(p) for p in pairs],
+                                 "search": search}
+        budget["total"] += len(args.levels) * (len(pairs) - (0 if again else len(parse_variants(args.variants, cands))))
         for r, n in pairs:
             run(Variant(f"{group}-fixed-{r}/{n}", coder, (r, n), group, weights), costs, ref, verify_all)
         if args.cross_check:
@@ -399,6 +415,12 @@ def summarize_clip(clip: dict[str, Any], bd: Any) -> None:
         matched = variants[f"{group}-fixed-{r}/{n}"]
         g["matched_pair_measured_bit_flops"] = matched["summary"]["bit_flops"]
         g["selector_vs_matched_bd_rate"] = bd_rates(matched["points"], variants[f"{group}-selector"]["points"])
+        for key, sg in g.get("search", {}).items():
+            r, n = sg["matched_pair"]
+            sg["vs_matched_bd_rate"] = bd_rates(variants[f"{group}-fixed-{r}/{n}"]["points"],
+                                                variants[f"{group}-search-{key}"]["points"])
+            sg["vs_selector_bd_rate"] = bd_rates(variants[f"{group}-selector"]["points"],
+                                                 variants[f"{group}-search-{key}"]["points"])
 
 
 def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -420,8 +442,8 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
             have = all(v is not None for v in bd + rel)
             mean_bd = float(np.mean(bd)) if have else None
             mean_rel = float(np.mean(rel)) if have else None
-            row(f"{{{','.join(map(str, cands))}}}: BD-rate <= +{max_bd:g}% vs FP32 with Bit-FLOPs <= {max_rel:g} x "
-                "static 8-bit", None if not have else (mean_bd <= max_bd and mean_rel <= max_rel),
+            row(f"{group} ({{{','.join(map(str, cands))}}}): BD-rate <= +{max_bd:g}% vs FP32 with Bit-FLOPs <= "
+                f"{max_rel:g} x static 8-bit", None if not have else (mean_bd <= max_bd and mean_rel <= max_rel),
                 "n/a (no fp32 or no 8-bit reference)" if not have else
                 f"BD-rate (Akima, mean over clips) {mean_bd:+.2f}% [{', '.join(f'{v:+.2f}' for v in bd)}]; "
                 f"Bit-FLOPs {mean_rel:.3f} x the static 8-bit codec [{', '.join(f'{v:.3f}' for v in rel)}]"
@@ -440,6 +462,14 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
             None if any(v is None for v in sm) else all(v < 0 for v in sm),
             "; ".join(f"{c['clip']}: {'n/a' if v is None else f'{v:+.2f}%'} vs {p[0]}/{p[1]}"
                       for c, v, p in zip(clips, sm, pairs)))
+        for key in clips[0]["groups"][group].get("search", {}):  # not a goal: what search at the encoder gives
+            sv = [c["groups"][group]["search"][key] for c in clips]
+            sm = [v["vs_matched_bd_rate"]["akima"] for v in sv]
+            row(f"{group} (not the selector: the encoder's width search, gamma {key}): beats the fixed assignment of "
+                "the same mean Bit-FLOPs on every clip", None if any(v is None for v in sm) else all(v < 0 for v in sm),
+                "; ".join(f"{c['clip']}: {'n/a' if v is None else f'{v:+.2f}%'} vs {s['matched_pair'][0]}/"
+                          f"{s['matched_pair'][1]} ({s['bit_flops'] / 1e9:.3f} GBit-FLOPs/frame)"
+                          for c, v, s in zip(clips, sm, sv)))
         ex = [c["groups"][group].get("cross_process") for c in clips]
         inproc = [p.get("exact") for c in clips for p in c["variants"][sel]["points"] if "exact" in p]
         row(f"{group}: decoding is exact across processes and thread counts",
@@ -462,13 +492,13 @@ def plots(clip: dict[str, Any], src_y0: np.ndarray, mask0: np.ndarray | None, fo
     out["rd"] = rd
     series = {}
     for name, v in clip["variants"].items():
-        if name.endswith("-selector"):
+        if name.endswith("-selector") or "-search-" in name:
             mid = v["points"][len(v["points"]) // 2]
             series[f"{name} ROI (level {mid['level']})"] = [(t, w[0]) for t, w in enumerate(mid["widths"])]
             series[f"{name} non-ROI"] = [(t, w[1]) for t, w in enumerate(mid["widths"])]
     if series:
         out["widths"] = line_plot(series, folder / f"widths_{stem}.png", xlabel="frame", ylabel="bits",
-                                  title=f"{clip['clip']}: widths chosen by the selector")
+                                  title=f"{clip['clip']}: widths chosen per frame")
     if mask0 is not None:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 6 * src_y0.shape[0] / src_y0.shape[1] + 0.5))
@@ -546,6 +576,12 @@ def render(res: dict[str, Any]) -> str:
                          f"{g['matched_pair'][0]}/{g['matched_pair'][1]} ({g['matched_pair_measured_bit_flops'] / 1e9:.3f}); "
                          f"BD-rate of the selector against it {_f(sm['akima'], '+.2f')}% (Akima), "
                          f"{_f(sm['pchip'], '+.2f')}% (PCHIP).  ")
+            for key, sg in g.get("search", {}).items():
+                vm, vs = sg["vs_matched_bd_rate"], sg["vs_selector_bd_rate"]
+                lines.append(f"{group}, the encoder's width search at gamma {key}: {sg['bit_flops'] / 1e9:.3f} "
+                             f"GBit-FLOPs/frame; BD-rate against its matched pair {sg['matched_pair'][0]}/"
+                             f"{sg['matched_pair'][1]} {_f(vm['akima'], '+.2f')}% (Akima), {_f(vm['pchip'], '+.2f')}% "
+                             f"(PCHIP); against the selector {_f(vs['akima'], '+.2f')}% (Akima).  ")
         lines += ["", md_table(POINT_COLUMNS, point_rows(c)), ""]
     return "\n".join(lines)
 
@@ -567,6 +603,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default="diagonal",
                     help="fixed (ROI/non-ROI) pairs per dynamic codec: diagonal (R = N, default), all (R >= N), none, "
                          "or a list like 16/8,8/8; the pair matching the selector's Bit-FLOPs is always added")
+    ap.add_argument("--search-gamma", default="", metavar="G[,G...]",
+                    help="also run each dynamic codec with the encoder's width search at these gammas (every frame "
+                         "coded at every pair: K^2 times the encoding work), each against its matched fixed pair")
     ap.add_argument("--verify", choices=("none", "selector", "all"), default="selector",
                     help="decode the streams of these variants again and compare (default: the selector's, and "
                          "the static-8 and fp32 references; decoding is timed: the decode ms/frame column)")
@@ -586,6 +625,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.frames < 1 or args.threads < 1 or not args.levels:
         raise ConfigError("--frames, --threads and --levels need positive values")
     parse_variants(args.variants, [2, 4, 8, 16])  # checks the syntax
+    try:
+        args.search_gamma = [float(v) for v in args.search_gamma.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--search-gamma {args.search_gamma!r}: give comma-separated weights >= 0") from None
+    if any(not g >= 0 for g in args.search_gamma):
+        raise ConfigError(f"--search-gamma {args.search_gamma}: weights must be >= 0")
     return args
 
 
@@ -655,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [lv for lv in args.levels if not 0 <= lv < coder.model.cfg.levels]
         if bad:
             raise ConfigError(f"--levels {bad}: the {name} codec has levels 0..{coder.model.cfg.levels - 1}")
-    per_clip = len(args.levels) * (sum(1 + len(parse_variants(args.variants, c.model.cfg.candidates)) for _, c, _ in dyn)
+    per_clip = len(args.levels) * (sum(1 if ":" in g else
+                                       1 + len(args.search_gamma) + len(parse_variants(args.variants, c.model.cfg.candidates))
+                                       for g, c, _ in dyn)
                                    + 1 + (fp32 is not None))
     budget = {"total": per_clip * len(args.clips), "done": 0, "seconds": 0.0}
     log(f"{budget['total']} encodes of {args.frames} frames (+ the matched pairs where not among --variants); the "
@@ -666,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res: dict[str, Any] = {"command": command_line(), "revision": git_revision(), "machine": machine(),
                            "threads": args.threads, "frames": args.frames, "levels": args.levels,
                            "intra_period": args.intra_period, "variants_option": args.variants,
+                           "search_gamma": args.search_gamma,
                            "weights": {g: Path(p).name for g, _, p in dyn},
                            "groups": {g: list(c.model.cfg.candidates) for g, c, _ in dyn},
                            "roi_sources": ", ".join(f"{g}: {c.roi.spec()}" for g, c, _ in dyn),

@@ -55,9 +55,13 @@ def register(sub: Any) -> None:
                         "--weights of a codec trained with --stage dynamic)")
     e.add_argument("--roi", help="with --dynamic: the ROI source (spectral, motion, faces, mask:PATH; default: the "
                                  "codec's, see docs/roi.md)")
-    e.add_argument("--widths", metavar="R,N",
+    e.add_argument("--widths", metavar="R,N|search",
                    help="with --dynamic: code every frame at ROI width R and non-ROI width N (candidates of the codec) "
-                        "instead of the selector's choice; the ROI mask is still computed and coded")
+                        "instead of the selector's choice (the ROI mask is still computed and coded); or 'search': "
+                        "code every frame at every pair and keep the one of least rate + lambda * distortion + "
+                        "--gamma * relative Bit-FLOPs (K^2 times the encoding work; the decoder needs nothing more)")
+    e.add_argument("--gamma", type=float, help="with --widths search: weight of the frame's Bit-FLOPs relative to 8 "
+                                                "bits everywhere (the training objective's gamma)")
     _common(e)
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
@@ -90,6 +94,26 @@ def register(sub: Any) -> None:
     t = cs.add_parser("train", help="train the codec (stages: intra, inter, joint, qat, dynamic); see docs/codec.md")
     add_train_args(t)
     t.set_defaults(func=run_train)
+
+    f = cs.add_parser("fit-selector", help="fit a dynamic codec's width selector to the encoder's width search on "
+                                           "videos (per-frame costs of every width pair); see docs/roi.md")
+    f.add_argument("videos", nargs="*", help="training videos (any FFmpeg input, y4m, PNG folders)")
+    f.add_argument("-o", "--output", required=True, help="the codec weights to write (the input's, new selector)")
+    f.add_argument("--gamma", type=float, required=True,
+                   help="weight of the relative Bit-FLOPs in each frame's cost (rate + lambda D + gamma C)")
+    f.add_argument("--frames", type=int, default=16, help="first N frames of each video (16)")
+    f.add_argument("--levels", default="1,3,5,7", help="quality levels to code each video at (1,3,5,7)")
+    f.add_argument("--crop", metavar="WxH", help="code the centre WxH of each video (faster on large videos)")
+    f.add_argument("--intra-period", type=int, default=32, help="an I frame every P frames; -1: only the first (32)")
+    f.add_argument("--analysis-scales", metavar="A,B,...", default=None,
+                   help="the encoder's analysis scales during the search (default: encode's)")
+    f.add_argument("--roi", help="the ROI source (default: the codec's)")
+    f.add_argument("--l2", type=float, default=1e-3, help="weight decay of the fit (1e-3)")
+    f.add_argument("--from-search", metavar="REPORT.json",
+                   help="encode nothing: fit again (e.g. at another --gamma) to the search costs that an earlier "
+                        "--json report keeps, made with the same --weights (its frames' choices were made at its gamma)")
+    _common(f)  # --weights: dynamic weights (default: the shipped dynamic codec); --json: the report
+    f.set_defaults(func=run_fit_selector, dynamic=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -186,6 +210,121 @@ def _parse_widths(text: str, coder: Any) -> tuple[int, int]:
                           f"{sorted(coder.model.cfg.candidates)}") from None
 
 
+def _parse_levels(text: str, levels: int) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or any(not 0 <= v < levels for v in out):
+        raise ConfigError(f"--levels {text!r}: give comma-separated quality levels among 0..{levels - 1}")
+    return out
+
+
+def _parse_crop(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        w = h = 0
+    if w < 16 or h < 16:
+        raise ConfigError(f"--crop {text!r}: give WIDTHxHEIGHT of at least 16x16 pixels, e.g. 256x192")
+    return w, h
+
+
+def run_fit_selector(args: argparse.Namespace) -> int:
+    """Encode each video with the width search at every level, fit the selector to the per-frame costs
+    (:func:`bitalloc.codec.selector.fit_selector`), write the codec with the new selector."""
+    import copy
+
+    from bitalloc.codec.precision import save_codec
+    from bitalloc.codec.selector import fit_selector, search_costs
+    from bitalloc.codec.video_io import read_video
+    from bitalloc.io import write_json
+    from bitalloc.report.tables import print_table
+
+    for path in (args.output, args.json):
+        _check_out(path, args.overwrite)
+    if args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: give a positive number of frames")
+    if not args.gamma >= 0:
+        raise ConfigError(f"--gamma {args.gamma}: give a weight >= 0")
+    if bool(args.videos) == bool(args.from_search):
+        raise ConfigError("give training videos to search on, or --from-search REPORT.json, not both")
+    crop = _parse_crop(args.crop)
+    coder = _setup(args)
+    if not coder.dynamic:
+        raise ConfigError(f"{args.weights}: fit-selector needs dynamic-precision weights (`bitalloc codec train "
+                          "--stage dynamic`)")
+    cands = coder.model.cfg.candidates
+    if args.from_search:
+        searched, meta = _load_search(args.from_search, cands)
+    else:
+        levels = _parse_levels(args.levels, coder.model.cfg.levels)
+        clips = []
+        for path in args.videos:
+            frames = read_video(path, frames=args.frames)
+            if crop:
+                w, h = min(crop[0], frames.width), min(crop[1], frames.height)
+                frames = frames.crop(h, w, (frames.height - h) // 2 // 2 * 2, (frames.width - w) // 2 // 2 * 2)
+            clips.append((path, frames))
+        searched = []
+        with _bar(len(levels) * sum(len(f) for _, f in clips), "width search") as bar:
+            for path, frames in clips:
+                for level in levels:
+                    searched += coder.compress(frames, quality=level, intra_period=args.intra_period,
+                                               progress=bar.update, search_gamma=args.gamma).frames
+        meta = {"videos": [str(p) for p in args.videos], "levels": levels, "frames_per_video": args.frames,
+                "crop": args.crop, "search_gamma": args.gamma}
+    feats, costs = search_costs(searched, cands, args.gamma)
+    model = copy.deepcopy(coder.model)
+    report = fit_selector(model.selector, feats, costs, l2=args.l2)
+    report.update(meta, gamma=args.gamma, weights=str(args.weights or "shipped dynamic codec"),
+                  output=str(args.output))
+    save_codec(model, args.output, extra={"selector_fit": report})
+    report["search"] = {"candidates": list(cands), "frames": [
+        {"features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
+         "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()]} for f in searched]}
+    print_table(f"selector fitted to the width search (gamma {args.gamma:g}, {report['frames']} frames) -> "
+                f"{args.output}", ["", "mean cost per frame (bpp + lambda D + gamma C)", "pairs chosen"],
+                [["width search (per frame, least)", f"{report['search_cost']:.5f}",
+                  _pair_counts(report["search_pairs"])],
+                 ["fitted selector", f"{report['selector_cost']:.5f}", _pair_counts(report["selector_pairs"])],
+                 [f"best fixed pair {report['fixed_pair'][0]}/{report['fixed_pair'][1]}", f"{report['fixed_cost']:.5f}",
+                  ""]])
+    if args.json:
+        write_json(args.json, report, overwrite=True)
+    return 0
+
+
+def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The searched frames of a fit-selector --json report (as objects :func:`search_costs` reads) and its
+    provenance; ConfigError naming the problem when it is not such a report or was made at other widths."""
+    import json
+    from types import SimpleNamespace
+
+    try:
+        rep = json.loads(Path(path).read_text())
+        data = rep["search"]
+        frames = [SimpleNamespace(index=i, features=np.asarray(f["features"], dtype=np.float64),
+                                  roi_fraction=float(f["roi_fraction"]),
+                                  pair_costs={(int(r), int(n)): (float(rd), float(rel)) for r, n, rd, rel in f["pair_costs"]})
+                  for i, f in enumerate(data["frames"])]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--from-search {path}: not a `bitalloc codec fit-selector --json` report with search costs "
+                          f"({type(exc).__name__}: {exc}); run fit-selector on videos with --json first") from None
+    if list(data["candidates"]) != list(candidates) or not frames:
+        raise ConfigError(f"--from-search {path}: searched at widths {data['candidates']}, these weights have "
+                          f"{list(candidates)}; give the weights it was made with (--weights)")
+    meta = {k: rep.get(k) for k in ("videos", "levels", "frames_per_video", "crop")}
+    meta.update(search_gamma=rep.get("search_gamma", rep.get("gamma")), from_search=str(path))
+    return frames, meta
+
+
+def _pair_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{p} x{n}" for p, n in counts.items() if n)
+
+
 def run_encode(args: argparse.Namespace) -> int:
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_rgb, psnr_yuv
     from bitalloc.codec.video_io import read_video
@@ -200,12 +339,16 @@ def run_encode(args: argparse.Namespace) -> int:
         raise ConfigError(f"--frames {args.frames}: give a positive number of frames")
     if args.widths is not None and not args.dynamic:
         raise ConfigError("--widths goes with --dynamic (a fixed-precision codec has one width)")
+    search = args.widths == "search"
+    if search != (args.gamma is not None):
+        raise ConfigError("--widths search needs --gamma G (the weight of the relative Bit-FLOPs), and --gamma "
+                          "goes only with --widths search")
     coder = _setup(args)
-    widths = None if args.widths is None else _parse_widths(args.widths, coder)
+    widths = None if args.widths is None or search else _parse_widths(args.widths, coder)
     frames = read_video(args.input, frames=args.frames, start=args.start)
     with _bar(len(frames), "encode") as bar:
         res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update,
-                             widths=widths)
+                             widths=widths, search_gamma=args.gamma)
     checked: dict[str, Any] = {}
 
     def verify(tmp: Path) -> None:  # decode the written file before it replaces anything
@@ -235,6 +378,7 @@ def run_encode(args: argparse.Namespace) -> int:
                       for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
         "analysis_scales": _scale_counts(res.frames),
+        "width_search_gamma": args.gamma,
     }
     if coder.dynamic:  # the widths' and the mask's share of the rate, the ROI source's time
         side = 4 * len(res.frames)  # two 16-bit fields per frame

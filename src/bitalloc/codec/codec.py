@@ -203,6 +203,11 @@ class FrameInfo:
     #: the latent mask coded in the stream (bool [padded height / 16, padded width / 16]); None otherwise
     roi_mask: np.ndarray | None = field(default=None, repr=False)
     latent_mask: np.ndarray | None = field(default=None, repr=False)
+    #: dynamic precision: the selector's 8 features of the frame (:func:`bitalloc.codec.selector.frame_features`)
+    features: np.ndarray | None = field(default=None, repr=False)
+    #: with the encoder's width search (``compress(search_gamma=...)``): per (ROI, non-ROI) pair tried, the least
+    #: bits per pixel + lambda * MSE_YUV of its trials and its Bit-FLOPs relative to 8 bits everywhere
+    pair_costs: dict[tuple[int, int], tuple[float, float]] | None = field(default=None, repr=False)
 
 
 class _LatentSet:
@@ -276,6 +281,7 @@ class VideoCoder:
         self.model = model.eval()
         self.motion_preset = motion_preset
         self._int_cache: dict = {}  # weight codes and accumulator analyses of the frozen decoder networks
+        self._bit_flops: Any = None  # the width search's cost table (bitalloc.codec.dynamic.BitFlopsTable), when used
         self.id = model_id(model)
         for c in (model.intra.coder, model.inter.motion, model.inter.residual):
             if not c.entropy_bottleneck.ready or not bool((c.gain_table != 0).all()):
@@ -358,15 +364,35 @@ class VideoCoder:
         info.roi_seconds = time.perf_counter() - t0
         h, w = luma.shape[1:]
         m16 = latent_mask(mask, h, w)
+        info.features = frame_features(luma, mask[None], None if flow is None else flow.numpy())[0]
         if widths is None:
-            feats = frame_features(luma, mask[None], None if flow is None else flow.numpy())
-            bits = self.model.selector.select(feats, roi_fraction=[float(m16.mean())])[0]
+            bits = self.model.selector.select(info.features[None], roi_fraction=[float(m16.mean())])[0]
         else:
             bits = widths
         info.roi_fraction = float(m16.mean())
         info.latent_mask = m16
         info.roi_mask = np.asarray(mask, dtype=bool)  # padded luma size; compress crops it to the frame
         return m16, int(bits[0]), int(bits[1])
+
+    def search_pairs(self, roi_fraction: float) -> list[tuple[int, int]]:
+        """The (ROI, non-ROI) pairs the width search tries on a frame: all K^2 candidate pairs, or the K equal pairs
+        when the frame is all ROI or has none (the other width would have no position to run on)."""
+        cands = self.model.cfg.candidates
+        if 0.0 < roi_fraction < 1.0:
+            return [(r, n) for r in cands for n in cands]
+        return [(b, b) for b in cands]
+
+    def relative_bit_flops(self, kind: str, mask16: np.ndarray, roi_bits: int, non_roi_bits: int) -> float:
+        """The frame's Bit-FLOPs at widths (``roi_bits``, ``non_roi_bits``) relative to the same codec at 8 bits
+        everywhere: the C of the training objective R + lambda D + gamma C
+        (:meth:`bitalloc.codec.dynamic.BitFlopsTable.relative`, hard widths), ``kind`` "I" or "P"."""
+        from bitalloc.codec.dynamic import BitFlopsTable
+
+        if self._bit_flops is None:
+            self._bit_flops = BitFlopsTable.build(self.model)
+        m = torch.from_numpy(np.ascontiguousarray(mask16))[None, None]
+        sq = torch.tensor([[float(roi_bits) ** 2, float(non_roi_bits) ** 2]], dtype=torch.float64)
+        return float(self._bit_flops.relative(kind, m, sq[:, 0], sq[:, 1])[0])
 
     def _check_level(self, quality: int) -> None:
         if not 0 <= quality < self.model.cfg.levels:
@@ -438,16 +464,31 @@ class VideoCoder:
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
                  progress: Callable[[int], None] | None = None,
-                 widths: tuple[int, int] | None = None) -> CompressResult:
+                 widths: tuple[int, int] | None = None, search_gamma: float | None = None) -> CompressResult:
         """Code ``frames`` at quality level ``quality`` (0 = lowest rate) with an I frame every
         ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction.
 
         ``widths`` (ROI, non-ROI): a *fixed assignment* for every frame of a dynamic codec: the ROI and its latent
         mask are still computed and coded, the selector is bypassed; both must be candidates of the codec
         (ConfigError naming them otherwise). A fixed-precision codec accepts only its own precision. The stream
-        decodes with the ordinary :meth:`decompress` (the widths are in the frame records)."""
+        decodes with the ordinary :meth:`decompress` (the widths are in the frame records).
+
+        ``search_gamma`` G (dynamic codecs): the encoder's *width search* instead of the selector: every frame is
+        coded at every candidate pair (:meth:`search_pairs`; with each analysis scale) and the payload of least
+        bits per pixel + lambda * MSE_YUV + G * C is kept, C = the frame's Bit-FLOPs relative to 8 bits everywhere
+        (:meth:`relative_bit_flops`): per frame, the training objective of ``--stage dynamic --gamma G`` minimised
+        by trial instead of predicted, at K^2 times the encoding work. Each frame's info keeps every pair's cost
+        (``pair_costs``) and the selector's features, the data :func:`bitalloc.codec.selector.fit_selector` fits a
+        selector to."""
         from bitalloc.codec.metrics import psnr_yuv
 
+        if search_gamma is not None:
+            if widths is not None:
+                raise ConfigError("give fixed widths or a width search (search_gamma), not both")
+            if not self.dynamic:
+                raise ConfigError("the width search needs a dynamic-precision codec (trained with --stage dynamic)")
+            if not math.isfinite(float(search_gamma)) or float(search_gamma) < 0:
+                raise ConfigError(f"search gamma {search_gamma}: give a weight >= 0 of the relative Bit-FLOPs")
         forced = None if widths is None else self.check_widths(widths)
         self._check_level(quality)
         if intra_period == 0 or intra_period < -1:
@@ -471,13 +512,24 @@ class VideoCoder:
                 flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
                 mask16, rb, nb = (self._choose(x, None if intra else ref, flow, info, forced) if self.dynamic
                                   else (None, self.bits, self.bits))
-                best = None  # encoder-side RD choices the decoder needs nothing for: analysis scale, frame type
+                # encoder-side RD choices the decoder needs nothing more for: analysis scale, frame type, and with
+                # the width search the widths (they are in the frame record)
+                pairs = [(rb, nb)] if search_gamma is None else self.search_pairs(info.roi_fraction)
+                best, costs = None, {}
                 for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
-                    for a in self.analysis_scales:
-                        trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, rb, nb, (h, w),
-                                                 prev_mask)
-                        if best is None or trial[0] < best[0]:
-                            best, intra = trial, as_intra
+                    for pair in pairs:
+                        rel = (0.0 if search_gamma is None else
+                               self.relative_bit_flops("I" if as_intra else "P", mask16, *pair))
+                        for a in self.analysis_scales:
+                            trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, *pair,
+                                                     (h, w), prev_mask)
+                            j = trial[0] + (0.0 if search_gamma is None else float(search_gamma) * rel)
+                            if pair not in costs or j < costs[pair][0]:
+                                costs[pair] = (j, trial[0], rel)
+                            if best is None or j < best[0]:
+                                best, intra, (rb, nb) = (j, *trial[1:]), as_intra, pair
+                if search_gamma is not None:
+                    info.pair_costs = {p: c[1:] for p, c in costs.items()}
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
                 info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)

@@ -282,6 +282,13 @@ class BitFlopsTable:
         return total
 
 
+    def relative(self, kind: str, mask16: Tensor, e_roi: Tensor, e_non: Tensor) -> Tensor:
+        """The objective's C [B]: expected Bit-FLOPs per luma pixel relative to every region layer at 8 bits, for
+        latent masks ``mask16`` [B, 1, h, w] and E[b^2] per region ``e_roi`` / ``e_non`` [B]."""
+        fr = roi_fractions(mask16, [l.stride for l in self.layers[kind]])
+        return self.expected(kind, fr, e_roi, e_non) / self.reference(kind)
+
+
 def roi_fractions(mask16: Tensor, strides: Sequence[int]) -> dict[int, Tensor]:
     """The ROI share [B] of each stride's tensors from the latent-resolution masks [B, 1, h, w] (bool): finer
     tensors are nearest-upsampled (the same share), coarser ones max-pooled."""
@@ -339,9 +346,7 @@ class DynamicFrames:
         r, n = sel(feats)
         cands = torch.tensor(sel.candidates, dtype=r.dtype, device=r.device)
         e_roi, e_non = (r * cands ** 2).sum(-1), (n * cands ** 2).sum(-1)
-        kind = "I" if ref is None else "P"
-        fr = roi_fractions(m16, [l.stride for l in self.table.layers[kind]])
-        rel = self.table.expected(kind, fr, e_roi, e_non) / self.table.reference(kind)
+        rel = self.table.relative("I" if ref is None else "P", m16, e_roi, e_non)
         self.choices.append(FrameChoice(m16, r, n, rel, m16.float().mean(dim=(1, 2, 3))))
         with region_precision(self.model, mask_function(m16), r, n):
             yield

@@ -171,4 +171,101 @@ class WidthSelector(nn.Module):
         return bits
 
 
-__all__ = ["FEATURE_NAMES", "MOTION_SCALE", "NUM_FEATURES", "WidthSelector", "frame_features", "region_features"]
+# ---- fitting the selector to the encoder's width search ------------------------------------------------------------
+
+def search_costs(frames: Sequence[Any], candidates: Sequence[int], gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fitting data of frames coded with the encoder's width search (``VideoCoder.compress(search_gamma=...)``,
+    their ``FrameInfo``): features float64 [N, 8] and costs float64 [N, K, K], cost[t, i, j] = bits per pixel +
+    lambda * MSE_YUV + ``gamma`` * relative Bit-FLOPs of frame t at (ROI candidates[i], non-ROI candidates[j]).
+    A frame that is all ROI or has none was tried at equal pairs only; its table is completed by the rule of
+    :meth:`WidthSelector.select` (no ROI: the ROI takes the non-ROI width; all ROI: the reverse)."""
+    cands = [int(b) for b in candidates]
+    feats, tables = [], []
+    for f in frames:
+        pc = getattr(f, "pair_costs", None)
+        if not pc or getattr(f, "features", None) is None:
+            raise ConfigError(f"frame {getattr(f, 'index', '?')} has no width-search costs; encode with "
+                              "compress(search_gamma=...) to fit a selector")
+        frac = float(f.roi_fraction)
+
+        def cost(r: int, n: int) -> float:
+            r, n = (n, n) if frac <= 0 else (r, r) if frac >= 1 else (r, n)
+            rd, rel = pc[(r, n)]
+            return float(rd) + float(gamma) * float(rel)
+
+        tables.append([[cost(r, n) for n in cands] for r in cands])
+        feats.append(np.asarray(f.features, dtype=np.float64))
+    return np.stack(feats), np.asarray(tables, dtype=np.float64)
+
+
+def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarray, *, l2: float = 1e-3,
+                 max_iter: int = 200) -> dict[str, Any]:
+    """Fit ``selector.fc`` to per-frame costs of every width pair (``costs`` [N, K, K], from :func:`search_costs`):
+    minimise the expected cost under the selector's two softmaxes,
+
+        E(W, b) = mean_t sum_{i,j} p_roi(i | f_t) p_non(j | f_t) (c_t[i, j] - min c_t) / s + l2 ||W||^2,
+
+    (s: the mean of the shifted costs, so l2 has the same meaning at every rate) on standardised features, by
+    L-BFGS in float64 from the best constant choice; the standardisation is folded into ``fc`` so the selector
+    reads raw features. Argmax at test time then picks, frame by frame, the pair of least predicted cost: a
+    cost-sensitive classifier of the search's choices, instead of the Gumbel-softmax training of ``--stage
+    dynamic``. Returns the mean cost per frame (same units as ``costs``) of the search (each frame's least), of
+    the fitted selector's argmax, of the best fixed pair (and which), and how often the selector's pair is the
+    search's."""
+    f = np.asarray(features, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    k = selector.k
+    if f.ndim != 2 or f.shape[1] != NUM_FEATURES or c.shape != (len(f), k, k) or len(f) == 0:
+        raise ShapeError(f"fitting needs features [N, {NUM_FEATURES}] and costs [N, {k}, {k}] for N > 0 frames, got "
+                         f"{tuple(f.shape)} and {tuple(c.shape)}")
+    if not np.isfinite(c).all() or not np.isfinite(f).all():
+        raise ConfigError("fitting data has non-finite features or costs")
+    if float(l2) < 0:
+        raise ConfigError(f"l2={l2} must be >= 0")
+    mu, sd = f.mean(0), f.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    z = torch.from_numpy((f - mu) / sd)
+    d = c - c.min(axis=(1, 2), keepdims=True)
+    scale = float(d.mean()) or 1.0
+    dt = torch.from_numpy(d / scale)
+    fixed = np.unravel_index(int(c.sum(0).argmin()), (k, k))
+    w = torch.zeros(2 * k, NUM_FEATURES, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, k, dtype=torch.float64)
+    b[0, fixed[0]] = b[1, fixed[1]] = 2.0  # start at the best fixed pair (a soft choice of it)
+    b = b.reshape(-1).requires_grad_(True)
+
+    def objective() -> Tensor:
+        logits = (z @ w.T + b).reshape(-1, 2, k)
+        p = torch.softmax(logits, -1)
+        expected = torch.einsum("ti,tj,tij->t", p[:, 0], p[:, 1], dt).mean()
+        return expected + float(l2) * w.square().sum()
+
+    opt = torch.optim.LBFGS([w, b], max_iter=int(max_iter), line_search_fn="strong_wolfe", tolerance_grad=1e-10,
+                            tolerance_change=1e-12)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        w_raw = w.detach() / torch.from_numpy(sd)
+        b_raw = b.detach() - w_raw @ torch.from_numpy(mu)
+        selector.fc.weight.copy_(w_raw.to(selector.fc.weight.dtype))
+        selector.fc.bias.copy_(b_raw.to(selector.fc.bias.dtype))
+    idx = selector.logits(f).argmax(-1).numpy()  # [N, 2]
+    chosen = c[np.arange(len(c)), idx[:, 0], idx[:, 1]]
+    best = c.reshape(len(c), -1).argmin(1)
+    cands = selector.candidates
+    return {"frames": len(c), "search_cost": float(c.min(axis=(1, 2)).mean()), "selector_cost": float(chosen.mean()),
+            "fixed_pair": [cands[int(fixed[0])], cands[int(fixed[1])]], "fixed_cost": float(c[:, fixed[0], fixed[1]].mean()),
+            "agreement": float(np.mean(idx[:, 0] * k + idx[:, 1] == best)),
+            "selector_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum((idx[:, 0] == i) & (idx[:, 1] == j)))
+                               for i in range(k) for j in range(k)},
+            "search_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum(best == i * k + j)) for i in range(k) for j in range(k)}}
+
+
+__all__ = ["FEATURE_NAMES", "MOTION_SCALE", "NUM_FEATURES", "WidthSelector", "fit_selector", "frame_features",
+           "region_features", "search_costs"]

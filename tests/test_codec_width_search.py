@@ -1,0 +1,214 @@
+"""The encoder's width search (VideoCoder.compress(search_gamma=...)) and fitting the selector to it
+(bitalloc.codec.selector.search_costs / fit_selector, `bitalloc codec fit-selector`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.cli import main
+from bitalloc.codec.bitstream import read_stream
+from bitalloc.codec.codec import VideoCoder
+from bitalloc.codec.precision import load_codec, save_codec
+from bitalloc.codec.selector import NUM_FEATURES, WidthSelector, fit_selector, search_costs
+from bitalloc.codec.video_io import write_y4m
+from bitalloc.errors import ConfigError, ShapeError
+
+from tests.codec_util import moving_video, tiny_dynamic_codec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def dyn_weights(tmp_path_factory):
+    return save_codec(tiny_dynamic_codec(candidates=(4, 8)), tmp_path_factory.mktemp("search") / "dyn.pt")
+
+
+@pytest.fixture(scope="module")
+def searched(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights), analysis_scales=(0.5, 1.0))
+    video = moving_video(3, 48, 64)
+    return coder, video, coder.compress(video, quality=1, intra_period=2, search_gamma=0.01)
+
+
+def test_search_keeps_the_least_cost_pair_and_decodes_exactly(searched):
+    coder, video, res = searched
+    _, records = read_stream(res.stream)
+    for f, rec in zip(res.frames, records):
+        assert set(f.pair_costs) == set(coder.search_pairs(f.roi_fraction))
+        # every pair's cost is recomputed here by brute force: the kept pair is the least rd + gamma * relative cost
+        total = {p: rd + 0.01 * rel for p, (rd, rel) in f.pair_costs.items()}
+        assert (f.roi_bits, f.non_roi_bits) == min(total, key=total.get)
+        assert (rec.roi_bits, rec.non_roi_bits) == (f.roi_bits, f.non_roi_bits)
+        for (r, n), (_, rel) in f.pair_costs.items():
+            assert rel == pytest.approx(coder.relative_bit_flops(f.kind, f.latent_mask, r, n))
+    assert coder.decompress(res.stream).equal(res.reconstruction)
+    # the kept payload is the one a fixed assignment of the kept pair writes (frame 0, an I frame: no reference)
+    pair = (res.frames[0].roi_bits, res.frames[0].non_roi_bits)
+    one = coder.compress(video[:1], quality=1, widths=pair)
+    assert read_stream(one.stream)[1][0].payload == records[0].payload
+
+
+def test_relative_bit_flops_is_one_at_8_bits_and_grows_with_the_widths(searched):
+    coder, _, res = searched
+    m = res.frames[1].latent_mask
+    assert coder.relative_bit_flops("P", m, 8, 8) == pytest.approx(1.0)
+    assert coder.relative_bit_flops("P", m, 4, 4) < coder.relative_bit_flops("P", m, 8, 4) < 1.0
+
+
+def test_search_conflicts_and_bad_gamma(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights))
+    video = moving_video(1, 32, 32)
+    with pytest.raises(ConfigError, match="not both"):
+        coder.compress(video, quality=0, widths=(4, 4), search_gamma=0.1)
+    with pytest.raises(ConfigError, match=">= 0"):
+        coder.compress(video, quality=0, search_gamma=-1.0)
+
+
+def _synthetic(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Frames whose best ROI width depends on feature 0's sign and best non-ROI width on feature 5's, features
+    at very different scales (a fit without standardisation would struggle); wrong choices cost 1 each."""
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, NUM_FEATURES)) * np.array([0.01, 1, 5, 1, 1, 100, 1, 1])
+    f += np.array([0.3, 0, 0, 0, 0, 20, 0, 0])
+    best_r = np.where(f[:, 0] > 0.3, 2, 0)
+    best_n = np.where(f[:, 5] > 20, 1, 0)
+    c = np.ones((n, 3, 3)) * 5.0
+    for t in range(n):
+        for i in range(3):
+            for j in range(3):
+                c[t, i, j] += (i != best_r[t]) + (j != best_n[t])
+    return f, c
+
+
+def test_fit_selector_recovers_a_linear_rule_against_brute_force():
+    f, c = _synthetic()
+    sel = WidthSelector((2, 4, 8))
+    out = fit_selector(sel, f, c, l2=1e-4)
+    idx = sel.logits(f).argmax(-1).numpy()
+    brute = np.array([np.unravel_index(c[t].argmin(), (3, 3)) for t in range(len(c))])
+    assert np.mean((idx == brute).all(1)) >= 0.95 and out["agreement"] >= 0.95
+    assert out["selector_cost"] < out["fixed_cost"] and out["search_cost"] == pytest.approx(5.0)
+    # the best fixed pair by brute force over the 9 pairs
+    sums = c.sum(0)
+    i, j = np.unravel_index(sums.argmin(), sums.shape)
+    assert out["fixed_pair"] == [(2, 4, 8)[i], (2, 4, 8)[j]] and out["fixed_cost"] == pytest.approx(sums.min() / len(c))
+    # a selector in float32 reading raw features reproduces the fit's own choices (standardisation folded in)
+    assert sum(out["selector_pairs"].values()) == len(c)
+
+
+def test_fit_selector_without_signal_picks_the_best_fixed_pair():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(200, NUM_FEATURES))
+    c = np.tile(np.array([[3.0, 2.0, 4.0], [1.0, 2.5, 3.0], [2.0, 2.0, 2.0]]), (200, 1, 1))
+    sel = WidthSelector((2, 4, 8))
+    out = fit_selector(sel, f, c)
+    assert out["selector_pairs"]["4/2"] == 200 and out["fixed_pair"] == [4, 2]
+
+
+def test_fit_selector_bad_input():
+    sel = WidthSelector((4, 8))
+    with pytest.raises(ShapeError, match="costs"):
+        fit_selector(sel, np.zeros((3, NUM_FEATURES)), np.zeros((3, 3, 3)))
+    with pytest.raises(ConfigError, match="non-finite"):
+        fit_selector(sel, np.zeros((2, NUM_FEATURES)), np.full((2, 2, 2), np.nan))
+
+
+def test_search_costs_completes_one_region_frames(searched):
+    coder, _, res = searched
+    feats, costs = search_costs(res.frames, coder.model.cfg.candidates, 0.01)
+    assert feats.shape == (3, NUM_FEATURES) and costs.shape == (3, 2, 2)
+    for f, table in zip(res.frames, costs):
+        for (r, n), (rd, rel) in f.pair_costs.items():
+            assert table[(4, 8).index(r), (4, 8).index(n)] == pytest.approx(rd + 0.01 * rel)
+    with pytest.raises(ConfigError, match="search_gamma"):
+        search_costs(coder.compress(moving_video(1, 32, 32), quality=0).frames, (4, 8), 0.01)
+
+
+def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
+    src = tmp_path / "clip.y4m"
+    write_y4m(src, moving_video(3, 48, 64))
+    out, js = tmp_path / "s.bav", tmp_path / "s.json"
+    assert main(["codec", "encode", str(src), "-o", str(out), "-q", "1", "--dynamic", "--weights", str(dyn_weights),
+                 "--widths", "search", "--gamma", "0.01", "--analysis-scales", "1", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["width_search_gamma"] == 0.01
+    fitted, fj = tmp_path / "fitted.pt", tmp_path / "fit.json"
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--levels", "0,2",
+                 "--frames", "3", "--analysis-scales", "1", "-o", str(fitted), "--json", str(fj)]) == 0
+    report = json.loads(fj.read_text())
+    assert report["frames"] == 6 and report["selector_cost"] <= report["fixed_cost"] + 1e-9
+    model = load_codec(fitted)
+    assert model.cfg.candidates == (4, 8)
+    base = load_codec(dyn_weights)
+    assert not torch.equal(model.selector.fc.weight, base.selector.fc.weight)
+    # only the selector changed
+    for (k, a), (_, b) in zip(model.state_dict().items(), base.state_dict().items()):
+        if not k.startswith("selector."):
+            assert torch.equal(a, b), k
+    assert main(["codec", "encode", str(src), "-o", str(tmp_path / "f.bav"), "-q", "1", "--dynamic", "--weights",
+                 str(fitted)]) == 0
+    # refit from the saved search costs at another gamma: no encoding; a huge gamma makes the narrowest pair win
+    refit, rj = tmp_path / "refit.pt", tmp_path / "refit.json"
+    assert main(["codec", "fit-selector", "--from-search", str(fj), "--weights", str(dyn_weights), "--gamma", "1000",
+                 "-o", str(refit), "--json", str(rj)]) == 0
+    again = json.loads(rj.read_text())
+    assert again["frames"] == 6 and again["selector_pairs"]["4/4"] == 6 and again["search_gamma"] == 0.01
+    assert len(again["search"]["frames"]) == 6
+    capsys.readouterr()
+    assert main(["codec", "fit-selector", str(src), "--from-search", str(fj), "--weights", str(dyn_weights),
+                 "--gamma", "1", "-o", str(tmp_path / "y.pt")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["codec", "fit-selector", "--from-search", str(src), "--weights", str(dyn_weights),
+                 "--gamma", "1", "-o", str(tmp_path / "y.pt")]) == 2
+    assert "not a `bitalloc codec fit-selector --json` report" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["codec", "encode", str(src), "-o", str(tmp_path / "g.bav"), "-q", "1", "--dynamic", "--weights",
+                 str(dyn_weights), "--widths", "search"]) == 2
+    assert "needs --gamma" in capsys.readouterr().err
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "-o", str(fitted)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--crop", "8x8",
+                 "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--crop" in capsys.readouterr().err
+
+
+def test_benchmark_runs_the_width_search_with_its_matched_pair(dyn_weights, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from tests.codec_util import tiny_weights
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec_dynamic.py"
+    spec = importlib.util.spec_from_file_location("codec_dynamic_bench_search", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = tmp_path / "clip.y4m"
+    write_y4m(src, moving_video(3, 48, 64))
+    static = tiny_weights(tmp_path / "static.pt")
+    second = tmp_path / "second.pt"
+    second.write_bytes(Path(dyn_weights).read_bytes())
+    assert bench.main(["--clips", str(src), "--frames", "3", "--levels", "0,1,2", "--threads", "1", "--variants", "none",
+                       "--dynamic-weights", str(dyn_weights), "--dynamic-weights", str(second), "--static-weights",
+                       str(static), "--search-gamma", "0,1000", "--cross-check", "0", "--verify", "none",
+                       "--results", str(tmp_path / "res"), "--no-md"]) == 0
+    res = json.loads((tmp_path / "res" / "codec_dynamic.json").read_text())
+    clip = res["clips"][0]
+    g = clip["groups"]["dyn4-8"]
+    assert set(g["search"]) == {"0", "1000"}
+    names = set(clip["variants"])
+    assert {"dyn4-8-search-0", "dyn4-8-search-1000"} <= names
+    # gamma 1000: the cost dominates, every frame at the narrowest pair, which is then its matched pair
+    narrow = clip["variants"]["dyn4-8-search-1000"]["points"]
+    assert all(w == [4, 4] for p in narrow for w in p["widths"]) and g["search"]["1000"]["matched_pair"] == [4, 4]
+    for key, sg in g["search"].items():
+        r, n = sg["matched_pair"]
+        assert f"dyn4-8-fixed-{r}/{n}" in names
+    # the second codec of the set runs its selector and its matched pair only, no search
+    second_group = [k for k in clip["groups"] if k.startswith("dyn4-8:")]
+    assert len(second_group) == 1 and clip["groups"][second_group[0]]["search"] == {}
+    assert not any(n.startswith(second_group[0] + "-search") for n in names)
+    assert any("width search, gamma 0" in goal["goal"] for goal in res["goals"])
