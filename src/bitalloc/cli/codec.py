@@ -148,8 +148,8 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     else:
         model = load_default_or(args.weights, dynamic=dynamic)
     if dynamic and not model.cfg.candidates:
-        raise ConfigError(f"--dynamic needs dynamic-precision weights; {args.weights} has one fixed precision (train "
-                          "one with `bitalloc codec train --stage dynamic`)")
+        raise ConfigError(f"--dynamic and fit-selector need dynamic-precision weights; {args.weights} has one fixed "
+                          "precision (train one with `bitalloc codec train --stage dynamic`)")
     if roi and not dynamic:
         raise ConfigError("--roi goes with --dynamic")
     scales = getattr(args, "analysis_scales", None)  # VideoCoder checks them
@@ -195,7 +195,7 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
             ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
-            ("ROI source", "roi_source"), ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
+            ("widths by search, gamma", "width_search_gamma"), ("ROI source", "roi_source"), ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
             ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
             ("ROI mask's share of the rate", "mask_share"), ("ROI ms per frame", "roi_ms_per_frame")]
     return [[label, s[k]] for label, k in keys if s.get(k) is not None]
@@ -252,10 +252,7 @@ def run_fit_selector(args: argparse.Namespace) -> int:
     if bool(args.videos) == bool(args.from_search):
         raise ConfigError("give training videos to search on, or --from-search REPORT.json, not both")
     crop = _parse_crop(args.crop)
-    coder = _setup(args)
-    if not coder.dynamic:
-        raise ConfigError(f"{args.weights}: fit-selector needs dynamic-precision weights (`bitalloc codec train "
-                          "--stage dynamic`)")
+    coder = _setup(args)  # dynamic weights (a one-line error otherwise)
     cands = coder.model.cfg.candidates
     if args.from_search:
         searched, meta = _load_search(args.from_search, cands)
