@@ -96,8 +96,10 @@ def test_fit_selector_recovers_a_linear_rule_against_brute_force():
     sums = c.sum(0)
     i, j = np.unravel_index(sums.argmin(), sums.shape)
     assert out["fixed_pair"] == [(2, 4, 8)[i], (2, 4, 8)[j]] and out["fixed_cost"] == pytest.approx(sums.min() / len(c))
-    # a selector in float32 reading raw features reproduces the fit's own choices (standardisation folded in)
+    # the report counts the choices of the float32 layer reading raw features (standardisation folded in)
     assert sum(out["selector_pairs"].values()) == len(c)
+    for (i, j), count in zip(np.ndindex(3, 3), out["selector_pairs"].values()):
+        assert count == int(np.sum((idx[:, 0] == i) & (idx[:, 1] == j)))
 
 
 def test_fit_selector_without_signal_picks_the_best_fixed_pair():

@@ -195,7 +195,8 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
             ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
-            ("widths by search, gamma", "width_search_gamma"), ("ROI source", "roi_source"), ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
+            ("widths by search, gamma", "width_search_gamma"), ("ROI source", "roi_source"),
+            ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
             ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
             ("ROI mask's share of the rate", "mask_share"), ("ROI ms per frame", "roi_ms_per_frame")]
     return [[label, s[k]] for label, k in keys if s.get(k) is not None]
@@ -211,10 +212,9 @@ def _parse_widths(text: str, coder: Any) -> tuple[int, int]:
 
 
 def _parse_levels(text: str, levels: int) -> list[int]:
-    try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        out = []
+    from bitalloc.codec.evaluate import _ints
+
+    out = _ints(text, "--levels")
     if not out or any(not 0 <= v < levels for v in out):
         raise ConfigError(f"--levels {text!r}: give comma-separated quality levels among 0..{levels - 1}")
     return out

@@ -391,8 +391,8 @@ class VideoCoder:
         if self._bit_flops is None:
             self._bit_flops = BitFlopsTable.build(self.model)
         m = torch.from_numpy(np.ascontiguousarray(mask16))[None, None]
-        sq = torch.tensor([[float(roi_bits) ** 2, float(non_roi_bits) ** 2]], dtype=torch.float64)
-        return float(self._bit_flops.relative(kind, m, sq[:, 0], sq[:, 1])[0])
+        e_roi, e_non = (torch.tensor([float(b) ** 2], dtype=torch.float64) for b in (roi_bits, non_roi_bits))
+        return float(self._bit_flops.relative(kind, m, e_roi, e_non)[0])
 
     def _check_level(self, quality: int) -> None:
         if not 0 <= quality < self.model.cfg.levels:

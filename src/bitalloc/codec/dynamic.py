@@ -281,7 +281,6 @@ class BitFlopsTable:
                 total = total + l.macs_per_pixel * l.bits_product / 64.0
         return total
 
-
     def relative(self, kind: str, mask16: Tensor, e_roi: Tensor, e_non: Tensor) -> Tensor:
         """The objective's C [B]: expected Bit-FLOPs per luma pixel relative to every region layer at 8 bits, for
         latent masks ``mask16`` [B, 1, h, w] and E[b^2] per region ``e_roi`` / ``e_non`` [B]."""
