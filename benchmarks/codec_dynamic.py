@@ -15,9 +15,11 @@ for these variants:
   (``diagonal``: R = N for every candidate, i.e. static 4-, 8-, 16-bit LSQ of the same weights; ``all``: every pair
   with R >= N; or a list ``16/8,8/4``), plus always the **matched pair**: the pair whose mean Bit-FLOPs per frame
   (over all frames and levels, with the selector runs' masks) is nearest to the selector's (all K^2 pairs considered);
-* ``dyn{C}-search-G`` (with ``--search-gamma G[,G...]``): the same codec with the encoder's width search instead of the
-  selector (``VideoCoder.compress(search_gamma=G)``: every frame coded at every pair, the one of least
-  bpp + lambda * MSE + G * relative Bit-FLOPs kept), each with its own matched pair;
+* ``dyn{C}-search-G`` (with ``--search-gamma G[,G...]``, or ``--search-gamma C=G[,G...]`` for the candidate set C
+  only, e.g. ``4-8-16=0.04``; repeatable): the same codec with the encoder's width search instead of the selector
+  (``VideoCoder.compress(search_gamma=G, search_lookahead=N)``: every frame coded at every pair, the one of least
+  bpp + lambda * MSE + G * relative Bit-FLOPs kept, with ``--search-lookahead N`` that of the next N frames coded at
+  the same pair added to each pair's score), each with its own matched pair;
 * a second codec of the same candidate set (e.g. the same weights with another selector, ``bitalloc codec
   fit-selector``; named ``dyn{C}:FILE``) runs its selector and its matched pair only (no --variants, no search);
 * ``static-8``: the shipped 8-bit codec (``--static-weights``); ``fp32``: the float codec (``--float-checkpoint``, a
@@ -219,9 +221,9 @@ class Variant:
     """One curve: a coder, forced widths (or None), and where its Bit-FLOPs and ROI masks come from."""
 
     def __init__(self, name: str, coder: Any, widths: tuple[int, int] | None = None, group: str = "",
-                 weights: str | None = None, search_gamma: float | None = None):
+                 weights: str | None = None, search_gamma: float | None = None, search_lookahead: int = 0):
         self.name, self.coder, self.widths, self.group, self.weights = name, coder, widths, group, weights
-        self.search_gamma = search_gamma
+        self.search_gamma, self.search_lookahead = search_gamma, search_lookahead
         self.points: list[dict[str, Any]] = []
 
 
@@ -231,7 +233,7 @@ def measure(variant: Variant, src: Any, level: int, intra_period: int, verify: b
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_yuv
 
     res = variant.coder.compress(src, quality=level, intra_period=intra_period, widths=variant.widths,
-                                 search_gamma=variant.search_gamma)
+                                 search_gamma=variant.search_gamma, search_lookahead=variant.search_lookahead)
     p = psnr_yuv(src, res.reconstruction)
     widths = [(f.roi_bits, f.non_roi_bits) for f in res.frames]
     masks = (np.stack([f.roi_mask for f in res.frames]) if res.frames[0].roi_mask is not None else ref_masks)
@@ -352,11 +354,13 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
         again = ":" in group  # another codec of a candidate set already run (e.g. another selector): its matched pair
         pairs = [] if again else parse_variants(args.variants, cands)
         search = {}
-        for gamma in [] if again else args.search_gamma:  # the encoder's width search, each with its own matched pair
-            sv = Variant(f"{group}-search-{gamma:g}", coder, None, group, weights, search_gamma=gamma)
+        for gamma in [] if again else search_gammas(args.search_gamma, cands):  # each with its own matched pair
+            sv = Variant(f"{group}-search-{gamma:g}", coder, None, group, weights, search_gamma=gamma,
+                         search_lookahead=args.search_lookahead)
             run(sv, costs, ref, verify_sel)
             cost = float(np.mean([p["bit_flops"] for p in sv.points]))
-            search[f"{gamma:g}"] = {"gamma": gamma, "bit_flops": cost, "matched_pair": list(matched_pair(cost, pair_cost))}
+            search[f"{gamma:g}"] = {"gamma": gamma, "lookahead": args.search_lookahead, "bit_flops": cost,
+                                    "matched_pair": list(matched_pair(cost, pair_cost))}
         for m in [match] + [tuple(v["matched_pair"]) for v in search.values()]:
             if m not in pairs:
                 pairs.append(m)
@@ -465,7 +469,7 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         for key in clips[0]["groups"][group].get("search", {}):  # not a goal: what search at the encoder gives
             sv = [c["groups"][group]["search"][key] for c in clips]
             sm = [v["vs_matched_bd_rate"]["akima"] for v in sv]
-            row(f"{group} (not the selector: the encoder's width search, gamma {key}): beats the fixed assignment of "
+            row(f"{group} (not the selector: the encoder's {search_name(sv[0])}, gamma {key}): beats the fixed assignment of "
                 "the same mean Bit-FLOPs on every clip", None if any(v is None for v in sm) else all(v < 0 for v in sm),
                 "; ".join(f"{c['clip']}: {'n/a' if v is None else f'{v:+.2f}%'} vs {s['matched_pair'][0]}/"
                           f"{s['matched_pair'][1]} ({s['bit_flops'] / 1e9:.3f} GBit-FLOPs/frame)"
@@ -578,7 +582,7 @@ def render(res: dict[str, Any]) -> str:
                          f"{_f(sm['pchip'], '+.2f')}% (PCHIP).  ")
             for key, sg in g.get("search", {}).items():
                 vm, vs = sg["vs_matched_bd_rate"], sg["vs_selector_bd_rate"]
-                lines.append(f"{group}, the encoder's width search at gamma {key}: {sg['bit_flops'] / 1e9:.3f} "
+                lines.append(f"{group}, the encoder's {search_name(sg)} at gamma {key}: {sg['bit_flops'] / 1e9:.3f} "
                              f"GBit-FLOPs/frame; BD-rate against its matched pair {sg['matched_pair'][0]}/"
                              f"{sg['matched_pair'][1]} {_f(vm['akima'], '+.2f')}% (Akima), {_f(vm['pchip'], '+.2f')}% "
                              f"(PCHIP); against the selector {_f(vs['akima'], '+.2f')}% (Akima).  ")
@@ -603,9 +607,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default="diagonal",
                     help="fixed (ROI/non-ROI) pairs per dynamic codec: diagonal (R = N, default), all (R >= N), none, "
                          "or a list like 16/8,8/8; the pair matching the selector's Bit-FLOPs is always added")
-    ap.add_argument("--search-gamma", default="", metavar="G[,G...]",
-                    help="also run each dynamic codec with the encoder's width search at these gammas (every frame "
-                         "coded at every pair: K^2 times the encoding work), each against its matched fixed pair")
+    ap.add_argument("--search-gamma", action="append", default=[], metavar="[C=]G[,G...]",
+                    help="also run each dynamic codec (with C, e.g. 4-8-16=: those of candidate set C only) with the "
+                         "encoder's width search at these gammas (every frame coded at every pair: K^2 times the "
+                         "encoding work), each against its matched fixed pair; repeatable")
+    ap.add_argument("--search-lookahead", type=int, default=0, metavar="N",
+                    help="the width search scores each pair with the next N frames coded at it too ((1 + N) times "
+                         "its work; default 0)")
     ap.add_argument("--verify", choices=("none", "selector", "all"), default="selector",
                     help="decode the streams of these variants again and compare (default: the selector's, and "
                          "the static-8 and fp32 references; decoding is timed: the decode ms/frame column)")
@@ -625,13 +633,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.frames < 1 or args.threads < 1 or not args.levels:
         raise ConfigError("--frames, --threads and --levels need positive values")
     parse_variants(args.variants, [2, 4, 8, 16])  # checks the syntax
-    try:
-        args.search_gamma = [float(v) for v in args.search_gamma.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--search-gamma {args.search_gamma!r}: give comma-separated weights >= 0") from None
-    if any(not g >= 0 for g in args.search_gamma):
-        raise ConfigError(f"--search-gamma {args.search_gamma}: weights must be >= 0")
+    args.search_gamma = parse_search_gamma(args.search_gamma)
+    if args.search_lookahead < 0:
+        raise ConfigError(f"--search-lookahead {args.search_lookahead}: give a number of frames >= 0")
     return args
+
+
+def parse_search_gamma(values: Sequence[str]) -> dict[str, list[float]]:
+    """``--search-gamma`` values ("G,G" for every candidate set, "4-8-16=G,G" for one) -> {"all" or "4-8-16": [G]}."""
+    out: dict[str, list[float]] = {}
+    for text in values:
+        key, _, gammas = text.rpartition("=")
+        try:
+            if key:
+                key = "-".join(str(int(b)) for b in key.split("-"))
+            vals = [float(v) for v in gammas.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--search-gamma {text!r}: give comma-separated weights >= 0, optionally after a "
+                              "candidate set like 4-8-16=") from None
+        if not vals or any(not g >= 0 for g in vals):
+            raise ConfigError(f"--search-gamma {text!r}: give comma-separated weights >= 0")
+        out.setdefault(key or "all", []).extend(g for g in vals if g not in out.get(key or "all", []))
+    return out
+
+
+def search_gammas(spec: dict[str, list[float]] | list[float], candidates: Sequence[int]) -> list[float]:
+    """The gammas of the width search for a candidate set: those for every set, then the set's own."""
+    if isinstance(spec, list):  # results of an earlier revision
+        return list(spec)
+    own = spec.get("-".join(map(str, candidates)), [])
+    return spec.get("all", []) + [g for g in own if g not in spec.get("all", [])]
+
+
+def search_name(search: dict[str, Any]) -> str:
+    """How a width search entry of the results is named: with its lookahead when it had one."""
+    n = int(search.get("lookahead", 0))
+    return f"width search with {n} frame{'s' if n > 1 else ''} of lookahead" if n else "width search"
 
 
 def resummarize(args: argparse.Namespace) -> int:
@@ -701,7 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"--levels {bad}: the {name} codec has levels 0..{coder.model.cfg.levels - 1}")
     per_clip = len(args.levels) * (sum(1 if ":" in g else
-                                       1 + len(args.search_gamma) + len(parse_variants(args.variants, c.model.cfg.candidates))
+                                       1 + len(search_gammas(args.search_gamma, c.model.cfg.candidates))
+                                       + len(parse_variants(args.variants, c.model.cfg.candidates))
                                        for g, c, _ in dyn)
                                    + 1 + (fp32 is not None))
     budget = {"total": per_clip * len(args.clips), "done": 0, "seconds": 0.0}
@@ -713,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res: dict[str, Any] = {"command": command_line(), "revision": git_revision(), "machine": machine(),
                            "threads": args.threads, "frames": args.frames, "levels": args.levels,
                            "intra_period": args.intra_period, "variants_option": args.variants,
-                           "search_gamma": args.search_gamma,
+                           "search_gamma": args.search_gamma, "search_lookahead": args.search_lookahead,
                            "weights": {g: Path(p).name for g, _, p in dyn},
                            "groups": {g: list(c.model.cfg.candidates) for g, c, _ in dyn},
                            "roi_sources": ", ".join(f"{g}: {c.roi.spec()}" for g, c, _ in dyn),

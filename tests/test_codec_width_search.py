@@ -14,7 +14,7 @@ from bitalloc.codec.bitstream import read_stream
 from bitalloc.codec.codec import VideoCoder
 from bitalloc.codec.precision import load_codec, save_codec
 from bitalloc.codec.selector import NUM_FEATURES, WidthSelector, fit_selector, search_costs
-from bitalloc.codec.video_io import write_y4m
+from bitalloc.codec.video_io import read_video, write_y4m
 from bitalloc.errors import ConfigError, ShapeError
 
 from tests.codec_util import moving_video, tiny_dynamic_codec
@@ -66,6 +66,57 @@ def test_search_conflicts_and_bad_gamma(dyn_weights):
         coder.compress(video, quality=0, widths=(4, 4), search_gamma=0.1)
     with pytest.raises(ConfigError, match=">= 0"):
         coder.compress(video, quality=0, search_gamma=-1.0)
+
+
+def _objective(coder, video, res, j, level, gamma):
+    """Frame j's bpp + lambda * (6 MSE_Y + MSE_U + MSE_V) / 8 + gamma * relative Bit-FLOPs, recomputed from the
+    stream's payload and the planes in float64 numpy (even frame sizes: no padding to crop)."""
+    f, rec = res.frames[j], read_stream(res.stream)[1][j]
+
+    def mse(a, b):
+        return np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+
+    out = res.reconstruction
+    d = (6 * mse(video.y[j], out.y[j]) + mse(video.u[j], out.u[j]) + mse(video.v[j], out.v[j])) / 8
+    bpp = 8 * len(rec.payload) / (video.height * video.width)
+    return bpp + float(coder.model.lambdas[level]) * d + gamma * coder.relative_bit_flops(f.kind, f.latent_mask,
+                                                                                        f.roi_bits, f.non_roi_bits)
+
+
+def test_search_lookahead_scores_pairs_by_the_next_frames_against_fixed_encodes(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights), analysis_scales=(0.5, 1.0))
+    video, g = moving_video(4, 48, 64, seed=3), 0.01
+    res = coder.compress(video, quality=1, intra_period=3, search_gamma=g, search_lookahead=2)
+    for f in res.frames:  # the kept pair is the least own + lookahead score
+        assert set(f.pair_lookahead) == set(f.pair_costs)
+        total = {p: rd + g * rel + f.pair_lookahead[p] for p, (rd, rel) in f.pair_costs.items()}
+        assert (f.roi_bits, f.non_roi_bits) == min(total, key=total.get)
+    # frame 2's next frame is an I frame and frame 3 is the last: nothing to look ahead to
+    assert all(v == 0 for f in res.frames[2:] for v in f.pair_lookahead.values())
+    assert coder.decompress(res.stream).equal(res.reconstruction)
+    # brute force for frame 0: each pair held on frames 0..2 by a fixed assignment; its frames 1 and 2 cost what
+    # the lookahead says, and the kept pair is the least over the three frames
+    whole = {}
+    for p in res.frames[0].pair_costs:
+        fixed = coder.compress(video[:3], quality=1, intra_period=3, widths=p)
+        costs = [_objective(coder, video[:3], fixed, j, 1, g) for j in range(3)]
+        assert res.frames[0].pair_lookahead[p] == pytest.approx(costs[1] + costs[2], rel=1e-9)
+        rd, rel = res.frames[0].pair_costs[p]
+        assert rd + g * rel == pytest.approx(costs[0], rel=1e-9)
+        whole[p] = sum(costs)
+    assert (res.frames[0].roi_bits, res.frames[0].non_roi_bits) == min(whole, key=whole.get)
+    assert _objective(coder, video, res, 0, 1, g) == pytest.approx(min(whole.values()) - res.frames[0].pair_lookahead[
+        (res.frames[0].roi_bits, res.frames[0].non_roi_bits)], rel=1e-9)
+
+
+def test_search_lookahead_bad_input(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights))
+    video = moving_video(2, 32, 32)
+    with pytest.raises(ConfigError, match="search_gamma"):
+        coder.compress(video, quality=0, search_lookahead=1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="lookahead"):
+            coder.compress(video, quality=0, search_gamma=0.1, search_lookahead=bad)
 
 
 def _synthetic(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +186,14 @@ def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
     write_y4m(src, moving_video(3, 48, 64))
     out, js = tmp_path / "s.bav", tmp_path / "s.json"
     assert main(["codec", "encode", str(src), "-o", str(out), "-q", "1", "--dynamic", "--weights", str(dyn_weights),
-                 "--widths", "search", "--gamma", "0.01", "--analysis-scales", "1", "--json", str(js)]) == 0
+                 "--widths", "search", "--gamma", "0.01", "--analysis-scales", "1", "--json", str(js),
+                 "--lookahead", "1"]) == 0
     assert json.loads(js.read_text())["width_search_gamma"] == 0.01
+    assert json.loads(js.read_text())["width_search_lookahead"] == 1
+    # the file is the API's stream with the same search (lookahead included)
+    api = VideoCoder(load_codec(dyn_weights), analysis_scales=(1.0,)).compress(
+        read_video(src), quality=1, search_gamma=0.01, search_lookahead=1)
+    assert out.read_bytes() == api.stream
     fitted, fj = tmp_path / "fitted.pt", tmp_path / "fit.json"
     assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--levels", "0,2",
                  "--frames", "3", "--analysis-scales", "1", "-o", str(fitted), "--json", str(fj)]) == 0
@@ -170,6 +227,9 @@ def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
     assert main(["codec", "encode", str(src), "-o", str(tmp_path / "g.bav"), "-q", "1", "--dynamic", "--weights",
                  str(dyn_weights), "--widths", "search"]) == 2
     assert "needs --gamma" in capsys.readouterr().err
+    assert main(["codec", "encode", str(src), "-o", str(tmp_path / "g.bav"), "-q", "1", "--dynamic", "--weights",
+                 str(dyn_weights), "--lookahead", "1"]) == 2
+    assert "--lookahead goes with --widths search" in capsys.readouterr().err
     assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01",
                  "-o", str(fitted)]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -195,12 +255,13 @@ def test_benchmark_runs_the_width_search_with_its_matched_pair(dyn_weights, tmp_
     second.write_bytes(Path(dyn_weights).read_bytes())
     assert bench.main(["--clips", str(src), "--frames", "3", "--levels", "0,1,2", "--threads", "1", "--variants", "none",
                        "--dynamic-weights", str(dyn_weights), "--dynamic-weights", str(second), "--static-weights",
-                       str(static), "--search-gamma", "0,1000", "--cross-check", "0", "--verify", "none",
+                       str(static), "--search-gamma", "0", "--search-gamma", "4-8=1000", "--search-gamma", "2-4-8=5",
+                       "--search-lookahead", "1", "--cross-check", "0", "--verify", "none",
                        "--results", str(tmp_path / "res"), "--no-md"]) == 0
     res = json.loads((tmp_path / "res" / "codec_dynamic.json").read_text())
     clip = res["clips"][0]
     g = clip["groups"]["dyn4-8"]
-    assert set(g["search"]) == {"0", "1000"}
+    assert set(g["search"]) == {"0", "1000"} and all(v["lookahead"] == 1 for v in g["search"].values())
     names = set(clip["variants"])
     assert {"dyn4-8-search-0", "dyn4-8-search-1000"} <= names
     # gamma 1000: the cost dominates, every frame at the narrowest pair, which is then its matched pair
@@ -213,4 +274,9 @@ def test_benchmark_runs_the_width_search_with_its_matched_pair(dyn_weights, tmp_
     second_group = [k for k in clip["groups"] if k.startswith("dyn4-8:")]
     assert len(second_group) == 1 and clip["groups"][second_group[0]]["search"] == {}
     assert not any(n.startswith(second_group[0] + "-search") for n in names)
-    assert any("width search, gamma 0" in goal["goal"] for goal in res["goals"])
+    assert any("width search with 1 frame of lookahead, gamma 0" in goal["goal"] for goal in res["goals"])
+    assert bench.parse_search_gamma(["0.1,0.2", "04-8=0.3,0.1"]) == {"all": [0.1, 0.2], "4-8": [0.3, 0.1]}
+    assert bench.search_gammas({"all": [0.1, 0.2], "4-8": [0.3, 0.1]}, (4, 8)) == [0.1, 0.2, 0.3]
+    for bad in ("x", "4-8=", "a-b=0.1", "-1"):
+        with pytest.raises(ConfigError, match="--search-gamma"):
+            bench.parse_search_gamma([bad])

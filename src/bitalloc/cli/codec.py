@@ -62,6 +62,9 @@ def register(sub: Any) -> None:
                         "--gamma * relative Bit-FLOPs (K^2 times the encoding work; the decoder needs nothing more)")
     e.add_argument("--gamma", type=float, help="with --widths search: weight of the frame's Bit-FLOPs relative to 8 "
                                                 "bits everywhere (the training objective's gamma)")
+    e.add_argument("--lookahead", type=int, default=0, metavar="N",
+                   help="with --widths search: score each pair by its frame plus the next N frames coded at the same "
+                        "pair from its reconstruction ((1 + N) times the search's work; default 0)")
     _common(e)
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
@@ -195,7 +198,8 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
             ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
-            ("widths by search, gamma", "width_search_gamma"), ("ROI source", "roi_source"),
+            ("widths by search, gamma", "width_search_gamma"), ("search lookahead (frames)", "width_search_lookahead"),
+            ("ROI source", "roi_source"),
             ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
             ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
             ("ROI mask's share of the rate", "mask_share"), ("ROI ms per frame", "roi_ms_per_frame")]
@@ -340,12 +344,16 @@ def run_encode(args: argparse.Namespace) -> int:
     if search != (args.gamma is not None):
         raise ConfigError("--widths search needs --gamma G (the weight of the relative Bit-FLOPs), and --gamma "
                           "goes only with --widths search")
+    if args.lookahead and not search:
+        raise ConfigError("--lookahead goes with --widths search --gamma G")
+    if args.lookahead < 0:
+        raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0")
     coder = _setup(args)
     widths = None if args.widths is None or search else _parse_widths(args.widths, coder)
     frames = read_video(args.input, frames=args.frames, start=args.start)
     with _bar(len(frames), "encode") as bar:
         res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update,
-                             widths=widths, search_gamma=args.gamma)
+                             widths=widths, search_gamma=args.gamma, search_lookahead=args.lookahead)
     checked: dict[str, Any] = {}
 
     def verify(tmp: Path) -> None:  # decode the written file before it replaces anything
@@ -375,7 +383,7 @@ def run_encode(args: argparse.Namespace) -> int:
                       for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
         "analysis_scales": _scale_counts(res.frames),
-        "width_search_gamma": args.gamma,
+        "width_search_gamma": args.gamma, "width_search_lookahead": args.lookahead if search else None,
     }
     if coder.dynamic:  # the widths' and the mask's share of the rate, the ROI source's time
         side = 4 * len(res.frames)  # two 16-bit fields per frame

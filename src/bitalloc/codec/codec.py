@@ -208,6 +208,8 @@ class FrameInfo:
     #: with the encoder's width search (``compress(search_gamma=...)``): per (ROI, non-ROI) pair tried, the least
     #: bits per pixel + lambda * MSE_YUV of its trials and its Bit-FLOPs relative to 8 bits everywhere
     pair_costs: dict[tuple[int, int], tuple[float, float]] | None = field(default=None, repr=False)
+    #: with the search's lookahead (``search_lookahead=N``): per pair, the objective of the next N frames coded at it
+    pair_lookahead: dict[tuple[int, int], float] | None = field(default=None, repr=False)
 
 
 class _LatentSet:
@@ -461,10 +463,49 @@ class VideoCoder:
         cost = 8.0 * len(payload) / (size[0] * size[1]) + float(self.model.lambdas[level]) * mse
         return cost, payload, rec, stats, mask_bits, a
 
+    def _trials(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, mask16: np.ndarray | None,
+                pairs: Sequence[tuple[int, int]], intra: bool, gamma: float | None, size: tuple[int, int],
+                prev_mask: np.ndarray | None) -> dict[tuple[int, int], tuple]:
+        """Code one frame at each pair of ``pairs`` with every analysis scale (and, for a P frame with
+        ``adaptive_intra``, also as an I frame); per pair the trial of least bpp + lambda * MSE_YUV + ``gamma`` * C
+        (C: :meth:`relative_bit_flops`; no C term when ``gamma`` is None): pair -> (that objective, the trial of
+        :meth:`_code_frame`, whether it is an I frame, C)."""
+        best: dict[tuple[int, int], tuple] = {}
+        for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
+            for pair in pairs:
+                rel = 0.0 if gamma is None else self.relative_bit_flops("I" if as_intra else "P", mask16, *pair)
+                for a in self.analysis_scales:
+                    trial = self._code_frame(x, None if as_intra else ref, flow, level, a, mask16, *pair, size,
+                                             prev_mask)
+                    j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
+                    if pair not in best or j < best[pair][0]:
+                        best[pair] = (j, trial, as_intra, rel)
+        return best
+
+    def _lookahead(self, frames: YUVFrames, i: int, rec: Tensor, mask16: np.ndarray | None, pair: tuple[int, int],
+                   level: int, intra_period: int, gamma: float, depth: int, size: tuple[int, int]) -> float:
+        """The width search's lookahead: the objective (bpp + lambda * MSE_YUV + gamma * C, each frame's best trial)
+        summed over the next ``depth`` frames coded at the same ``pair`` in turn from ``rec``, frame ``i``'s
+        reconstruction at that pair (motion, ROI and mask re-estimated on each, as the encoder would); it stops
+        before the next I frame of the intra period (its cost does not depend on frame ``i``) and at the end."""
+        total, ref, prev_mask = 0.0, rec, mask16
+        for j in range(i + 1, min(i + 1 + depth, len(frames))):
+            if intra_period > 0 and j % intra_period == 0:
+                break
+            x = frame_tensor(frames, j, size)
+            info = FrameInfo(j, "P", 0)
+            flow = estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
+            m16, _, _ = self._choose(x, ref, flow, info, pair)
+            cost, trial, _, _ = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
+                                             (frames.height, frames.width), prev_mask)[pair]
+            total, ref, prev_mask = total + cost, trial[2], m16
+        return total
+
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
                  progress: Callable[[int], None] | None = None,
-                 widths: tuple[int, int] | None = None, search_gamma: float | None = None) -> CompressResult:
+                 widths: tuple[int, int] | None = None, search_gamma: float | None = None,
+                 search_lookahead: int = 0) -> CompressResult:
         """Code ``frames`` at quality level ``quality`` (0 = lowest rate) with an I frame every
         ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction.
 
@@ -479,7 +520,14 @@ class VideoCoder:
         (:meth:`relative_bit_flops`): per frame, the training objective of ``--stage dynamic --gamma G`` minimised
         by trial instead of predicted, at K^2 times the encoding work. Each frame's info keeps every pair's cost
         (``pair_costs``) and the selector's features, the data :func:`bitalloc.codec.selector.fit_selector` fits a
-        selector to."""
+        selector to.
+
+        ``search_lookahead`` N (with ``search_gamma``): each pair is scored by the frame's objective at it plus that
+        of the next N frames coded at the same pair in turn from its reconstruction (:meth:`_lookahead`; up to the
+        next I frame), so that a pair whose cheaper reconstruction makes the following P frames dearer is not kept
+        for its own frame's sake; the frame is still coded once, at the pair of least score, and the next frame
+        chooses again (receding horizon). (1 + N) times the search's work; the pair's lookahead part is kept in
+        ``pair_lookahead``."""
         from bitalloc.codec.metrics import psnr_yuv
 
         if search_gamma is not None:
@@ -489,6 +537,11 @@ class VideoCoder:
                 raise ConfigError("the width search needs a dynamic-precision codec (trained with --stage dynamic)")
             if not math.isfinite(float(search_gamma)) or float(search_gamma) < 0:
                 raise ConfigError(f"search gamma {search_gamma}: give a weight >= 0 of the relative Bit-FLOPs")
+        if isinstance(search_lookahead, bool) or not isinstance(search_lookahead, int) or search_lookahead < 0:
+            raise ConfigError(f"search lookahead {search_lookahead!r}: give a number of frames >= 0")
+        if search_lookahead and search_gamma is None:
+            raise ConfigError("a lookahead goes with the width search: give search_gamma too")
+        lookahead = int(search_lookahead)
         forced = None if widths is None else self.check_widths(widths)
         self._check_level(quality)
         if intra_period == 0 or intra_period < -1:
@@ -515,21 +568,17 @@ class VideoCoder:
                 # encoder-side RD choices the decoder needs nothing more for: analysis scale, frame type, and with
                 # the width search the widths (they are in the frame record)
                 pairs = [(rb, nb)] if search_gamma is None else self.search_pairs(info.roi_fraction)
-                best, costs = None, {}
-                for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
-                    for pair in pairs:
-                        rel = (0.0 if search_gamma is None else
-                               self.relative_bit_flops("I" if as_intra else "P", mask16, *pair))
-                        for a in self.analysis_scales:
-                            trial = self._code_frame(x, None if as_intra else ref, flow, quality, a, mask16, *pair,
-                                                     (h, w), prev_mask)
-                            j = trial[0] + (0.0 if search_gamma is None else float(search_gamma) * rel)
-                            if pair not in costs or j < costs[pair][0]:
-                                costs[pair] = (j, trial[0], rel)
-                            if best is None or j < best[0]:
-                                best, intra, (rb, nb) = (j, *trial[1:]), as_intra, pair
+                tried = self._trials(x, ref, flow, quality, mask16, pairs, intra, search_gamma, (h, w), prev_mask)
+                score = {p: t[0] for p, t in tried.items()}
                 if search_gamma is not None:
-                    info.pair_costs = {p: c[1:] for p, c in costs.items()}
+                    info.pair_costs = {p: (t[1][0], t[3]) for p, t in tried.items()}
+                    if lookahead:
+                        info.pair_lookahead = {p: self._lookahead(frames, i, t[1][2], mask16, p, quality,
+                                                                  intra_period, search_gamma, lookahead, size)
+                                               for p, t in tried.items()}
+                        score = {p: j + info.pair_lookahead[p] for p, j in score.items()}
+                rb, nb = min(score, key=score.__getitem__)
+                _, best, intra, _ = tried[(rb, nb)]
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
                 info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
