@@ -89,10 +89,17 @@ def test_search_lookahead_scores_pairs_by_the_next_frames_against_fixed_encodes(
     res = coder.compress(video, quality=1, intra_period=3, search_gamma=g, search_lookahead=2)
     for f in res.frames:  # the kept pair is the least own + lookahead score
         assert set(f.pair_lookahead) == set(f.pair_costs)
-        total = {p: rd + g * rel + f.pair_lookahead[p] for p, (rd, rel) in f.pair_costs.items()}
+        total = {p: rd + g * rel + f.pair_lookahead[p][0] + g * f.pair_lookahead[p][1]
+                 for p, (rd, rel) in f.pair_costs.items()}
         assert (f.roi_bits, f.non_roi_bits) == min(total, key=total.get)
     # frame 2's next frame is an I frame and frame 3 is the last: nothing to look ahead to
-    assert all(v == 0 for f in res.frames[2:] for v in f.pair_lookahead.values())
+    assert all(v == (0, 0) for f in res.frames[2:] for v in f.pair_lookahead.values())
+    # the fitting data of a lookahead search: each pair's cost includes the next frames' at the same pair
+    feats, costs = search_costs(res.frames, (4, 8), g)
+    for f, table in zip(res.frames, costs):
+        for (r, n), (rd, rel) in f.pair_costs.items():
+            la_rd, la_rel = f.pair_lookahead[(r, n)]
+            assert table[(4, 8).index(r), (4, 8).index(n)] == pytest.approx(rd + la_rd + g * (rel + la_rel))
     assert coder.decompress(res.stream).equal(res.reconstruction)
     # brute force for frame 0: each pair held on frames 0..2 by a fixed assignment; its frames 1 and 2 cost what
     # the lookahead says, and the kept pair is the least over the three frames
@@ -100,13 +107,14 @@ def test_search_lookahead_scores_pairs_by_the_next_frames_against_fixed_encodes(
     for p in res.frames[0].pair_costs:
         fixed = coder.compress(video[:3], quality=1, intra_period=3, widths=p)
         costs = [_objective(coder, video[:3], fixed, j, 1, g) for j in range(3)]
-        assert res.frames[0].pair_lookahead[p] == pytest.approx(costs[1] + costs[2], rel=1e-9)
+        la_rd, la_rel = res.frames[0].pair_lookahead[p]
+        assert la_rd + g * la_rel == pytest.approx(costs[1] + costs[2], rel=1e-9)
         rd, rel = res.frames[0].pair_costs[p]
         assert rd + g * rel == pytest.approx(costs[0], rel=1e-9)
         whole[p] = sum(costs)
     assert (res.frames[0].roi_bits, res.frames[0].non_roi_bits) == min(whole, key=whole.get)
-    assert _objective(coder, video, res, 0, 1, g) == pytest.approx(min(whole.values()) - res.frames[0].pair_lookahead[
-        (res.frames[0].roi_bits, res.frames[0].non_roi_bits)], rel=1e-9)
+    la_rd, la_rel = res.frames[0].pair_lookahead[(res.frames[0].roi_bits, res.frames[0].non_roi_bits)]
+    assert _objective(coder, video, res, 0, 1, g) == pytest.approx(min(whole.values()) - la_rd - g * la_rel, rel=1e-9)
 
 
 def test_search_lookahead_bad_input(dyn_weights):
@@ -216,7 +224,23 @@ def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
     again = json.loads(rj.read_text())
     assert again["frames"] == 6 and again["selector_pairs"]["4/4"] == 6 and again["search_gamma"] == 0.01
     assert len(again["search"]["frames"]) == 6
+    # a lookahead search: its costs travel in the report and a refit at the same gamma sees the same costs
+    la_pt, la_js = tmp_path / "la.pt", tmp_path / "la.json"
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--levels", "1",
+                 "--frames", "3", "--analysis-scales", "1", "--lookahead", "1", "-o", str(la_pt), "--json",
+                 str(la_js)]) == 0
+    la = json.loads(la_js.read_text())
+    assert la["search_lookahead"] == 1 and all(f["pair_lookahead"] for f in la["search"]["frames"][:2])
+    assert not la["search"]["frames"][2]["pair_lookahead"] or all(
+        row[2:] == [0, 0] for row in la["search"]["frames"][2]["pair_lookahead"])
+    assert main(["codec", "fit-selector", "--from-search", str(la_js), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "-o", str(tmp_path / "la2.pt"), "--json", str(tmp_path / "la2.json")]) == 0
+    la2 = json.loads((tmp_path / "la2.json").read_text())
+    assert la2["search_cost"] == pytest.approx(la["search_cost"]) and la2["search_lookahead"] == 1
     capsys.readouterr()
+    assert main(["codec", "fit-selector", "--from-search", str(la_js), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--lookahead", "1", "-o", str(tmp_path / "la3.pt")]) == 2
+    assert "--lookahead" in capsys.readouterr().err
     assert main(["codec", "fit-selector", str(src), "--from-search", str(fj), "--weights", str(dyn_weights),
                  "--gamma", "1", "-o", str(tmp_path / "y.pt")]) == 2
     assert "not both" in capsys.readouterr().err

@@ -111,6 +111,9 @@ def register(sub: Any) -> None:
     f.add_argument("--analysis-scales", metavar="A,B,...", default=None,
                    help="the encoder's analysis scales during the search (default: encode's)")
     f.add_argument("--roi", help="the ROI source (default: the codec's)")
+    f.add_argument("--lookahead", type=int, default=0, metavar="N",
+                   help="search with N frames of lookahead (encode --lookahead): each pair's cost includes the next "
+                        "N frames coded at it ((1 + N) times the work; default 0)")
     f.add_argument("--l2", type=float, default=1e-3, help="weight decay of the fit (1e-3)")
     f.add_argument("--from-search", metavar="REPORT.json",
                    help="encode nothing: fit again (e.g. at another --gamma) to the search costs that an earlier "
@@ -255,6 +258,9 @@ def run_fit_selector(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gamma {args.gamma}: give a weight >= 0")
     if bool(args.videos) == bool(args.from_search):
         raise ConfigError("give training videos to search on, or --from-search REPORT.json, not both")
+    if args.lookahead < 0 or (args.lookahead and args.from_search):
+        raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0, with training videos (a "
+                          "--from-search report keeps the lookahead it was searched with)")
     crop = _parse_crop(args.crop)
     coder = _setup(args)  # dynamic weights (a one-line error otherwise)
     cands = coder.model.cfg.candidates
@@ -274,9 +280,10 @@ def run_fit_selector(args: argparse.Namespace) -> int:
             for path, frames in clips:
                 for level in levels:
                     searched += coder.compress(frames, quality=level, intra_period=args.intra_period,
-                                               progress=bar.update, search_gamma=args.gamma).frames
+                                               progress=bar.update, search_gamma=args.gamma,
+                                               search_lookahead=args.lookahead).frames
         meta = {"videos": [str(p) for p in args.videos], "levels": levels, "frames_per_video": args.frames,
-                "crop": args.crop, "search_gamma": args.gamma}
+                "crop": args.crop, "search_gamma": args.gamma, "search_lookahead": args.lookahead}
     feats, costs = search_costs(searched, cands, args.gamma)
     model = copy.deepcopy(coder.model)
     report = fit_selector(model.selector, feats, costs, l2=args.l2)
@@ -285,7 +292,9 @@ def run_fit_selector(args: argparse.Namespace) -> int:
     save_codec(model, args.output, extra={"selector_fit": report})
     report["search"] = {"candidates": list(cands), "frames": [
         {"features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
-         "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()]} for f in searched]}
+         "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()],
+         "pair_lookahead": [[r, n, rd, rel] for (r, n), (rd, rel) in (f.pair_lookahead or {}).items()]}
+        for f in searched]}
     print_table(f"selector fitted to the width search (gamma {args.gamma:g}, {report['frames']} frames) -> "
                 f"{args.output}", ["", "mean cost per frame (bpp + lambda D + gamma C)", "pairs chosen"],
                 [["width search (per frame, least)", f"{report['search_cost']:.5f}",
@@ -309,7 +318,7 @@ def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]
         data = rep["search"]
         frames = [SimpleNamespace(index=i, features=np.asarray(f["features"], dtype=np.float64),
                                   roi_fraction=float(f["roi_fraction"]),
-                                  pair_costs={(int(r), int(n)): (float(rd), float(rel)) for r, n, rd, rel in f["pair_costs"]})
+                                  pair_costs=_pairs(f["pair_costs"]), pair_lookahead=_pairs(f.get("pair_lookahead", [])))
                   for i, f in enumerate(data["frames"])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--from-search {path}: not a `bitalloc codec fit-selector --json` report with search costs "
@@ -317,9 +326,14 @@ def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]
     if list(data["candidates"]) != list(candidates) or not frames:
         raise ConfigError(f"--from-search {path}: searched at widths {data['candidates']}, these weights have "
                           f"{list(candidates)}; give the weights it was made with (--weights)")
-    meta = {k: rep.get(k) for k in ("videos", "levels", "frames_per_video", "crop")}
+    meta = {k: rep.get(k) for k in ("videos", "levels", "frames_per_video", "crop", "search_lookahead")}
     meta.update(search_gamma=rep.get("search_gamma", rep.get("gamma")), from_search=str(path))
     return frames, meta
+
+
+def _pairs(rows: Any) -> dict[tuple[int, int], tuple[float, float]]:
+    """A report's [[r, n, rd, rel], ...] -> {(r, n): (rd, rel)}."""
+    return {(int(r), int(n)): (float(rd), float(rel)) for r, n, rd, rel in rows}
 
 
 def _pair_counts(counts: dict[str, int]) -> str:

@@ -208,8 +208,9 @@ class FrameInfo:
     #: with the encoder's width search (``compress(search_gamma=...)``): per (ROI, non-ROI) pair tried, the least
     #: bits per pixel + lambda * MSE_YUV of its trials and its Bit-FLOPs relative to 8 bits everywhere
     pair_costs: dict[tuple[int, int], tuple[float, float]] | None = field(default=None, repr=False)
-    #: with the search's lookahead (``search_lookahead=N``): per pair, the objective of the next N frames coded at it
-    pair_lookahead: dict[tuple[int, int], float] | None = field(default=None, repr=False)
+    #: with the search's lookahead (``search_lookahead=N``): per pair, the next N frames coded at it: their summed
+    #: bits per pixel + lambda * MSE_YUV and summed relative Bit-FLOPs (score at gamma G: the first + G * the second)
+    pair_lookahead: dict[tuple[int, int], tuple[float, float]] | None = field(default=None, repr=False)
 
 
 class _LatentSet:
@@ -483,12 +484,14 @@ class VideoCoder:
         return best
 
     def _lookahead(self, frames: YUVFrames, i: int, rec: Tensor, mask16: np.ndarray | None, pair: tuple[int, int],
-                   level: int, intra_period: int, gamma: float, depth: int, size: tuple[int, int]) -> float:
-        """The width search's lookahead: the objective (bpp + lambda * MSE_YUV + gamma * C, each frame's best trial)
-        summed over the next ``depth`` frames coded at the same ``pair`` in turn from ``rec``, frame ``i``'s
-        reconstruction at that pair (motion, ROI and mask re-estimated on each, as the encoder would); it stops
-        before the next I frame of the intra period (its cost does not depend on frame ``i``) and at the end."""
-        total, ref, prev_mask = 0.0, rec, mask16
+                   level: int, intra_period: int, gamma: float, depth: int,
+                   size: tuple[int, int]) -> tuple[float, float]:
+        """The width search's lookahead: the next ``depth`` frames coded at the same ``pair`` in turn from ``rec``,
+        frame ``i``'s reconstruction at that pair (motion, ROI and mask re-estimated on each, as the encoder would;
+        each frame's trial of least bpp + lambda * MSE_YUV + gamma * C): (their summed bpp + lambda * MSE_YUV, their
+        summed C). It stops before the next I frame of the intra period (its cost does not depend on frame ``i``)
+        and at the end."""
+        rd, rel, ref, prev_mask = 0.0, 0.0, rec, mask16
         for j in range(i + 1, min(i + 1 + depth, len(frames))):
             if intra_period > 0 and j % intra_period == 0:
                 break
@@ -496,10 +499,10 @@ class VideoCoder:
             info = FrameInfo(j, "P", 0)
             flow = estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
             m16, _, _ = self._choose(x, ref, flow, info, pair)
-            cost, trial, _, _ = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
-                                             (frames.height, frames.width), prev_mask)[pair]
-            total, ref, prev_mask = total + cost, trial[2], m16
-        return total
+            _, trial, _, c = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
+                                          (frames.height, frames.width), prev_mask)[pair]
+            rd, rel, ref, prev_mask = rd + trial[0], rel + c, trial[2], m16
+        return rd, rel
 
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
@@ -576,7 +579,8 @@ class VideoCoder:
                         info.pair_lookahead = {p: self._lookahead(frames, i, t[1][2], mask16, p, quality,
                                                                   intra_period, search_gamma, lookahead, size)
                                                for p, t in tried.items()}
-                        score = {p: j + info.pair_lookahead[p] for p, j in score.items()}
+                        score = {p: j + info.pair_lookahead[p][0] + float(search_gamma) * info.pair_lookahead[p][1]
+                                 for p, j in score.items()}
                 rb, nb = min(score, key=score.__getitem__)
                 _, best, intra, _ = tried[(rb, nb)]
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best

@@ -178,7 +178,9 @@ def search_costs(frames: Sequence[Any], candidates: Sequence[int], gamma: float)
     their ``FrameInfo``): features float64 [N, 8] and costs float64 [N, K, K], cost[t, i, j] = bits per pixel +
     lambda * MSE_YUV + ``gamma`` * relative Bit-FLOPs of frame t at (ROI candidates[i], non-ROI candidates[j]).
     A frame that is all ROI or has none was tried at equal pairs only; its table is completed by the rule of
-    :meth:`WidthSelector.select` (no ROI: the ROI takes the non-ROI width; all ROI: the reverse)."""
+    :meth:`WidthSelector.select` (no ROI: the ROI takes the non-ROI width; all ROI: the reverse). Frames searched
+    with a lookahead (``search_lookahead=N``, their ``pair_lookahead``) add the next N frames' cost at the same
+    pair, rd + ``gamma`` * C summed: the cost the search's choice minimised."""
     cands = [int(b) for b in candidates]
     feats, tables = [], []
     for f in frames:
@@ -187,11 +189,13 @@ def search_costs(frames: Sequence[Any], candidates: Sequence[int], gamma: float)
             raise ConfigError(f"frame {getattr(f, 'index', '?')} has no width-search costs; encode with "
                               "compress(search_gamma=...) to fit a selector")
         frac = float(f.roi_fraction)
+        ahead = getattr(f, "pair_lookahead", None) or {}
 
         def cost(r: int, n: int) -> float:
             r, n = (n, n) if frac <= 0 else (r, r) if frac >= 1 else (r, n)
             rd, rel = pc[(r, n)]
-            return float(rd) + float(gamma) * float(rel)
+            la_rd, la_rel = ahead.get((r, n), (0.0, 0.0))
+            return float(rd) + float(la_rd) + float(gamma) * (float(rel) + float(la_rel))
 
         tables.append([[cost(r, n) for n in cands] for r in cands])
         feats.append(np.asarray(f.features, dtype=np.float64))
