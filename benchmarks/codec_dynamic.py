@@ -134,6 +134,36 @@ def matched_pair(target: float, pair_costs: dict[tuple[int, int], float]) -> tup
     return min(pair_costs, key=lambda p: (abs(pair_costs[p] - target), -p[0], -p[1]))
 
 
+def bracket_pairs(target: float, pair_costs: dict[tuple[int, int], float]) -> list[tuple[int, int]]:
+    """The fixed pairs on either side of ``target`` mean Bit-FLOPs: the dearest pair not above it and the cheapest
+    not below it (one pair when ``target`` is outside their range or equal to a pair's)."""
+    below = [p for p in pair_costs if pair_costs[p] <= target]
+    above = [p for p in pair_costs if pair_costs[p] >= target]
+    out = ([max(below, key=lambda p: (pair_costs[p], p))] if below else []) + \
+          ([min(above, key=lambda p: (pair_costs[p], tuple(-b for b in p)))] if above else [])
+    return list(dict.fromkeys(out))
+
+
+def equal_cost_bd(points: list, cost: float, fixed: list[tuple[list, float]], bd: Any) -> dict[str, Any] | None:
+    """BD-rate of ``points`` (mean Bit-FLOPs ``cost``) against time-sharing between two fixed pairs at the same
+    mean Bit-FLOPs, to first order: bd_lo + t (bd_hi - bd_lo), t = (cost - c_lo) / (c_hi - c_lo), bd_x = BD-rate
+    of ``points`` against pair x's curve (``fixed``: [(points, mean Bit-FLOPs)] of the pairs below and above).
+    With one pair (``cost`` outside the pairs' range) the BD-rate against it; None without overlap."""
+    rates = [bd(p, points) for p, _ in fixed]
+    out: dict[str, Any] = {}
+    for k in ("akima", "pchip"):
+        v = [r.get(k) for r in rates]
+        if any(x is None or math.isnan(x) for x in v):
+            return None
+        if len(fixed) == 1:
+            out[k], out["t"] = v[0], 0.0
+        else:
+            (_, c_lo), (_, c_hi) = fixed
+            t = min(max((cost - c_lo) / (c_hi - c_lo), 0.0), 1.0) if c_hi > c_lo else 0.0
+            out[k], out["t"] = v[0] + t * (v[1] - v[0]), t
+    return out
+
+
 def parse_variants(text: str, candidates: Sequence[int]) -> list[tuple[int, int]]:
     """``--variants`` for one candidate set: diagonal, all (R >= N), none, or pairs ``R/N,R/N`` (those that are
     not both candidates are skipped)."""
@@ -360,8 +390,9 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
             run(sv, costs, ref, verify_sel)
             cost = float(np.mean([p["bit_flops"] for p in sv.points]))
             search[f"{gamma:g}"] = {"gamma": gamma, "lookahead": args.search_lookahead, "bit_flops": cost,
-                                    "matched_pair": list(matched_pair(cost, pair_cost))}
-        for m in [match] + [tuple(v["matched_pair"]) for v in search.values()]:
+                                    "matched_pair": list(matched_pair(cost, pair_cost)),
+                                    "bracket": [list(p) for p in bracket_pairs(cost, pair_cost)]}
+        for m in [match] + [tuple(p) for v in search.values() for p in [v["matched_pair"], *v["bracket"]]]:
             if m not in pairs:
                 pairs.append(m)
         clip["groups"][group] = {"candidates": list(cands), "weights": weights, "selector_bit_flops": sel_cost,
@@ -425,6 +456,23 @@ def summarize_clip(clip: dict[str, Any], bd: Any) -> None:
                                                 variants[f"{group}-search-{key}"]["points"])
             sg["vs_selector_bd_rate"] = bd_rates(variants[f"{group}-selector"]["points"],
                                                  variants[f"{group}-search-{key}"]["points"])
+            if sg.get("bracket"):  # results of earlier revisions have none
+                fixed = [variants[f"{group}-fixed-{r}/{n}"] for r, n in sg["bracket"]]
+                mine = variants[f"{group}-search-{key}"]
+                sg["equal_bit_flops_bd_rate"] = equal_cost_bd(mine["points"], mine["summary"]["bit_flops"],
+                                                              [(f["points"], f["summary"]["bit_flops"]) for f in fixed],
+                                                              bd_rates)
+
+
+def _equal_cost_note(search: dict[str, Any]) -> str:
+    """"; x% against time-sharing between R/N and R/N at equal Bit-FLOPs" for a search entry that has it."""
+    if not search.get("bracket") or "equal_bit_flops_bd_rate" not in search:
+        return ""
+    eq = search["equal_bit_flops_bd_rate"]
+    value = "n/a" if eq is None else f"{eq['akima']:+.2f}%"
+    pairs = " and ".join(f"{r}/{n}" for r, n in search["bracket"])
+    among = "between " if len(search["bracket"]) > 1 else "with "
+    return f"; {value} against time-sharing {among}{pairs} at equal Bit-FLOPs"
 
 
 def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -469,11 +517,11 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         for key in clips[0]["groups"][group].get("search", {}):  # not a goal: what search at the encoder gives
             sv = [c["groups"][group]["search"][key] for c in clips]
             sm = [v["vs_matched_bd_rate"]["akima"] for v in sv]
-            row(f"{group} (not the selector: the encoder's {search_name(sv[0])}, gamma {key}): beats the fixed assignment of "
-                "the same mean Bit-FLOPs on every clip", None if any(v is None for v in sm) else all(v < 0 for v in sm),
+            row(f"{group} (not the selector: the encoder's {search_name(sv[0])}, gamma {key}): beats the fixed "
+                "assignment of the same mean Bit-FLOPs on every clip", None if any(v is None for v in sm) else all(v < 0 for v in sm),
                 "; ".join(f"{c['clip']}: {'n/a' if v is None else f'{v:+.2f}%'} vs {s['matched_pair'][0]}/"
-                          f"{s['matched_pair'][1]} ({s['bit_flops'] / 1e9:.3f} GBit-FLOPs/frame)"
-                          for c, v, s in zip(clips, sm, sv)))
+                          f"{s['matched_pair'][1]} ({s['bit_flops'] / 1e9:.3f} GBit-FLOPs/frame"
+                          + _equal_cost_note(s) + ")" for c, v, s in zip(clips, sm, sv)))
         ex = [c["groups"][group].get("cross_process") for c in clips]
         inproc = [p.get("exact") for c in clips for p in c["variants"][sel]["points"] if "exact" in p]
         row(f"{group}: decoding is exact across processes and thread counts",
@@ -585,7 +633,8 @@ def render(res: dict[str, Any]) -> str:
                 lines.append(f"{group}, the encoder's {search_name(sg)} at gamma {key}: {sg['bit_flops'] / 1e9:.3f} "
                              f"GBit-FLOPs/frame; BD-rate against its matched pair {sg['matched_pair'][0]}/"
                              f"{sg['matched_pair'][1]} {_f(vm['akima'], '+.2f')}% (Akima), {_f(vm['pchip'], '+.2f')}% "
-                             f"(PCHIP); against the selector {_f(vs['akima'], '+.2f')}% (Akima).  ")
+                             f"(PCHIP); against the selector {_f(vs['akima'], '+.2f')}% (Akima)"
+                             f"{_equal_cost_note(sg)}.  ")
         lines += ["", md_table(POINT_COLUMNS, point_rows(c)), ""]
     return "\n".join(lines)
 

@@ -299,8 +299,32 @@ def test_benchmark_runs_the_width_search_with_its_matched_pair(dyn_weights, tmp_
     assert len(second_group) == 1 and clip["groups"][second_group[0]]["search"] == {}
     assert not any(n.startswith(second_group[0] + "-search") for n in names)
     assert any("width search with 1 frame of lookahead, gamma 0" in goal["goal"] for goal in res["goals"])
+    for sg in g["search"].values():  # the pairs around the search's Bit-FLOPs ran, for the equal-cost comparison
+        assert sg["bracket"] and all(f"dyn4-8-fixed-{r}/{n}" in names for r, n in sg["bracket"])
+        assert "equal_bit_flops_bd_rate" in sg
     assert bench.parse_search_gamma(["0.1,0.2", "04-8=0.3,0.1"]) == {"all": [0.1, 0.2], "4-8": [0.3, 0.1]}
     assert bench.search_gammas({"all": [0.1, 0.2], "4-8": [0.3, 0.1]}, (4, 8)) == [0.1, 0.2, 0.3]
     for bad in ("x", "4-8=", "a-b=0.1", "-1"):
         with pytest.raises(ConfigError, match="--search-gamma"):
             bench.parse_search_gamma([bad])
+
+
+def test_benchmark_equal_cost_comparison_closed_form():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec_dynamic.py"
+    spec = importlib.util.spec_from_file_location("codec_dynamic_bench_eq", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    costs = {(4, 4): 1.0, (8, 4): 2.0, (4, 8): 3.0}
+    assert bench.bracket_pairs(1.5, costs) == [(4, 4), (8, 4)]
+    assert bench.bracket_pairs(2.0, costs) == [(8, 4)]
+    assert bench.bracket_pairs(0.5, costs) == [(4, 4)] and bench.bracket_pairs(9.0, costs) == [(4, 8)]
+    # BD-rates against the pair below (-1%) and above (+3%); a quarter of the way up: -1 + 0.25 * 4 = 0
+    table = {"lo": {"akima": -1.0, "pchip": -2.0}, "hi": {"akima": 3.0, "pchip": 2.0}}
+    out = bench.equal_cost_bd(["me"], 1.5, [("lo", 1.0), ("hi", 3.0)], lambda anchor, test: table[anchor])
+    assert out == {"akima": pytest.approx(0.0), "pchip": pytest.approx(-1.0), "t": pytest.approx(0.25)}
+    assert bench.equal_cost_bd(["me"], 0.5, [("lo", 1.0)], lambda a, t: table[a])["akima"] == -1.0
+    missing = {"akima": None, "pchip": 1.0}
+    assert bench.equal_cost_bd(["me"], 1.5, [("lo", 1.0), ("hi", 3.0)], lambda a, t: missing) is None

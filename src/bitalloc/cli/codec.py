@@ -318,7 +318,8 @@ def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]
         data = rep["search"]
         frames = [SimpleNamespace(index=i, features=np.asarray(f["features"], dtype=np.float64),
                                   roi_fraction=float(f["roi_fraction"]),
-                                  pair_costs=_pairs(f["pair_costs"]), pair_lookahead=_pairs(f.get("pair_lookahead", [])))
+                                  pair_costs=_pairs(f["pair_costs"]),
+                                  pair_lookahead=_pairs(f.get("pair_lookahead", [])))
                   for i, f in enumerate(data["frames"])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--from-search {path}: not a `bitalloc codec fit-selector --json` report with search costs "
