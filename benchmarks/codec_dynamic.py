@@ -144,24 +144,29 @@ def bracket_pairs(target: float, pair_costs: dict[tuple[int, int], float]) -> li
     return list(dict.fromkeys(out))
 
 
-def equal_cost_bd(points: list, cost: float, fixed: list[tuple[list, float]], bd: Any) -> dict[str, Any] | None:
-    """BD-rate of ``points`` (mean Bit-FLOPs ``cost``) against time-sharing between two fixed pairs at the same
-    mean Bit-FLOPs, to first order: bd_lo + t (bd_hi - bd_lo), t = (cost - c_lo) / (c_hi - c_lo), bd_x = BD-rate
-    of ``points`` against pair x's curve (``fixed``: [(points, mean Bit-FLOPs)] of the pairs below and above).
-    With one pair (``cost`` outside the pairs' range) the BD-rate against it; None without overlap."""
-    rates = [bd(p, points) for p, _ in fixed]
-    out: dict[str, Any] = {}
-    for k in ("akima", "pchip"):
-        v = [r.get(k) for r in rates]
-        if any(x is None or math.isnan(x) for x in v):
-            return None
-        if len(fixed) == 1:
-            out[k], out["t"] = v[0], 0.0
-        else:
-            (_, c_lo), (_, c_hi) = fixed
-            t = min(max((cost - c_lo) / (c_hi - c_lo), 0.0), 1.0) if c_hi > c_lo else 0.0
-            out[k], out["t"] = v[0] + t * (v[1] - v[0]), t
-    return out
+def equal_cost_bd(points: list, cost: float, fixed: dict[str, tuple[list, float]], bd: Any) -> dict[str, Any] | None:
+    """BD-rate of ``points`` (mean Bit-FLOPs ``cost``) against the best time-sharing of two fixed pairs at the same
+    mean Bit-FLOPs, to first order: for pairs lo, hi with c_lo <= cost <= c_hi, bd_lo + t (bd_hi - bd_lo),
+    t = (cost - c_lo) / (c_hi - c_lo), bd_x = BD-rate (Akima) of ``points`` against pair x's curve; the largest
+    over all such (lo, hi), i.e. the mix that does best (``fixed``: name -> (points, mean Bit-FLOPs) of the pairs
+    run). Without a pair on one side, against the nearest pair. Returns {"akima", "pchip", "t", "pairs"} or None
+    when a curve does not overlap."""
+    rates = {k: bd(p, points) for k, (p, _) in fixed.items()}
+    if not rates or any(r.get(k) is None or math.isnan(r[k]) for r in rates.values() for k in ("akima", "pchip")):
+        return None
+    c = {k: float(v[1]) for k, v in fixed.items()}
+    lows, highs = [k for k in c if c[k] <= cost], [k for k in c if c[k] >= cost]
+    if not lows or not highs:
+        k = min(c, key=lambda k: abs(c[k] - cost))
+        return {"akima": rates[k]["akima"], "pchip": rates[k]["pchip"], "t": 0.0, "pairs": [k]}
+    best = None
+    for lo in lows:
+        for hi in highs:
+            t = (cost - c[lo]) / (c[hi] - c[lo]) if c[hi] > c[lo] else 0.0
+            v = {m: rates[lo][m] + t * (rates[hi][m] - rates[lo][m]) for m in ("akima", "pchip")}
+            if best is None or v["akima"] > best["akima"]:
+                best = {**v, "t": t, "pairs": [lo, hi] if lo != hi else [lo]}
+    return best
 
 
 def parse_variants(text: str, candidates: Sequence[int]) -> list[tuple[int, int]]:
@@ -456,23 +461,21 @@ def summarize_clip(clip: dict[str, Any], bd: Any) -> None:
                                                 variants[f"{group}-search-{key}"]["points"])
             sg["vs_selector_bd_rate"] = bd_rates(variants[f"{group}-selector"]["points"],
                                                  variants[f"{group}-search-{key}"]["points"])
-            if sg.get("bracket"):  # results of earlier revisions have none
-                fixed = [variants[f"{group}-fixed-{r}/{n}"] for r, n in sg["bracket"]]
-                mine = variants[f"{group}-search-{key}"]
-                sg["equal_bit_flops_bd_rate"] = equal_cost_bd(mine["points"], mine["summary"]["bit_flops"],
-                                                              [(f["points"], f["summary"]["bit_flops"]) for f in fixed],
-                                                              bd_rates)
+            fixed = {k.rsplit("-fixed-", 1)[1]: (v["points"], v["summary"]["bit_flops"]) for k, v in variants.items()
+                     if k.startswith(f"{group}-fixed-")}
+            mine = variants[f"{group}-search-{key}"]
+            sg["equal_bit_flops_bd_rate"] = equal_cost_bd(mine["points"], mine["summary"]["bit_flops"], fixed, bd_rates)
 
 
 def _equal_cost_note(search: dict[str, Any]) -> str:
-    """"; x% against time-sharing between R/N and R/N at equal Bit-FLOPs" for a search entry that has it."""
-    if not search.get("bracket") or "equal_bit_flops_bd_rate" not in search:
+    """"; x% against the best time-sharing (R/N and R/N) at equal Bit-FLOPs" for a search entry that has it."""
+    if "equal_bit_flops_bd_rate" not in search:  # results of earlier revisions
         return ""
     eq = search["equal_bit_flops_bd_rate"]
-    value = "n/a" if eq is None else f"{eq['akima']:+.2f}%"
-    pairs = " and ".join(f"{r}/{n}" for r, n in search["bracket"])
-    among = "between " if len(search["bracket"]) > 1 else "with "
-    return f"; {value} against time-sharing {among}{pairs} at equal Bit-FLOPs"
+    if eq is None:
+        return "; n/a against time-sharing of the fixed pairs (no overlap)"
+    pairs = " and ".join(eq["pairs"])
+    return f"; {eq['akima']:+.2f}% against the best time-sharing of fixed pairs ({pairs}) at equal Bit-FLOPs"
 
 
 def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:

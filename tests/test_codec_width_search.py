@@ -321,10 +321,24 @@ def test_benchmark_equal_cost_comparison_closed_form():
     assert bench.bracket_pairs(1.5, costs) == [(4, 4), (8, 4)]
     assert bench.bracket_pairs(2.0, costs) == [(8, 4)]
     assert bench.bracket_pairs(0.5, costs) == [(4, 4)] and bench.bracket_pairs(9.0, costs) == [(4, 8)]
-    # BD-rates against the pair below (-1%) and above (+3%); a quarter of the way up: -1 + 0.25 * 4 = 0
-    table = {"lo": {"akima": -1.0, "pchip": -2.0}, "hi": {"akima": 3.0, "pchip": 2.0}}
-    out = bench.equal_cost_bd(["me"], 1.5, [("lo", 1.0), ("hi", 3.0)], lambda anchor, test: table[anchor])
-    assert out == {"akima": pytest.approx(0.0), "pchip": pytest.approx(-1.0), "t": pytest.approx(0.25)}
-    assert bench.equal_cost_bd(["me"], 0.5, [("lo", 1.0)], lambda a, t: table[a])["akima"] == -1.0
-    missing = {"akima": None, "pchip": 1.0}
-    assert bench.equal_cost_bd(["me"], 1.5, [("lo", 1.0), ("hi", 3.0)], lambda a, t: missing) is None
+    # BD-rates against pairs a, b, c at Bit-FLOPs 1, 2, 3 (-1%, +1%, +4%): at 1.5 the mixes a-b give 0, a-c +0.25
+    # (the best mix: the search is 0.25% worse than it); at 2.5, b-c +2.5, a-c +2.75
+    table = {"a": {"akima": -1.0, "pchip": -2.0}, "b": {"akima": 1.0, "pchip": 0.0}, "c": {"akima": 4.0, "pchip": 2.0}}
+    fixed = {"a": ([], 1.0), "b": ([], 2.0), "c": ([], 3.0)}
+
+    def bd(anchor, test):
+        return table[next(k for k, v in fixed.items() if v[0] is anchor)]
+
+    out = bench.equal_cost_bd(["me"], 1.5, fixed, bd)
+    assert out["akima"] == pytest.approx(0.25) and out["pairs"] == ["a", "c"] and out["t"] == pytest.approx(0.25)
+    out = bench.equal_cost_bd(["me"], 2.5, fixed, bd)
+    assert out["akima"] == pytest.approx(2.75) and out["pairs"] == ["a", "c"] and out["pchip"] == pytest.approx(1.0)
+    # brute force: the largest first-order mix over every pair below and above
+    for cost in (1.2, 1.9, 2.0, 2.7):
+        mixes = [table[lo]["akima"] + (cost - fixed[lo][1]) / (fixed[hi][1] - fixed[lo][1])
+                 * (table[hi]["akima"] - table[lo]["akima"]) if fixed[hi][1] > fixed[lo][1] else table[lo]["akima"]
+                 for lo in fixed for hi in fixed if fixed[lo][1] <= cost <= fixed[hi][1]]
+        assert bench.equal_cost_bd(["me"], cost, fixed, bd)["akima"] == pytest.approx(max(mixes))
+    assert bench.equal_cost_bd(["me"], 0.5, fixed, bd)["pairs"] == ["a"]
+    table["b"] = {"akima": None, "pchip": 1.0}
+    assert bench.equal_cost_bd(["me"], 1.5, fixed, bd) is None
