@@ -397,7 +397,8 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
             search[f"{gamma:g}"] = {"gamma": gamma, "lookahead": args.search_lookahead, "bit_flops": cost,
                                     "matched_pair": list(matched_pair(cost, pair_cost)),
                                     "bracket": [list(p) for p in bracket_pairs(cost, pair_cost)]}
-        for m in [match] + [tuple(p) for v in search.values() for p in [v["matched_pair"], *v["bracket"]]]:
+        for m in [match, *bracket_pairs(sel_cost, pair_cost)] + [tuple(p) for v in search.values()
+                                                                 for p in [v["matched_pair"], *v["bracket"]]]:
             if m not in pairs:
                 pairs.append(m)
         clip["groups"][group] = {"candidates": list(cands), "weights": weights, "selector_bit_flops": sel_cost,
@@ -455,27 +456,32 @@ def summarize_clip(clip: dict[str, Any], bd: Any) -> None:
         matched = variants[f"{group}-fixed-{r}/{n}"]
         g["matched_pair_measured_bit_flops"] = matched["summary"]["bit_flops"]
         g["selector_vs_matched_bd_rate"] = bd_rates(matched["points"], variants[f"{group}-selector"]["points"])
+        fixed = {k.rsplit("-fixed-", 1)[1]: (v["points"], v["summary"]["bit_flops"]) for k, v in variants.items()
+                 if k.startswith(f"{group}-fixed-")}
+        sel = variants[f"{group}-selector"]
+        g["selector_equal_bit_flops_bd_rate"] = equal_cost_bd(sel["points"], sel["summary"]["bit_flops"], fixed,
+                                                              bd_rates)
         for key, sg in g.get("search", {}).items():
             r, n = sg["matched_pair"]
             sg["vs_matched_bd_rate"] = bd_rates(variants[f"{group}-fixed-{r}/{n}"]["points"],
                                                 variants[f"{group}-search-{key}"]["points"])
             sg["vs_selector_bd_rate"] = bd_rates(variants[f"{group}-selector"]["points"],
                                                  variants[f"{group}-search-{key}"]["points"])
-            fixed = {k.rsplit("-fixed-", 1)[1]: (v["points"], v["summary"]["bit_flops"]) for k, v in variants.items()
-                     if k.startswith(f"{group}-fixed-")}
             mine = variants[f"{group}-search-{key}"]
             sg["equal_bit_flops_bd_rate"] = equal_cost_bd(mine["points"], mine["summary"]["bit_flops"], fixed, bd_rates)
 
 
-def _equal_cost_note(search: dict[str, Any]) -> str:
-    """"; x% against the best time-sharing (R/N and R/N) at equal Bit-FLOPs" for a search entry that has it."""
-    if "equal_bit_flops_bd_rate" not in search:  # results of earlier revisions
+def _equal_cost_note(entry: dict[str, Any], key: str = "equal_bit_flops_bd_rate", sep: str = "; ") -> str:
+    """``sep`` + "x% against the best time-sharing of fixed pairs (R/N and R/N) at equal Bit-FLOPs" for an entry (a
+    search's, or a group's with ``key`` selector_equal_bit_flops_bd_rate) that has it; "" for results of earlier
+    revisions, which do not."""
+    if key not in entry:
         return ""
-    eq = search["equal_bit_flops_bd_rate"]
+    eq = entry[key]
     if eq is None:
-        return "; n/a against time-sharing of the fixed pairs (no overlap)"
+        return f"{sep}n/a against time-sharing of the fixed pairs (no overlap)"
     pairs = " and ".join(eq["pairs"])
-    return f"; {eq['akima']:+.2f}% against the best time-sharing of fixed pairs ({pairs}) at equal Bit-FLOPs"
+    return f"{sep}{eq['akima']:+.2f}% against the best time-sharing of fixed pairs ({pairs}) at equal Bit-FLOPs"
 
 
 def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -516,6 +522,7 @@ def check_goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"{group}: the selector beats the fixed assignment of the same mean Bit-FLOPs on every clip",
             None if any(v is None for v in sm) else all(v < 0 for v in sm),
             "; ".join(f"{c['clip']}: {'n/a' if v is None else f'{v:+.2f}%'} vs {p[0]}/{p[1]}"
+                      + _equal_cost_note(c["groups"][group], "selector_equal_bit_flops_bd_rate", ", ")
                       for c, v, p in zip(clips, sm, pairs)))
         for key in clips[0]["groups"][group].get("search", {}):  # not a goal: what search at the encoder gives
             sv = [c["groups"][group]["search"][key] for c in clips]
@@ -630,7 +637,8 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"{group}: selector {g['selector_bit_flops'] / 1e9:.3f} GBit-FLOPs/frame; matched fixed pair "
                          f"{g['matched_pair'][0]}/{g['matched_pair'][1]} ({g['matched_pair_measured_bit_flops'] / 1e9:.3f}); "
                          f"BD-rate of the selector against it {_f(sm['akima'], '+.2f')}% (Akima), "
-                         f"{_f(sm['pchip'], '+.2f')}% (PCHIP).  ")
+                         f"{_f(sm['pchip'], '+.2f')}% (PCHIP)"
+                         f"{_equal_cost_note(g, 'selector_equal_bit_flops_bd_rate')}.  ")
             for key, sg in g.get("search", {}).items():
                 vm, vs = sg["vs_matched_bd_rate"], sg["vs_selector_bd_rate"]
                 lines.append(f"{group}, the encoder's {search_name(sg)} at gamma {key}: {sg['bit_flops'] / 1e9:.3f} "

@@ -302,6 +302,7 @@ def test_benchmark_runs_the_width_search_with_its_matched_pair(dyn_weights, tmp_
     for sg in g["search"].values():  # the pairs around the search's Bit-FLOPs ran, for the equal-cost comparison
         assert sg["bracket"] and all(f"dyn4-8-fixed-{r}/{n}" in names for r, n in sg["bracket"])
         assert "equal_bit_flops_bd_rate" in sg
+    assert "selector_equal_bit_flops_bd_rate" in g
     assert bench.parse_search_gamma(["0.1,0.2", "04-8=0.3,0.1"]) == {"all": [0.1, 0.2], "4-8": [0.3, 0.1]}
     assert bench.search_gammas({"all": [0.1, 0.2], "4-8": [0.3, 0.1]}, (4, 8)) == [0.1, 0.2, 0.3]
     for bad in ("x", "4-8=", "a-b=0.1", "-1"):
