@@ -122,6 +122,7 @@ def test_search_lookahead_bad_input(dyn_weights):
     video = moving_video(2, 32, 32)
     with pytest.raises(ConfigError, match="search_gamma"):
         coder.compress(video, quality=0, search_lookahead=1)
+    assert coder.compress(video, quality=0, search_gamma=0.1, search_lookahead=np.int64(1)).frames[0].pair_lookahead
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="lookahead"):
             coder.compress(video, quality=0, search_gamma=0.1, search_lookahead=bad)

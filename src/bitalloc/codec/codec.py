@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -540,7 +541,8 @@ class VideoCoder:
                 raise ConfigError("the width search needs a dynamic-precision codec (trained with --stage dynamic)")
             if not math.isfinite(float(search_gamma)) or float(search_gamma) < 0:
                 raise ConfigError(f"search gamma {search_gamma}: give a weight >= 0 of the relative Bit-FLOPs")
-        if isinstance(search_lookahead, bool) or not isinstance(search_lookahead, int) or search_lookahead < 0:
+        if (isinstance(search_lookahead, bool) or not isinstance(search_lookahead, numbers.Integral)
+                or search_lookahead < 0):
             raise ConfigError(f"search lookahead {search_lookahead!r}: give a number of frames >= 0")
         if search_lookahead and search_gamma is None:
             raise ConfigError("a lookahead goes with the width search: give search_gamma too")
