@@ -13,7 +13,7 @@ from bitalloc.cli import main
 from bitalloc.codec.bitstream import read_stream
 from bitalloc.codec.codec import VideoCoder
 from bitalloc.codec.precision import load_codec, save_codec
-from bitalloc.codec.selector import NUM_FEATURES, WidthSelector, fit_selector, search_costs
+from bitalloc.codec.selector import NUM_FEATURES, WidthSelector, cross_validate, fit_selector, search_costs
 from bitalloc.codec.video_io import read_video, write_y4m
 from bitalloc.errors import ConfigError, ShapeError
 
@@ -171,6 +171,58 @@ def test_fit_selector_without_signal_picks_the_best_fixed_pair():
     assert out["selector_pairs"]["4/2"] == 200 and out["fixed_pair"] == [4, 2]
 
 
+def test_cross_validate_generalising_rule_against_brute_force():
+    f, c = _synthetic(300)
+    groups = np.array(["a", "b", "c"])[np.arange(300) % 3]
+    cv = cross_validate((2, 4, 8), f, c, groups, l2=1e-4)
+    assert [r["group"] for r in cv["groups"]] == ["a", "b", "c"]
+    for r in cv["groups"]:
+        test = groups == r["group"]
+        ct, co = c[test], c[~test]
+        # brute force: the best fixed pair of the held-out frames and that of the other frames, the search's least
+        sums = ct.sum(0)
+        i, j = np.unravel_index(sums.argmin(), sums.shape)
+        assert r["fixed_pair"] == [(2, 4, 8)[i], (2, 4, 8)[j]] and r["fixed_cost"] == pytest.approx(sums.min() / len(ct))
+        oi, oj = np.unravel_index(co.sum(0).argmin(), (3, 3))
+        assert r["train_fixed_pair"] == [(2, 4, 8)[oi], (2, 4, 8)[oj]]
+        assert r["train_fixed_cost"] == pytest.approx(ct[:, oi, oj].mean())
+        assert r["search_cost"] == pytest.approx(5.0) and r["frames"] == 100
+        # the held-out selector is the one fit_selector makes without these frames, costed on them
+        sel = WidthSelector((2, 4, 8))
+        fit_selector(sel, f[~test], co, l2=1e-4)
+        idx = sel.logits(f[test]).argmax(-1).numpy()
+        assert r["selector_cost"] == pytest.approx(ct[np.arange(len(ct)), idx[:, 0], idx[:, 1]].mean())
+        # the rule is linear in the features, so it carries over: nearly all of the search's gain is kept
+        assert r["beats_fixed"] and r["captured"] >= 0.9
+        assert r["captured"] == pytest.approx((r["fixed_cost"] - r["selector_cost"]) / (r["fixed_cost"] - 5.0))
+    assert cv["beats_fixed_on_every_group"] and cv["mean"]["search_cost"] == pytest.approx(5.0)
+    assert cv["mean"]["selector_cost"] == pytest.approx(np.mean([r["selector_cost"] for r in cv["groups"]]))
+
+
+def test_cross_validate_content_specific_choices_do_not_carry_over():
+    """Each group's best pair is a constant of that group, unrelated to the features: a selector fitted to the other
+    groups can at best pick their pair, which is not this group's, so it does not beat the fixed pair here."""
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(240, NUM_FEATURES))
+    groups = np.repeat(["x", "y", "z"], 80)
+    c = np.full((240, 2, 2), 2.0)
+    for g, (i, j) in zip("xyz", [(0, 0), (1, 1), (0, 1)]):
+        c[groups == g, i, j] = 1.0
+    cv = cross_validate((4, 8), f, c, groups, l2=1e-1)
+    for r in cv["groups"]:
+        assert r["fixed_cost"] == pytest.approx(1.0) and r["search_cost"] == pytest.approx(1.0)
+        assert not r["beats_fixed"] and r["captured"] is None  # no gap: the best fixed pair is the search here
+    assert not cv["beats_fixed_on_every_group"] and cv["mean"]["selector_cost"] > 1.5
+
+
+def test_cross_validate_bad_input():
+    f, c = _synthetic(20)
+    with pytest.raises(ConfigError, match="at least two groups"):
+        cross_validate((2, 4, 8), f, c, ["v"] * 20)
+    with pytest.raises(ShapeError, match="group labels"):
+        cross_validate((2, 4, 8), f, c, ["v", "w"])
+
+
 def test_fit_selector_bad_input():
     sel = WidthSelector((4, 8))
     with pytest.raises(ShapeError, match="costs"):
@@ -248,6 +300,35 @@ def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
     assert main(["codec", "fit-selector", "--from-search", str(src), "--weights", str(dyn_weights),
                  "--gamma", "1", "-o", str(tmp_path / "y.pt")]) == 2
     assert "not a `bitalloc codec fit-selector --json` report" in capsys.readouterr().err
+    # leave-one-video-out: needs two videos; the report names each frame's video, and older reports without the
+    # names get them back from videos x levels x frames per video
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--cross-validate", "-o", str(tmp_path / "y.pt")]) == 2
+    assert "two or more" in capsys.readouterr().err
+    other = tmp_path / "other.y4m"
+    write_y4m(other, moving_video(3, 48, 64, seed=5))
+    cvj = tmp_path / "cv.json"
+    assert main(["codec", "fit-selector", str(src), str(other), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--levels", "1", "--frames", "2", "--analysis-scales", "1", "--cross-validate",
+                 "-o", str(tmp_path / "cv.pt"), "--json", str(cvj)]) == 0
+    assert "leave-one-video-out" in capsys.readouterr().out
+    cv = json.loads(cvj.read_text())
+    assert [f["video"] for f in cv["search"]["frames"]] == [str(src)] * 2 + [str(other)] * 2
+    assert [r["group"] for r in cv["cross_validation"]["groups"]] == [str(src), str(other)]
+    assert all(r["frames"] == 2 for r in cv["cross_validation"]["groups"])
+    for f in cv["search"]["frames"]:
+        del f["video"]
+    cvj.write_text(json.dumps(cv))
+    assert main(["codec", "fit-selector", "--from-search", str(cvj), "--weights", str(dyn_weights), "--gamma",
+                 "0.01", "--cross-validate", "-o", str(tmp_path / "cv2.pt"), "--json", str(tmp_path / "cv2.json")]) == 0
+    again = json.loads((tmp_path / "cv2.json").read_text())["cross_validation"]
+    assert again["groups"] == cv["cross_validation"]["groups"]
+    cv["videos"] = [str(src)]  # the count no longer matches: the videos cannot be told apart
+    cvj.write_text(json.dumps(cv))
+    capsys.readouterr()
+    assert main(["codec", "fit-selector", "--from-search", str(cvj), "--weights", str(dyn_weights), "--gamma",
+                 "0.01", "--cross-validate", "-o", str(tmp_path / "cv3.pt")]) == 2
+    assert "holds frames of 1 video" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["codec", "encode", str(src), "-o", str(tmp_path / "g.bav"), "-q", "1", "--dynamic", "--weights",
                  str(dyn_weights), "--widths", "search"]) == 2

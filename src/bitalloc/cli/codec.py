@@ -115,6 +115,9 @@ def register(sub: Any) -> None:
                    help="search with N frames of lookahead (encode --lookahead): each pair's cost includes the next "
                         "N frames coded at it ((1 + N) times the work; default 0)")
     f.add_argument("--l2", type=float, default=1e-3, help="weight decay of the fit (1e-3)")
+    f.add_argument("--cross-validate", action="store_true",
+                   help="also fit a selector with each video left out and cost it on that video against the best "
+                        "fixed pair there (leave-one-video-out; needs two or more videos): does the fit generalise?")
     f.add_argument("--from-search", metavar="REPORT.json",
                    help="encode nothing: fit again (e.g. at another --gamma) to the search costs that an earlier "
                         "--json report keeps, made with the same --weights (its frames' choices were made at its gamma)")
@@ -245,7 +248,7 @@ def run_fit_selector(args: argparse.Namespace) -> int:
     import copy
 
     from bitalloc.codec.precision import save_codec
-    from bitalloc.codec.selector import fit_selector, search_costs
+    from bitalloc.codec.selector import cross_validate, fit_selector, search_costs
     from bitalloc.codec.video_io import read_video
     from bitalloc.io import write_json
     from bitalloc.report.tables import print_table
@@ -261,11 +264,13 @@ def run_fit_selector(args: argparse.Namespace) -> int:
     if args.lookahead < 0 or (args.lookahead and args.from_search):
         raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0, with training videos (a "
                           "--from-search report keeps the lookahead it was searched with)")
+    if args.cross_validate and args.videos and len(set(args.videos)) < 2:
+        raise ConfigError("--cross-validate leaves one video out at a time: give two or more training videos")
     crop = _parse_crop(args.crop)
     coder = _setup(args)  # dynamic weights (a one-line error otherwise)
     cands = coder.model.cfg.candidates
     if args.from_search:
-        searched, meta = _load_search(args.from_search, cands)
+        searched, groups, meta = _load_search(args.from_search, cands)
     else:
         levels = _parse_levels(args.levels, coder.model.cfg.levels)
         clips = []
@@ -275,15 +280,19 @@ def run_fit_selector(args: argparse.Namespace) -> int:
                 w, h = min(crop[0], frames.width), min(crop[1], frames.height)
                 frames = frames.crop(h, w, (frames.height - h) // 2 // 2 * 2, (frames.width - w) // 2 // 2 * 2)
             clips.append((path, frames))
-        searched = []
+        searched, groups = [], []
         with _bar(len(levels) * sum(len(f) for _, f in clips), "width search") as bar:
             for path, frames in clips:
                 for level in levels:
                     searched += coder.compress(frames, quality=level, intra_period=args.intra_period,
                                                progress=bar.update, search_gamma=args.gamma,
                                                search_lookahead=args.lookahead).frames
+                    groups += [str(path)] * (len(searched) - len(groups))
         meta = {"videos": [str(p) for p in args.videos], "levels": levels, "frames_per_video": args.frames,
                 "crop": args.crop, "search_gamma": args.gamma, "search_lookahead": args.lookahead}
+    if args.cross_validate and len(set(groups)) < 2:
+        raise ConfigError(f"--cross-validate leaves one video out at a time: {args.from_search} holds frames of "
+                          f"{len(set(groups))} video(s); refit on two or more videos with --json")
     feats, costs = search_costs(searched, cands, args.gamma)
     model = copy.deepcopy(coder.model)
     report = fit_selector(model.selector, feats, costs, l2=args.l2)
@@ -291,10 +300,10 @@ def run_fit_selector(args: argparse.Namespace) -> int:
                   output=str(args.output))
     save_codec(model, args.output, extra={"selector_fit": report})
     report["search"] = {"candidates": list(cands), "frames": [
-        {"features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
+        {"video": g, "features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
          "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()],
          "pair_lookahead": [[r, n, rd, rel] for (r, n), (rd, rel) in (f.pair_lookahead or {}).items()]}
-        for f in searched]}
+        for f, g in zip(searched, groups)]}
     print_table(f"selector fitted to the width search (gamma {args.gamma:g}, {report['frames']} frames) -> "
                 f"{args.output}", ["", "mean cost per frame (bpp + lambda D + gamma C)", "pairs chosen"],
                 [["width search (per frame, least)", f"{report['search_cost']:.5f}",
@@ -302,14 +311,40 @@ def run_fit_selector(args: argparse.Namespace) -> int:
                  ["fitted selector", f"{report['selector_cost']:.5f}", _pair_counts(report["selector_pairs"])],
                  [f"best fixed pair {report['fixed_pair'][0]}/{report['fixed_pair'][1]}", f"{report['fixed_cost']:.5f}",
                   ""]])
+    if args.cross_validate:
+        cv = cross_validate(cands, feats, costs, groups, l2=args.l2)
+        report["cross_validation"] = cv
+        _print_cross_validation(cv)
     if args.json:
         write_json(args.json, report, overwrite=True)
     return 0
 
 
-def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The searched frames of a fit-selector --json report (as objects :func:`search_costs` reads) and its
-    provenance; ConfigError naming the problem when it is not such a report or was made at other widths."""
+def _print_cross_validation(cv: dict[str, Any]) -> None:
+    """The leave-one-video-out table of fit-selector --cross-validate."""
+    from bitalloc.report.tables import print_table
+
+    def captured(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:+.0f}%"
+
+    rows = [[Path(r["group"]).name, str(r["frames"]), f"{r['selector_cost']:.5f}",
+             f"{r['fixed_cost']:.5f} ({r['fixed_pair'][0]}/{r['fixed_pair'][1]})", f"{r['search_cost']:.5f}",
+             captured(r["captured"]), "yes" if r["beats_fixed"] else "no", _pair_counts(r["selector_pairs"])]
+            for r in cv["groups"]]
+    m = cv["mean"]
+    rows.append(["all (frame-weighted)", str(sum(r["frames"] for r in cv["groups"])), f"{m['selector_cost']:.5f}",
+                 f"{m['fixed_cost']:.5f}", f"{m['search_cost']:.5f}", captured(m["captured"]),
+                 "every video" if cv["beats_fixed_on_every_group"] else "not every video", ""])
+    print_table("leave-one-video-out: a selector fitted without the video, costed on it (mean cost per frame)",
+                ["held-out video", "frames", "selector", "best fixed pair there", "search", "gain captured",
+                 "beats fixed", "pairs chosen"], rows)
+
+
+def _load_search(path: str, candidates: Any) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The searched frames of a fit-selector --json report (as objects :func:`search_costs` reads), the video of
+    each and the report's provenance; ConfigError naming the problem when it is not such a report or was made at
+    other widths. Reports written before frames named their video: the videos are recovered from the report's
+    videos x levels x frames per video when the count matches (else each frame's video is unknown, one group)."""
     import json
     from types import SimpleNamespace
 
@@ -329,7 +364,11 @@ def _load_search(path: str, candidates: Any) -> tuple[list[Any], dict[str, Any]]
                           f"{list(candidates)}; give the weights it was made with (--weights)")
     meta = {k: rep.get(k) for k in ("videos", "levels", "frames_per_video", "crop", "search_lookahead")}
     meta.update(search_gamma=rep.get("search_gamma", rep.get("gamma")), from_search=str(path))
-    return frames, meta
+    groups = [str(f.get("video", "")) for f in data["frames"]]
+    videos, per = meta.get("videos") or [], len(meta.get("levels") or []) * int(meta.get("frames_per_video") or 0)
+    if not all(groups) and per and len(frames) == len(videos) * per:
+        groups = [str(videos[i // per]) for i in range(len(frames))]
+    return frames, groups, meta
 
 
 def _pairs(rows: Any) -> dict[tuple[int, int], tuple[float, float]]:

@@ -259,10 +259,17 @@ def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarra
         b_raw = b.detach() - w_raw @ torch.from_numpy(mu)
         selector.fc.weight.copy_(w_raw.to(selector.fc.weight.dtype))
         selector.fc.bias.copy_(b_raw.to(selector.fc.bias.dtype))
+    return _choice_report(selector, f, c)
+
+
+def _choice_report(selector: WidthSelector, f: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    """Mean cost per frame of the search (each frame's least), of ``selector``'s argmax and of the best fixed pair
+    on these frames (and which), how often the selector's pair is the search's, and the pairs each chose."""
+    k, cands = selector.k, selector.candidates
     idx = selector.logits(f).argmax(-1).numpy()  # [N, 2]
     chosen = c[np.arange(len(c)), idx[:, 0], idx[:, 1]]
     best = c.reshape(len(c), -1).argmin(1)
-    cands = selector.candidates
+    fixed = np.unravel_index(int(c.sum(0).argmin()), (k, k))
     return {"frames": len(c), "search_cost": float(c.min(axis=(1, 2)).mean()), "selector_cost": float(chosen.mean()),
             "fixed_pair": [cands[int(fixed[0])], cands[int(fixed[1])]], "fixed_cost": float(c[:, fixed[0], fixed[1]].mean()),
             "agreement": float(np.mean(idx[:, 0] * k + idx[:, 1] == best)),
@@ -271,5 +278,52 @@ def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarra
             "search_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum(best == i * k + j)) for i in range(k) for j in range(k)}}
 
 
-__all__ = ["FEATURE_NAMES", "MOTION_SCALE", "NUM_FEATURES", "WidthSelector", "fit_selector", "frame_features",
-           "region_features", "search_costs"]
+def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.ndarray, groups: Sequence[Any], *,
+                   l2: float = 1e-3, max_iter: int = 200) -> dict[str, Any]:
+    """Leave-one-group-out cross-validation of :func:`fit_selector` (groups: e.g. the video of each frame): for each
+    group g a fresh :class:`WidthSelector` is fitted to the frames of the other groups and its argmax is costed on
+    g's frames. Per group: the mean cost per frame (bpp + lambda D + gamma C, as ``costs``) of that held-out
+    selector, of the width search, of the best fixed pair *of g itself* (the bar a selector must pass: a selector
+    whose cost is above it is no better than some constant pair on that content) and of the fixed pair the other
+    groups would choose. ``captured`` = (best fixed - selector) / (best fixed - search): the share of the search's
+    gain over the best fixed pair that the selector realises on content it was not fitted to (1: all of it, 0:
+    none, < 0: worse than the fixed pair). Needs at least two groups."""
+    f = np.asarray(features, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    g = np.asarray([str(v) for v in groups])
+    if len(g) != len(f):
+        raise ShapeError(f"{len(g)} group labels for {len(f)} frames; give one per frame")
+    names = list(dict.fromkeys(g.tolist()))
+    if len(names) < 2:
+        raise ConfigError(f"cross-validation needs frames of at least two groups (videos), got {len(names)}; "
+                          "fit on two or more videos")
+    rows = []
+    for name in names:
+        test = g == name
+        sel = WidthSelector(candidates)
+        train = fit_selector(sel, f[~test], c[~test], l2=l2, max_iter=max_iter)
+        held = _choice_report(sel, f[test], c[test])
+        k, cands = sel.k, sel.candidates
+        ti, tj = cands.index(train["fixed_pair"][0]), cands.index(train["fixed_pair"][1])
+        gap = held["fixed_cost"] - held["search_cost"]
+        rows.append({"group": name, "frames": held["frames"], "selector_cost": held["selector_cost"],
+                     "search_cost": held["search_cost"], "fixed_pair": held["fixed_pair"],
+                     "fixed_cost": held["fixed_cost"], "train_fixed_pair": train["fixed_pair"],
+                     "train_fixed_cost": float(c[test][:, ti, tj].mean()),
+                     "captured": float((held["fixed_cost"] - held["selector_cost"]) / gap) if gap > 0 else None,
+                     "beats_fixed": bool(held["selector_cost"] < held["fixed_cost"]),
+                     "selector_pairs": held["selector_pairs"], "train_selector_cost": train["selector_cost"]})
+    weights = np.array([r["frames"] for r in rows], dtype=np.float64)
+
+    def mean(key: str) -> float:
+        return float(np.dot(weights, [r[key] for r in rows]) / weights.sum())
+
+    total = {k: mean(k) for k in ("selector_cost", "search_cost", "fixed_cost", "train_fixed_cost")}
+    gap = total["fixed_cost"] - total["search_cost"]
+    total["captured"] = float((total["fixed_cost"] - total["selector_cost"]) / gap) if gap > 0 else None
+    return {"groups": rows, "mean": total, "l2": float(l2),
+            "beats_fixed_on_every_group": all(r["beats_fixed"] for r in rows)}
+
+
+__all__ = ["FEATURE_NAMES", "MOTION_SCALE", "NUM_FEATURES", "WidthSelector", "cross_validate", "fit_selector",
+           "frame_features", "region_features", "search_costs"]
