@@ -256,9 +256,11 @@ class Variant:
     """One curve: a coder, forced widths (or None), and where its Bit-FLOPs and ROI masks come from."""
 
     def __init__(self, name: str, coder: Any, widths: tuple[int, int] | None = None, group: str = "",
-                 weights: str | None = None, search_gamma: float | None = None, search_lookahead: int = 0):
+                 weights: str | None = None, search_gamma: float | None = None, search_lookahead: int = 0,
+                 search_shortlist: int | None = None):
         self.name, self.coder, self.widths, self.group, self.weights = name, coder, widths, group, weights
         self.search_gamma, self.search_lookahead = search_gamma, search_lookahead
+        self.search_shortlist = search_shortlist
         self.points: list[dict[str, Any]] = []
 
 
@@ -268,7 +270,8 @@ def measure(variant: Variant, src: Any, level: int, intra_period: int, verify: b
     from bitalloc.codec.metrics import bits_per_pixel, kbps, psnr_yuv
 
     res = variant.coder.compress(src, quality=level, intra_period=intra_period, widths=variant.widths,
-                                 search_gamma=variant.search_gamma, search_lookahead=variant.search_lookahead)
+                                 search_gamma=variant.search_gamma, search_lookahead=variant.search_lookahead,
+                                 search_shortlist=variant.search_shortlist)
     p = psnr_yuv(src, res.reconstruction)
     widths = [(f.roi_bits, f.non_roi_bits) for f in res.frames]
     masks = (np.stack([f.roi_mask for f in res.frames]) if res.frames[0].roi_mask is not None else ref_masks)
@@ -391,10 +394,11 @@ def run_clip(path: str, args: argparse.Namespace, dyn: list[tuple[str, Any, str]
         search = {}
         for gamma in [] if again else search_gammas(args.search_gamma, cands):  # each with its own matched pair
             sv = Variant(f"{group}-search-{gamma:g}", coder, None, group, weights, search_gamma=gamma,
-                         search_lookahead=args.search_lookahead)
+                         search_lookahead=args.search_lookahead, search_shortlist=args.search_shortlist)
             run(sv, costs, ref, verify_sel)
             cost = float(np.mean([p["bit_flops"] for p in sv.points]))
-            search[f"{gamma:g}"] = {"gamma": gamma, "lookahead": args.search_lookahead, "bit_flops": cost,
+            search[f"{gamma:g}"] = {"gamma": gamma, "lookahead": args.search_lookahead,
+                                    "shortlist": args.search_shortlist, "bit_flops": cost,
                                     "matched_pair": list(matched_pair(cost, pair_cost)),
                                     "bracket": [list(p) for p in bracket_pairs(cost, pair_cost)]}
         for m in [match, *bracket_pairs(sel_cost, pair_cost)] + [tuple(p) for v in search.values()
@@ -674,6 +678,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--search-lookahead", type=int, default=0, metavar="N",
                     help="the width search scores each pair with the next N frames coded at it too ((1 + N) times "
                          "its work; default 0)")
+    ap.add_argument("--search-shortlist", type=int, metavar="M",
+                    help="the lookahead scores only the M pairs that code each frame itself best (default: all)")
     ap.add_argument("--verify", choices=("none", "selector", "all"), default="selector",
                     help="decode the streams of these variants again and compare (default: the selector's, and "
                          "the static-8 and fp32 references; decoding is timed: the decode ms/frame column)")
@@ -696,6 +702,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.search_gamma = parse_search_gamma(args.search_gamma)
     if args.search_lookahead < 0:
         raise ConfigError(f"--search-lookahead {args.search_lookahead}: give a number of frames >= 0")
+    if args.search_shortlist is not None and (args.search_shortlist < 1 or not args.search_lookahead):
+        raise ConfigError(f"--search-shortlist {args.search_shortlist}: give a number of pairs >= 1, with "
+                          "--search-lookahead N")
     return args
 
 
@@ -727,8 +736,9 @@ def search_gammas(spec: dict[str, list[float]] | list[float], candidates: Sequen
 
 def search_name(search: dict[str, Any]) -> str:
     """How a width search entry of the results is named: with its lookahead when it had one."""
-    n = int(search.get("lookahead", 0))
-    return f"width search with {n} frame{'s' if n > 1 else ''} of lookahead" if n else "width search"
+    n, m = int(search.get("lookahead", 0)), search.get("shortlist")
+    name = f"width search with {n} frame{'s' if n > 1 else ''} of lookahead" if n else "width search"
+    return f"{name} from a shortlist of {m} pairs" if n and m else name
 
 
 def resummarize(args: argparse.Namespace) -> int:
@@ -812,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "threads": args.threads, "frames": args.frames, "levels": args.levels,
                            "intra_period": args.intra_period, "variants_option": args.variants,
                            "search_gamma": args.search_gamma, "search_lookahead": args.search_lookahead,
+                           "search_shortlist": args.search_shortlist,
                            "weights": {g: Path(p).name for g, _, p in dyn},
                            "groups": {g: list(c.model.cfg.candidates) for g, c, _ in dyn},
                            "roi_sources": ", ".join(f"{g}: {c.roi.spec()}" for g, c, _ in dyn),

@@ -65,6 +65,9 @@ def register(sub: Any) -> None:
     e.add_argument("--lookahead", type=int, default=0, metavar="N",
                    help="with --widths search: score each pair by its frame plus the next N frames coded at the same "
                         "pair from its reconstruction ((1 + N) times the search's work; default 0)")
+    e.add_argument("--shortlist", type=int, metavar="M",
+                   help="with --lookahead: look ahead from the M pairs that code the frame itself best only, and "
+                        "keep the best of those (K^2 + M N trials per frame instead of K^2 (1 + N); default: all)")
     _common(e)
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip decoding the written stream again (by default it is decoded and compared bit for bit)")
@@ -205,6 +208,7 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
             ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
             ("widths by search, gamma", "width_search_gamma"), ("search lookahead (frames)", "width_search_lookahead"),
+            ("search shortlist (pairs)", "width_search_shortlist"),
             ("ROI source", "roi_source"),
             ("ROI share of the frame", "roi_fraction"), ("mean ROI bits", "mean_roi_bits"),
             ("mean non-ROI bits", "mean_non_roi_bits"), ("width fields' share of the rate", "width_fields_share"),
@@ -402,12 +406,15 @@ def run_encode(args: argparse.Namespace) -> int:
         raise ConfigError("--lookahead goes with --widths search --gamma G")
     if args.lookahead < 0:
         raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0")
+    if args.shortlist is not None and (args.shortlist < 1 or not args.lookahead):
+        raise ConfigError(f"--shortlist {args.shortlist}: give a number of pairs >= 1, with --lookahead N")
     coder = _setup(args)
     widths = None if args.widths is None or search else _parse_widths(args.widths, coder)
     frames = read_video(args.input, frames=args.frames, start=args.start)
     with _bar(len(frames), "encode") as bar:
         res = coder.compress(frames, quality=args.quality, intra_period=args.intra_period, progress=bar.update,
-                             widths=widths, search_gamma=args.gamma, search_lookahead=args.lookahead)
+                             widths=widths, search_gamma=args.gamma, search_lookahead=args.lookahead,
+                             search_shortlist=args.shortlist)
     checked: dict[str, Any] = {}
 
     def verify(tmp: Path) -> None:  # decode the written file before it replaces anything
@@ -438,6 +445,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "clamped_symbols": sum(f.clamped for f in res.frames),
         "analysis_scales": _scale_counts(res.frames),
         "width_search_gamma": args.gamma, "width_search_lookahead": args.lookahead if search else None,
+        "width_search_shortlist": args.shortlist,
     }
     if coder.dynamic:  # the widths' and the mask's share of the rate, the ROI source's time
         side = 4 * len(res.frames)  # two 16-bit fields per frame

@@ -190,6 +190,9 @@ def search_costs(frames: Sequence[Any], candidates: Sequence[int], gamma: float)
                               "compress(search_gamma=...) to fit a selector")
         frac = float(f.roi_fraction)
         ahead = getattr(f, "pair_lookahead", None) or {}
+        if ahead and set(ahead) != set(pc):
+            raise ConfigError(f"frame {getattr(f, 'index', '?')} was searched with a shortlist: the lookahead costs of "
+                              f"{len(pc) - len(ahead)} pairs are missing; fit to a search without a shortlist")
 
         def cost(r: int, n: int) -> float:
             r, n = (n, n) if frac <= 0 else (r, r) if frac >= 1 else (r, n)
