@@ -117,6 +117,36 @@ def test_search_lookahead_scores_pairs_by_the_next_frames_against_fixed_encodes(
     assert _objective(coder, video, res, 0, 1, g) == pytest.approx(min(whole.values()) - la_rd - g * la_rel, rel=1e-9)
 
 
+def test_search_shortlist_against_the_full_and_the_greedy_search(dyn_weights):
+    coder = VideoCoder(load_codec(dyn_weights), analysis_scales=(1.0,))
+    video, g = moving_video(4, 40, 56, seed=7), 0.01
+    full = coder.compress(video, quality=1, search_gamma=g, search_lookahead=1)
+    # a shortlist of every pair is the full search; of one pair, the greedy search's choice
+    assert coder.compress(video, quality=1, search_gamma=g, search_lookahead=1,
+                          search_shortlist=4).stream == full.stream
+    one = coder.compress(video, quality=1, search_gamma=g, search_lookahead=1, search_shortlist=1)
+    assert one.stream == coder.compress(video, quality=1, search_gamma=g).stream
+    assert all(len(f.pair_lookahead) == 1 for f in one.frames)
+    # two pairs: frame 0 (same input as the full search's) keeps the least own + lookahead score of the two pairs
+    # of least own score, recomputed from the full search's costs
+    two = coder.compress(video, quality=1, search_gamma=g, search_lookahead=1, search_shortlist=2)
+    f0, t0 = full.frames[0], two.frames[0]
+    own = {p: rd + g * rel for p, (rd, rel) in f0.pair_costs.items()}
+    short = sorted(own, key=lambda p: (own[p], p))[:2]
+    assert set(t0.pair_lookahead) == set(short)
+    total = {p: own[p] + f0.pair_lookahead[p][0] + g * f0.pair_lookahead[p][1] for p in short}
+    assert (t0.roi_bits, t0.non_roi_bits) == min(total, key=total.get)
+    assert coder.decompress(two.stream).equal(two.reconstruction)
+    # its frames cannot be fitted to (the other pairs' lookahead costs are unknown)
+    with pytest.raises(ConfigError, match="shortlist"):
+        search_costs(two.frames, (4, 8), g)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="shortlist"):
+            coder.compress(video[:2], quality=0, search_gamma=g, search_lookahead=1, search_shortlist=bad)
+    with pytest.raises(ConfigError, match="search_lookahead"):
+        coder.compress(video[:2], quality=0, search_gamma=g, search_shortlist=2)
+
+
 def test_search_lookahead_bad_input(dyn_weights):
     coder = VideoCoder(load_codec(dyn_weights))
     video = moving_video(2, 32, 32)
@@ -182,7 +212,8 @@ def test_cross_validate_generalising_rule_against_brute_force():
         # brute force: the best fixed pair of the held-out frames and that of the other frames, the search's least
         sums = ct.sum(0)
         i, j = np.unravel_index(sums.argmin(), sums.shape)
-        assert r["fixed_pair"] == [(2, 4, 8)[i], (2, 4, 8)[j]] and r["fixed_cost"] == pytest.approx(sums.min() / len(ct))
+        assert r["fixed_pair"] == [(2, 4, 8)[i], (2, 4, 8)[j]]
+        assert r["fixed_cost"] == pytest.approx(sums.min() / len(ct))
         oi, oj = np.unravel_index(co.sum(0).argmin(), (3, 3))
         assert r["train_fixed_pair"] == [(2, 4, 8)[oi], (2, 4, 8)[oj]]
         assert r["train_fixed_cost"] == pytest.approx(ct[:, oi, oj].mean())
@@ -251,6 +282,15 @@ def test_cli_encode_search_and_fit_selector(dyn_weights, tmp_path, capsys):
                  "--lookahead", "1"]) == 0
     assert json.loads(js.read_text())["width_search_gamma"] == 0.01
     assert json.loads(js.read_text())["width_search_lookahead"] == 1
+    out2, js2 = tmp_path / "s2.bav", tmp_path / "s2.json"
+    assert main(["codec", "encode", str(src), "-o", str(out2), "-q", "1", "--dynamic", "--weights", str(dyn_weights),
+                 "--widths", "search", "--gamma", "0.01", "--analysis-scales", "1", "--json", str(js2),
+                 "--lookahead", "1", "--shortlist", "4"]) == 0
+    assert json.loads(js2.read_text())["width_search_shortlist"] == 4 and out2.read_bytes() == out.read_bytes()
+    capsys.readouterr()
+    assert main(["codec", "encode", str(src), "-o", str(tmp_path / "s3.bav"), "-q", "1", "--dynamic", "--weights",
+                 str(dyn_weights), "--widths", "search", "--gamma", "0.01", "--shortlist", "2"]) == 2
+    assert "--shortlist 2" in capsys.readouterr().err
     # the file is the API's stream with the same search (lookahead included)
     api = VideoCoder(load_codec(dyn_weights), analysis_scales=(1.0,)).compress(
         read_video(src), quality=1, search_gamma=0.01, search_lookahead=1)
@@ -400,6 +440,12 @@ def test_benchmark_equal_cost_comparison_closed_form():
     spec = importlib.util.spec_from_file_location("codec_dynamic_bench_eq", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    assert bench.search_name({"lookahead": 0}) == "width search"
+    assert bench.search_name({"lookahead": 2, "shortlist": 3}) == ("width search with 2 frames of lookahead from a "
+                                                                   "shortlist of 3 pairs")
+    for argv in (["--search-shortlist", "2"], ["--search-lookahead", "1", "--search-shortlist", "0"]):
+        with pytest.raises(ConfigError, match="--search-shortlist"):
+            bench.parse_args(["--clips", "x.y4m", *argv])
     costs = {(4, 4): 1.0, (8, 4): 2.0, (4, 8): 3.0}
     assert bench.bracket_pairs(1.5, costs) == [(4, 4), (8, 4)]
     assert bench.bracket_pairs(2.0, costs) == [(8, 4)]
