@@ -294,7 +294,7 @@ def run_fit_selector(args: argparse.Namespace) -> int:
                     groups += [str(path)] * (len(searched) - len(groups))
         meta = {"videos": [str(p) for p in args.videos], "levels": levels, "frames_per_video": args.frames,
                 "crop": args.crop, "search_gamma": args.gamma, "search_lookahead": args.lookahead}
-    if args.cross_validate and len(set(groups)) < 2:
+    if args.cross_validate and args.from_search and len(set(groups)) < 2:  # videos: checked before the search
         raise ConfigError(f"--cross-validate leaves one video out at a time: {args.from_search} holds frames of "
                           f"{len(set(groups))} video(s); refit on two or more videos with --json")
     feats, costs = search_costs(searched, cands, args.gamma)

@@ -66,6 +66,11 @@ def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
     return tuple(vals)
 
 
+def _is_count(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer (any integral type, not a bool) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
+
 def _constriction() -> Any:
     try:
         import constriction
@@ -545,15 +550,13 @@ class VideoCoder:
                 raise ConfigError("the width search needs a dynamic-precision codec (trained with --stage dynamic)")
             if not math.isfinite(float(search_gamma)) or float(search_gamma) < 0:
                 raise ConfigError(f"search gamma {search_gamma}: give a weight >= 0 of the relative Bit-FLOPs")
-        if (isinstance(search_lookahead, bool) or not isinstance(search_lookahead, numbers.Integral)
-                or search_lookahead < 0):
+        if not _is_count(search_lookahead, 0):
             raise ConfigError(f"search lookahead {search_lookahead!r}: give a number of frames >= 0")
         if search_lookahead and search_gamma is None:
             raise ConfigError("a lookahead goes with the width search: give search_gamma too")
         lookahead = int(search_lookahead)
         if search_shortlist is not None:
-            if (isinstance(search_shortlist, bool) or not isinstance(search_shortlist, numbers.Integral)
-                    or search_shortlist < 1):
+            if not _is_count(search_shortlist, 1):
                 raise ConfigError(f"search shortlist {search_shortlist!r}: give a number of pairs >= 1")
             if not lookahead:
                 raise ConfigError("a shortlist chooses which pairs the lookahead scores: give search_lookahead too")

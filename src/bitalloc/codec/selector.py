@@ -281,6 +281,12 @@ def _choice_report(selector: WidthSelector, f: np.ndarray, c: np.ndarray) -> dic
             "search_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum(best == i * k + j)) for i in range(k) for j in range(k)}}
 
 
+def _captured(r: dict[str, Any]) -> float | None:
+    """(best fixed - selector) / (best fixed - search) of a cost report; None when the search gains nothing."""
+    gap = r["fixed_cost"] - r["search_cost"]
+    return float((r["fixed_cost"] - r["selector_cost"]) / gap) if gap > 0 else None
+
+
 def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.ndarray, groups: Sequence[Any], *,
                    l2: float = 1e-3, max_iter: int = 200) -> dict[str, Any]:
     """Leave-one-group-out cross-validation of :func:`fit_selector` (groups: e.g. the video of each frame): for each
@@ -306,14 +312,13 @@ def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.nd
         sel = WidthSelector(candidates)
         train = fit_selector(sel, f[~test], c[~test], l2=l2, max_iter=max_iter)
         held = _choice_report(sel, f[test], c[test])
-        k, cands = sel.k, sel.candidates
+        cands = sel.candidates
         ti, tj = cands.index(train["fixed_pair"][0]), cands.index(train["fixed_pair"][1])
-        gap = held["fixed_cost"] - held["search_cost"]
         rows.append({"group": name, "frames": held["frames"], "selector_cost": held["selector_cost"],
                      "search_cost": held["search_cost"], "fixed_pair": held["fixed_pair"],
                      "fixed_cost": held["fixed_cost"], "train_fixed_pair": train["fixed_pair"],
                      "train_fixed_cost": float(c[test][:, ti, tj].mean()),
-                     "captured": float((held["fixed_cost"] - held["selector_cost"]) / gap) if gap > 0 else None,
+                     "captured": _captured(held),
                      "beats_fixed": bool(held["selector_cost"] < held["fixed_cost"]),
                      "selector_pairs": held["selector_pairs"], "train_selector_cost": train["selector_cost"]})
     weights = np.array([r["frames"] for r in rows], dtype=np.float64)
@@ -322,8 +327,7 @@ def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.nd
         return float(np.dot(weights, [r[key] for r in rows]) / weights.sum())
 
     total = {k: mean(k) for k in ("selector_cost", "search_cost", "fixed_cost", "train_fixed_cost")}
-    gap = total["fixed_cost"] - total["search_cost"]
-    total["captured"] = float((total["fixed_cost"] - total["selector_cost"]) / gap) if gap > 0 else None
+    total["captured"] = _captured(total)
     return {"groups": rows, "mean": total, "l2": float(l2),
             "beats_fixed_on_every_group": all(r["beats_fixed"] for r in rows)}
 
