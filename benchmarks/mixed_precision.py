@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--uniform-presets", default="aciq-gptq,aciq")
     ap.add_argument("--widths", default="W4A8,W4A4,W8A8,W2A8", help="uniform widths (and budgets), in run order")
     ap.add_argument("--candidates", default=None, help="search candidates (default 8x8,8x4,4x8,4x4,2x8,2x4)")
+    ap.add_argument("--gptq-damp", help="GPTQ damping of the GPTQ presets (a number, or cv; default 0.01)")
+    ap.add_argument("--gptq-act-order", action="store_true", help="GPTQ presets: act-order (columns by diag(H))")
     ap.add_argument("--hessian", action="store_true", help="also the Hutchinson estimate (and a search on it)")
     ap.add_argument("--hutchinson", type=int, default=16, help="Rademacher vectors of the Hutchinson estimate")
     ap.add_argument("--layer-check", default="W4A8,W4A4", help="BOPs budgets whose per-layer shares are measured")
@@ -110,7 +112,8 @@ def main() -> int:
         state.setdefault("earlier_runs", []).append(
             {"revision": state.get("revision"), "command": state.get("command"), "rows": list(rows),
              "sensitivity_seconds": (state.get("sensitivity") or {}).get("seconds")})
-    plots = RESULTS / "mixed_precision" / name
+    # plots beside the main run's only for the default --out (a variant run, e.g. --gptq-damp cv, keeps its own)
+    plots = RESULTS / "mixed_precision" / (name if args.out is None else out.stem.removeprefix("mixed_precision_"))
     work = Path(args.work_dir)
 
     def save() -> dict:
@@ -133,7 +136,15 @@ def main() -> int:
 
     # ---- sensitivity ----------------------------------------------------------------------------------
     widths = [Candidate.parse(w) for w in args.widths.split(",") if w.strip()]
-    sens_file = work / f"sensitivity-{name}-{args.preset}-{args.split}.pt"
+    def gptq_kw(p: str) -> dict:
+        """The --gptq-* options, for the presets that round by GPTQ."""
+        if not p.endswith("-gptq"):
+            return {}
+        damp = None if args.gptq_damp is None else (args.gptq_damp if args.gptq_damp == "cv" else float(args.gptq_damp))
+        return {"gptq_damp": damp, "gptq_act_order": True if args.gptq_act_order else None}
+
+    tag = "".join(f"-{k}{v}" for k, v in gptq_kw(args.preset).items() if v is not None)  # e.g. -gptq_dampcv
+    sens_file = work / f"sensitivity-{name}-{args.preset}-{args.split}{tag}.pt"
     if sens_file.exists():
         sens = Sensitivity.from_state(torch_load(sens_file, what="sensitivity", fix="delete it to recompute"))
     else:
@@ -144,7 +155,7 @@ def main() -> int:
             if done[0] % 10 == 0:
                 print(f"  sensitivity: {done[0]} of {total} (layer, candidate) pairs measured", flush=True)
 
-        cfg = preset(args.preset, 4, 4, calibration_samples=args.calib)
+        cfg = preset(args.preset, 4, 4, calibration_samples=args.calib, **gptq_kw(args.preset))
         sens = layer_sensitivity(model, cfg, calib_batches, args.candidates, reference_bits=widths, progress=tick)
         torch_save(sens.state(), sens_file)
     state["sensitivity"] = {k: v for k, v in sens.to_dict().items() if k != "config"}
@@ -195,7 +206,7 @@ def main() -> int:
                                             layer_effects=kind == "bops" and w in layer_check))
 
     def uniform(w: Candidate, p: str) -> None:
-        record(f"uniform-{p}-{w.label}", preset(p, w.w_bits, w.a_bits, calibration_samples=args.calib),
+        record(f"uniform-{p}-{w.label}", preset(p, w.w_bits, w.a_bits, calibration_samples=args.calib, **gptq_kw(p)),
                f"{p} {w.label}", {"kind": "uniform", "preset": p, "width": w.label})
 
     # most informative first (a shared machine may stop the run): the base preset and mixed at equal BOPs,
@@ -204,7 +215,7 @@ def main() -> int:
         uniform(w, args.preset)
         mixed(w, "bops")
     if args.hessian:  # after the goal rows (a shared machine may stop the run), before the rest
-        hess_file = work / f"sensitivity-{name}-{args.preset}-{args.split}-hessian.pt"
+        hess_file = work / f"sensitivity-{name}-{args.preset}-{args.split}{tag}-hessian.pt"
         if hess_file.exists():
             sens = Sensitivity.from_state(torch_load(hess_file, what="sensitivity", fix="delete it to recompute"))
         else:

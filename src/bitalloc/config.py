@@ -68,6 +68,10 @@ class TensorConfig:
         (:mod:`bitalloc.calibration.clip_check`; the ACIQ presets set it).
     group_size: input features per range with granularity "group" (at least 2; it must divide the layer's
         input features); ignored otherwise.
+    gptq_damp, gptq_act_order: with rounding "gptq": the damping lambda of H + lambda mean(diag H) I (a number
+        > 0; GPTQ's 0.01 by default) or "cv" (chosen per layer by cross-validation on the calibration samples),
+        and whether the columns are rounded in decreasing order of diag(H) (act-order); see
+        :mod:`bitalloc.quant.gptq`.
     """
 
     bits: float = 8
@@ -85,6 +89,8 @@ class TensorConfig:
     rounding: str = "nearest"
     clip_check: str = "none"
     group_size: int = 128
+    gptq_damp: Any = 0.01
+    gptq_act_order: bool = False
 
     def validate(self, where: str = "") -> "TensorConfig":
         loc = f" ({where})" if where else ""
@@ -126,6 +132,9 @@ class TensorConfig:
             raise ConfigError(f"clip_check={self.clip_check!r}{loc} must be 'none' or 'output'")
         if self.rounding not in ("nearest", "gptq"):
             raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
+        check_gptq_damp(self.gptq_damp, f"gptq_damp{loc}")
+        if not isinstance(self.gptq_act_order, bool):
+            raise ConfigError(f"gptq_act_order={self.gptq_act_order!r}{loc} must be true or false")
         if self.allocation not in ("optimal", "aciq"):
             raise ConfigError(f"allocation={self.allocation!r}{loc} must be 'optimal' or 'aciq'")
         return self
@@ -398,11 +407,22 @@ def allocation_bounds(bits: float, *, symmetric: bool) -> tuple[int, int]:
     return (max(2, lo) if symmetric else max(1, lo)), max(8, math.ceil(float(bits)))
 
 
+def check_gptq_damp(value: Any, name: str = "gptq_damp") -> float | str:
+    """A GPTQ damping: a finite number > 0, or "cv" (chosen per layer by cross-validation)."""
+    if value == "cv":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a number > 0 (GPTQ's default 0.01) or 'cv' (chosen per layer "
+                          "by cross-validation on the calibration samples)")
+    return float(value)
+
+
 def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granularity: str | None = None,
            weight_granularity: str | None = None, online: bool = False, weight_method: str | None = None,
            weight_options: dict[str, Any] | None = None, rounding: str | None = None, min_bits: int | None = None,
            max_bits: int | None = None, allocation: str | None = None, smooth: float | None = None,
-           group_size: int | None = None, **overrides: Any) -> QuantConfig:
+           group_size: int | None = None, gptq_damp: float | str | None = None, gptq_act_order: bool | None = None,
+           **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
@@ -452,7 +472,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     weight_granularity="group", group_size=64)`` is GPTQ with group-wise 4-bit weights); ``online`` recomputes
     activation statistics on every input; ``weight_method`` / ``weight_options``
     override the weights' range estimator (default per preset);
-    ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid. ``smooth``:
+    ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid;
+    ``gptq_damp`` / ``gptq_act_order``: GPTQ's damping and column order (:class:`TensorConfig`). ``smooth``:
     SmoothQuant migration strength alpha of every layer (:class:`LayerConfig`). Other keywords are QuantConfig
     fields.
     """
@@ -496,6 +517,14 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
             weight.granularity, weight.group_size = "group", GPTQ_GROUP_SIZE
     if rounding is not None:
         weight.rounding = rounding
+    if (gptq_damp is not None or gptq_act_order) and weight.rounding != "gptq":
+        raise ConfigError(f"gptq_damp / gptq_act_order (CLI --gptq-damp / --gptq-act-order) set GPTQ rounding, but "
+                          f"preset {name!r} rounds to nearest: add rounding='gptq' (CLI --rounding gptq) or use "
+                          "preset 'aciq-gptq'")
+    if gptq_damp is not None:
+        weight.gptq_damp = check_gptq_damp(gptq_damp)
+    if gptq_act_order is not None:
+        weight.gptq_act_order = gptq_act_order
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:

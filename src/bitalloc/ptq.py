@@ -111,7 +111,9 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
         from bitalloc.calibration.gptq import apply_gptq
 
         start = time.perf_counter()
-        info["gptq_layers"] = apply_gptq(qmodel, calibration_data, n)
+        rounded: dict[str, Any] = {}
+        info["gptq_layers"] = apply_gptq(qmodel, calibration_data, n, report=rounded)
+        info["gptq_damp"] = {name: r["damp"] for name, r in rounded.items()}
         info["calibration_seconds"] += time.perf_counter() - start
     qmodel.bitalloc_calibration = info
     return qmodel
@@ -220,8 +222,9 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
         },
         "config": config.to_dict(),
         # the decisions calibration made from the data: clipping checked per tensor, SmoothQuant scales, the
-        # activation outlier ratios (bitalloc.calibration.clip_check / smooth / outliers)
-        "calibration": {key: calib[key] for key in ("clip_checks", "smoothing", "activation_outliers")
+        # activation outlier ratios, GPTQ's damping per layer (bitalloc.calibration.clip_check / smooth / outliers /
+        # gptq)
+        "calibration": {key: calib[key] for key in ("clip_checks", "smoothing", "activation_outliers", "gptq_damp")
                         if calib.get(key)},
     }
     return PTQResult(qmodel, report)

@@ -304,6 +304,11 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounding", choices=("nearest", "gptq"),
                    help="rounding of the weights onto their grid: nearest, or gptq (error-compensating, uses the "
                         "calibration data; default: gptq for aciq-gptq, else nearest)")
+    g.add_argument("--gptq-damp", metavar="D",
+                   help="GPTQ damping: a number > 0 (D x mean Hessian diagonal added to the diagonal; default 0.01) "
+                        "or 'cv' (chosen per layer from 0.01..3 by 4-fold cross-validation on the calibration samples)")
+    g.add_argument("--gptq-act-order", action="store_true",
+                   help="GPTQ: round the columns in decreasing order of the Hessian diagonal (act-order)")
     g.add_argument("--bias-correction", choices=("none", "mean", "mean+norm"), help="override the preset's bias correction")
     g.add_argument("--allocation", choices=("aciq", "optimal"),
                    help="per-channel bit allocation rule (aciq, aciq-alloc presets): aciq (default: ACIQ eq. 10-11, "
@@ -333,7 +338,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
-                 "percentile", "online", "weight_method", "rounding", "bias_correction", "allocation", "min_bits",
+                 "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "bias_correction", "allocation", "min_bits",
                  "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers", "group_size",
                  "product_bits")
 
@@ -341,6 +346,13 @@ QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granul
 def _first_last(args: argparse.Namespace) -> int | None:
     return None if str(args.first_last_bits).lower() == "none" else _cli_number(
         args.first_last_bits, "--first-last-bits", integer=True, lo=2, hi=32, extra=", or 'none'")
+
+
+def _gptq_damp(args: argparse.Namespace) -> float | str | None:
+    value = getattr(args, "gptq_damp", None)
+    if value is None or str(value).lower() == "cv":
+        return None if value is None else "cv"
+    return _cli_number(value, "--gptq-damp", lo=0.0, hi=100.0, lo_open=True, extra=", or 'cv'")
 
 
 def _smooth(args: argparse.Namespace) -> float | None:
@@ -394,6 +406,13 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
         t.method, t.options = args.weight_method, {}
     if "rounding" in cli:
         tensor("weight", "rounding").rounding = args.rounding
+    for dest, value in (("gptq_damp", _gptq_damp(args)), ("gptq_act_order", True)):
+        if dest in cli:
+            t = tensor("weight", dest)
+            if t.rounding != "gptq":
+                raise ConfigError(f"{flag(dest)} sets GPTQ rounding, but the weights in {path} are rounded to "
+                                  "nearest: add --rounding gptq")
+            setattr(t, dest, value)
     bounds = _bounds(args)
     if bounds:
         allocated = [t for t in (layer.weight, layer.act) if t is not None and t.allocate]
@@ -422,7 +441,8 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   weight_granularity=args.weight_granularity, online=args.online, first_last_bits=_first_last(args),
                   fold_bn=not args.no_fold_bn, calibration_samples=getattr(args, "calib", 32),
                   seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
-                  rounding=getattr(args, "rounding", None), smooth=_smooth(args),
+                  rounding=getattr(args, "rounding", None), smooth=_smooth(args), gptq_damp=_gptq_damp(args),
+                  gptq_act_order=True if getattr(args, "gptq_act_order", False) else None,
                   group_size=getattr(args, "group_size", None), product_bits=getattr(args, "product_bits", None),
                   **_bounds(args))
 

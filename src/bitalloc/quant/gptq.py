@@ -12,6 +12,17 @@ where H_F^-1 is the inverse Hessian restricted to the remaining columns. GPTQ ob
 at once from the upper Cholesky factor of H^-1 and processes columns in blocks (lazy batch updates); the
 result equals the column-by-column recursion above. The grid (scale, zero point, code range per row) is
 fixed beforehand, here by bitalloc's range estimators and bit allocation: only the rounding changes.
+
+Two settings of the reference implementation matter when calibration data are few (GPTQ's README and code):
+
+* the order of the columns: "act-order" quantizes the columns with the largest Hessian diagonal (the inputs with
+  the most energy) first, while most columns are still free to absorb their error; the codes are then put back
+  in the weight's own order (:func:`gptq_round` ``act_order``);
+* the damping lambda of H + lambda mean(diag H) I, which regularises the Hessian of a few samples (1% by
+  default). With 32 images, a late layer of a CNN sees as many input rows (32 x 7 x 7) as it has columns, and the
+  1% Hessian over-fits them. :func:`heldout_damping` chooses lambda per layer by K-fold cross-validation of the
+  layer-wise loss: the weights rounded with the Hessian of all folds but k are scored on fold k's Hessian,
+  tr(dW H_k dW^T), summed over k; it needs no labels and no data beyond the calibration samples.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ def _quant_dequant(w: Tensor, scale: Tensor, zp: Tensor, qmin: Tensor, qmax: Ten
 
 
 def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
-               *, damp: float = 0.01, block: int = 128) -> Tensor:
+               *, damp: float = 0.01, block: int = 128, act_order: bool = False) -> Tensor:
     """Codes of ``weight`` on its grid, chosen by GPTQ.
 
     Args:
@@ -42,13 +53,21 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
             quantizes column i.
         damp: relative damping lambda * mean(diag H) added to the diagonal (GPTQ uses 1%).
         block: columns per lazy batch update.
-    Returns: int64 codes [G, R, K].
+        act_order: quantize the columns in decreasing order of diag(H) (per group; module docstring).
+    Returns: int64 codes [G, R, K], in the weight's own column order.
     """
     if weight.ndim != 3 or hessian.ndim != 3 or hessian.shape[0] != weight.shape[0] or \
             hessian.shape[1:] != (weight.shape[2], weight.shape[2]):
         raise ShapeError(f"gptq_round needs weight [G, R, K] and hessian [G, K, K], got {tuple(weight.shape)} "
                          f"and {tuple(hessian.shape)}")
     G, R, K = weight.shape
+    if act_order:
+        perm = torch.argsort(torch.diagonal(hessian, dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [G, K]
+        cols = perm[:, None, :].expand(G, R, K)
+        permuted = [t.gather(2, cols) if t.ndim == 3 else t for t in (scale, zero_point)]
+        h = torch.stack([hessian[g][perm[g]][:, perm[g]] for g in range(G)])
+        codes = gptq_round(weight.gather(2, cols), h, *permuted, qmin, qmax, damp=damp, block=block)
+        return codes.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(G, R, K))
     W = weight.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
     diag = torch.diagonal(H, dim1=1, dim2=2)
@@ -78,6 +97,33 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
             E1[:, :, i] = err
         W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
     return codes
+
+
+def heldout_damping(weight: Tensor, fold_hessians: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                    qmax: Tensor, damps: tuple[float, ...], *, act_order: bool = False, block: int = 128
+                    ) -> tuple[float, list[float]]:
+    """The damping of ``damps`` with the least cross-validated layer-wise loss (module docstring), and the loss of
+    each: sum over folds k of tr(dW_k H_k dW_k^T), dW_k = W - Q_gptq(W; H - H_k, damp).
+
+    ``fold_hessians``: [F, G, K, K], the Hessians of F disjoint folds of the calibration inputs (F >= 2); the
+    other arguments as :func:`gptq_round`. Ties go to the first (smallest, if sorted) damping."""
+    F = fold_hessians.shape[0]
+    if fold_hessians.ndim != 4 or F < 2:
+        raise ShapeError(f"heldout_damping needs the Hessians of at least 2 folds, [F, G, K, K], got "
+                         f"{tuple(fold_hessians.shape)}")
+    total = fold_hessians.sum(dim=0)
+    G, R, K = weight.shape
+    losses = []
+    for d in damps:  # the folds as extra groups of one batched call per damping
+        rep = [t.repeat(F, *([1] * (t.ndim - 1))) for t in (weight, scale, zero_point, qmin, qmax)]
+        codes = gptq_round(rep[0], (total[None] - fold_hessians).reshape(F * G, K, K), *rep[1:], damp=d,
+                           block=block, act_order=act_order)
+        zp = rep[2] if rep[2].ndim == 3 else rep[2][..., None]
+        sc = rep[1] if rep[1].ndim == 3 else rep[1][..., None]
+        approx = (codes - zp).to(torch.float64) * sc.to(torch.float64)
+        losses.append(float(reconstruction_error(rep[0], approx, fold_hessians.reshape(F * G, K, K)).sum()))
+    best = min(range(len(damps)), key=losses.__getitem__)
+    return float(damps[best]), losses
 
 
 def reconstruction_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> Tensor:
