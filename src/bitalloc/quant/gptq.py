@@ -111,17 +111,16 @@ def heldout_damping(weight: Tensor, fold_hessians: Tensor, scale: Tensor, zero_p
     if fold_hessians.ndim != 4 or F < 2:
         raise ShapeError(f"heldout_damping needs the Hessians of at least 2 folds, [F, G, K, K], got "
                          f"{tuple(fold_hessians.shape)}")
-    total = fold_hessians.sum(dim=0)
     G, R, K = weight.shape
+    fit = (fold_hessians.sum(dim=0)[None] - fold_hessians).reshape(F * G, K, K)  # the folds as extra groups
+    held = fold_hessians.reshape(F * G, K, K)
+    w, sc, zp, lo, hi = (t.repeat(F, *([1] * (t.ndim - 1))) for t in (weight, scale, zero_point, qmin, qmax))
+    sc3, zp3 = (t if t.ndim == 3 else t[..., None] for t in (sc, zp))
     losses = []
-    for d in damps:  # the folds as extra groups of one batched call per damping
-        rep = [t.repeat(F, *([1] * (t.ndim - 1))) for t in (weight, scale, zero_point, qmin, qmax)]
-        codes = gptq_round(rep[0], (total[None] - fold_hessians).reshape(F * G, K, K), *rep[1:], damp=d,
-                           block=block, act_order=act_order)
-        zp = rep[2] if rep[2].ndim == 3 else rep[2][..., None]
-        sc = rep[1] if rep[1].ndim == 3 else rep[1][..., None]
-        approx = (codes - zp).to(torch.float64) * sc.to(torch.float64)
-        losses.append(float(reconstruction_error(rep[0], approx, fold_hessians.reshape(F * G, K, K)).sum()))
+    for d in damps:
+        codes = gptq_round(w, fit, sc, zp, lo, hi, damp=d, block=block, act_order=act_order)
+        approx = (codes - zp3).to(torch.float64) * sc3.to(torch.float64)
+        losses.append(float(reconstruction_error(w, approx, held).sum()))
     best = min(range(len(damps)), key=losses.__getitem__)
     return float(damps[best]), losses
 
