@@ -136,6 +136,7 @@ def main() -> int:
 
     # ---- sensitivity ----------------------------------------------------------------------------------
     widths = [Candidate.parse(w) for w in args.widths.split(",") if w.strip()]
+
     def gptq_kw(p: str) -> dict:
         """The --gptq-* options, for the presets that round by GPTQ."""
         if not p.endswith("-gptq"):

@@ -129,6 +129,20 @@ def input_hessian(layer: nn.Module, x: Tensor, input_quantizer: nn.Module | None
     return H
 
 
+def batches_hessian(layer: nn.Module, batches: Iterable[Tensor], input_quantizer: nn.Module | None = None, *,
+                    folds: int | None = None) -> Tensor:
+    """:func:`input_hessian` summed over several batches of inputs, the samples numbered across them for
+    ``folds``."""
+    H: Tensor | None = None
+    seen = 0
+    for x in batches:
+        h = input_hessian(layer, x, input_quantizer, folds=folds, offset=seen)
+        H, seen = (h if H is None else H + h), seen + x.shape[0]
+    if H is None:
+        raise DataError(f"no inputs to accumulate the GPTQ Hessian of {type(layer).__name__}")
+    return H
+
+
 #: dampings :func:`round_layer` chooses from with ``gptq_damp="cv"`` (GPTQ's 1% up to 3x the mean diagonal)
 CV_DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 #: folds of the calibration samples for ``gptq_damp="cv"``

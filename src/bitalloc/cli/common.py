@@ -338,9 +338,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
-                 "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "bias_correction", "allocation", "min_bits",
-                 "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth", "allow_act_outliers", "group_size",
-                 "product_bits")
+                 "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "bias_correction",
+                 "allocation", "min_bits", "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth",
+                 "allow_act_outliers", "group_size", "product_bits")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
@@ -350,8 +350,10 @@ def _first_last(args: argparse.Namespace) -> int | None:
 
 def _gptq_damp(args: argparse.Namespace) -> float | str | None:
     value = getattr(args, "gptq_damp", None)
-    if value is None or str(value).lower() == "cv":
-        return None if value is None else "cv"
+    if value is None:
+        return None
+    if str(value).lower() == "cv":
+        return "cv"
     return _cli_number(value, "--gptq-damp", lo=0.0, hi=100.0, lo_open=True, extra=", or 'cv'")
 
 

@@ -65,7 +65,7 @@ def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tenso
         perm = torch.argsort(torch.diagonal(hessian, dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [G, K]
         cols = perm[:, None, :].expand(G, R, K)
         permuted = [t.gather(2, cols) if t.ndim == 3 else t for t in (scale, zero_point)]
-        h = torch.stack([hessian[g][perm[g]][:, perm[g]] for g in range(G)])
+        h = hessian.gather(1, perm[:, :, None].expand(G, K, K)).gather(2, perm[:, None, :].expand(G, K, K))
         codes = gptq_round(weight.gather(2, cols), h, *permuted, qmin, qmax, damp=damp, block=block)
         return codes.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(G, R, K))
     W = weight.detach().to(torch.float64).clone()
@@ -107,10 +107,10 @@ def heldout_damping(weight: Tensor, fold_hessians: Tensor, scale: Tensor, zero_p
 
     ``fold_hessians``: [F, G, K, K], the Hessians of F disjoint folds of the calibration inputs (F >= 2); the
     other arguments as :func:`gptq_round`. Ties go to the first (smallest, if sorted) damping."""
-    F = fold_hessians.shape[0]
-    if fold_hessians.ndim != 4 or F < 2:
+    if fold_hessians.ndim != 4 or fold_hessians.shape[0] < 2:
         raise ShapeError(f"heldout_damping needs the Hessians of at least 2 folds, [F, G, K, K], got "
                          f"{tuple(fold_hessians.shape)}")
+    F = fold_hessians.shape[0]
     G, R, K = weight.shape
     fit = (fold_hessians.sum(dim=0)[None] - fold_hessians).reshape(F * G, K, K)  # the folds as extra groups
     held = fold_hessians.reshape(F * G, K, K)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from bitalloc.batches import batch_inputs, batch_size, cut_inputs
 from bitalloc.calibration.calibrate import calibration
-from bitalloc.calibration.gptq import hessian_folds, input_hessian, round_layer
+from bitalloc.calibration.gptq import batches_hessian, hessian_folds, round_layer
 from bitalloc.config import QuantConfig
 from bitalloc.cost import cost_report
 from bitalloc.errors import ConfigError, DataError
@@ -304,11 +304,8 @@ class _Candidates:
             return q
         hkey = (layer.name, cand.a_bits)
         if hkey not in self._hessians:
-            folds, seen, H = hessian_folds(q), 0, None
-            for x in self.inputs[layer.name]:
-                h = input_hessian(q.layer, x, q.input_quantizer, folds=folds, offset=seen)
-                H, seen = (h if H is None else H + h), seen + x.shape[0]
-            self._hessians[hkey] = H
+            self._hessians[hkey] = batches_hessian(q.layer, self.inputs[layer.name], q.input_quantizer,
+                                                   folds=hessian_folds(q))
         rounded = QuantLayer(copy.deepcopy(q.layer), copy.deepcopy(wq), q.input_quantizer, name=layer.name,
                              bias_correction=q.bias_correction)
         round_layer(rounded, self._hessians[hkey])
