@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--widths", default="W4A8,W4A4,W8A8,W2A8", help="uniform widths (and budgets), in run order")
     ap.add_argument("--candidates", default=None, help="search candidates (default 8x8,8x4,4x8,4x4,2x8,2x4)")
     ap.add_argument("--gptq-damp", help="GPTQ damping of the GPTQ presets (a number, or cv; default 0.01)")
+    ap.add_argument("--gptq-asymmetric", action="store_true",
+                    help="GPTQ presets: asymmetric calibration (each layer fitted to the float network's output)")
     ap.add_argument("--gptq-act-order", action="store_true", help="GPTQ presets: act-order (columns by diag(H))")
     ap.add_argument("--hessian", action="store_true", help="also the Hutchinson estimate (and a search on it)")
     ap.add_argument("--hutchinson", type=int, default=16, help="Rademacher vectors of the Hutchinson estimate")
@@ -142,7 +144,8 @@ def main() -> int:
         if not p.endswith("-gptq"):
             return {}
         damp = None if args.gptq_damp is None else (args.gptq_damp if args.gptq_damp == "cv" else float(args.gptq_damp))
-        return {"gptq_damp": damp, "gptq_act_order": True if args.gptq_act_order else None}
+        return {"gptq_damp": damp, "gptq_act_order": True if args.gptq_act_order else None,
+                "gptq_asymmetric": True if args.gptq_asymmetric else None}
 
     tag = "".join(f"-{k}{v}" for k, v in gptq_kw(args.preset).items() if v is not None)  # e.g. -gptq_dampcv
     sens_file = work / f"sensitivity-{name}-{args.preset}-{args.split}{tag}.pt"

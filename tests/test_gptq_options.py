@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bitalloc
-from bitalloc.calibration.gptq import CV_DAMPS, CV_FOLDS, batches_hessian, input_hessian, round_layer
+from bitalloc.calibration.gptq import CV_DAMPS, CV_FOLDS, batches_moments, input_hessian, round_layer
 from bitalloc.config import QuantConfig, preset
 from bitalloc.errors import ConfigError, DataError, ShapeError
 from bitalloc.model.layers import quant_layers
@@ -96,7 +96,7 @@ def test_fold_hessians_sum_to_the_hessian_and_split_samples_round_robin():
         idx = [i for i in range(7) if (2 + i) % 4 == k]
         assert torch.allclose(folds[k], input_hessian(layer, x[idx]), rtol=1e-10, atol=1e-9)
     # over batches, the samples are numbered across them: the same folds as one batch
-    split = batches_hessian(layer, [x[:3], x[3:]], folds=4)
+    split = batches_moments(layer, [x[:3], x[3:]], folds=4).hessian
     assert torch.allclose(split, input_hessian(layer, x, folds=4), rtol=1e-10, atol=1e-9)
 
 

@@ -72,6 +72,9 @@ class TensorConfig:
         > 0; GPTQ's 0.01 by default) or "cv" (chosen per layer by cross-validation on the calibration samples),
         and whether the columns are rounded in decreasing order of diag(H) (act-order); see
         :mod:`bitalloc.quant.gptq`.
+    gptq_asymmetric: with rounding "gptq": fit each layer to the float network's output on its float inputs
+        (asymmetric calibration, GPTAQ) instead of to its own float weights on the quantized inputs; see
+        :mod:`bitalloc.quant.gptq`.
     """
 
     bits: float = 8
@@ -91,6 +94,7 @@ class TensorConfig:
     group_size: int = 128
     gptq_damp: Any = 0.01
     gptq_act_order: bool = False
+    gptq_asymmetric: bool = False
 
     def validate(self, where: str = "") -> "TensorConfig":
         loc = f" ({where})" if where else ""
@@ -133,8 +137,9 @@ class TensorConfig:
         if self.rounding not in ("nearest", "gptq"):
             raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
         check_gptq_damp(self.gptq_damp, f"gptq_damp{loc}")
-        if not isinstance(self.gptq_act_order, bool):
-            raise ConfigError(f"gptq_act_order={self.gptq_act_order!r}{loc} must be true or false")
+        for key in ("gptq_act_order", "gptq_asymmetric"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}={getattr(self, key)!r}{loc} must be true or false")
         if self.allocation not in ("optimal", "aciq"):
             raise ConfigError(f"allocation={self.allocation!r}{loc} must be 'optimal' or 'aciq'")
         return self
@@ -422,7 +427,7 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
            weight_options: dict[str, Any] | None = None, rounding: str | None = None, min_bits: int | None = None,
            max_bits: int | None = None, allocation: str | None = None, smooth: float | None = None,
            group_size: int | None = None, gptq_damp: float | str | None = None, gptq_act_order: bool | None = None,
-           **overrides: Any) -> QuantConfig:
+           gptq_asymmetric: bool | None = None, **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
@@ -473,7 +478,8 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     activation statistics on every input; ``weight_method`` / ``weight_options``
     override the weights' range estimator (default per preset);
     ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid;
-    ``gptq_damp`` / ``gptq_act_order``: GPTQ's damping and column order (:class:`TensorConfig`). ``smooth``:
+    ``gptq_damp`` / ``gptq_act_order`` / ``gptq_asymmetric``: GPTQ's damping, column order and calibration target
+    (:class:`TensorConfig`). ``smooth``:
     SmoothQuant migration strength alpha of every layer (:class:`LayerConfig`). Other keywords are QuantConfig
     fields.
     """
@@ -517,14 +523,17 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
             weight.granularity, weight.group_size = "group", GPTQ_GROUP_SIZE
     if rounding is not None:
         weight.rounding = rounding
-    if (gptq_damp is not None or gptq_act_order) and weight.rounding != "gptq":
-        raise ConfigError(f"gptq_damp / gptq_act_order (CLI --gptq-damp / --gptq-act-order) set GPTQ rounding, but "
+    if (gptq_damp is not None or gptq_act_order or gptq_asymmetric) and weight.rounding != "gptq":
+        raise ConfigError(f"gptq_damp / gptq_act_order / gptq_asymmetric (CLI --gptq-damp / --gptq-act-order / "
+                          f"--gptq-asymmetric) set GPTQ rounding, but "
                           f"preset {name!r} rounds to nearest: add rounding='gptq' (CLI --rounding gptq) or use "
                           "preset 'aciq-gptq'")
     if gptq_damp is not None:
         weight.gptq_damp = check_gptq_damp(gptq_damp)
     if gptq_act_order is not None:
         weight.gptq_act_order = gptq_act_order
+    if gptq_asymmetric is not None:
+        weight.gptq_asymmetric = gptq_asymmetric
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
     if act_granularity is not None:

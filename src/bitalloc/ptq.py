@@ -114,6 +114,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration_data: Iterable, 
         rounded: dict[str, Any] = {}
         info["gptq_layers"] = apply_gptq(qmodel, calibration_data, n, report=rounded)
         info["gptq_damp"] = {name: r["damp"] for name, r in rounded.items()}
+        info["gptq_asymmetric"] = [name for name, r in rounded.items() if r["asymmetric"]]
         info["calibration_seconds"] += time.perf_counter() - start
     qmodel.bitalloc_calibration = info
     return qmodel
@@ -224,7 +225,8 @@ def run_ptq(model: nn.Module, config: QuantConfig, calibration_data: Iterable, e
         # the decisions calibration made from the data: clipping checked per tensor, SmoothQuant scales, the
         # activation outlier ratios, GPTQ's damping per layer (bitalloc.calibration.clip_check / smooth / outliers /
         # gptq)
-        "calibration": {key: calib[key] for key in ("clip_checks", "smoothing", "activation_outliers", "gptq_damp")
+        "calibration": {key: calib[key] for key in ("clip_checks", "smoothing", "activation_outliers", "gptq_damp",
+                                                       "gptq_asymmetric")
                         if calib.get(key)},
     }
     return PTQResult(qmodel, report)

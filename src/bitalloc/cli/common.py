@@ -309,6 +309,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "or 'cv' (chosen per layer from 0.01..3 by 4-fold cross-validation on the calibration samples)")
     g.add_argument("--gptq-act-order", action="store_true",
                    help="GPTQ: round the columns in decreasing order of the Hessian diagonal (act-order)")
+    g.add_argument("--gptq-asymmetric", action="store_true",
+                   help="GPTQ: fit each layer to the float network's output on its float inputs, not to its own "
+                        "float weights on the quantized inputs (asymmetric calibration, GPTAQ; a float copy of the "
+                        "model is kept while rounding)")
     g.add_argument("--bias-correction", choices=("none", "mean", "mean+norm"), help="override the preset's bias correction")
     g.add_argument("--allocation", choices=("aciq", "optimal"),
                    help="per-channel bit allocation rule (aciq, aciq-alloc presets): aciq (default: ACIQ eq. 10-11, "
@@ -338,7 +342,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
-                 "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "bias_correction",
+                 "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "gptq_asymmetric",
+                 "bias_correction",
                  "allocation", "min_bits", "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth",
                  "allow_act_outliers", "group_size", "product_bits")
 
@@ -408,7 +413,7 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
         t.method, t.options = args.weight_method, {}
     if "rounding" in cli:
         tensor("weight", "rounding").rounding = args.rounding
-    for dest, value in (("gptq_damp", _gptq_damp(args)), ("gptq_act_order", True)):
+    for dest, value in (("gptq_damp", _gptq_damp(args)), ("gptq_act_order", True), ("gptq_asymmetric", True)):
         if dest in cli:
             t = tensor("weight", dest)
             if t.rounding != "gptq":
@@ -445,6 +450,7 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   seed=getattr(args, "seed", 0), weight_method=getattr(args, "weight_method", None),
                   rounding=getattr(args, "rounding", None), smooth=_smooth(args), gptq_damp=_gptq_damp(args),
                   gptq_act_order=True if getattr(args, "gptq_act_order", False) else None,
+                  gptq_asymmetric=True if getattr(args, "gptq_asymmetric", False) else None,
                   group_size=getattr(args, "group_size", None), product_bits=getattr(args, "product_bits", None),
                   **_bounds(args))
 

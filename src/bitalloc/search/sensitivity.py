@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from bitalloc.batches import batch_inputs, batch_size, cut_inputs
 from bitalloc.calibration.calibrate import calibration
-from bitalloc.calibration.gptq import batches_hessian, hessian_folds, round_layer
+from bitalloc.calibration.gptq import Moments, batches_moments, gptq_settings, hessian_folds, round_layer
 from bitalloc.config import QuantConfig
 from bitalloc.cost import cost_report
 from bitalloc.errors import ConfigError, DataError
@@ -285,7 +285,7 @@ class _Candidates:
 
     def __init__(self, config: QuantConfig, stats: dict[str, Any], inputs: dict[str, list[Tensor]]):
         self.config, self.stats, self.inputs = config, stats, inputs
-        self._hessians: dict[tuple[str, int], Tensor] = {}
+        self._hessians: dict[tuple[str, int], Moments] = {}
         self._weights: dict[tuple[str, int], Any] = {}
         self._built: dict[tuple[str, Candidate], nn.Module] = {}
 
@@ -304,8 +304,8 @@ class _Candidates:
             return q
         hkey = (layer.name, cand.a_bits)
         if hkey not in self._hessians:
-            self._hessians[hkey] = batches_hessian(q.layer, self.inputs[layer.name], q.input_quantizer,
-                                                   folds=hessian_folds(q))
+            self._hessians[hkey] = batches_moments(q.layer, self.inputs[layer.name], q.input_quantizer,
+                                                   folds=hessian_folds(q), asymmetric=gptq_settings(q).asymmetric)
         rounded = QuantLayer(copy.deepcopy(q.layer), copy.deepcopy(wq), q.input_quantizer, name=layer.name,
                              bias_correction=q.bias_correction)
         round_layer(rounded, self._hessians[hkey])
