@@ -51,7 +51,8 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
         --init runs/models/resnet20-cifar10.pt --out-dir runs/learned/resnet20-cifar10-8ep --method lsq \
         --configs benchmarks/results/mixed_lsq/mixed-W4A4.json --epochs 8 -- --lr 1e-4 --q-granularity channel
     #   ... likewise mixed-W3A4.json and mixed-W2A4.json, and mixed-W4A4.json with --tag=-s1 ... --seed 1;
-    #   mixed-W3A3.json: searched at bops=W3A3 with candidates 8x8,8x4,4x8,4x4,3x4,2x8,2x4 (no 2-bit activations)
+    #   mixed-W3A3.json: searched at bops=W3A3 with candidates 8x8,8x4,4x8,4x4,3x4,2x8,2x4 (no 2-bit activations);
+    #   mixed-W2A4-a3.json: at bops=W2A4 with candidates 8x8,8x4,4x8,4x4,3x4,2x8,2x4,4x3,3x3,2x3 (3-bit activations)
     # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
     python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb --mu 0.1 \\
