@@ -289,12 +289,13 @@ def round_layer(layer: QuantLayer, moments: Moments | Tensor, *, damp: float | s
     damp = settings.damp if damp is None else damp
     act_order = settings.act_order if act_order is None else act_order
     m = moments if isinstance(moments, Moments) else Moments(moments)
-    if settings.asymmetric and m.cross is None:
+    if not settings.asymmetric:
+        m = Moments(m.hessian)  # plain GPTQ: any cross moments given are not used
+    elif m.cross is None:
         raise DataError(f"layer {layer.layer_name!r}: gptq_asymmetric needs the cross moments of the float network's "
                         "inputs with the quantized ones (layer_moments(..., reference=float copy)); or set "
                         "gptq_asymmetric false")
     whole = m.total()
-    cross = whole.cross if settings.asymmetric else None
     wq = layer.weight_quantizer
     w = layer.layer.weight
     G = whole.hessian.shape[0]
@@ -310,12 +311,11 @@ def round_layer(layer: QuantLayer, moments: Moments | Tensor, *, damp: float | s
         if m.folds is None:
             raise DataError(f"layer {layer.layer_name!r}: gptq_damp='cv' needs the Hessian per fold of the calibration "
                             "samples (layer_moments(..., folds=CV_FOLDS)); give a number instead")
-        asym = settings.asymmetric
         damp, losses = heldout_damping(weight, m.hessian, *grid, CV_DAMPS, act_order=act_order,
-                                       fold_cross=m.cross if asym else None, fold_reference=m.reference if asym else None)
+                                       fold_cross=m.cross, fold_reference=m.reference)
         info["cv_losses"] = losses
     info["damp"] = float(damp)
-    codes = gptq_round(weight, whole.hessian, *grid, damp=float(damp), act_order=act_order, cross=cross)
+    codes = gptq_round(weight, whole.hessian, *grid, damp=float(damp), act_order=act_order, cross=whole.cross)
     q = codes.reshape(rows, -1)
     deq = dequantize(q, per_row[0], per_row[1], axis=0)
     w.copy_(deq.reshape(w.shape).to(w.dtype))

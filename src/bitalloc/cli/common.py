@@ -343,9 +343,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "gptq_asymmetric",
-                 "bias_correction",
-                 "allocation", "min_bits", "max_bits", "first_last_bits", "no_fold_bn", "override", "smooth",
-                 "allow_act_outliers", "group_size", "product_bits")
+                 "bias_correction", "allocation", "min_bits", "max_bits", "first_last_bits", "no_fold_bn", "override",
+                 "smooth", "allow_act_outliers", "group_size", "product_bits")
 
 
 def _first_last(args: argparse.Namespace) -> int | None:
