@@ -168,6 +168,11 @@ def test_sweep_budget_fronts(user, capsys, tmp_path):
     code, _, err = run(["sweep", "--method", "lsq", "--bits", "4", "--candidates", "4x4", "--model", "lenet5",
                         "--out-dir", str(out)], capsys)
     assert code == 2 and "--budget" in err
+    # a sensitivity file fixes its candidates: giving others beside it is an error, as for ptq --budget
+    code, _, err = run(["sweep", "--budget", "bops=W4A8", *_net(user), "--dataset", "imagefolder", "--data",
+                        str(user / "img"), "--calib", "6", "--sensitivity", str(tmp_path / "none.pt"), "--candidates",
+                        "4x4", "--out-dir", str(out)], capsys)
+    assert code == 2 and "--candidates" in err and "--sensitivity" in err and err.count("\n") == 1
 
 
 def test_latency_budget_from_the_command_line(user, capsys, tmp_path):

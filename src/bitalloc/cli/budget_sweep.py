@@ -97,7 +97,7 @@ def _slug(text: str) -> str:
 def run_budget_sweep(args: argparse.Namespace) -> int:
     from bitalloc import models
     from bitalloc.cli.common import batches, load_model, load_splits
-    from bitalloc.cli.sensitivity import compute, load_sensitivity, with_latency
+    from bitalloc.cli.sensitivity import measured_or_loaded, with_latency
     from bitalloc.cli.sweep import write_outputs
     from bitalloc.io import write_json
     from bitalloc.ptq import run_ptq
@@ -118,10 +118,7 @@ def run_budget_sweep(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args.batch_size = args.eval_batch_size
-    if args.sensitivity:
-        sens = load_sensitivity(args.sensitivity, cfg, args.calib)
-    else:
-        sens = compute(model, cfg, calib_batches, args, reference_bits=tuple(uniform))
+    sens = measured_or_loaded(args, model, cfg, calib_batches, tuple(uniform))
     if any(b.kind == "latency" for b in budgets):
         sens = with_latency(model, sens, calib_batches, args)
     masks: dict[int, np.ndarray] = {}

@@ -216,6 +216,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def measured_or_loaded(args: argparse.Namespace, model: Any, cfg: Any, calib: list, reference_bits: tuple = ()) -> Any:
+    """The sensitivity of ``ptq --budget`` / ``sweep --budget``: read from --sensitivity (whose own candidates
+    and metric were fixed when it was measured: giving them again is an error), or measured here."""
+    if not args.sensitivity:
+        return compute(model, cfg, calib, args, reference_bits=reference_bits)
+    clash = [f for f in ("--candidates", "--metric") if f.lstrip("-") in given(args)]
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: --sensitivity {args.sensitivity} was measured with its own; drop "
+                          f"{'it' if len(clash) == 1 else 'them'}, or drop --sensitivity to measure here")
+    return load_sensitivity(args.sensitivity, cfg, args.calib)
+
+
 # ---- ptq --budget ---------------------------------------------------------------------------------------------
 
 def search_for_ptq(args: argparse.Namespace, model: Any, cfg: Any, calib: list) -> Any:
@@ -228,15 +240,7 @@ def search_for_ptq(args: argparse.Namespace, model: Any, cfg: Any, calib: list) 
         raise ConfigError(f"{', '.join(stray)} {'belongs' if len(stray) == 1 else 'belong'} to the search under a "
                           "budget and would be ignored; add --budget KIND=VALUE (e.g. bops=W4A8) or drop them")
     budget = parse_budget(args.budget)
-    if args.sensitivity:
-        clash = [f for f in ("--candidates", "--metric") if f.lstrip("-") in given(args)]
-        if clash:
-            raise ConfigError(f"{', '.join(clash)}: --sensitivity {args.sensitivity} was measured with its own; drop "
-                              f"{'it' if len(clash) == 1 else 'them'}, or drop --sensitivity to measure here")
-        sens = load_sensitivity(args.sensitivity, cfg, args.calib)
-    else:
-        refs = (budget.uniform,) if budget.uniform is not None else ()
-        sens = compute(model, cfg, calib, args, reference_bits=refs)
+    sens = measured_or_loaded(args, model, cfg, calib, (budget.uniform,) if budget.uniform is not None else ())
     if budget.kind == "latency":
         sens = with_latency(model, sens, calib, args)
     elif any(k in given(args) for k in ("latency_batch", "latency_threads")):
