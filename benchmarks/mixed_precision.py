@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--gptq-asymmetric", action="store_true",
                     help="GPTQ presets: asymmetric calibration (each layer fitted to the float network's output)")
     ap.add_argument("--gptq-act-order", action="store_true", help="GPTQ presets: act-order (columns by diag(H))")
+    ap.add_argument("--clip-check", choices=("none", "output", "network"),
+                    help="how activation ranges are checked (default: each preset's)")
     ap.add_argument("--hessian", action="store_true", help="also the Hutchinson estimate (and a search on it)")
     ap.add_argument("--hutchinson", type=int, default=16, help="Rademacher vectors of the Hutchinson estimate")
     ap.add_argument("--layer-check", default="W4A8,W4A4", help="BOPs budgets whose per-layer shares are measured")
@@ -140,12 +142,13 @@ def main() -> int:
     widths = [Candidate.parse(w) for w in args.widths.split(",") if w.strip()]
 
     def gptq_kw(p: str) -> dict:
-        """The --gptq-* options, for the presets that round by GPTQ."""
+        """The --gptq-* options, for the presets that round by GPTQ, and --clip-check."""
+        check = {"clip_check": args.clip_check}
         if not p.endswith("-gptq"):
-            return {}
+            return check
         damp = None if args.gptq_damp is None else (args.gptq_damp if args.gptq_damp == "cv" else float(args.gptq_damp))
         return {"gptq_damp": damp, "gptq_act_order": True if args.gptq_act_order else None,
-                "gptq_asymmetric": True if args.gptq_asymmetric else None}
+                "gptq_asymmetric": True if args.gptq_asymmetric else None, **check}
 
     tag = "".join(f"-{k}{v}" for k, v in gptq_kw(args.preset).items() if v is not None)  # e.g. -gptq_dampcv
     sens_file = work / f"sensitivity-{name}-{args.preset}-{args.split}{tag}.pt"

@@ -26,6 +26,7 @@ from bitalloc.errors import ConfigError, check_bits
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 BIAS_CORRECTIONS = ("none", "mean", "mean+norm")
+CLIP_CHECKS = ("none", "output", "network")
 
 
 @dataclass
@@ -63,9 +64,11 @@ class TensorConfig:
         "pact", "bb" for training).
     rounding: "nearest" (round to nearest) or "gptq" (weights only: error-compensating rounding on the same
         grid, Frantar et al. 2023, using the calibration data; see :mod:`bitalloc.calibration.gptq`).
-    clip_check: "none" or "output" (activations calibrated offline): compare the range of ``method`` with
-        min-max by the error each causes at the layer's output on the calibration data, and use the better
-        (:mod:`bitalloc.calibration.clip_check`; the ACIQ presets set it).
+    clip_check: "none", "output" or "network" (activations calibrated offline): "output" compares the range of
+        ``method`` with min-max by the error each causes at the layer's output on the calibration data, and uses
+        the better (:mod:`bitalloc.calibration.clip_check`; the ACIQ presets set it); "network" scales the
+        calibrated step by the multiplier that least changes the network's outputs with this quantizer alone
+        enabled (:mod:`bitalloc.calibration.network_clip`; :func:`bitalloc.calibration.calibrate` runs it).
     group_size: input features per range with granularity "group" (at least 2; it must divide the layer's
         input features); ignored otherwise.
     gptq_damp, gptq_act_order: with rounding "gptq": the damping lambda of H + lambda mean(diag H) I (a number
@@ -132,8 +135,11 @@ class TensorConfig:
             check_bits(self.bits, name=f"bits{loc}", lo=lowest, hi=32)
         if self.one_sided not in ("auto", True, False):
             raise ConfigError(f"one_sided={self.one_sided!r}{loc} must be 'auto', True or False")
-        if self.clip_check not in ("none", "output"):
-            raise ConfigError(f"clip_check={self.clip_check!r}{loc} must be 'none' or 'output'")
+        if self.clip_check not in CLIP_CHECKS:
+            raise ConfigError(f"clip_check={self.clip_check!r}{loc} must be one of {', '.join(CLIP_CHECKS)}")
+        if self.clip_check == "network" and self.online:
+            raise ConfigError(f"clip_check='network'{loc} chooses a calibrated step, but the ranges are online (computed "
+                              "on every input): drop one of them")
         if self.rounding not in ("nearest", "gptq"):
             raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
         check_gptq_damp(self.gptq_damp, f"gptq_damp{loc}")
@@ -427,7 +433,7 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
            weight_options: dict[str, Any] | None = None, rounding: str | None = None, min_bits: int | None = None,
            max_bits: int | None = None, allocation: str | None = None, smooth: float | None = None,
            group_size: int | None = None, gptq_damp: float | str | None = None, gptq_act_order: bool | None = None,
-           gptq_asymmetric: bool | None = None, **overrides: Any) -> QuantConfig:
+           gptq_asymmetric: bool | None = None, clip_check: str | None = None, **overrides: Any) -> QuantConfig:
     """Named PTQ configurations (the rows of the ACIQ comparison).
 
     * ``minmax``: the naive baseline: per-channel symmetric min-max weights, per-tensor min-max activations.
@@ -479,7 +485,9 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
     override the weights' range estimator (default per preset);
     ``rounding`` ("nearest" / "gptq", default per preset) how weights are rounded onto their grid;
     ``gptq_damp`` / ``gptq_act_order`` / ``gptq_asymmetric``: GPTQ's damping, column order and calibration target
-    (:class:`TensorConfig`). ``smooth``:
+    (:class:`TensorConfig`); ``clip_check``: how the activation ranges are checked ("none", "output", or
+    "network": each step chosen by the network's output, :mod:`bitalloc.calibration.network_clip`; default per
+    preset). ``smooth``:
     SmoothQuant migration strength alpha of every layer (:class:`LayerConfig`). Other keywords are QuantConfig
     fields.
     """
@@ -536,6 +544,15 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         weight.gptq_asymmetric = gptq_asymmetric
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
+    if clip_check is not None:
+        if clip_check not in CLIP_CHECKS:
+            raise ConfigError(f"clip_check={clip_check!r} must be one of {', '.join(CLIP_CHECKS)}")
+        if a_bits is None or online:
+            raise ConfigError(f"clip_check={clip_check!r} (CLI --clip-check) checks the ranges of activations "
+                              "calibrated offline, and this configuration has "
+                              + ("no quantized activations" if a_bits is None else "online activation ranges")
+                              + ": drop it")
+        act.clip_check = clip_check
     if act_granularity is not None:
         act.granularity = act_granularity
     if weight_granularity is not None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bitalloc.batches import batch_size, call_model, take_inputs
+from bitalloc.calibration.network_clip import MAX_SAMPLES, network_clipping, wants_network_check
 from bitalloc.errors import DataError
 from bitalloc.model.layers import call_counts, quant_layers
 from bitalloc.model.prepare import demote_uncalled
@@ -155,14 +156,22 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = 32, *,
     :func:`calibration`. Returns timing information. An empty ``data`` raises DataError."""
     seen = 0
     start = time.perf_counter()
+    network = any(wants_network_check(l.input_quantizer) for _, l in quant_layers(model))
+    kept: list[Any] = []  # the samples clip_check="network" reruns the model on
     with calibration(model, seed=seed):
         for x in take_inputs(data, num_samples):
             call_model(model, x)
             n = batch_size(x)
+            if network and seen < MAX_SAMPLES:
+                kept.append(x)
             seen += n
             if progress is not None:
                 progress(n)
         if seen == 0:
             raise DataError("the calibration set is empty: give at least one calibration sample")
+    checks = getattr(model, "bitalloc_clip_checks", {})
+    if network:
+        checks.update(network_clipping(model, kept))
+        model.bitalloc_clip_checks = checks
     return {"calibration_samples": seen, "calibration_seconds": time.perf_counter() - start,
-            "clip_checks": getattr(model, "bitalloc_clip_checks", {})}
+            "clip_checks": checks}

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bitalloc.config import PRESETS, QuantConfig, preset, read_config_file
+from bitalloc.config import CLIP_CHECKS, PRESETS, QuantConfig, preset, read_config_file
 from bitalloc.errors import ConfigError, DataError
 
 
@@ -288,6 +288,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-granularity", choices=("tensor", "channel", "token"),
                    help="override the preset's activation granularity (default tensor; fractional --a-bits need "
                         "channel; token: one range per token on every input, per-token dynamic scales, with --online)")
+    g.add_argument("--clip-check", choices=CLIP_CHECKS,
+                   help="how the activation ranges are checked: none, output (against min-max by the layer's output "
+                        "error; the aciq presets' default) or network (each step scaled by the multiplier that least "
+                        "changes the network's outputs with that quantizer alone)")
     g.add_argument("--weight-granularity", choices=("tensor", "channel", "group"),
                    help="weight granularity (default channel; group: a range per --group-size input features of each "
                         "output channel, Linear layers, e.g. 4-bit GPTQ weights of transformers)")
@@ -343,6 +347,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 #: quantization options (dests) that refine the configuration, from a --preset or on top of a --config file
 QUANT_OPTIONS = ("preset", "w_bits", "a_bits", "act_granularity", "weight_granularity", "prior", "k_sigma",
                  "percentile", "online", "weight_method", "rounding", "gptq_damp", "gptq_act_order", "gptq_asymmetric",
+                 "clip_check",
                  "bias_correction", "allocation", "min_bits", "max_bits", "first_last_bits", "no_fold_bn", "override",
                  "smooth", "allow_act_outliers", "group_size", "product_bits")
 
@@ -407,6 +412,8 @@ def _on_top_of_file(cfg: QuantConfig, args: argparse.Namespace, path: Path) -> N
         t.group_size = args.group_size
     if "online" in cli:
         tensor("act", "online").online = True
+    if "clip_check" in cli:
+        tensor("act", "clip_check").clip_check = args.clip_check
     if "weight_method" in cli:
         t = tensor("weight", "weight_method")
         t.method, t.options = args.weight_method, {}
@@ -450,6 +457,7 @@ def _from_preset(args: argparse.Namespace) -> QuantConfig:
                   rounding=getattr(args, "rounding", None), smooth=_smooth(args), gptq_damp=_gptq_damp(args),
                   gptq_act_order=True if getattr(args, "gptq_act_order", False) else None,
                   gptq_asymmetric=True if getattr(args, "gptq_asymmetric", False) else None,
+                  clip_check=getattr(args, "clip_check", None),
                   group_size=getattr(args, "group_size", None), product_bits=getattr(args, "product_bits", None),
                   **_bounds(args))
 

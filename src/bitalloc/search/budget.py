@@ -47,7 +47,7 @@ from bitalloc.search.knapsack import solve, solve_chain
 from bitalloc.search.latency import LATENCY_KEY, chain_terms, parse_time
 from bitalloc.search.sensitivity import Sensitivity, calibration_batches, damage
 from bitalloc.search.space import Candidate, searched_config
-from bitalloc.search.suffix import SuffixRunner
+from bitalloc.model.suffix import SuffixRunner
 
 KINDS = ("bops", "size", "latency")
 _COST_KEY = {"bops": "bops", "size": "memory_bits", "latency": LATENCY_KEY}

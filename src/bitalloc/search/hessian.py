@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bitalloc.batches import call_model
 from bitalloc.model.layers import float_mode
-from bitalloc.search.suffix import first_output
+from bitalloc.model.suffix import first_output
 
 
 def _objective(metric: str, out: Tensor, ref: Tensor, labels: Tensor | None, total: int) -> Tensor:

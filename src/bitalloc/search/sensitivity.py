@@ -10,12 +10,14 @@ For a model, a post-training :class:`~bitalloc.config.QuantConfig` and calibrati
 * ``metric="mse"``: the mean squared output error (outputs that are not class scores).
 
 The layer is quantized exactly as post-training quantization with that configuration would quantize it
-(per-channel allocation around its width, clipping from the same activation statistics, bias correction,
-GPTQ rounding from the Hessian of its own, float, inputs), so the damage is that of the real quantizer.
+(per-channel allocation around its width, clipping from the same activation statistics, with
+``clip_check="network"`` the activation step chosen as calibration chooses it (the layer's input quantizer alone
+in the float network, once per layer and activation width), bias correction, GPTQ rounding from the Hessian of
+its own, float, inputs), so the damage is that of the real quantizer.
 
 Cost: one float pass over the calibration samples observes every activation (the statistics
 :func:`bitalloc.calibration` would collect) and keeps what is needed to restart the network at each layer
-(:class:`~bitalloc.search.suffix.SuffixRunner`); each (layer, candidate) then reruns only the network from that
+(:class:`~bitalloc.model.suffix.SuffixRunner`); each (layer, candidate) then reruns only the network from that
 layer on. Activation grids come from the one set of statistics, weight grids and GPTQ Hessians are computed
 once per layer and candidate (Hessians once per activation width), and at W32A32 (float) the layer is its own
 float self, so its sensitivity is exactly 0.
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 from bitalloc.batches import batch_inputs, batch_size, cut_inputs
 from bitalloc.calibration.calibrate import calibration
 from bitalloc.calibration.gptq import Moments, batches_moments, gptq_settings, hessian_folds, round_layer
+from bitalloc.calibration.network_clip import MAX_SAMPLES, choose_step, wants_network_check
 from bitalloc.config import QuantConfig
 from bitalloc.cost import cost_report
 from bitalloc.errors import ConfigError, DataError
@@ -58,7 +61,7 @@ from bitalloc.model.prepare import _type_names, prepare, prepare_info
 from bitalloc.ptq import replayable
 from bitalloc.quantizers import make_quantizer
 from bitalloc.search.space import Candidate, bits_patch, parse_candidates, searched_config, user_fixed
-from bitalloc.search.suffix import SuffixRunner
+from bitalloc.model.suffix import SuffixRunner
 
 METRICS = ("kl", "loss", "mse")
 COSTS = ("bops", "memory_bits")
@@ -283,8 +286,12 @@ class _Candidates:
     once per (layer, weight bits); activation grids come from the one set of statistics; GPTQ Hessians are
     computed once per (layer, activation bits)."""
 
-    def __init__(self, config: QuantConfig, stats: dict[str, Any], inputs: dict[str, list[Tensor]]):
+    def __init__(self, config: QuantConfig, stats: dict[str, Any], inputs: dict[str, list[Tensor]],
+                 network: Callable[[str, QuantLayer], Any] | None = None):
         self.config, self.stats, self.inputs = config, stats, inputs
+        #: chooses an activation step with clip_check="network" (the quantizer alone in the float network)
+        self.network = network
+        self._steps: dict[tuple[str, int], Tensor] = {}
         self._hessians: dict[tuple[str, int], Moments] = {}
         self._weights: dict[tuple[str, int], Any] = {}
         self._built: dict[tuple[str, Candidate], nn.Module] = {}
@@ -341,6 +348,12 @@ class _Candidates:
                 raise ConfigError(f"layer {layer.name!r}: no calibration statistics of its input; the configuration "
                                   "must quantize its input activation (or use candidates with f activations)")
             aq.set_from_stats(self.stats[layer.name])
+            if wants_network_check(aq) and self.network is not None:  # as calibrate() chooses it for this layer
+                skey = (layer.name, cand.a_bits)
+                if skey not in self._steps:
+                    self.network(layer.name, QuantLayer(float_layer, None, aq, name=layer.name))
+                    self._steps[skey] = aq.scale.detach().clone()
+                aq.scale.copy_(self._steps[skey])
         return q
 
     def forget(self, name: str) -> None:
@@ -348,6 +361,7 @@ class _Candidates:
         self._hessians = {k: v for k, v in self._hessians.items() if k[0] != name}
         self._weights = {k: v for k, v in self._weights.items() if k[0] != name}
         self._built = {k: v for k, v in self._built.items() if k[0] != name}
+        self._steps = {k: v for k, v in self._steps.items() if k[0] != name}
         self.inputs.pop(name, None)
 
 
@@ -432,7 +446,25 @@ def _float_pass(model: nn.Module, config: QuantConfig, data: Iterable, layers: I
             h.remove()
     qlayers = dict(quant_layers(qmodel))
     found = [l for l in found if l.name in qlayers]  # calibration leaves layers that did not run in float
-    return _Pass(qmodel, found, excluded, runner, _Candidates(config, stats, captured), inputs, labels, refs)
+    return _Pass(qmodel, found, excluded, runner, _Candidates(config, stats, captured, _network_check(qmodel, runner, refs)),
+                 inputs, labels, refs)
+
+
+def _network_check(qmodel: nn.Module, runner: SuffixRunner, refs: list[Tensor]) -> Callable[[str, QuantLayer], Any]:
+    """``clip_check="network"`` in the sensitivity pass: the step chosen with the layer's input quantizer alone in
+    the float network, on the first MAX_SAMPLES calibration samples, as :func:`bitalloc.calibration.calibrate`
+    chooses it (:mod:`bitalloc.calibration.network_clip`)."""
+    sizes, seen = [], 0
+    for r in refs:
+        sizes.append(max(0, min(int(r.shape[0]), MAX_SAMPLES - seen)))
+        seen += sizes[-1]
+    used = [(b, k) for b, k in enumerate(sizes) if k > 0]
+
+    def check(name: str, module: QuantLayer) -> Any:
+        with float_mode(qmodel):
+            return choose_step(module.input_quantizer, lambda: [runner.variant(name, module, b)[:k] for b, k in used],
+                               [refs[b][:k] for b, k in used])
+    return check
 
 
 def _hessian(p: _Pass, names: list[str], perturbation: np.ndarray, metric: str, samples: int, seed: int
