@@ -152,6 +152,17 @@ def test_clip_check_from_the_command_line(user, capsys, tmp_path):  # noqa: F811
                         str(tmp_path / "q")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "q" / "report.json").read_text())["calibration"]["clip_checks"] == checks
+    # an image folder: the report keeps which images each model got right (to pair runs on the same images)
+    code, _, err = run(["ptq", *_net(user), "--dataset", "imagefolder", "--data", str(user / "img"), "--calib", "6",
+                        "--preset", "aciq", "--clip-check", "network", "--no-plot", "--out", str(tmp_path / "i")], capsys)
+    assert code == 0, err
+    from bitalloc.report.stats import decode_mask
+
+    rep = json.loads((tmp_path / "i" / "report.json").read_text())
+    correct, fp32 = (decode_mask(rep["per_sample"][k]) for k in ("correct", "fp32_correct"))
+    assert len(correct) == len(fp32) == 15 - 6
+    assert 100 * correct.mean() == pytest.approx(rep["top1"]) and 100 * fp32.mean() == pytest.approx(rep["fp32_top1"])
+    assert rep["per_sample"]["against_fp32"]["n"] == 9
     code, _, err = run(["ptq", *common, "--preset", "minmax", "--online", "--clip-check", "network", "--out",
                         str(tmp_path / "e")], capsys)
     assert code == 2 and "--clip-check" in err and err.count("\n") == 1

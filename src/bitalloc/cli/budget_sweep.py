@@ -79,13 +79,14 @@ def check_mode(args: argparse.Namespace) -> None:
 def masked_eval_fn(evaluation: Any, batch_size: int, masks: dict[int, np.ndarray]
                    ) -> Callable[[Any], tuple[float, float]]:
     """``fn(model) -> (top-1 %, seconds)``; which samples each model gets right lands in ``masks[id(model)]``."""
-    from bitalloc.train.loop import evaluate
+    from bitalloc.cli.common import make_eval_fn
+
+    evaluate = make_eval_fn(evaluation, batch_size, progress="off")
 
     def fn(model: Any) -> tuple[float, float]:
-        start = time.perf_counter()
-        res = evaluate(model, evaluation, batch_size=batch_size, progress="off", per_sample=True)
-        masks[id(model)] = np.asarray(res.per_sample, dtype=bool)
-        return 100.0 * res.accuracy, time.perf_counter() - start
+        result = evaluate(model)
+        masks[id(model)] = evaluate.correct.pop(id(model))  # type: ignore[attr-defined]
+        return result
 
     return fn
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -221,14 +222,19 @@ def batches(dataset: Any, batch_size: int) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def make_eval_fn(dataset: Any, batch_size: int, *, progress: Any = None) -> Callable[[nn.Module], tuple[float, float]]:
-    """``fn(model) -> (top-1 %, seconds)`` on ``dataset``."""
+    """``fn(model) -> (top-1 %, seconds)`` on ``dataset``; ``fn.correct[id(model)]``: which samples that model got
+    right (a bool array in the data set's order, for paired comparisons, :mod:`bitalloc.report.stats`)."""
     from bitalloc.train.loop import evaluate
+
+    correct: dict[int, np.ndarray] = {}
 
     def fn(model: nn.Module) -> tuple[float, float]:
         start = time.perf_counter()
-        res = evaluate(model, dataset, batch_size=batch_size, progress=progress, desc="evaluate")
+        res = evaluate(model, dataset, batch_size=batch_size, progress=progress, desc="evaluate", per_sample=True)
+        correct[id(model)] = np.asarray(res.per_sample, dtype=bool)
         return 100.0 * res.accuracy, time.perf_counter() - start
 
+    fn.correct = correct  # type: ignore[attr-defined]
     return fn
 
 

@@ -75,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
               **data.extra, **getattr(evaluate, "metrics", {})}
     if not data.labelled:
         report["metric"] = "top-1 agreement with the FP32 model (no labels): fp32_top1 / top1 are agreements"
+    correct = getattr(evaluate, "correct", {})
+    if id(result.model) in correct and id(model) in correct:  # per-image outcomes, to pair runs on the same images
+        from bitalloc.report.stats import encode_mask, paired_comparison
+
+        report["per_sample"] = {"correct": encode_mask(correct[id(result.model)]),
+                                "fp32_correct": encode_mask(correct[id(model)]),
+                                "against_fp32": paired_comparison(correct[id(result.model)],
+                                                                  correct[id(model)]).to_dict()}
     out.mkdir(parents=True, exist_ok=True)
     print_layers(report)
     if report["float_layers"]:
