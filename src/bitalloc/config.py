@@ -138,8 +138,8 @@ class TensorConfig:
         if self.clip_check not in CLIP_CHECKS:
             raise ConfigError(f"clip_check={self.clip_check!r}{loc} must be one of {', '.join(CLIP_CHECKS)}")
         if self.clip_check == "network" and self.online:
-            raise ConfigError(f"clip_check='network'{loc} chooses a calibrated step, but the ranges are online (computed "
-                              "on every input): drop one of them")
+            raise ConfigError(f"clip_check='network'{loc} (CLI --clip-check network) chooses a calibrated step, but "
+                              "the ranges are online (computed on every input): drop one of them")
         if self.rounding not in ("nearest", "gptq"):
             raise ConfigError(f"rounding={self.rounding!r}{loc} must be 'nearest' or 'gptq'")
         check_gptq_damp(self.gptq_damp, f"gptq_damp{loc}")
@@ -544,14 +544,10 @@ def preset(name: str, w_bits: float = 8, a_bits: float | None = 8, *, act_granul
         weight.gptq_asymmetric = gptq_asymmetric
     if weight_method is not None:
         weight.method, weight.options = weight_method, dict(weight_options or {})
-    if clip_check is not None:
-        if clip_check not in CLIP_CHECKS:
-            raise ConfigError(f"clip_check={clip_check!r} must be one of {', '.join(CLIP_CHECKS)}")
-        if a_bits is None or online:
+    if clip_check is not None:  # its value and online ranges are checked by TensorConfig.validate
+        if a_bits is None:
             raise ConfigError(f"clip_check={clip_check!r} (CLI --clip-check) checks the ranges of activations "
-                              "calibrated offline, and this configuration has "
-                              + ("no quantized activations" if a_bits is None else "online activation ranges")
-                              + ": drop it")
+                              "calibrated offline, and this configuration has no quantized activations: drop it")
         act.clip_check = clip_check
     if act_granularity is not None:
         act.granularity = act_granularity

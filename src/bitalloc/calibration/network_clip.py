@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitalloc.batches import batch_size, cut_inputs
-from bitalloc.model.layers import QuantLayer, float_mode, quant_layers
+from bitalloc.model.layers import float_mode, quant_layers
 from bitalloc.model.suffix import SuffixRunner
 
 #: multipliers of the configured step that ``clip_check="network"`` chooses from
@@ -115,7 +115,8 @@ def network_clipping(model: nn.Module, inputs: list[Any]) -> dict[str, dict[str,
                 q = layer.input_quantizer
                 q.enabled = True
                 try:
-                    out[name] = choose_step(q, lambda: run_alone(runner, name, layer, len(batches)), refs)
+                    out[name] = choose_step(q, lambda: [runner.variant(name, layer, b) for b in range(len(batches))],
+                                            refs)
                 finally:
                     q.enabled = False
             runner.release()
@@ -124,9 +125,4 @@ def network_clipping(model: nn.Module, inputs: list[Any]) -> dict[str, dict[str,
     return out
 
 
-def run_alone(runner: SuffixRunner, name: str, module: QuantLayer, batches: int) -> list[Tensor]:
-    """The outputs of every batch with layer ``name`` replaced by ``module`` (after ``runner.base()``)."""
-    return [runner.variant(name, module, b) for b in range(batches)]
-
-
-__all__ = ["STEPS", "MAX_SAMPLES", "divergence", "wants_network_check", "choose_step", "network_clipping", "run_alone"]
+__all__ = ["STEPS", "MAX_SAMPLES", "divergence", "wants_network_check", "choose_step", "network_clipping"]

@@ -58,10 +58,10 @@ from bitalloc.errors import ConfigError, DataError
 from bitalloc.model.fold_bn import set_submodule
 from bitalloc.model.layers import QuantLayer, activation_axis, float_mode, input_channels, quant_layers
 from bitalloc.model.prepare import _type_names, prepare, prepare_info
+from bitalloc.model.suffix import SuffixRunner
 from bitalloc.ptq import replayable
 from bitalloc.quantizers import make_quantizer
 from bitalloc.search.space import Candidate, bits_patch, parse_candidates, searched_config, user_fixed
-from bitalloc.model.suffix import SuffixRunner
 
 METRICS = ("kl", "loss", "mse")
 COSTS = ("bops", "memory_bits")
@@ -446,8 +446,8 @@ def _float_pass(model: nn.Module, config: QuantConfig, data: Iterable, layers: I
             h.remove()
     qlayers = dict(quant_layers(qmodel))
     found = [l for l in found if l.name in qlayers]  # calibration leaves layers that did not run in float
-    return _Pass(qmodel, found, excluded, runner, _Candidates(config, stats, captured, _network_check(qmodel, runner, refs)),
-                 inputs, labels, refs)
+    builder = _Candidates(config, stats, captured, _network_check(qmodel, runner, refs))
+    return _Pass(qmodel, found, excluded, runner, builder, inputs, labels, refs)
 
 
 def _network_check(qmodel: nn.Module, runner: SuffixRunner, refs: list[Tensor]) -> Callable[[str, QuantLayer], Any]:
