@@ -90,13 +90,14 @@ def md_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def finish_results(out: Path, partial: Path, result: dict, section: str, text: str | None) -> None:
-    """Write a benchmark's final JSON, drop its partial (resumable) file, and replace BENCHMARKS.md's ``section``
-    with ``text`` (None: leave BENCHMARKS.md alone, e.g. --no-md)."""
+def finish_results(out: Path, partial: Path | None, result: dict, section: str, text: str | None) -> None:
+    """Write a benchmark's final JSON, drop its partial (resumable) file if it has one, and replace BENCHMARKS.md's
+    ``section`` with ``text`` (None: leave BENCHMARKS.md alone, e.g. --no-md)."""
     from bitalloc.io import write_json
 
     write_json(out, result)
-    partial.unlink(missing_ok=True)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     print(f"results: {out}")
     if text is not None:
         update_section(section, text)

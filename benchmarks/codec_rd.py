@@ -26,9 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, command_line, git_revision, machine, md_table, update_section  # noqa: E402
-
-from bitalloc.io import write_json  # noqa: E402
+from _common import ROOT, command_line, finish_results, git_revision, machine, md_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: the curve of the same codec and weights with the trained analysis only (no encoder search)
@@ -172,9 +170,7 @@ def main() -> int:
     res["speed"] = [speed(coder, args.clips[0], 32, levels[len(levels) // 2])]
     if args.speed_clip:
         res["speed"].append(speed(coder, args.speed_clip, 16, levels[len(levels) // 2]))
-    write_json(RESULTS / "codec_rd.json", res)
-    if not args.no_md:
-        update_section("codec-rd", render(res))
+    finish_results(RESULTS / "codec_rd.json", None, res, "codec-rd", None if args.no_md else render(res))
     return 0
 
 

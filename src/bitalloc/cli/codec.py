@@ -16,7 +16,6 @@ reconstruction bit for bit.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from bitalloc.errors import ConfigError, DataError
 
 
 def register(sub: Any) -> None:
+    from bitalloc.codec.refine import add_refine_args
+
     p = sub.add_parser("codec", help="the learned video codec: encode, decode, info, eval, train",
                        description="Encode and decode video with bitalloc's learned codec (integer-exact decoder, "
                                    "per-frame bit widths in the stream), evaluate it against x265 and JPEG, train it.")
@@ -49,6 +50,7 @@ def register(sub: Any) -> None:
                    help="weights of the analysis' nonlinear branch the encoder tries on every frame, keeping the "
                         "payload of least rate + lambda * distortion (default 0,0.25,0.5,0.75,1: one encode each; "
                         "1 alone encodes fastest); the stream and the decoder do not depend on it")
+    add_refine_args(e)
     e.add_argument("--dynamic", action="store_true",
                    help="ROI-aware dynamic precision: per-frame bit widths for the region of interest and the rest, "
                         "chosen by the codec's selector and written in the stream (the shipped dynamic weights, or "
@@ -146,6 +148,7 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     import torch
 
     from bitalloc.codec.codec import ANALYSIS_SCALES, VideoCoder
+    from bitalloc.codec.refine import DEFAULT_LR
     from bitalloc.codec.weights import load_default_or, load_for_stream
 
     if getattr(args, "threads", None):
@@ -167,7 +170,8 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     scales = getattr(args, "analysis_scales", None)  # VideoCoder checks them
     return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi,
                       analysis_scales=ANALYSIS_SCALES if scales is None else scales,
-                      adaptive_intra=getattr(args, "adaptive_intra", False))
+                      adaptive_intra=getattr(args, "adaptive_intra", False),
+                      refine_steps=getattr(args, "refine_steps", 0), refine_lr=getattr(args, "refine_lr", DEFAULT_LR))
 
 
 def _scale_counts(frames: list) -> str:
@@ -205,7 +209,8 @@ def write_frames(path: str, frames: Any) -> Path:
 def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
     keys = [("frames", "frames"), ("size", "size"), ("bytes", "bytes"), ("bits per pixel", "bpp"), ("kbps", "kbps"),
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
-            ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"), ("decode fps", "decode_fps"),
+            ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"),
+            ("frames with refined latents", "frames_refined"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
             ("widths by search, gamma", "width_search_gamma"), ("search lookahead (frames)", "width_search_lookahead"),
             ("search shortlist (pairs)", "width_search_shortlist"),
@@ -440,10 +445,13 @@ def run_encode(args: argparse.Namespace) -> int:
         "frame_types": "".join(f.kind for f in res.frames),
         "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr,
                        "roi_bits": f.roi_bits, "non_roi_bits": f.non_roi_bits, "roi_fraction": f.roi_fraction,
-                       "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds, "analysis_scale": f.analysis_scale}
+                       "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds, "analysis_scale": f.analysis_scale,
+                       "refined": f.refined}
                       for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
         "analysis_scales": _scale_counts(res.frames),
+        "frames_refined": (f"{sum(f.refined for f in res.frames)} of {len(res.frames)} ({coder.refiner.steps} steps)"
+                           if coder.refiner.steps else None),
         "width_search_gamma": args.gamma, "width_search_lookahead": args.lookahead if search else None,
         "width_search_shortlist": args.shortlist,
     }

@@ -43,6 +43,7 @@ from bitalloc.codec.model import FLOW_SCALE, HyperpriorCoder, VideoCodec
 from bitalloc.codec.motion import estimate_flow_packed, quantize_flow, warp_int
 from bitalloc.codec.networks import pack_yuv, unpack_yuv
 from bitalloc.codec.precision import is_quantized, model_id
+from bitalloc.codec.refine import DEFAULT_LR, LatentRefiner
 from bitalloc.errors import ConfigError
 
 #: spatial granularity of the networks (luma pixels): latents are at 1/16
@@ -141,13 +142,17 @@ class _Latents:
         y_hat = y_from(mu, log_scale)
         return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True))
 
-    def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats, analysis_scale: float = 1.0) -> Tensor:
+    def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats, analysis_scale: float = 1.0,
+               refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Code x's latents into ``enc``; returns the decoder's synthesis output (float). ``analysis_scale``: the
-        weight of the analysis' nonlinear branch (:class:`bitalloc.codec.networks.Analysis`; an encoder choice)."""
+        weight of the analysis' nonlinear branch (:class:`bitalloc.codec.networks.Analysis`; an encoder choice);
+        ``refine(y_g, z_g) -> (y_g, z_g)``: the encoder's latent refinement (:mod:`bitalloc.codec.refine`)."""
         lv = self._level(level)
         c = self.coder
         yg = c.analysis(x, analysis_scale) * c.gain("y", lv, coding=True)
         zg = c.hyper_analysis(yg) * c.gain("z", lv, coding=True)
+        if refine is not None:
+            yg, zg = refine(yg, zg)
         z_sym = torch.round(zg)
         stats.clamped += int((z_sym.abs() > Z_RANGE).sum())
         z_sym = z_sym.clamp(-Z_RANGE, Z_RANGE)
@@ -205,6 +210,8 @@ class FrameInfo:
     roi_seconds: float = 0.0
     #: the weight of the analysis' nonlinear branch the encoder chose for this frame (:class:`VideoCoder`)
     analysis_scale: float = 1.0
+    #: whether the frame was coded with refined latents (``VideoCoder(refine_steps=...)``, :mod:`bitalloc.codec.refine`)
+    refined: bool = False
     #: dynamic precision: the ROI source's mask at luma resolution (bool [height, width], cropped to the frame) and
     #: the latent mask coded in the stream (bool [padded height / 16, padded width / 16]); None otherwise
     roi_mask: np.ndarray | None = field(default=None, repr=False)
@@ -260,6 +267,14 @@ class VideoCoder:
     of motion vectors in any encoder, this is search at the sender, in the spirit of the encoder-side latent
     refinement of Yang et al. 2020 ("Improving inference for neural image compression").
 
+    **Latent refinement** (``refine_steps`` N > 0, :mod:`bitalloc.codec.refine`): the latents of the intra coder
+    (I frames) and of the residual (P frames) of the best trial are refined by N iterations of gradient descent on
+    the same objective (in a float copy of the decoder), the frame is coded again with them, and the cheaper payload
+    is kept (``FrameInfo.refined`` says which). Nothing is signalled; decoding is unchanged and exact. Measured
+    (docs/codec.md): about 8% fewer bits at equal PSNR on held-out images; each refined frame costs N forward and
+    backward passes of the decoder, more than the analysis-scale search. Dynamic-precision codecs refine at the
+    frame's widths, split by its ROI mask, as it is coded.
+
     ``adaptive_intra``: also code every P frame as an I frame and keep whichever costs less (the same objective;
     the frame record says its type, so the decoder needs nothing more; like x265's scene-cut decision, the intra
     period stays the longest distance between I frames). Twice the encoding work for P frames; off by default.
@@ -275,7 +290,7 @@ class VideoCoder:
 
     def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
                  exact: bool = True, analysis_scales: Sequence[float] | str = ANALYSIS_SCALES,
-                 adaptive_intra: bool = False):
+                 adaptive_intra: bool = False, refine_steps: int = 0, refine_lr: float = DEFAULT_LR):
         self.analysis_scales = check_analysis_scales(analysis_scales)
         self.adaptive_intra = bool(adaptive_intra)
         quantized = is_quantized(model)
@@ -302,6 +317,7 @@ class VideoCoder:
             from bitalloc.model.region import frozen_branches
 
             self.branches = frozen_branches(model, model.cfg.candidates)
+            self.refiner = LatentRefiner(model, refine_steps, refine_lr, branches=self.branches)
             self._branch_cache: dict[int, dict] = {b: {} for b in self.branches}
             self.roi = parse_roi_spec(roi or model.cfg.roi)
             self.bits = max(model.cfg.candidates)
@@ -311,6 +327,7 @@ class VideoCoder:
                                   "--stage dynamic`); these weights have one fixed precision")
             self.bits = _decoder_bits(model) if quantized else 32
             self.latents = _LatentSet(model)
+            self.refiner = LatentRefiner(model, refine_steps, refine_lr)
 
     @contextlib.contextmanager
     def _frame_latents(self, mask16: np.ndarray | None, roi_bits: int, non_roi_bits: int) -> Iterator[_LatentSet]:
@@ -409,17 +426,30 @@ class VideoCoder:
                               "(0 = lowest rate)")
 
     # -- one frame ------------------------------------------------------------------------------------------
-    def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats, a: float = 1.0) -> Tensor:
+    def _refine(self, which: str, level: int, target: Tensor, refine: bool, region: tuple | None) -> Any:
+        """The latent refinement of coder ``which`` towards ``target`` for :meth:`_Latents.encode`, or None;
+        ``region``: a dynamic codec's (mask, ROI width, non-ROI width) of the frame."""
+        if not refine:
+            return None
+        return lambda yg, zg: self.refiner.refine(which, yg, zg, level, target, region)[:2]
+
+    def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats, a: float = 1.0,
+               refine: bool = False, region: tuple | None = None) -> Tensor:
         off = self.model.intra.OFFSET
-        return to_pixels(lat.intra.encode(x.float() / 255.0 - off, level, enc, stats, a) + off)
+        xin = x.float() / 255.0 - off
+        return to_pixels(lat.intra.encode(xin, level, enc, stats, a,
+                                          self._refine("intra", level, xin, refine, region)) + off)
 
     def _inter(self, lat: _LatentSet, x: Tensor, ref: Tensor, flow: Tensor, level: int, enc: Any,
-               stats: LatentStats, a: float = 1.0) -> Tensor:
+               stats: LatentStats, a: float = 1.0, refine: bool = False, region: tuple | None = None) -> Tensor:
+        """A P frame; ``refine``: refine the residual's latents (the motion's come from the analysis: the
+        prediction they give is the decoder's integer one, which the refinement's target then holds fixed)."""
         xf, rf = x.float() / 255.0, ref.float() / 255.0
         flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats, a) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
         pf = pred.float() / 255.0
-        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats, a)
+        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats, a,
+                                  self._refine("residual", level, xf - pf, refine, region))
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _decode_intra(self, lat: _LatentSet, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
@@ -447,11 +477,12 @@ class VideoCoder:
 
     def _code_frame(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, a: float,
                     mask16: np.ndarray | None, rb: int, nb: int, size: tuple[int, int],
-                    prev_mask: np.ndarray | None = None) -> tuple:
+                    prev_mask: np.ndarray | None = None, refine: bool = False) -> tuple:
         """Code one frame (an I frame when ``ref`` is None) with analysis scale ``a`` into a fresh payload:
         (RD cost, payload, reconstruction, stats, mask bits, a). The cost is the training objective,
         bits per pixel + lambda_level * MSE_YUV (pixel units, the frame's own area). A P frame's ROI mask is coded
-        in the context of ``prev_mask``, the previous frame's."""
+        in the context of ``prev_mask``, the previous frame's. ``refine``: with the latent refinement
+        (:mod:`bitalloc.codec.refine`) of the intra coder or of the residual."""
         from bitalloc.codec.networks import weighted_mse
 
         enc = _constriction().stream.queue.RangeEncoder()
@@ -461,9 +492,14 @@ class VideoCoder:
             from bitalloc.codec.dynamic import encode_mask, mask_context
 
             mask_bits = encode_mask(enc, mask16, mask_context(prev_mask, intra=ref is None, version=VERSION))
+        region = None
+        if refine and mask16 is not None:
+            from bitalloc.codec.dynamic import mask_function
+
+            region = (mask_function(torch.from_numpy(np.ascontiguousarray(mask16))[None, None]), rb, nb)
         with self._frame_latents(mask16, rb, nb) as lat:
-            rec = (self._intra(lat, x, level, enc, stats, a) if ref is None
-                   else self._inter(lat, x, ref, flow, level, enc, stats, a))
+            rec = (self._intra(lat, x, level, enc, stats, a, refine, region) if ref is None
+                   else self._inter(lat, x, ref, flow, level, enc, stats, a, refine, region))
         payload = enc.get_compressed().tobytes()
         h2, w2 = (size[0] + 1) // 2, (size[1] + 1) // 2
         mse = float(weighted_mse(rec[..., :h2, :w2].double(), x[..., :h2, :w2].double()))
@@ -476,7 +512,9 @@ class VideoCoder:
         """Code one frame at each pair of ``pairs`` with every analysis scale (and, for a P frame with
         ``adaptive_intra``, also as an I frame); per pair the trial of least bpp + lambda * MSE_YUV + ``gamma`` * C
         (C: :meth:`relative_bit_flops`; no C term when ``gamma`` is None): pair -> (that objective, the trial of
-        :meth:`_code_frame`, whether it is an I frame, C)."""
+        :meth:`_code_frame`, whether it is an I frame, C, whether its latents were refined). With the latent
+        refinement (``refine_steps``), the best trial of each pair is coded again from its analysis scale with
+        refined latents, and kept if it costs less."""
         best: dict[tuple[int, int], tuple] = {}
         for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
             for pair in pairs:
@@ -486,7 +524,14 @@ class VideoCoder:
                                              prev_mask)
                     j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
                     if pair not in best or j < best[pair][0]:
-                        best[pair] = (j, trial, as_intra, rel)
+                        best[pair] = (j, trial, as_intra, rel, False)
+        if self.refiner.steps:
+            for pair, (j0, trial0, as_intra, rel, _) in list(best.items()):
+                trial = self._code_frame(x, None if as_intra else ref, flow, level, trial0[5], mask16, *pair, size,
+                                         prev_mask, refine=True)
+                j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
+                if j < j0:
+                    best[pair] = (j, trial, as_intra, rel, True)
         return best
 
     def _lookahead(self, frames: YUVFrames, i: int, rec: Tensor, mask16: np.ndarray | None, pair: tuple[int, int],
@@ -505,8 +550,8 @@ class VideoCoder:
             info = FrameInfo(j, "P", 0)
             flow = estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
             m16, _, _ = self._choose(x, ref, flow, info, pair)
-            _, trial, _, c = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
-                                          (frames.height, frames.width), prev_mask)[pair]
+            _, trial, _, c, _ = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
+                                             (frames.height, frames.width), prev_mask)[pair]
             rd, rel, ref, prev_mask = rd + trial[0], rel + c, trial[2], m16
         return rd, rel
 
@@ -598,7 +643,7 @@ class VideoCoder:
                         ahead = info.pair_lookahead
                         score = {p: score[p] + ahead[p][0] + float(search_gamma) * ahead[p][1] for p in kept}
                 rb, nb = min(score, key=score.__getitem__)
-                _, best, intra, _ = tried[(rb, nb)]
+                _, best, intra, _, info.refined = tried[(rb, nb)]
                 _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
                 info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)

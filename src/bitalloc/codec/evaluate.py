@@ -48,7 +48,8 @@ def codec_point(coder: Any, frames: YUVFrames, level: int, intra_period: int) ->
              "exact": bool(dec.equal(res.reconstruction)), "frame_types": "".join(kinds),
              "i_bytes": sum(f.bytes for f in res.frames if f.kind == "I"),
              "p_bytes": sum(f.bytes for f in res.frames if f.kind == "P"),
-             "clamped_symbols": sum(f.clamped for f in res.frames)}
+             "clamped_symbols": sum(f.clamped for f in res.frames),
+             "refined_frames": sum(f.refined for f in res.frames)}
     return point, res.stream, res.reconstruction
 
 
@@ -177,6 +178,8 @@ def evaluate_images(path: str | os.PathLike, coder: Any, *, levels: Sequence[int
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def add_eval_args(p: Any) -> None:
+    from bitalloc.codec.refine import add_refine_args
+
     p.add_argument("--clips", nargs="*", default=[], help="video clips to evaluate (e.g. held-out carphone, tree)")
     p.add_argument("--images", help="ImageFolder folder / zip: intra codec vs JPEG and x265 intra on its held-out part")
     p.add_argument("--image-limit", type=int, help="at most this many held-out images")
@@ -194,6 +197,7 @@ def add_eval_args(p: Any) -> None:
                    help="the encoder's analysis scales (default 0,0.25,0.5,0.75,1; see `codec encode --help`)")
     p.add_argument("--adaptive-intra", action="store_true", help="the encoder may code P frames as I frames (see "
                                                                  "`codec encode --help`)")
+    add_refine_args(p)
     p.add_argument("--out", required=True, help="output folder: results.json and one RD plot (PNG) per clip")
     p.add_argument("--threads", type=int, help="torch threads of this process")
 
@@ -221,7 +225,8 @@ def run_eval_cli(args: Any) -> int:
         torch.set_num_threads(args.threads)
     model = load_default_or(args.weights)
     scales = ANALYSIS_SCALES if args.analysis_scales is None else args.analysis_scales  # VideoCoder checks them
-    coder = VideoCoder(model, analysis_scales=scales, adaptive_intra=args.adaptive_intra)
+    coder = VideoCoder(model, analysis_scales=scales, adaptive_intra=args.adaptive_intra,
+                       refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     levels = _ints(args.levels, "--levels") if args.levels else list(range(model.cfg.levels))
     qps, presets = _ints(args.qps, "--qps"), [p for p in args.presets.split(",") if p]
     out_dir = Path(args.out)
