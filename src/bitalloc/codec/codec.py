@@ -272,8 +272,8 @@ class VideoCoder:
     the same objective (in a float copy of the decoder), the frame is coded again with them, and the cheaper payload
     is kept (``FrameInfo.refined`` says which). Nothing is signalled; decoding is unchanged and exact. Measured
     (BENCHMARKS.md, N = 30): 5% fewer bits at equal PSNR on held-out images, 2% on carphone, 37% on tree; each
-    refined frame costs N forward and backward passes of the decoder, 8-15x the default encoder's time. Dynamic-precision codecs refine at the
-    frame's widths, split by its ROI mask, as it is coded.
+    refined frame costs N forward and backward passes of the decoder, 8-15x the default encoder's time.
+    Dynamic-precision codecs refine at the frame's widths, split by its ROI mask, as it is coded.
 
     ``adaptive_intra``: also code every P frame as an I frame and keep whichever costs less (the same objective;
     the frame record says its type, so the decoder needs nothing more; like x265's scene-cut decision, the intra
@@ -317,7 +317,6 @@ class VideoCoder:
             from bitalloc.model.region import frozen_branches
 
             self.branches = frozen_branches(model, model.cfg.candidates)
-            self.refiner = LatentRefiner(model, refine_steps, refine_lr, branches=self.branches)
             self._branch_cache: dict[int, dict] = {b: {} for b in self.branches}
             self.roi = parse_roi_spec(roi or model.cfg.roi)
             self.bits = max(model.cfg.candidates)
@@ -327,7 +326,7 @@ class VideoCoder:
                                   "--stage dynamic`); these weights have one fixed precision")
             self.bits = _decoder_bits(model) if quantized else 32
             self.latents = _LatentSet(model)
-            self.refiner = LatentRefiner(model, refine_steps, refine_lr)
+        self.refiner = LatentRefiner(model, refine_steps, refine_lr, branches=self.branches if self.dynamic else None)
 
     @contextlib.contextmanager
     def _frame_latents(self, mask16: np.ndarray | None, roi_bits: int, non_roi_bits: int) -> Iterator[_LatentSet]:
@@ -448,8 +447,9 @@ class VideoCoder:
         flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats, a) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
         pf = pred.float() / 255.0
-        res = lat.residual.encode(torch.cat([xf - pf, pf], 1), level, enc, stats, a,
-                                  self._refine("residual", level, xf - pf, refine, region))
+        r = xf - pf
+        res = lat.residual.encode(torch.cat([r, pf], 1), level, enc, stats, a,
+                                  self._refine("residual", level, r, refine, region))
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _decode_intra(self, lat: _LatentSet, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
