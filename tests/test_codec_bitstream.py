@@ -11,9 +11,13 @@ from bitalloc.codec.bitstream import (FRAME_I, FRAME_P, HEADER_SIZE, BitstreamEr
                                       read_stream, write_stream)
 
 
-def _stream(payloads=(b"\x01\x02\x03\x04" * 5, b"\x09" * 8, b"")) -> bytes:
+def _stream(payloads=(b"\x01\x02\x03\x04" * 5, b"\x09" * 8, b""), levels=None, version=None) -> bytes:
     header = StreamHeader(b"ABCDEFGH", 3, 176, 144, len(payloads), Fraction(30000, 1001), 32)
-    frames = [FrameRecord(FRAME_I if i == 0 else FRAME_P, 8, 4, p) for i, p in enumerate(payloads)]
+    if version is not None:
+        header.version = version
+    levels = levels or [None] * len(payloads)
+    frames = [FrameRecord(FRAME_I if i == 0 else FRAME_P, 8, 4, p, level=lv)
+              for i, (p, lv) in enumerate(zip(payloads, levels))]
     return write_stream(header, frames)
 
 
@@ -27,18 +31,32 @@ def test_header_and_records_round_trip():
     assert [(f.roi_bits, f.non_roi_bits) for f in frames] == [(8, 4)] * 3
     assert frames[0].payload == b"\x01\x02\x03\x04" * 5 and frames[2].payload == b""
     assert HEADER_SIZE + sum(f.size for f in frames) == len(data)
-    # record = 5 bytes type + widths, 1 byte length, payload, 4 bytes CRC
-    assert frames[1].size == 5 + 1 + 8 + 4
+    assert header.version == 3 and [f.level for f in frames] == [3, 3, 3]  # no level given: the header's
+    # record = 6 bytes type + level + widths, 1 byte length, payload, 4 bytes CRC
+    assert frames[1].size == 6 + 1 + 8 + 4
+
+
+def test_per_frame_levels_round_trip_and_older_versions_have_none():
+    _, frames = read_stream(_stream(levels=[5, 2, 0]))
+    assert [f.level for f in frames] == [5, 2, 0]
+    header, frames = read_stream(_stream(version=2))  # version 2: no level byte, every frame at the header's
+    assert header.version == 2 and [f.level for f in frames] == [3, 3, 3] and frames[1].size == 5 + 1 + 8 + 4
+    assert len(_stream(version=2)) == len(_stream()) - 3
+    with pytest.raises(ValueError, match="no per-frame quality levels"):
+        _stream(levels=[3, 2, 2], version=2)
+    with pytest.raises(ValueError, match="quality level 256"):
+        FrameRecord(FRAME_P, 8, 8, b"", level=256).pack()
 
 
 def test_varint_lengths_of_large_payloads():
     big = bytes(range(256)) * 700  # 179,200 bytes: a 3-byte length
     _, frames = read_stream(_stream((big,)))
-    assert frames[0].payload == big and frames[0].size == 5 + 3 + len(big) + 4
+    assert frames[0].payload == big and frames[0].size == 6 + 3 + len(big) + 4
 
 
-def test_every_single_byte_corruption_is_detected():
-    data = _stream()
+@pytest.mark.parametrize("version", [2, 3])
+def test_every_single_byte_corruption_is_detected(version):
+    data = _stream(version=version)
     for pos in range(len(data)):
         for flip in (0x01, 0x80, 0xFF):
             bad = bytearray(data)
@@ -47,8 +65,9 @@ def test_every_single_byte_corruption_is_detected():
                 read_stream(bytes(bad))
 
 
-def test_every_truncation_is_detected_and_names_the_frame():
-    data = _stream()
+@pytest.mark.parametrize("version", [2, 3])
+def test_every_truncation_is_detected_and_names_the_frame(version):
+    data = _stream(version=version)
     for n in range(len(data)):
         with pytest.raises(BitstreamError) as exc:
             read_stream(data[:n])
@@ -75,9 +94,11 @@ def test_other_version_and_magic():
         body[4:6] = struct.pack("<H", v)
         return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))) + bytes(data[HEADER_SIZE:])
 
-    with pytest.raises(BitstreamError, match="version 3; this bitalloc reads versions 1, 2"):
-        read_stream(with_version(3))
-    assert read_stream(with_version(1))[0].version == 1  # the previous version is read
+    with pytest.raises(BitstreamError, match="version 4; this bitalloc reads versions 1, 2, 3"):
+        read_stream(with_version(4))
+    body[:] = bytearray(_stream(version=2)[:HEADER_SIZE - 4])
+    data = bytearray(_stream(version=2))
+    assert read_stream(with_version(1))[0].version == 1  # the previous versions are read
 
 
 def test_header_fields_out_of_range_are_refused():

@@ -82,8 +82,8 @@ def test_mask_coding_in_the_context_of_the_previous_mask():
 
 
 def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
-    """A version 1 stream (every ROI mask coded on its own) decodes to the same frames; version 2 streams code P
-    frames' masks in context and are smaller or equal."""
+    """A version 1 stream (every ROI mask coded on its own) decodes to the same frames; version 2 streams and later
+    (3: the current one, with per-frame levels) code P frames' masks in context and are smaller or equal."""
     import dataclasses
 
     import bitalloc.codec.dynamic as dynamic
@@ -92,7 +92,7 @@ def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
     coder = VideoCoder(load_codec(dyn_weights))
     video = moving_video(4, 48, 64)
     v2 = coder.compress(video, quality=1, intra_period=-1)
-    assert read_stream(v2.stream)[0].version == 2
+    assert read_stream(v2.stream)[0].version == 3
     own = dynamic.encode_mask
     monkeypatch.setattr(dynamic, "encode_mask", lambda enc, mask, prev=None: own(enc, mask))
     v1 = coder.compress(video, quality=1, intra_period=-1)
@@ -101,6 +101,8 @@ def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
     old = write_stream(dataclasses.replace(header, version=1), records)
     assert coder.decompress(old).equal(v1.reconstruction)
     assert v1.reconstruction.equal(v2.reconstruction) and len(v2.stream) <= len(v1.stream)
+    h3, r3 = read_stream(v2.stream)  # as version 2 (no level bytes; masks in context as in 3): the same frames
+    assert coder.decompress(write_stream(dataclasses.replace(h3, version=2), r3)).equal(v2.reconstruction)
     assert sum(f.mask_bits for f in v2.frames[1:]) <= sum(f.mask_bits for f in v1.frames[1:])
 
 

@@ -4,6 +4,7 @@ of the decoder networks' latent readers (their 16-bit grids cover the pixel rang
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from bitalloc.cli import main
-from bitalloc.codec.bitstream import read_stream
-from bitalloc.codec.codec import VideoCoder, check_analysis_scales
+from bitalloc.codec.bitstream import BitstreamError, read_stream, write_stream
+from bitalloc.codec.codec import VideoCoder, check_analysis_scales, check_level_offsets
 from bitalloc.codec.model import VideoCodec
 from bitalloc.codec.networks import Analysis
 from bitalloc.codec.precision import (calibrate_codec, coders, decoder_quant_configs, extreme_clips, latent_readers,
@@ -159,6 +160,81 @@ def test_cli_encode_reports_scales_and_rejects_bad_ones(tmp_path, capsys):
                  "--analysis-scales", "0,5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "analysis scales" in err[0]
+
+
+# ---- quality levels of P frames ----------------------------------------------------------------------------------
+
+def test_p_frames_at_a_fixed_offset_carry_their_level_and_the_decoder_honours_it():
+    model = _branchy_codec()
+    video = moving_video(3, 32, 48, seed=7)
+    coder = VideoCoder(model, analysis_scales=(0.5,), p_level_offsets=(-1,))
+    res = coder.compress(video, quality=2, intra_period=-1)
+    header, records = read_stream(res.stream)
+    assert header.quality == 2 and [r.level for r in records] == [2, 1, 1] == [f.level for f in res.frames]
+    assert VideoCoder(model, analysis_scales=(1.0,)).decompress(res.stream).equal(res.reconstruction)
+    # the decoder reads the frame's level: the same records relabelled at level 2 decode to other frames
+    relabelled = write_stream(header, [dataclasses.replace(r, level=2) for r in records])
+    assert not coder.decompress(relabelled).equal(res.reconstruction)
+    # levels clamp to the codec's: at quality 0, offset -1 is level 0, and offset 0 is the default's stream
+    assert coder.p_levels(0) == [0] and VideoCoder(model, p_level_offsets=(1, 0)).p_levels(2) == [2]
+    assert (VideoCoder(model, analysis_scales=(0.5,), p_level_offsets="-2").compress(video, quality=0).stream
+            == VideoCoder(model, analysis_scales=(0.5,)).compress(video, quality=0).stream)
+    with pytest.raises(BitstreamError, match="frame 1 signals quality level 3, but this codec has levels 0..2"):
+        coder.decompress(write_stream(header, [records[0]] + [dataclasses.replace(r, level=3) for r in records[1:]]))
+
+
+def test_p_level_search_keeps_the_level_of_least_cost_at_the_streams_lambda():
+    model = _branchy_codec()
+    video = moving_video(2, 32, 48, seed=8)
+    quality, offsets = 2, (-2, -1, 0)
+    lam = float(model.lambdas[quality])
+    # brute force: the P frame coded at each level alone after the same I frame, costed in float64 numpy from the
+    # stream's payload and the reconstruction at the stream's lambda
+    cost, payload = {}, {}
+    for o in offsets:
+        res = VideoCoder(model, p_level_offsets=(o,)).compress(video, quality=quality, intra_period=-1)
+        rec = read_stream(res.stream)[1]
+        assert rec[0].level == quality and rec[1].level == quality + o
+        payload[o] = rec[1].payload
+        cost[o] = 8.0 * len(rec[1].payload) / (32 * 48) + lam * _weighted_mse(video[1:], res.reconstruction[1:])[0]
+    assert len(set(cost.values())) == len(offsets)  # the levels make a difference
+    coder = VideoCoder(model, p_level_offsets=offsets)
+    res = coder.compress(video, quality=quality, intra_period=-1)
+    best = min(cost, key=cost.get)
+    assert res.frames[1].level == quality + best and read_stream(res.stream)[1][1].payload == payload[best]
+    assert VideoCoder(model).decompress(res.stream).equal(res.reconstruction)
+    # with the latent refinement too (its objective at the stream's lambda), still exact
+    refined = VideoCoder(model, p_level_offsets=offsets, refine_steps=3).compress(video, quality=quality,
+                                                                                  intra_period=-1)
+    assert VideoCoder(model).decompress(refined.stream).equal(refined.reconstruction)
+
+
+@pytest.mark.parametrize("bad", ["", "a", "1.5", "-17", "1,1", [], [0.5]])
+def test_bad_p_level_offsets_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="P-frame level offsets"):
+        check_level_offsets(bad)
+
+
+def test_p_level_offsets_parse_and_the_cli_reports_the_levels(tmp_path, capsys):
+    assert check_level_offsets("-3, -2,0") == (-3, -2, 0) and check_level_offsets([1]) == (1,)
+    weights = save_codec(_branchy_codec(), tmp_path / "tiny.pt")
+    src = write_y4m(tmp_path / "src.y4m", moving_video(3, 32, 32))
+    js, info = tmp_path / "s.json", tmp_path / "info.json"
+    out = tmp_path / "a.bav"
+    assert main(["codec", "encode", str(src), "-o", str(out), "-q", "2", "--weights", str(weights),
+                 "--analysis-scales", "1", "--p-level-offsets=-2,-1", "--json", str(js)]) == 0
+    s = json.loads(js.read_text())
+    levels = [f["level"] for f in s["per_frame"]]
+    assert levels[0] == 2 and set(levels[1:]) <= {0, 1} and s["exact"] is True
+    assert s["p_levels"] == ", ".join(f"{lv} x{levels[1:].count(lv)}" for lv in sorted(set(levels[1:])))
+    assert main(["codec", "info", str(out), "--json", str(info)]) == 0
+    got = json.loads(info.read_text())
+    assert got["version"] == 3 and [r["level"] for r in got["frame_records"]] == levels
+    capsys.readouterr()
+    assert main(["codec", "encode", str(src), "-o", str(tmp_path / "b.bav"), "-q", "1", "--weights", str(weights),
+                 "--p-level-offsets", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "P-frame level offsets" in err[0]
 
 
 # ---- calibration of the latent readers --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from bitalloc.errors import ConfigError, DataError
 
 
 def register(sub: Any) -> None:
+    from bitalloc.codec.codec import add_p_level_args
     from bitalloc.codec.refine import add_refine_args
 
     p = sub.add_parser("codec", help="the learned video codec: encode, decode, info, eval, train",
@@ -51,6 +52,7 @@ def register(sub: Any) -> None:
                         "payload of least rate + lambda * distortion (default 0,0.25,0.5,0.75,1: one encode each; "
                         "1 alone encodes fastest); the stream and the decoder do not depend on it")
     add_refine_args(e)
+    add_p_level_args(e)
     e.add_argument("--dynamic", action="store_true",
                    help="ROI-aware dynamic precision: per-frame bit widths for the region of interest and the rest, "
                         "chosen by the codec's selector and written in the stream (the shipped dynamic weights, or "
@@ -171,7 +173,8 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
     return VideoCoder(model, motion_preset=getattr(args, "motion_preset", "medium"), roi=roi,
                       analysis_scales=ANALYSIS_SCALES if scales is None else scales,
                       adaptive_intra=getattr(args, "adaptive_intra", False),
-                      refine_steps=getattr(args, "refine_steps", 0), refine_lr=getattr(args, "refine_lr", DEFAULT_LR))
+                      refine_steps=getattr(args, "refine_steps", 0), refine_lr=getattr(args, "refine_lr", DEFAULT_LR),
+                      p_level_offsets=getattr(args, "p_level_offsets", "0"))
 
 
 def _scale_counts(frames: list) -> str:
@@ -179,6 +182,14 @@ def _scale_counts(frames: list) -> str:
     from collections import Counter
 
     return ", ".join(f"{a:g} x{n}" for a, n in sorted(Counter(f.analysis_scale for f in frames).items()))
+
+
+def _level_counts(frames: list) -> str | None:
+    """The quality levels of the P frames, e.g. "3 x20, 4 x11"; None without P frames."""
+    from collections import Counter
+
+    levels = Counter(f.level for f in frames if f.kind == "P")
+    return ", ".join(f"{lv} x{n}" for lv, n in sorted(levels.items())) or None
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -210,6 +221,7 @@ def _summary_rows(s: dict[str, Any]) -> list[list[Any]]:
     keys = [("frames", "frames"), ("size", "size"), ("bytes", "bytes"), ("bits per pixel", "bpp"), ("kbps", "kbps"),
             ("PSNR YUV (dB)", "psnr_yuv"), ("PSNR Y (dB)", "psnr_y"), ("PSNR RGB (dB)", "psnr_rgb"),
             ("encode fps", "encode_fps"), ("analysis scales chosen", "analysis_scales"),
+            ("P-frame levels chosen", "p_levels"),
             ("frames with refined latents", "frames_refined"), ("decode fps", "decode_fps"),
             ("exact decode", "exact"),
             ("widths by search, gamma", "width_search_gamma"), ("search lookahead (frames)", "width_search_lookahead"),
@@ -446,10 +458,11 @@ def run_encode(args: argparse.Namespace) -> int:
         "per_frame": [{"index": f.index, "type": f.kind, "bytes": f.bytes, "psnr_yuv": f.psnr,
                        "roi_bits": f.roi_bits, "non_roi_bits": f.non_roi_bits, "roi_fraction": f.roi_fraction,
                        "mask_bits": f.mask_bits, "roi_seconds": f.roi_seconds, "analysis_scale": f.analysis_scale,
-                       "refined": f.refined}
+                       "refined": f.refined, "level": f.level}
                       for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
         "analysis_scales": _scale_counts(res.frames),
+        "p_levels": _level_counts(res.frames),
         "frames_refined": (f"{sum(f.refined for f in res.frames)} of {len(res.frames)} ({coder.refiner.steps} steps)"
                            if coder.refiner.steps else None),
         "width_search_gamma": args.gamma, "width_search_lookahead": args.lookahead if search else None,
@@ -540,15 +553,16 @@ def run_info(args: argparse.Namespace) -> int:
         raise DataError(f"{src}: no such stream file")
     data = src.read_bytes()
     header, records = read_stream(data, source=str(src))
-    rows = [[i, FRAME_TYPES[r.kind], r.size, r.roi_bits, r.non_roi_bits] for i, r in enumerate(records)]
+    keys = ["index", "type", "level", "bytes", "roi_bits", "non_roi_bits"]
+    rows = [[i, FRAME_TYPES[r.kind], r.level, r.size, r.roi_bits, r.non_roi_bits] for i, r in enumerate(records)]
     out = {"file": str(src), "bytes": len(data), "model_id": header.model_id.hex(), "quality": header.quality,
            "width": header.width, "height": header.height, "frames": header.frame_count, "fps": float(header.fps),
            "intra_period": header.intra_period, "version": header.version,
-           "frame_records": [{"index": r[0], "type": r[1], "bytes": r[2], "roi_bits": r[3], "non_roi_bits": r[4]}
-                             for r in rows]}
+           "frame_records": [dict(zip(keys, r)) for r in rows]}
     print_table(f"{src}: {header.width}x{header.height}, {header.frame_count} frames at {float(header.fps):.3g} fps, "
-                f"quality {header.quality}, intra period {header.intra_period}, model {header.model_id.hex()}",
-                ["frame", "type", "bytes", "ROI bits", "non-ROI bits"], rows)
+                f"quality {header.quality}, intra period {header.intra_period}, model {header.model_id.hex()}, "
+                f"bitstream version {header.version}",
+                ["frame", "type", "level", "bytes", "ROI bits", "non-ROI bits"], rows)
     if args.json:
         write_json(args.json, out, overwrite=True)
     return 0

@@ -5,11 +5,16 @@ Layout (all integers little-endian)::
     header   magic "BAVC" | version u16 | flags u16 | model id 8 bytes | quality u8 | reserved u8 |
              width u16 | height u16 | frame count u32 | fps numerator u32 | fps denominator u32 |
              intra period i32 | CRC-32 of the preceding 38 bytes u32                       (42 bytes)
-    frame    type u8 (0 = I, 1 = P) | ROI bits u16 | non-ROI bits u16 | payload length (LEB128 varint) |
-             payload | CRC-32 of the record's preceding bytes u32                     (9 + varint + payload)
+    frame    type u8 (0 = I, 1 = P) | quality level u8 | ROI bits u16 | non-ROI bits u16 |
+             payload length (LEB128 varint) | payload | CRC-32 of the record's preceding bytes u32
+                                                                                      (10 + varint + payload)
+
+(Versions 1 and 2 had no level byte in the frame record: every frame was at the header's quality level.)
 
 The payload is one range-coded stream (``constriction``'s queue coder, 32-bit words) holding, in decoding order,
 every latent of the frame (I: hyper-latent z then latent y; P: motion z, motion y, residual z, residual y). The
+frame's quality level selects the gains of its coders (the encoder may code a frame at another level than the
+header's, e.g. P frames below their I frames: :class:`bitalloc.codec.VideoCoder`'s ``p_level_offsets``); the
 two 16-bit side-information fields carry the frame's bit widths for its region of interest and for the rest
 (the SPEC's "two 16-bit integers, bypass-coded"); a codec of fixed precision writes its precision in both.
 
@@ -21,6 +26,7 @@ its file size: headers, side information and checksums included.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -29,14 +35,22 @@ from fractions import Fraction
 from bitalloc.errors import DataError
 
 MAGIC = b"BAVC"
-VERSION = 2
+VERSION = 3
 #: versions this bitalloc reads: 1 coded the ROI mask of every frame of a dynamic-precision stream on its own, 2
-#: codes a P frame's in the context of the previous frame's mask (bitalloc.codec.dynamic.encode_mask)
-READABLE_VERSIONS = (1, 2)
+#: codes a P frame's in the context of the previous frame's mask (bitalloc.codec.dynamic.encode_mask), 3 adds each
+#: frame's quality level to its record
+READABLE_VERSIONS = (1, 2, 3)
+#: the first version whose frame records carry the frame's quality level
+LEVEL_VERSION = 3
 FRAME_I, FRAME_P = 0, 1
 FRAME_TYPES = {FRAME_I: "I", FRAME_P: "P"}
 _HEADER = struct.Struct("<4sHH8sBBHHIIIi")
 _FRAME_HEAD = struct.Struct("<BHH")
+_FRAME_HEAD_LEVEL = struct.Struct("<BBHH")
+
+
+def _frame_head(version: int) -> struct.Struct:
+    return _FRAME_HEAD_LEVEL if version >= LEVEL_VERSION else _FRAME_HEAD
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
 
@@ -100,22 +114,29 @@ class StreamHeader:
 
 @dataclass
 class FrameRecord:
-    """One coded frame: type, the two side-information widths, the range-coded payload."""
+    """One coded frame: type, quality level, the two side-information widths, the range-coded payload. ``level``
+    None: the stream header's (what versions 1 and 2, which have no level field, mean; :func:`write_stream` fills
+    it in for version 3)."""
 
     kind: int
     roi_bits: int
     non_roi_bits: int
     payload: bytes
     size: int = field(default=0, compare=False)  # bytes of the whole record in the file
+    level: int | None = None
 
-    def pack(self) -> bytes:
+    def pack(self, version: int = VERSION) -> bytes:
         if self.kind not in FRAME_TYPES:
             raise ValueError(f"frame type {self.kind} is not I (0) or P (1)")
         for v in (self.roi_bits, self.non_roi_bits):
             if not 0 <= v <= 0xFFFF:
                 raise ValueError(f"bit width {v} does not fit 16 bits")
-        head = _FRAME_HEAD.pack(self.kind, self.roi_bits, self.non_roi_bits) + _varint(len(self.payload))
-        rec = head + self.payload
+        fields: tuple[int, ...] = (self.kind, self.roi_bits, self.non_roi_bits)
+        if version >= LEVEL_VERSION:
+            if self.level is None or not 0 <= self.level <= 0xFF:
+                raise ValueError(f"quality level {self.level} does not fit the frame record (0..255)")
+            fields = (self.kind, self.level, self.roi_bits, self.non_roi_bits)
+        rec = _frame_head(version).pack(*fields) + _varint(len(self.payload)) + self.payload
         return rec + _CRC.pack(zlib.crc32(rec))
 
 
@@ -147,10 +168,15 @@ def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int] | None
 
 
 def write_stream(header: StreamHeader, frames: list[FrameRecord]) -> bytes:
-    """The bytes of a whole stream."""
+    """The bytes of a whole stream, in ``header.version``'s layout (records without a level are at the header's
+    quality; a version 1 or 2 stream holds only such records)."""
     if header.frame_count != len(frames):
         raise ValueError(f"header says {header.frame_count} frames, {len(frames)} given")
-    return header.pack() + b"".join(f.pack() for f in frames)
+    if header.version < LEVEL_VERSION and any(f.level not in (None, header.quality) for f in frames):
+        raise ValueError(f"version {header.version} streams have no per-frame quality levels; write version "
+                         f"{LEVEL_VERSION}")
+    return header.pack() + b"".join(dataclasses.replace(f, level=header.quality if f.level is None else f.level)
+                                    .pack(header.version) for f in frames)
 
 
 def read_stream(data: bytes, *, source: str = "stream", limit: int | None = None) -> tuple[StreamHeader, list[FrameRecord]]:
@@ -162,14 +188,16 @@ def read_stream(data: bytes, *, source: str = "stream", limit: int | None = None
     pos = HEADER_SIZE
     end = len(view)
     count = header.frame_count if limit is None else min(limit, header.frame_count)
+    head = _frame_head(header.version)
     for i in range(count):
         start = pos
-        if end - pos < _FRAME_HEAD.size + 1:
+        if end - pos < head.size + 1:
             raise BitstreamError(f"{source} is truncated in frame {i} of {header.frame_count}: the frame header is "
                                  f"incomplete ({end - pos} bytes left); re-encode it"
                                  + (f", or decode the first {i} frames with --frames {i}" if i else ""))
-        kind, roi, non_roi = _FRAME_HEAD.unpack(bytes(view[pos:pos + _FRAME_HEAD.size]))
-        got = _read_varint(view, pos + _FRAME_HEAD.size, end)
+        fields = head.unpack(bytes(view[pos:pos + head.size]))
+        kind, level, roi, non_roi = fields if len(fields) == 4 else (fields[0], header.quality, *fields[1:])
+        got = _read_varint(view, pos + head.size, end)
         if got is None:
             raise BitstreamError(f"{source}: frame {i} has an unreadable payload length (truncated or corrupted); "
                                  "re-encode it")
@@ -191,7 +219,7 @@ def read_stream(data: bytes, *, source: str = "stream", limit: int | None = None
             raise BitstreamError(f"{source}: frame {i} has unknown type {kind} (a newer bitalloc?); re-encode it")
         if i == 0 and kind != FRAME_I:
             raise BitstreamError(f"{source}: frame 0 is not an intra frame; the stream cannot be decoded")
-        frames.append(FrameRecord(kind, roi, non_roi, payload, size=pos - start))
+        frames.append(FrameRecord(kind, roi, non_roi, payload, size=pos - start, level=level))
     if pos != end and count == header.frame_count:
         raise BitstreamError(f"{source} has {end - pos} unexpected bytes after its last frame ({header.frame_count} "
                              "frames); the file is corrupted or two streams were concatenated")

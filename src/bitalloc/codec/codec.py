@@ -67,6 +67,34 @@ def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
     return tuple(vals)
 
 
+def check_level_offsets(offsets: Sequence[int] | int | str) -> tuple[int, ...]:
+    """``offsets`` (an integer, integers, or their comma-separated text, e.g. "-2" or "-3,-2,-1,0") as a tuple of
+    distinct integers between -16 and 16, in the given order; ConfigError naming the problem otherwise."""
+    if isinstance(offsets, int) and not isinstance(offsets, bool):
+        offsets = [offsets]
+    try:
+        items = [t for t in offsets.split(",") if t.strip()] if isinstance(offsets, str) else list(offsets)
+        vals = [int(v) for v in items]
+        whole = all(float(v) == int(v) for v in items)
+    except (TypeError, ValueError):
+        vals, whole = [], False
+    if not vals or not whole or any(abs(v) > 16 for v in vals) or len(set(vals)) != len(vals):
+        raise ConfigError(f"P-frame level offsets {offsets!r}: give distinct whole numbers between -16 and 16, e.g. -2 "
+                          "(every P frame two levels below the I frames) or -3,-2,-1,0 (chosen per frame); 0 alone is "
+                          "the default")
+    return tuple(vals)
+
+
+def add_p_level_args(p: Any) -> None:
+    """The ``--p-level-offsets`` option of ``codec encode`` and ``codec eval`` (:class:`VideoCoder`'s
+    ``p_level_offsets``)."""
+    p.add_argument("--p-level-offsets", metavar="O[,O...]", default="0",
+                   help="quality levels of P frames relative to --quality: one offset codes every P frame at it (e.g. "
+                        "=-2: two levels below the I frames), several (e.g. =-3,-2,-1,0) code each P frame at each "
+                        "and keep the least rate + lambda * distortion (lambda of --quality; one encode per offset); "
+                        "the levels are in the stream (default 0; write negative values with '=')")
+
+
 def _is_count(value: Any, least: int) -> bool:
     """Whether ``value`` is an integer (any integral type, not a bool) of at least ``least``."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
@@ -210,6 +238,8 @@ class FrameInfo:
     roi_seconds: float = 0.0
     #: the weight of the analysis' nonlinear branch the encoder chose for this frame (:class:`VideoCoder`)
     analysis_scale: float = 1.0
+    #: the quality level the frame was coded at (the stream's, or for a P frame one of ``p_level_offsets`` from it)
+    level: int = 0
     #: whether the frame was coded with refined latents (``VideoCoder(refine_steps=...)``, :mod:`bitalloc.codec.refine`)
     refined: bool = False
     #: dynamic precision: the ROI source's mask at luma resolution (bool [height, width], cropped to the frame) and
@@ -275,6 +305,14 @@ class VideoCoder:
     refined frame costs N forward and backward passes of the decoder, 8-15x the default encoder's time.
     Dynamic-precision codecs refine at the frame's widths, split by its ROI mask, as it is coded.
 
+    **Quality level of P frames** (``p_level_offsets``, default ``(0,)``): the levels a P frame may be coded at,
+    relative to the stream's quality level ``q`` (clamped to the codec's levels). With one offset every P frame is
+    coded at ``q + offset`` (like x265's ratio of I- to P-frame quantizers); with several, each P frame is coded at
+    each of them and the payload of least bits per pixel + lambda_q * MSE_YUV is kept, lambda_q the stream's level's,
+    so that every trial of every frame is scored by one trade-off. I frames are at ``q``. Each frame record carries
+    its level (bitstream version 3), so decoding needs nothing more. Several offsets multiply the encoding work of
+    P frames by their number. Measured (BENCHMARKS.md, "Quality level of P frames").
+
     ``adaptive_intra``: also code every P frame as an I frame and keep whichever costs less (the same objective;
     the frame record says its type, so the decoder needs nothing more; like x265's scene-cut decision, the intra
     period stays the longest distance between I frames). Twice the encoding work for P frames; off by default.
@@ -290,8 +328,10 @@ class VideoCoder:
 
     def __init__(self, model: VideoCodec, *, motion_preset: str = "medium", roi: str | None = None,
                  exact: bool = True, analysis_scales: Sequence[float] | str = ANALYSIS_SCALES,
-                 adaptive_intra: bool = False, refine_steps: int = 0, refine_lr: float = DEFAULT_LR):
+                 adaptive_intra: bool = False, refine_steps: int = 0, refine_lr: float = DEFAULT_LR,
+                 p_level_offsets: Sequence[int] | int | str = (0,)):
         self.analysis_scales = check_analysis_scales(analysis_scales)
+        self.p_level_offsets = check_level_offsets(p_level_offsets)
         self.adaptive_intra = bool(adaptive_intra)
         quantized = is_quantized(model)
         if exact and not quantized:
@@ -425,24 +465,32 @@ class VideoCoder:
                               "(0 = lowest rate)")
 
     # -- one frame ------------------------------------------------------------------------------------------
-    def _refine(self, which: str, level: int, target: Tensor, refine: bool, region: tuple | None) -> Any:
-        """The latent refinement of coder ``which`` towards ``target`` for :meth:`_Latents.encode`, or None;
-        ``region``: a dynamic codec's (mask, ROI width, non-ROI width) of the frame."""
-        if not refine:
+    def p_levels(self, quality: int) -> list[int]:
+        """The levels a P frame of a stream at ``quality`` is tried at: ``quality`` + each of ``p_level_offsets``,
+        clamped to the codec's levels, without repeats, in the order of the offsets."""
+        top = self.model.cfg.levels - 1
+        return list(dict.fromkeys(min(max(quality + o, 0), top) for o in self.p_level_offsets))
+
+    def _refine(self, which: str, level: int, target: Tensor, refine: float | None, region: tuple | None) -> Any:
+        """The latent refinement of coder ``which`` at ``level`` towards ``target`` for :meth:`_Latents.encode`, with
+        lambda ``refine`` in its objective, or None (``refine`` None); ``region``: a dynamic codec's (mask, ROI width,
+        non-ROI width) of the frame."""
+        if refine is None:
             return None
-        return lambda yg, zg: self.refiner.refine(which, yg, zg, level, target, region)[:2]
+        return lambda yg, zg: self.refiner.refine(which, yg, zg, level, target, region, lam=refine)[:2]
 
     def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats, a: float = 1.0,
-               refine: bool = False, region: tuple | None = None) -> Tensor:
+               refine: float | None = None, region: tuple | None = None) -> Tensor:
         off = self.model.intra.OFFSET
         xin = x.float() / 255.0 - off
         return to_pixels(lat.intra.encode(xin, level, enc, stats, a,
                                           self._refine("intra", level, xin, refine, region)) + off)
 
     def _inter(self, lat: _LatentSet, x: Tensor, ref: Tensor, flow: Tensor, level: int, enc: Any,
-               stats: LatentStats, a: float = 1.0, refine: bool = False, region: tuple | None = None) -> Tensor:
-        """A P frame; ``refine``: refine the residual's latents (the motion's come from the analysis: the
-        prediction they give is the decoder's integer one, which the refinement's target then holds fixed)."""
+               stats: LatentStats, a: float = 1.0, refine: float | None = None, region: tuple | None = None) -> Tensor:
+        """A P frame; ``refine`` (the objective's lambda): refine the residual's latents (the motion's come from the
+        analysis: the prediction they give is the decoder's integer one, which the refinement's target then holds
+        fixed)."""
         xf, rf = x.float() / 255.0, ref.float() / 255.0
         flow_hat = lat.motion.encode(torch.cat([flow / FLOW_SCALE, xf, rf], 1), level, enc, stats, a) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
@@ -477,12 +525,12 @@ class VideoCoder:
 
     def _code_frame(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, a: float,
                     mask16: np.ndarray | None, rb: int, nb: int, size: tuple[int, int],
-                    prev_mask: np.ndarray | None = None, refine: bool = False) -> tuple:
-        """Code one frame (an I frame when ``ref`` is None) with analysis scale ``a`` into a fresh payload:
-        (RD cost, payload, reconstruction, stats, mask bits, a). The cost is the training objective,
-        bits per pixel + lambda_level * MSE_YUV (pixel units, the frame's own area). A P frame's ROI mask is coded
-        in the context of ``prev_mask``, the previous frame's. ``refine``: with the latent refinement
-        (:mod:`bitalloc.codec.refine`) of the intra coder or of the residual."""
+                    prev_mask: np.ndarray | None = None, refine: bool = False, lam: float | None = None) -> tuple:
+        """Code one frame (an I frame when ``ref`` is None) at quality ``level`` with analysis scale ``a`` into a fresh
+        payload: (RD cost, payload, reconstruction, stats, mask bits, a, level). The cost is the training objective,
+        bits per pixel + lambda * MSE_YUV (pixel units, the frame's own area; ``lam``, default lambda_level). A P
+        frame's ROI mask is coded in the context of ``prev_mask``, the previous frame's. ``refine``: with the latent
+        refinement (:mod:`bitalloc.codec.refine`) of the intra coder or of the residual, on the same objective."""
         from bitalloc.codec.networks import weighted_mse
 
         enc = _constriction().stream.queue.RangeEncoder()
@@ -492,43 +540,47 @@ class VideoCoder:
             from bitalloc.codec.dynamic import encode_mask, mask_context
 
             mask_bits = encode_mask(enc, mask16, mask_context(prev_mask, intra=ref is None, version=VERSION))
+        lam = float(self.model.lambdas[level]) if lam is None else float(lam)
         region = None
         if refine and mask16 is not None:
             from bitalloc.codec.dynamic import mask_function
 
             region = (mask_function(torch.from_numpy(np.ascontiguousarray(mask16))[None, None]), rb, nb)
         with self._frame_latents(mask16, rb, nb) as lat:
-            rec = (self._intra(lat, x, level, enc, stats, a, refine, region) if ref is None
-                   else self._inter(lat, x, ref, flow, level, enc, stats, a, refine, region))
+            how = lam if refine else None
+            rec = (self._intra(lat, x, level, enc, stats, a, how, region) if ref is None
+                   else self._inter(lat, x, ref, flow, level, enc, stats, a, how, region))
         payload = enc.get_compressed().tobytes()
         h2, w2 = (size[0] + 1) // 2, (size[1] + 1) // 2
         mse = float(weighted_mse(rec[..., :h2, :w2].double(), x[..., :h2, :w2].double()))
-        cost = 8.0 * len(payload) / (size[0] * size[1]) + float(self.model.lambdas[level]) * mse
-        return cost, payload, rec, stats, mask_bits, a
+        cost = 8.0 * len(payload) / (size[0] * size[1]) + lam * mse
+        return cost, payload, rec, stats, mask_bits, a, level
 
     def _trials(self, x: Tensor, ref: Tensor | None, flow: Tensor | None, level: int, mask16: np.ndarray | None,
                 pairs: Sequence[tuple[int, int]], intra: bool, gamma: float | None, size: tuple[int, int],
                 prev_mask: np.ndarray | None) -> dict[tuple[int, int], tuple]:
-        """Code one frame at each pair of ``pairs`` with every analysis scale (and, for a P frame with
-        ``adaptive_intra``, also as an I frame); per pair the trial of least bpp + lambda * MSE_YUV + ``gamma`` * C
-        (C: :meth:`relative_bit_flops`; no C term when ``gamma`` is None): pair -> (that objective, the trial of
-        :meth:`_code_frame`, whether it is an I frame, C, whether its latents were refined). With the latent
-        refinement (``refine_steps``), the best trial of each pair is coded again from its analysis scale with
-        refined latents, and kept if it costs less."""
+        """Code one frame at each pair of ``pairs`` with every analysis scale (a P frame also at each of
+        :meth:`p_levels` of ``level``, and with ``adaptive_intra`` also as an I frame); per pair the trial of least
+        bpp + lambda_level * MSE_YUV + ``gamma`` * C (C: :meth:`relative_bit_flops`; no C term when ``gamma`` is
+        None): pair -> (that objective, the trial of :meth:`_code_frame`, whether it is an I frame, C, whether its
+        latents were refined). With the latent refinement (``refine_steps``), the best trial of each pair is coded
+        again from its analysis scale and level with refined latents, and kept if it costs less."""
         best: dict[tuple[int, int], tuple] = {}
+        lam = float(self.model.lambdas[level])
         for as_intra in (True,) if intra else (False, True) if self.adaptive_intra else (False,):
             for pair in pairs:
                 rel = 0.0 if gamma is None else self.relative_bit_flops("I" if as_intra else "P", mask16, *pair)
-                for a in self.analysis_scales:
-                    trial = self._code_frame(x, None if as_intra else ref, flow, level, a, mask16, *pair, size,
-                                             prev_mask)
-                    j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
-                    if pair not in best or j < best[pair][0]:
-                        best[pair] = (j, trial, as_intra, rel, False)
+                for lv in [level] if as_intra else self.p_levels(level):
+                    for a in self.analysis_scales:
+                        trial = self._code_frame(x, None if as_intra else ref, flow, lv, a, mask16, *pair, size,
+                                                 prev_mask, lam=lam)
+                        j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
+                        if pair not in best or j < best[pair][0]:
+                            best[pair] = (j, trial, as_intra, rel, False)
         if self.refiner.steps:
             for pair, (j0, trial0, as_intra, rel, _) in list(best.items()):
-                trial = self._code_frame(x, None if as_intra else ref, flow, level, trial0[5], mask16, *pair, size,
-                                         prev_mask, refine=True)
+                trial = self._code_frame(x, None if as_intra else ref, flow, trial0[6], trial0[5], mask16, *pair, size,
+                                         prev_mask, refine=True, lam=lam)
                 j = trial[0] + (0.0 if gamma is None else float(gamma) * rel)
                 if j < j0:
                     best[pair] = (j, trial, as_intra, rel, True)
@@ -644,9 +696,9 @@ class VideoCoder:
                         score = {p: score[p] + ahead[p][0] + float(search_gamma) * ahead[p][1] for p in kept}
                 rb, nb = min(score, key=score.__getitem__)
                 _, best, intra, _, info.refined = tried[(rb, nb)]
-                _, payload, rec, stats, info.mask_bits, info.analysis_scale = best
+                _, payload, rec, stats, info.mask_bits, info.analysis_scale, info.level = best
                 info.kind = "I" if intra else "P"
-                fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload)
+                fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload, level=info.level)
                 records.append(fr)
                 ref, prev_mask = rec, mask16
                 y, u, v = crop_frame(rec, h, w)
@@ -684,6 +736,9 @@ class VideoCoder:
         with torch.no_grad(), self._whole():
             for i, rec in enumerate(records):
                 self._check_widths(rec, i, source)
+                if not 0 <= rec.level < self.model.cfg.levels:
+                    raise BitstreamError(f"{source}: frame {i} signals quality level {rec.level}, but this codec has "
+                                         f"levels 0..{self.model.cfg.levels - 1}; the stream is corrupted")
                 words = np.frombuffer(rec.payload, dtype=np.uint32) if len(rec.payload) % 4 == 0 else None
                 if words is None:
                     raise BitstreamError(f"{source}: frame {i} has a payload of {len(rec.payload)} bytes, not whole "
@@ -697,9 +752,9 @@ class VideoCoder:
                         mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16), prev)
                     with self._frame_latents(mask16, rec.roi_bits, rec.non_roi_bits) as lat:
                         if rec.kind == FRAME_I:
-                            out = self._decode_intra(lat, dec, header.quality, rshape)
+                            out = self._decode_intra(lat, dec, rec.level, rshape)
                         else:
-                            out = self._decode_inter(lat, dec, ref, header.quality, mshape, rshape)
+                            out = self._decode_inter(lat, dec, ref, rec.level, mshape, rshape)
                 except (ValueError, RuntimeError, AssertionError) as exc:
                     raise BitstreamError(f"{source}: frame {i} cannot be decoded ({exc}); the stream does not fit this "
                                          "model") from None

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from bitalloc.codec.model import VideoCodec
 from bitalloc.codec.precision import ALL_PARTS, network_input

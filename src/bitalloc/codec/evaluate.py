@@ -49,7 +49,8 @@ def codec_point(coder: Any, frames: YUVFrames, level: int, intra_period: int) ->
              "i_bytes": sum(f.bytes for f in res.frames if f.kind == "I"),
              "p_bytes": sum(f.bytes for f in res.frames if f.kind == "P"),
              "clamped_symbols": sum(f.clamped for f in res.frames),
-             "refined_frames": sum(f.refined for f in res.frames)}
+             "refined_frames": sum(f.refined for f in res.frames),
+             "p_levels": [f.level for f in res.frames if f.kind == "P"]}
     return point, res.stream, res.reconstruction
 
 
@@ -178,6 +179,7 @@ def evaluate_images(path: str | os.PathLike, coder: Any, *, levels: Sequence[int
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def add_eval_args(p: Any) -> None:
+    from bitalloc.codec.codec import add_p_level_args
     from bitalloc.codec.refine import add_refine_args
 
     p.add_argument("--clips", nargs="*", default=[], help="video clips to evaluate (e.g. held-out carphone, tree)")
@@ -198,6 +200,7 @@ def add_eval_args(p: Any) -> None:
     p.add_argument("--adaptive-intra", action="store_true", help="the encoder may code P frames as I frames (see "
                                                                  "`codec encode --help`)")
     add_refine_args(p)
+    add_p_level_args(p)
     p.add_argument("--out", required=True, help="output folder: results.json and one RD plot (PNG) per clip")
     p.add_argument("--threads", type=int, help="torch threads of this process")
 
@@ -226,7 +229,7 @@ def run_eval_cli(args: Any) -> int:
     model = load_default_or(args.weights)
     scales = ANALYSIS_SCALES if args.analysis_scales is None else args.analysis_scales  # VideoCoder checks them
     coder = VideoCoder(model, analysis_scales=scales, adaptive_intra=args.adaptive_intra,
-                       refine_steps=args.refine_steps, refine_lr=args.refine_lr)
+                       refine_steps=args.refine_steps, refine_lr=args.refine_lr, p_level_offsets=args.p_level_offsets)
     levels = _ints(args.levels, "--levels") if args.levels else list(range(model.cfg.levels))
     qps, presets = _ints(args.qps, "--qps"), [p for p in args.presets.split(",") if p]
     out_dir = Path(args.out)

@@ -111,9 +111,12 @@ class LatentRefiner:
             yield {"intra": twin.intra.coder, "motion": twin.inter.motion, "residual": twin.inter.residual}[which]
 
     def refine(self, which: str, yg: Tensor, zg: Tensor, level: int, target: Tensor,
-               region: tuple[Tensor, int, int] | None = None) -> tuple[Tensor, Tensor, list[float]]:
-        """(y_g, z_g, history of J): the latents of least J over the start and ``steps`` iterations."""
-        lam = float(self._model.lambdas[level])
+               region: tuple[Tensor, int, int] | None = None, lam: float | None = None
+               ) -> tuple[Tensor, Tensor, list[float]]:
+        """(y_g, z_g, history of J): the latents of least J over the start and ``steps`` iterations; ``lam``: the
+        objective's lambda (default lambda_level; the encoder passes its stream's when it codes a P frame at another
+        level)."""
+        lam = float(self._model.lambdas[level]) if lam is None else float(lam)
         y = yg.detach().clone().float().requires_grad_(True)
         z = zg.detach().clone().float().requires_grad_(True)
         target = target.detach().float()
