@@ -177,19 +177,11 @@ def _setup(args: argparse.Namespace, stream: bytes | None = None) -> Any:
                       p_level_offsets=getattr(args, "p_level_offsets", "0"))
 
 
-def _scale_counts(frames: list) -> str:
-    """How often the encoder chose each analysis scale, e.g. "0.25 x12, 0.5 x4"."""
+def _counts(values: Any) -> str | None:
+    """How often each value occurs, in order, e.g. "0.25 x12, 0.5 x4"; None for no values."""
     from collections import Counter
 
-    return ", ".join(f"{a:g} x{n}" for a, n in sorted(Counter(f.analysis_scale for f in frames).items()))
-
-
-def _level_counts(frames: list) -> str | None:
-    """The quality levels of the P frames, e.g. "3 x20, 4 x11"; None without P frames."""
-    from collections import Counter
-
-    levels = Counter(f.level for f in frames if f.kind == "P")
-    return ", ".join(f"{lv} x{n}" for lv, n in sorted(levels.items())) or None
+    return ", ".join(f"{v:g} x{n}" for v, n in sorted(Counter(values).items())) or None
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -461,8 +453,8 @@ def run_encode(args: argparse.Namespace) -> int:
                        "refined": f.refined, "level": f.level}
                       for f in res.frames],
         "clamped_symbols": sum(f.clamped for f in res.frames),
-        "analysis_scales": _scale_counts(res.frames),
-        "p_levels": _level_counts(res.frames),
+        "analysis_scales": _counts(f.analysis_scale for f in res.frames),
+        "p_levels": _counts(f.level for f in res.frames if f.kind == "P"),
         "frames_refined": (f"{sum(f.refined for f in res.frames)} of {len(res.frames)} ({coder.refiner.steps} steps)"
                            if coder.refiner.steps else None),
         "width_search_gamma": args.gamma, "width_search_lookahead": args.lookahead if search else None,

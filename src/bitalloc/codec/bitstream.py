@@ -47,12 +47,13 @@ FRAME_TYPES = {FRAME_I: "I", FRAME_P: "P"}
 _HEADER = struct.Struct("<4sHH8sBBHHIIIi")
 _FRAME_HEAD = struct.Struct("<BHH")
 _FRAME_HEAD_LEVEL = struct.Struct("<BBHH")
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
 
 
 def _frame_head(version: int) -> struct.Struct:
+    """The fixed part of a frame record in stream ``version``: with the level byte from :data:`LEVEL_VERSION` on."""
     return _FRAME_HEAD_LEVEL if version >= LEVEL_VERSION else _FRAME_HEAD
-_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _CRC.size
 
 
 class BitstreamError(DataError):

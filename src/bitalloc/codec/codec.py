@@ -53,14 +53,28 @@ ALIGN = 16
 ANALYSIS_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def _values(given: Sequence[Any] | str, convert: Callable[[Any], Any]) -> list:
+    """``given`` (a sequence, or its comma-separated text) converted item by item; [] when an item does not
+    convert."""
+    try:
+        items = [t for t in given.split(",") if t.strip()] if isinstance(given, str) else list(given)
+        return [convert(v) for v in items]
+    except (TypeError, ValueError, OverflowError):
+        return []
+
+
+def _whole(value: Any) -> int:
+    """``value`` (a number or its text) as an int; ValueError unless it is a whole number."""
+    f = float(value)
+    if f != int(f):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(f)
+
+
 def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
     """``scales`` (floats, or their comma-separated text) as a tuple of distinct values in [0, 2], in the given
     order; ConfigError naming the problem otherwise."""
-    try:
-        items = [t for t in scales.split(",") if t.strip()] if isinstance(scales, str) else list(scales)
-        vals = [float(v) for v in items]
-    except (TypeError, ValueError):
-        vals = []
+    vals = _values(scales, float)
     if not vals or any(not (0.0 <= v <= 2.0) for v in vals) or len(set(vals)) != len(vals):
         raise ConfigError(f"analysis scales {scales!r}: give distinct values between 0 and 2, e.g. 0,0.25,0.5,0.75,1 "
                           "(1 alone: the trained analysis, fastest encoding)")
@@ -70,15 +84,8 @@ def check_analysis_scales(scales: Sequence[float] | str) -> tuple[float, ...]:
 def check_level_offsets(offsets: Sequence[int] | int | str) -> tuple[int, ...]:
     """``offsets`` (an integer, integers, or their comma-separated text, e.g. "-2" or "-3,-2,-1,0") as a tuple of
     distinct integers between -16 and 16, in the given order; ConfigError naming the problem otherwise."""
-    if isinstance(offsets, int) and not isinstance(offsets, bool):
-        offsets = [offsets]
-    try:
-        items = [t for t in offsets.split(",") if t.strip()] if isinstance(offsets, str) else list(offsets)
-        vals = [int(v) for v in items]
-        whole = all(float(v) == int(v) for v in items)
-    except (TypeError, ValueError):
-        vals, whole = [], False
-    if not vals or not whole or any(abs(v) > 16 for v in vals) or len(set(vals)) != len(vals):
+    vals = _values([offsets] if isinstance(offsets, int) and not isinstance(offsets, bool) else offsets, _whole)
+    if not vals or any(abs(v) > 16 for v in vals) or len(set(vals)) != len(vals):
         raise ConfigError(f"P-frame level offsets {offsets!r}: give distinct whole numbers between -16 and 16, e.g. -2 "
                           "(every P frame two levels below the I frames) or -3,-2,-1,0 (chosen per frame); 0 alone is "
                           "the default")
