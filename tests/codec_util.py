@@ -27,15 +27,22 @@ def moving_video(frames: int = 5, height: int = 40, width: int = 56, *, seed: in
     return YUVFrames(y, u.astype(np.uint8), v.astype(np.uint8), fps=fps)
 
 
-def tiny_codec(seed: int = 0) -> VideoCodec:
-    """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen."""
+def tiny_codec(seed: int = 0, cfg: CodecConfig = TINY) -> VideoCodec:
+    """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen (with
+    ``cfg.residual_context``, its context branch and the layer it feeds given random weights: zero-initialised, they
+    would not act)."""
     from bitalloc.codec.precision import coders, decoder_quant_configs, freeze_decoders, quantize_decoders
 
     torch.manual_seed(seed)
-    model = VideoCodec(TINY).eval()
+    model = VideoCodec(cfg).eval()
     for coder in (model.intra.coder, model.inter.motion, model.inter.residual):
         with torch.no_grad():  # an untrained hyper-analysis gives |z| << 1: make the hyper-latents vary
             coder.log_hyper_gain[0].fill_(math.log(30.0))
+    syn = model.inter.residual.synthesis
+    if syn.context is not None:
+        with torch.no_grad():  # the layer the context joins starts at zero as well
+            syn.context[-1].weight.normal_(0.0, 0.1)
+            syn.nonlinear[-1].weight.normal_(0.0, 0.05)
     quantize_decoders(model, decoder_quant_configs(8, "fixed"))
     calibrate_on(model, moving_video(3, 32, 48))
     freeze_decoders(model)
@@ -51,7 +58,7 @@ def tiny_weights(path: Path) -> Path:
 
 
 def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, roi: str = "spectral",
-                       hyper_bits: int = 8) -> VideoCodec:
+                       hyper_bits: int = 8, cfg: CodecConfig = TINY) -> VideoCodec:
     """An untrained tiny codec with region-quantized networks at ``candidates`` and a width selector whose bias
     makes it pick different widths for the ROI and the rest; quantizers initialised on a synthetic clip."""
     import dataclasses
@@ -60,7 +67,7 @@ def tiny_dynamic_codec(candidates: tuple[int, ...] = (4, 8, 16), seed: int = 0, 
     from bitalloc.codec.precision import coders
 
     torch.manual_seed(seed)
-    model = VideoCodec(dataclasses.replace(TINY, candidates=candidates, roi=roi)).eval()
+    model = VideoCodec(dataclasses.replace(cfg, candidates=candidates, roi=roi)).eval()
     for coder in coders(model).values():
         with torch.no_grad():
             coder.log_hyper_gain[0].fill_(math.log(30.0))

@@ -55,10 +55,10 @@ def test_every_backend_builds_and_inputs_have_the_decoder_shapes(setup):
     assert not failed, failed
     assert list(backends) == list(T.BACKENDS)
     # 64x64 frames: latents at 1/16 (4x4), hyper-latents at ceil(4/4) = 1
-    assert tuple(inputs["intra.synthesis"].shape) == (1, TINY.m, 4, 4)
-    assert tuple(inputs["motion.synthesis"].shape) == (1, TINY.motion_m, 4, 4)
-    assert tuple(inputs["residual.hyper_synthesis"].shape) == (1, TINY.nz, 1, 1)
-    assert tuple(inputs["motion.hyper_synthesis"].shape) == (1, TINY.motion_nz, 1, 1)
+    assert tuple(inputs["intra.synthesis"][0].shape) == (1, TINY.m, 4, 4)
+    assert tuple(inputs["motion.synthesis"][0].shape) == (1, TINY.motion_m, 4, 4)
+    assert tuple(inputs["residual.hyper_synthesis"][0].shape) == (1, TINY.nz, 1, 1)
+    assert tuple(inputs["motion.hyper_synthesis"][0].shape) == (1, TINY.motion_nz, 1, 1)
     assert set(inputs) == {n for n, _ in decoder_networks(model)}
 
 
@@ -66,8 +66,8 @@ def test_float_network_is_the_model_with_quantizers_disabled(setup):
     _, model, inputs, _, _ = setup
     for name, net in decoder_networks(model):
         with torch.no_grad(), bitalloc.float_mode(net):
-            ref = net(inputs[name])
-        got = T.float_network(net)(inputs[name])
+            ref = net(*inputs[name])
+        got = T.float_network(net)(*inputs[name])
         assert not any(isinstance(m, QuantLayer) for m in T.float_network(net).modules())
         assert torch.allclose(got, ref, rtol=0, atol=1e-6), name
 
@@ -241,3 +241,31 @@ def test_codec_timing_end_to_end(setup):
     assert all(n["macs"] > 0 for n in s["networks"])
     assert res["threads"] == 1 and res["native_kernels"]["sub8bit_conv_kernels"] == []
     assert np.isfinite([r["median_ms"] for r in s["rows"]]).all()
+
+
+def test_a_conditional_synthesis_runs_on_every_backend_but_torch_int8():
+    import dataclasses
+
+    video = T.synthetic_video(3, 64, 64)
+    model = T.quantize_codec(T.untrained_codec(dataclasses.replace(TINY, residual_context=True)), 8, video)
+    inputs = T.capture_inputs(model, video, QUALITY)
+    # the residual synthesis reads its latents and the prediction (packed YUV at half the luma resolution)
+    assert [tuple(t.shape) for t in inputs["residual.synthesis"]] == [(1, TINY.m, 4, 4), (1, 6, 32, 32)]
+    failed: dict = {}
+    names = ("torch-fp32", "bitalloc-int8", "fakequant-int8", "ort-fp32", "ort-int8-u8w", "ort-int8-all",
+             "torch-x86-int8")
+    backends = T.build_backends(model, inputs, names, frames=video, threads=1,
+                                on_error=lambda n, e: failed.setdefault(n, e))
+    assert set(failed) == {"torch-x86-int8"} and "no conversion" in str(failed["torch-x86-int8"])
+    for r in T.network_errors(backends, inputs, model):
+        tol = TOLERANCE.get(r["backend"])
+        if tol is not None:
+            assert r["max_abs_error"] <= tol * r["max_abs_reference"], r
+    # the context branch's MACs: two 3x3 convolutions at 32x32, 6 -> n/2 and n/2 -> n/2 channels
+    half, nets = TINY.n // 2, dict(decoder_networks(model))
+    extra = (T.network_macs(nets["residual.synthesis"], inputs["residual.synthesis"])
+             - T.network_macs(nets["intra.synthesis"], inputs["intra.synthesis"]))
+    assert extra == 32 * 32 * (6 * half * 9 + half * half * 9)
+    chosen = [b for b in backends if b.name in ("bitalloc-int8", "ort-int8-u8w")]
+    _, quality = T.time_frames(chosen, model, video, QUALITY, runs=1, warmup=0, min_seconds=0, pause=0)
+    assert all(q["decode_exact"] for q in quality)

@@ -137,19 +137,6 @@ def _code(name: str, path: Path, clip: Any, quality: int | None, dynamic: bool,
     return row, coder, (res, decoded)
 
 
-def _network_input(coder: Any, part: str, height: int, width: int) -> Any:
-    """A zero input of network ``part`` of ``coder`` for a padded frame of height x width luma pixels (as
-    :func:`bitalloc.codec.precision.network_input`, for any frame size)."""
-    import torch
-
-    m, nz = coder.log_gain.shape[-1], coder.log_hyper_gain.shape[-1]
-    if part == "analysis":
-        return torch.zeros(1, coder.analysis_channels, height // 2, width // 2)
-    if part == "hyper_synthesis":
-        return torch.zeros(1, nz, -(-height // 64), -(-width // 64))
-    return torch.zeros(1, m, height // 16, width // 16)
-
-
 def bit_flops(model: Any, kinds: list[str], masks: np.ndarray, roi_bits: list[int], non_roi_bits: list[int]) -> list[float]:
     """Bit-FLOPs (SPEC convention: float MACs + BOPs / 64) of each coded frame: the sum over every network its
     type runs (intra coder for I frames, motion and residual coders for P frames; analysis, hyper analysis,
@@ -157,7 +144,7 @@ def bit_flops(model: Any, kinds: list[str], masks: np.ndarray, roi_bits: list[in
     bool [T, H, W] at padded luma resolution) and widths. A codec without region quantizers is costed at its own
     widths."""
     from bitalloc.codec.cost import region_cost
-    from bitalloc.codec.precision import ALL_PARTS, coders
+    from bitalloc.codec.precision import ALL_PARTS, coders, network_input
 
     height, width = masks.shape[1:]
     total = np.zeros(len(kinds))
@@ -166,7 +153,7 @@ def bit_flops(model: Any, kinds: list[str], masks: np.ndarray, roi_bits: list[in
         if not frames:
             continue
         for part in ALL_PARTS:
-            costs = region_cost(getattr(coder, part), _network_input(coder, part, height, width), masks[frames],
+            costs = region_cost(getattr(coder, part), network_input(coder, part, height, width), masks[frames],
                                 [roi_bits[t] for t in frames], [non_roi_bits[t] for t in frames])
             for t, cost in zip(frames, costs):
                 total[t] += cost.total.bit_flops

@@ -171,17 +171,19 @@ class _Latents:
         return self.coder.entropy_bottleneck.symbol_probabilities(ch)
 
     def _synthesize(self, z_hat: Tensor, y_from: Callable[[Tensor, Tensor], Tensor], level: int,
-                    y_size: tuple[int, int]) -> Tensor:
+                    y_size: tuple[int, int], context: Tensor | None) -> Tensor:
         lv = self._level(level)
         mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size, coding=True)
         y_hat = y_from(mu, log_scale)
-        return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True))
+        return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True), context)
 
     def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats, analysis_scale: float = 1.0,
-               refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> Tensor:
+               refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+               context: Tensor | None = None) -> Tensor:
         """Code x's latents into ``enc``; returns the decoder's synthesis output (float). ``analysis_scale``: the
         weight of the analysis' nonlinear branch (:class:`bitalloc.codec.networks.Analysis`; an encoder choice);
-        ``refine(y_g, z_g) -> (y_g, z_g)``: the encoder's latent refinement (:mod:`bitalloc.codec.refine`)."""
+        ``refine(y_g, z_g) -> (y_g, z_g)``: the encoder's latent refinement (:mod:`bitalloc.codec.refine`);
+        ``context``: what a conditional synthesis reads (:meth:`bitalloc.codec.model.InterCodec.residual_context`)."""
         lv = self._level(level)
         c = self.coder
         yg = c.analysis(x, analysis_scale) * c.gain("y", lv, coding=True)
@@ -206,10 +208,11 @@ class _Latents:
             stats.y_symbols += y_sym.numel()
             return y_sym + mu
 
-        return self._synthesize(z_sym, y_from, level, tuple(yg.shape[-2:]))
+        return self._synthesize(z_sym, y_from, level, tuple(yg.shape[-2:]), context)
 
-    def decode(self, dec: Any, level: int, y_shape: tuple[int, int, int, int]) -> Tensor:
-        """Decode latents of shape ``y_shape`` (its hyper-latent's shape follows) from ``dec``."""
+    def decode(self, dec: Any, level: int, y_shape: tuple[int, int, int, int], context: Tensor | None = None) -> Tensor:
+        """Decode latents of shape ``y_shape`` (its hyper-latent's shape follows) from ``dec``; ``context`` as for
+        :meth:`encode`."""
         c = self.coder
         nz = c.entropy_bottleneck.channels
         hz, wz = -(-y_shape[2] // 4), -(-y_shape[3] // 4)
@@ -223,7 +226,7 @@ class _Latents:
             y = dec.decode(self.gauss, np.zeros(n), c.gaussian_conditional.table_scales(idx))
             return torch.from_numpy(y.astype(np.float32)).reshape(mu.shape) + mu
 
-        return self._synthesize(z_hat, y_from, level, (y_shape[2], y_shape[3]))
+        return self._synthesize(z_hat, y_from, level, (y_shape[2], y_shape[3]), context)
 
 
 @dataclass
@@ -478,13 +481,15 @@ class VideoCoder:
         top = self.model.cfg.levels - 1
         return list(dict.fromkeys(min(max(quality + o, 0), top) for o in self.p_level_offsets))
 
-    def _refine(self, which: str, level: int, target: Tensor, refine: float | None, region: tuple | None) -> Any:
+    def _refine(self, which: str, level: int, target: Tensor, refine: float | None, region: tuple | None,
+                context: Tensor | None = None) -> Any:
         """The latent refinement of coder ``which`` at ``level`` towards ``target`` for :meth:`_Latents.encode`, with
         lambda ``refine`` in its objective, or None (``refine`` None); ``region``: a dynamic codec's (mask, ROI width,
-        non-ROI width) of the frame."""
+        non-ROI width) of the frame; ``context``: what the coder's conditional synthesis reads."""
         if refine is None:
             return None
-        return lambda yg, zg: self.refiner.refine(which, yg, zg, level, target, region, lam=refine)[:2]
+        return lambda yg, zg: self.refiner.refine(which, yg, zg, level, target, region, lam=refine,
+                                                  context=context)[:2]
 
     def _intra(self, lat: _LatentSet, x: Tensor, level: int, enc: Any, stats: LatentStats, a: float = 1.0,
                refine: float | None = None, region: tuple | None = None) -> Tensor:
@@ -503,8 +508,9 @@ class VideoCoder:
         pred = warp_int(ref, quantize_flow(flow_hat))
         pf = pred.float() / 255.0
         r = xf - pf
+        context = self.model.inter.residual_context(pf)
         res = lat.residual.encode(torch.cat([r, pf], 1), level, enc, stats, a,
-                                  self._refine("residual", level, r, refine, region))
+                                  self._refine("residual", level, r, refine, region, context), context)
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _decode_intra(self, lat: _LatentSet, dec: Any, level: int, shape: tuple[int, int, int, int]) -> Tensor:
@@ -513,7 +519,7 @@ class VideoCoder:
     def _decode_inter(self, lat: _LatentSet, dec: Any, ref: Tensor, level: int, mshape: tuple, rshape: tuple) -> Tensor:
         flow_hat = lat.motion.decode(dec, level, mshape) * FLOW_SCALE
         pred = warp_int(ref, quantize_flow(flow_hat))
-        res = lat.residual.decode(dec, level, rshape)
+        res = lat.residual.decode(dec, level, rshape, self.model.inter.residual_context(pred.float() / 255.0))
         return torch.round(pred.float() + res * 255.0).clamp_(0, 255).to(torch.int64)
 
     def _check_widths(self, rec: FrameRecord, i: int, source: str) -> None:

@@ -33,6 +33,8 @@ from bitalloc.codec.networks import Analysis, HyperAnalysis, HyperSynthesis, Syn
 DEFAULT_LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
 #: the flow enters the motion encoder divided by this (pixels)
 FLOW_SCALE = 8.0
+#: a conditional residual synthesis reads the prediction centred: pred - CONTEXT_OFFSET (pixels in [0, 1])
+CONTEXT_OFFSET = 0.5
 
 
 @dataclass
@@ -50,6 +52,9 @@ class CodecConfig:
     candidates: tuple[int, ...] | None = None
     #: dynamic precision: the ROI source (bitalloc.codec.roi.parse_roi_spec)
     roi: str = "spectral"
+    #: conditional reconstruction of P frames: the residual synthesis reads the motion-compensated prediction
+    #: (:class:`bitalloc.codec.networks.Synthesis` ``context``); False in weights made before it existed
+    residual_context: bool = False
 
     @property
     def levels(self) -> int:
@@ -78,10 +83,11 @@ def _gains(levels: int, channels: int, lo: float, hi: float) -> Tensor:
 class HyperpriorCoder(nn.Module):
     """One latent y = g_a(x) with a mean-scale hyperprior and per-level gains; x_hat = g_s(y_hat)."""
 
-    def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int, linear: str = "yuv"):
+    def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int, linear: str = "yuv",
+                 context: int = 0):
         super().__init__()
         self.analysis = Analysis(cin, n, m, linear)
-        self.synthesis = Synthesis(m, n, cout, linear)
+        self.synthesis = Synthesis(m, n, cout, linear, context)
         self.analysis_channels = cin
         self.hyper_analysis = HyperAnalysis(m, n, nz)
         self.hyper_synthesis = HyperSynthesis(nz, n, m)
@@ -140,7 +146,8 @@ class HyperpriorCoder(nn.Module):
         mu, log_scale = params.chunk(2, dim=1)
         return mu, log_scale
 
-    def forward(self, x: Tensor, level: Tensor) -> dict[str, Any]:
+    def forward(self, x: Tensor, level: Tensor, context: Tensor | None = None) -> dict[str, Any]:
+        """Reconstruction and likelihoods of x at ``level``; ``context``: what a conditional synthesis reads."""
         y = self.analysis(x)
         yg = y * self.gain("y", level)
         z = self.hyper_analysis(yg)
@@ -150,7 +157,7 @@ class HyperpriorCoder(nn.Module):
         v = rounding_proxy(yg - mu, self.proxy, self.training)
         y_lik = self.gaussian_conditional.likelihood(v, log_scale)
         y_hat = ste_round(yg - mu) + mu
-        x_hat = self.synthesis(y_hat * self.gain("y_inv", level))
+        x_hat = self.synthesis(y_hat * self.gain("y_inv", level), context)
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
 
@@ -181,18 +188,29 @@ class IntraCodec(nn.Module):
 
 
 class InterCodec(nn.Module):
-    """P-frame codec: motion coder (flow estimate, frame, reference -> flow_hat), warp, residual coder."""
+    """P-frame codec: motion coder (flow estimate, frame, reference -> flow_hat), warp, residual coder; with
+    ``cfg.residual_context`` the residual synthesis also reads the prediction (conditional reconstruction, as the
+    conditional coding of Li, Li, Lu, "Deep contextual video compression", NeurIPS 2021, at the decoder's last layer:
+    x_hat = pred + g_s(y_hat, pred))."""
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
         self.motion = HyperpriorCoder(2 + 6 + 6, 2, cfg.motion_n, cfg.motion_m, cfg.motion_nz, cfg.levels, "planes:2")
-        self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels, "yuv")
+        #: whether the residual synthesis reads the prediction (``cfg.residual_context``)
+        self.conditional = bool(cfg.residual_context)
+        self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels, "yuv",
+                                        context=6 if self.conditional else 0)
+
+    def residual_context(self, pred: Tensor) -> Tensor | None:
+        """What the residual synthesis reads besides its latents: the prediction (packed, in [0, 1]) centred,
+        pred - 1/2, for a conditional synthesis (``CodecConfig.residual_context``); None otherwise."""
+        return pred - CONTEXT_OFFSET if self.conditional else None
 
     def forward(self, x: Tensor, ref: Tensor, flow_est: Tensor, level: Tensor) -> dict[str, Any]:
         mo = self.motion(torch.cat([flow_est / FLOW_SCALE, x, ref], dim=1), level)
         flow_hat = mo["x_hat"] * FLOW_SCALE
         pred = warp(ref, flow_hat)
-        res = self.residual(torch.cat([x - pred, pred], dim=1), level)
+        res = self.residual(torch.cat([x - pred, pred], dim=1), level, self.residual_context(pred))
         x_hat = pred + res["x_hat"]
         return {"x_hat": x_hat, "prediction": pred, "flow_hat": flow_hat,
                 "likelihoods": {"motion_" + k: v for k, v in mo["likelihoods"].items()}
@@ -262,6 +280,22 @@ class VideoCodec(nn.Module):
         t = len(out["frames"])
         loss = (terms["bpp"] + self.lambdas[level] * 255.0**2 * terms["mse"]) / t
         return loss, {k: v / t for k, v in terms.items()}
+
+
+def with_residual_context(model: VideoCodec) -> VideoCodec:
+    """``model`` with a conditional residual synthesis (``CodecConfig.residual_context``): a new float codec with
+    every weight of ``model`` and the context branch at its initialisation (its last layer zero: it reconstructs as
+    ``model`` does until trained); ``model`` itself if it has one. For float codecs (a training start)."""
+    import dataclasses
+
+    if model.cfg.residual_context:
+        return model
+    out = VideoCodec(dataclasses.replace(model.cfg, residual_context=True))
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".synthesis.context." not in k for k in missing):
+        raise ValueError(f"cannot carry the codec's weights over ({unexpected[:3]}, {missing[:3]}): a float codec "
+                         "of the same sizes is needed")
+    return out.train(model.training)
 
 
 def build_codec(**kwargs: Any) -> VideoCodec:

@@ -158,9 +158,15 @@ class Synthesis(nn.Module):
     """y_hat (M channels at 1/16) -> C_out channels at 1/2 luma resolution: the inverse block transform (a 1x1
     conv initialised to the DCT basis' transpose, then ``PixelShuffle(8)``) plus a nonlinear branch (1x1 conv,
     three sub-pixel upsamplings with ReLU, a 3x3 conv initialised to zero). Decoder side: Conv2d / ReLU /
-    PixelShuffle only (integer-executable)."""
+    PixelShuffle only (integer-executable).
 
-    def __init__(self, m: int, n: int, cout: int, linear: str = "yuv"):
+    ``context`` > 0 (the P-frame residual coder of a codec with ``CodecConfig.residual_context``): a second input of
+    that many channels at the output's resolution (the motion-compensated prediction, centred) enters through a
+    3x3 conv + ReLU and a 3x3 conv initialised to zero, added to the nonlinear branch's last hidden layer: the
+    reconstruction depends on the prediction as well as on the latents (conditional coding, Li, Li, Lu, "Deep
+    contextual video compression", NeurIPS 2021, here at the decoder's last layer). It starts as the plain synthesis."""
+
+    def __init__(self, m: int, n: int, cout: int, linear: str = "yuv", context: int = 0):
         super().__init__()
         basis = block_basis(linear)
         if basis.shape != (m, cout * 64):
@@ -173,9 +179,22 @@ class Synthesis(nn.Module):
                                        SubpixelUp(n, n), nn.ReLU(),
                                        SubpixelUp(n, n // 2), nn.ReLU(),
                                        _zero(nn.Conv2d(n // 2, cout, 3, padding=1)))
+        #: conditional reconstruction (``context`` channels, e.g. the P frame's motion-compensated prediction at the
+        #: output's resolution): a 3x3 conv with ReLU and a 3x3 conv initialised to zero, added to the nonlinear
+        #: branch's last hidden layer; None without context
+        self.context = (nn.Sequential(nn.Conv2d(context, n // 2, 3, padding=1), nn.ReLU(),
+                                      _zero(nn.Conv2d(n // 2, n // 2, 3, padding=1))) if context else None)
 
-    def forward(self, y: Tensor) -> Tensor:
-        return self.linear(y) + self.nonlinear(y)
+    def forward(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """x_hat = L^T(y) + S(y), or with context c: L^T(y) + S_out(S_hidden(y) + C(c)) (S_out the last conv)."""
+        if self.context is None:
+            if context is not None:
+                raise ValueError("this synthesis takes no context: build it with context channels")
+            return self.linear(y) + self.nonlinear(y)
+        if context is None:
+            raise ValueError("this synthesis reads a context (the prediction): pass it")
+        hidden = self.nonlinear[:-1](y)
+        return self.linear(y) + self.nonlinear[-1](hidden + self.context(context))
 
 
 class HyperAnalysis(nn.Sequential):

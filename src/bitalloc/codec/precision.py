@@ -46,13 +46,18 @@ def decoder_networks(model: VideoCodec) -> Iterator[tuple[str, nn.Module]]:
 ALL_PARTS = ("analysis", "hyper_analysis", "hyper_synthesis", "synthesis")
 
 
-def network_input(coder: HyperpriorCoder, part: str, luma: int = 64) -> torch.Tensor:
-    """A zero input of network ``part`` of ``coder`` for a luma x luma frame (luma: a multiple of 64)."""
+def network_input(coder: HyperpriorCoder, part: str, luma: int = 64,
+                  width: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A zero input of network ``part`` of ``coder`` for a padded frame of ``luma`` x ``width`` luma pixels
+    (multiples of 16; ``width`` default: square); for a conditional synthesis the tuple (latents, context)."""
+    h, w = luma, luma if width is None else width
     m, nz = coder.log_gain.shape[-1], coder.log_hyper_gain.shape[-1]
     if part == "analysis":
-        return torch.zeros(1, coder.analysis_channels, luma // 2, luma // 2)
+        return torch.zeros(1, coder.analysis_channels, h // 2, w // 2)
     channels, scale = {"hyper_analysis": (m, 16), "synthesis": (m, 16), "hyper_synthesis": (nz, 64)}[part]
-    return torch.zeros(1, channels, luma // scale, luma // scale)
+    x = torch.zeros(1, channels, -(-h // scale), -(-w // scale))
+    context = coder.synthesis.context if part == "synthesis" else None
+    return x if context is None else (x, torch.zeros(1, context[0].in_channels, h // 2, w // 2))
 
 
 #: layers that read decoded latents get 16-bit inputs (latents span a wide range at fine steps: an 8-bit grid would
@@ -72,6 +77,9 @@ WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 
 #: elsewhere (2,946 against 2,862 bytes at level 1, 17,126 against 17,046 at level 7, -0.08 dB), where at 8 bits
 #: it would be a quarter of a {2,4,8} codec's Bit-FLOPs. WIDE_LAYERS win where both match.
 FIXED_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_synthesis": ("*",)}
+#: with dynamic precision, the layer of a conditional synthesis that reads the prediction (a frame) keeps a fixed
+#: 8-bit grid too, as the analysis' first layers do (:data:`FIXED_LAYERS`)
+CONTEXT_FIXED_LAYER = "re:^context\\.0$"
 
 #: with dynamic precision, networks that stay in float: the hyper analysis. It runs only at the sender (its output,
 #: the hyper-latent, is rounded and written to the stream, so decoding does not depend on its arithmetic), at 1/16 to

@@ -45,17 +45,18 @@ from bitalloc.errors import ConfigError
 DEFAULT_LR = 0.05
 
 
-def objective(coder: HyperpriorCoder, yg: Tensor, zg: Tensor, level: int, target: Tensor, lam: float) -> Tensor:
+def objective(coder: HyperpriorCoder, yg: Tensor, zg: Tensor, level: int, target: Tensor, lam: float,
+              context: Tensor | None = None) -> Tensor:
     """J(y_g, z_g) of the module docstring for one sample ([1, C, h, w] latents; ``target`` [1, C_out, H, W]):
     bits per luma pixel + ``lam`` * 255^2 * D. Rounding is straight-through; the decoder networks run as they are
-    (fake-quantized float for a quantized codec)."""
+    (fake-quantized float for a quantized codec); ``context``: what a conditional synthesis reads."""
     lv = torch.tensor([level])
     z_hat = ste_round(zg)
     bits = -torch.log2(coder.entropy_bottleneck.likelihood(z_hat)).sum()
     mu, log_scale = coder.entropy_parameters(z_hat, lv, tuple(yg.shape[-2:]), coding=True)
     v = ste_round(yg - mu)
     bits = bits - torch.log2(coder.gaussian_conditional.likelihood(v, log_scale)).sum()
-    x_hat = coder.synthesis((v + mu) * coder.gain("y_inv", lv, coding=True))
+    x_hat = coder.synthesis((v + mu) * coder.gain("y_inv", lv, coding=True), context)
     x_hat = x_hat[..., : target.shape[-2], : target.shape[-1]]
     pixels = 4 * target.shape[-2] * target.shape[-1]  # packed YUV 4:2:0: four luma pixels per position
     return bits / pixels + lam * 255.0**2 * weighted_mse(x_hat, target).sum()
@@ -111,11 +112,11 @@ class LatentRefiner:
             yield {"intra": twin.intra.coder, "motion": twin.inter.motion, "residual": twin.inter.residual}[which]
 
     def refine(self, which: str, yg: Tensor, zg: Tensor, level: int, target: Tensor,
-               region: tuple[Tensor, int, int] | None = None, lam: float | None = None
-               ) -> tuple[Tensor, Tensor, list[float]]:
+               region: tuple[Tensor, int, int] | None = None, lam: float | None = None,
+               context: Tensor | None = None) -> tuple[Tensor, Tensor, list[float]]:
         """(y_g, z_g, history of J): the latents of least J over the start and ``steps`` iterations; ``lam``: the
         objective's lambda (default lambda_level; the encoder passes its stream's when it codes a P frame at another
-        level)."""
+        level); ``context``: what the coder's conditional synthesis reads (the residual's prediction)."""
         lam = float(self._model.lambdas[level]) if lam is None else float(lam)
         y = yg.detach().clone().float().requires_grad_(True)
         z = zg.detach().clone().float().requires_grad_(True)
@@ -125,7 +126,7 @@ class LatentRefiner:
         with torch.enable_grad(), self.coder(which, region) as coder:
             opt = torch.optim.Adam([y, z], lr=self.lr)
             for it in range(self.steps + 1):
-                j = objective(coder, y, z, level, target, lam)
+                j = objective(coder, y, z, level, target, lam, context)
                 history.append(float(j.detach()))
                 if history[-1] < best[0]:
                     best = (history[-1], y.detach().clone(), z.detach().clone())

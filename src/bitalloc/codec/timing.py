@@ -129,7 +129,8 @@ def untrained_codec(cfg: CodecConfig | None = None, *, seed: int = 0) -> VideoCo
     with torch.no_grad():
         for coder in coders(model).values():
             coder.log_hyper_gain[0].fill_(math.log(30.0))
-            for branch in (coder.analysis.nonlinear, coder.synthesis.nonlinear):
+            branches = (coder.analysis.nonlinear, coder.synthesis.nonlinear, coder.synthesis.context)
+            for branch in (b for b in branches if b is not None):
                 last = branch[-1]
                 nn.init.normal_(last.weight, std=0.05 / math.sqrt(last.weight[0].numel()))
                 nn.init.normal_(last.bias, std=0.01)
@@ -187,9 +188,9 @@ def synthetic_video(frames: int, height: int, width: int, *, seed: int = 0) -> Y
     return YUVFrames(y, np.clip(u, 0, 255).astype(np.uint8), np.clip(v, 0, 255).astype(np.uint8))
 
 
-def network_macs(net: nn.Module, x: Tensor) -> int:
-    """Multiply-accumulates of the convolutions of ``net`` on ``x``: C_out H_out W_out C_in k_h k_w / groups each
-    (counted from the output shapes of a forward pass of its float copy)."""
+def network_macs(net: nn.Module, x: tuple[Tensor, ...]) -> int:
+    """Multiply-accumulates of the convolutions of ``net`` on inputs ``x``: C_out H_out W_out C_in k_h k_w / groups
+    each (counted from the output shapes of a forward pass of its float copy)."""
     total = 0
 
     def hook(mod: nn.Conv2d, args: Any, out: Tensor) -> None:
@@ -199,7 +200,7 @@ def network_macs(net: nn.Module, x: Tensor) -> int:
     m = float_network(net)
     handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, nn.Conv2d)]
     with torch.no_grad():
-        m(x)
+        m(*x)
     for h in handles:
         h.remove()
     return total
@@ -248,16 +249,16 @@ def fake_quant_backend(qmodel: VideoCodec, name: str, bits: int) -> Backend:
 
 
 class OrtNetwork(nn.Module):
-    """An onnxruntime session with a network's signature (float tensor in, float tensor out)."""
+    """An onnxruntime session with a network's signature (float tensors in, a float tensor out)."""
 
     def __init__(self, session: Any):
         super().__init__()
         self.session = session
-        self.input_name = session.get_inputs()[0].name
+        self.input_names = [i.name for i in session.get_inputs()]
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: a})[0])
+    def forward(self, *xs: Tensor) -> Tensor:
+        feed = {n: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32) for n, x in zip(self.input_names, xs)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 class _Wrapped(nn.Module):
@@ -268,8 +269,8 @@ class _Wrapped(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.net(*xs)
 
 
 def _onnx() -> Any:
@@ -358,7 +359,7 @@ def ort_session(data: bytes, threads: int) -> tuple[OrtNetwork, dict[str, int]]:
     return OrtNetwork(session), dict(counts.most_common())
 
 
-def ort_float_backend(fmodel: VideoCodec, inputs: dict[str, Tensor], *, threads: int) -> Backend:
+def ort_float_backend(fmodel: VideoCodec, inputs: dict[str, tuple[Tensor, ...]], *, threads: int) -> Backend:
     """The float networks exported to ONNX and run by onnxruntime (all graph optimizations)."""
     from bitalloc.runtime.onnx_export import export_float
 
@@ -371,20 +372,20 @@ def ort_float_backend(fmodel: VideoCodec, inputs: dict[str, Tensor], *, threads:
     return Backend("ort-fp32", "FP32 codec exported to ONNX, onnxruntime", "float32", 32, nets, ops=ops)
 
 
-def ort_int8_network(qnet: nn.Module, x: Tensor, *, threads: int, align: str = "none", u8_weights: bool = False,
+def ort_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], *, threads: int, align: str = "none", u8_weights: bool = False,
                      output_points: bool = False) -> tuple[OrtNetwork, dict[str, int], list[str], bytes]:
     """One quantized network exported to ONNX QDQ (:func:`~bitalloc.runtime.onnx_export.export_onnx`) in an
     onnxruntime session. ``align``: "none" (exactly bitalloc's quantization points) or "model"
     (:func:`~bitalloc.runtime.align.align_for_ort` first, as ``bitalloc export onnx`` does by default: extra uint8
     points let onnxruntime run convolutions feeding additions in int8); ``u8_weights``: :func:`uint8_weights`;
-    ``output_points``: :func:`add_output_points`. ``x``: the example input and the calibration sample of the new
+    ``output_points``: :func:`add_output_points`. ``x``: the example inputs and the calibration sample of the new
     points' ranges. Returns the network, onnxruntime's optimized op counts, notes, and the ONNX bytes."""
     from bitalloc.runtime.align import align_for_ort
     from bitalloc.runtime.onnx_export import export_onnx
 
     if align not in ("none", "model"):
         raise ConfigError(f"align={align!r}: use 'none' or 'model'")
-    net = align_for_ort(_Wrapped(qnet), [x]) if align == "model" else qnet
+    net = align_for_ort(_Wrapped(qnet), [(x,)]) if align == "model" else qnet
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warnings
         proto, report = export_onnx(net, x, None, dynamic_batch=False)
@@ -397,14 +398,14 @@ def ort_int8_network(qnet: nn.Module, x: Tensor, *, threads: int, align: str = "
         notes.append(f"{uint8_weights(proto)} weight tensors stored as uint8 (zero point 128)")
     if output_points:
         with torch.no_grad():
-            ref = net(x)
+            ref = net(*x)
         if add_output_points(proto, [ref.numpy()]):
             notes.append("export-only uint8 min-max point on the network output")
     data = proto.SerializeToString()
     return (*ort_session(data, threads), notes, data)
 
 
-def ort_int8_backend(qmodel: VideoCodec, inputs: dict[str, Tensor], name: str, *, threads: int, bits: int = 8,
+def ort_int8_backend(qmodel: VideoCodec, inputs: dict[str, tuple[Tensor, ...]], name: str, *, threads: int, bits: int = 8,
                      align: str = "none", u8_weights: bool = False, output_points: bool = False) -> Backend:
     nets, ops, notes = {}, {}, []
     for net_name, net in decoder_networks(qmodel):
@@ -541,27 +542,30 @@ def torch_int8_chain(seq: nn.Module, x: Tensor, engine: str, *, output_points: b
     return TorchInt8Chain(stages, engine), n_int8
 
 
-def torch_int8_network(qnet: nn.Module, x: Tensor, engine: str, *, output_points: bool = True) -> tuple[nn.Module, int]:
+def torch_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], engine: str, *,
+                       output_points: bool = True) -> tuple[nn.Module, int]:
     """A frozen quantized decoder network on PyTorch's quantized kernels: an ``nn.Sequential`` becomes one
     :func:`torch_int8_chain`; the synthesis' nonlinear branch likewise (its 16-bit linear branch stays fake-quant
-    float). Returns the network and its number of int8 convolutions."""
+    float). Returns the network and its number of int8 convolutions. A conditional synthesis (a second input
+    joining the nonlinear branch before its last layer) has no such conversion (ConfigError)."""
     prev = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (still supported in 2.13)
             if isinstance(qnet, nn.Sequential):
-                return torch_int8_chain(qnet, x, engine, output_points=output_points)
-            if hasattr(qnet, "nonlinear") and isinstance(qnet.nonlinear, nn.Sequential):
+                return torch_int8_chain(qnet, x[0], engine, output_points=output_points)
+            if (hasattr(qnet, "nonlinear") and isinstance(qnet.nonlinear, nn.Sequential)
+                    and getattr(qnet, "context", None) is None):
                 m = copy.deepcopy(qnet)
-                m.nonlinear, n = torch_int8_chain(qnet.nonlinear, x, engine, output_points=output_points)
+                m.nonlinear, n = torch_int8_chain(qnet.nonlinear, x[0], engine, output_points=output_points)
                 return m, n
     finally:
         torch.backends.quantized.engine = prev
     raise ConfigError(f"torch int8: no conversion for a {type(qnet).__name__} network")
 
 
-def torch_int8_backend(qmodel: VideoCodec, inputs: dict[str, Tensor], engine: str) -> Backend:
+def torch_int8_backend(qmodel: VideoCodec, inputs: dict[str, tuple[Tensor, ...]], engine: str) -> Backend:
     if engine not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"PyTorch's quantized engine {engine!r} is not available here (supported: "
                           f"{torch.backends.quantized.supported_engines})")
@@ -625,9 +629,10 @@ def native_kernels() -> dict[str, Any]:
 
 # ---- building the backends for one frame size ----------------------------------------------------------------------
 
-def capture_inputs(model: VideoCodec, frames: YUVFrames, quality: int) -> dict[str, Tensor]:
-    """The input of every decoder network while the quantized ``model`` codes frame 0 (I) and frame 1 (P) of
-    ``frames`` with :meth:`VideoCoder.compress` (the real shapes and value ranges at that frame size)."""
+def capture_inputs(model: VideoCodec, frames: YUVFrames, quality: int) -> dict[str, tuple[Tensor, ...]]:
+    """The inputs of every decoder network (a tuple: the latents, and the prediction for a conditional synthesis)
+    while the quantized ``model`` codes frame 0 (I) and frame 1 (P) of ``frames`` with :meth:`VideoCoder.compress`
+    (the real shapes and value ranges at that frame size)."""
     from bitalloc.codec.codec import VideoCoder
 
     if len(frames) < 2:
@@ -637,7 +642,7 @@ def capture_inputs(model: VideoCodec, frames: YUVFrames, quality: int) -> dict[s
     def keep(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_m: nn.Module, args: tuple) -> None:
             if name not in got:
-                got[name] = args[0].detach().clone()
+                got[name] = tuple(a.detach().clone() for a in args if a is not None)
         return hook
 
     handles = [net.register_forward_pre_hook(keep(name)) for name, net in decoder_networks(model)]
@@ -649,7 +654,7 @@ def capture_inputs(model: VideoCodec, frames: YUVFrames, quality: int) -> dict[s
     return got
 
 
-def build_backends(model: VideoCodec, inputs: dict[str, Tensor], names: Sequence[str] = BACKENDS, *,
+def build_backends(model: VideoCodec, inputs: dict[str, tuple[Tensor, ...]], names: Sequence[str] = BACKENDS, *,
                    frames: YUVFrames | None = None, threads: int = 1,
                    on_error: Callable[[str, Exception], None] | None = None) -> list[Backend]:
     """The backends ``names`` (of :data:`BACKENDS`) for the quantized codec ``model`` at the input shapes of
@@ -731,14 +736,14 @@ def _row(item: str, backend: str, lat: Any) -> dict[str, Any]:
             "runs": lat.runs}
 
 
-def time_networks(backends: Sequence[Backend], inputs: dict[str, Tensor], *, runs: int = 10, warmup: int = 2,
+def time_networks(backends: Sequence[Backend], inputs: dict[str, tuple[Tensor, ...]], *, runs: int = 10, warmup: int = 2,
                   min_seconds: float = 1.0, pause: float = 0.1) -> list[dict[str, Any]]:
     """Per decoder network, every backend timed in turns on that network's input (module docstring). One row per
     (network, backend): median / p10 / p90 milliseconds and runs."""
     rows = []
     with _entered(backends):
         for name, x in inputs.items():
-            fns = {b.name: (lambda n=b.networks[name], x=x: n(x)) for b in backends}
+            fns = {b.name: (lambda n=b.networks[name], x=x: n(*x)) for b in backends}
             for k, lat in _interleaved(fns, runs=runs, warmup=warmup, min_seconds=min_seconds, pause=pause).items():
                 rows.append(_row(name, k, lat))
     return rows
@@ -756,7 +761,7 @@ def _scale_index_mismatch(model: VideoCodec, name: str, ref: Tensor, out: Tensor
     return float((a != b).to(torch.float64).mean())
 
 
-def network_errors(backends: Sequence[Backend], inputs: dict[str, Tensor], model: VideoCodec,
+def network_errors(backends: Sequence[Backend], inputs: dict[str, tuple[Tensor, ...]], model: VideoCodec,
                    reference: str = REFERENCE) -> list[dict[str, Any]]:
     """Per network and backend, the output against the reference backend's on the same input: max and mean
     |difference|, max |reference|, and for hyper syntheses the fraction of scale indices that differ."""
@@ -766,9 +771,9 @@ def network_errors(backends: Sequence[Backend], inputs: dict[str, Tensor], model
     rows = []
     with _entered(backends):
         for name, x in inputs.items():
-            ref = by[reference].networks[name](x).to(torch.float64)
+            ref = by[reference].networks[name](*x).to(torch.float64)
             for b in backends:
-                out = b.networks[name](x).to(torch.float64)
+                out = b.networks[name](*x).to(torch.float64)
                 d = (out - ref).abs()
                 rows.append({"item": name, "backend": b.name, "max_abs_error": float(d.max()),
                              "mean_abs_error": float(d.mean()), "max_abs_reference": float(ref.abs().max()),
@@ -784,8 +789,8 @@ class _Opaque(nn.Module):
         super().__init__()
         self.__dict__["net"] = net
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.net(*xs)
 
 
 def backend_coder(model: VideoCodec, backend: Backend) -> Any:
@@ -919,7 +924,8 @@ def codec_timing(model: VideoCodec, videos: Sequence[YUVFrames], *, quality: int
 
             built = build_backends(model, inputs, backends, frames=video, threads=threads, on_error=failed)
             say(f"{label}: {len(built)} backends built in {time.perf_counter() - t0:.0f} s")
-            nets = [{"name": k, "input_shape": list(v.shape), "macs": network_macs(dict(decoder_networks(model))[k], v)}
+            nets = [{"name": k, "input_shape": [list(t.shape) for t in v] if len(v) > 1 else list(v[0].shape),
+                     "macs": network_macs(dict(decoder_networks(model))[k], v)}
                     for k, v in inputs.items()]
             rows = time_networks(built, inputs, runs=runs, min_seconds=min_seconds, pause=pause)
             say(f"{label}: networks timed")

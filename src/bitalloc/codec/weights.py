@@ -91,7 +91,8 @@ def _widths(spec: dict[str, Any] | None) -> str:
 def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
     """Every layer of every network of the codec: quantized or float, its widths (weights, activations; ``4/8/16``
     = a per-frame choice among the candidates) and why."""
-    from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, FIXED_LAYERS, WIDE_LAYERS, coders
+    from bitalloc.codec.precision import (ALL_PARTS, CONTEXT_FIXED_LAYER, DECODER_PARTS, FIXED_LAYERS, WIDE_LAYERS,
+                                          coders)
     from bitalloc.config import match_pattern
     from bitalloc.model.prepare import prepare_info
 
@@ -122,6 +123,8 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
                     why = ("fixed grid (FIXED_LAYERS): "
                            + ("reads the frame or residual" if part == "analysis"
                               else "hyper synthesis (the entropy model's scales)"))
+                elif part == "synthesis" and match_pattern(CONTEXT_FIXED_LAYER, r.name, r.type):
+                    why = "fixed grid (CONTEXT_FIXED_LAYER): reads the prediction"
                 else:
                     why = "decoder network at the codec's precision"
                 rows.append({"network": f"{cname}.{part}", "layer": r.name, "type": r.type, "status": r.status,

@@ -206,6 +206,10 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--init-inter", help="take the inter codec from this checkpoint (with --init for the intra one)")
     p.add_argument("--codec-config", help="sizes of a fresh codec as JSON, e.g. '{\"n\": 64, \"m\": 96}' (fields of "
                                           "bitalloc.codec.model.CodecConfig; default: the shipped codec's)")
+    p.add_argument("--residual-context", action="store_true",
+                   help="conditional reconstruction of P frames: the residual synthesis reads the motion-compensated "
+                        "prediction (a context branch added to a codec from --init, starting at zero so that it codes as "
+                        "before; or part of a fresh codec)")
     p.add_argument("--steps", type=int, help="optimizer steps (default per stage: intra 20000, inter 6000, joint 2000, "
                                              "qat 1000)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -281,7 +285,7 @@ def build_stage_model(args: Any) -> Any:
     """The codec a stage starts from: fresh, or --init (and --init-inter); quantized for qat."""
     import json
 
-    from bitalloc.codec.model import build_codec
+    from bitalloc.codec.model import build_codec, with_residual_context
 
     if args.codec_config and args.init:
         raise ConfigError("--codec-config sets the sizes of a fresh codec; --init already gives one: drop one of them")
@@ -293,14 +297,19 @@ def build_stage_model(args: Any) -> Any:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"--codec-config {args.codec_config!r} is not a JSON object of CodecConfig fields ({exc})"
                               ) from None
+    if args.residual_context:
+        kwargs["residual_context"] = True
     model = load_float_start(args.init) if args.init else build_codec(**kwargs)
     if args.init_inter:
         other = load_float_start(args.init_inter)
+        if args.residual_context or other.cfg.residual_context or model.cfg.residual_context:
+            # the intra codec of one with the P-frame codec of another that has the branch (or gets it now)
+            model, other = with_residual_context(model), with_residual_context(other)
         if other.cfg != model.cfg:
             raise ConfigError(f"--init-inter {args.init_inter} has another codec configuration than --init; give "
                               "checkpoints of the same codec")
         model.inter.load_state_dict(other.inter.state_dict())
-    return model
+    return with_residual_context(model) if args.residual_context else model
 
 
 def run_train_cli(args: Any) -> int:
@@ -334,6 +343,9 @@ def run_train_cli(args: Any) -> int:
     if args.stage == "ptq" and (args.steps or args.out or args.resume):
         raise ConfigError("--stage ptq calibrates without training and writes only --ship: drop --steps / --out / "
                           "--resume (or use --stage qat)")
+    if args.residual_context and args.stage in ("ptq", "encoder"):
+        raise ConfigError(f"--residual-context adds a branch that needs training; --stage {args.stage} does not train "
+                          "the decoder: give it with --stage inter or joint (the codec it makes keeps the branch)")
     if args.freeze_codec and args.stage != "dynamic":
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
     if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
