@@ -312,7 +312,7 @@ class VideoCoder:
     the same objective (in a float copy of the decoder), the frame is coded again with them, and the cheaper payload
     is kept (``FrameInfo.refined`` says which). Nothing is signalled; decoding is unchanged and exact. Measured
     (BENCHMARKS.md, N = 30): 1% fewer bits at equal PSNR on held-out images, 3% on carphone, 20% on tree; each
-    refined frame costs N forward and backward passes of the decoder, 6-16x the default encoder's time.
+    refined frame costs N forward and backward passes of the decoder, 8-15x the default encoder's time.
     Dynamic-precision codecs refine at the frame's widths, split by its ROI mask, as it is coded.
 
     **Quality level of P frames** (``p_level_offsets``, default ``(0,)``): the levels a P frame may be coded at,
