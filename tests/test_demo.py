@@ -148,8 +148,8 @@ def test_bit_flops_match_the_cost_report(tiny_codec_files):
     """Per frame Bit-FLOPs = the Bi-Real OPs of every network of the frame's type (cost_report, an independent
     path: no masks, no region split) at one width; with two widths, the ROI-share-weighted mix per layer."""
     import bitalloc
-    from bitalloc.cli.demo_codec import _network_input, bit_flops
-    from bitalloc.codec.precision import ALL_PARTS, coders, load_codec
+    from bitalloc.cli.demo_codec import bit_flops
+    from bitalloc.codec.precision import ALL_PARTS, coders, load_codec, network_input
     from bitalloc.model.region import region_precision, region_quantizers
 
     static, dynamic = (load_codec(p) for p in tiny_codec_files)
@@ -161,7 +161,7 @@ def test_bit_flops_match_the_cost_report(tiny_codec_files):
         for name in names:
             coder = coders(model)[name]
             for part in ALL_PARTS:
-                net, x = getattr(coder, part), _network_input(coder, part, h, w)
+                net, x = getattr(coder, part), network_input(coder, part, h, w)
                 if bits is None or not list(region_quantizers(net)):  # fixed widths (e.g. the hyper analysis)
                     total += bitalloc.cost_report(net, x).bireal_ops
                 else:
