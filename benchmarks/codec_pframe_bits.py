@@ -20,7 +20,6 @@ Writes ``--out`` (in benchmarks/results/) and the ``codec-pframe-bits`` section 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -35,10 +34,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def psnr_packed(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR_YUV = (6 Y + U + V) / 8 of per-plane PSNRs, on packed frames [1, 6, h, w] in [0, 1] (4 luma phases, U, V)."""
+    from bitalloc.codec.metrics import psnr_from_mse
+
     d = (a.double() - b.double()).pow(2)
-    planes = [d[:, :4].mean(), d[:, 4].mean(), d[:, 5].mean()]
-    p = [100.0 if float(m) == 0 else 10 * math.log10(1.0 / float(m)) for m in planes]
-    return (6 * p[0] + p[1] + p[2]) / 8
+    y, u, v = psnr_from_mse([float(d[:, :4].mean()), float(d[:, 4].mean()), float(d[:, 5].mean())], peak=1.0)
+    return float(6 * y + u + v) / 8
 
 
 def inside_p_frames(model, frames, level: int) -> dict:

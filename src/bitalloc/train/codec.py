@@ -297,19 +297,19 @@ def build_stage_model(args: Any) -> Any:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"--codec-config {args.codec_config!r} is not a JSON object of CodecConfig fields ({exc})"
                               ) from None
-    if args.residual_context:
-        kwargs["residual_context"] = True
     model = load_float_start(args.init) if args.init else build_codec(**kwargs)
+    if args.residual_context:
+        model = with_residual_context(model)
     if args.init_inter:
         other = load_float_start(args.init_inter)
-        if args.residual_context or other.cfg.residual_context or model.cfg.residual_context:
+        if other.cfg.residual_context or model.cfg.residual_context:
             # the intra codec of one with the P-frame codec of another that has the branch (or gets it now)
             model, other = with_residual_context(model), with_residual_context(other)
         if other.cfg != model.cfg:
             raise ConfigError(f"--init-inter {args.init_inter} has another codec configuration than --init; give "
                               "checkpoints of the same codec")
         model.inter.load_state_dict(other.inter.state_dict())
-    return with_residual_context(model) if args.residual_context else model
+    return model
 
 
 def run_train_cli(args: Any) -> int:
