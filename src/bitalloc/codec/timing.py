@@ -516,10 +516,15 @@ def torch_int8_chain(seq: nn.Module, x: Tensor, engine: str, *, output_points: b
                 out = (float(pn.scale), int(pn.zero_point) - int(pn.qmin))
                 tail, i_next = [b for b in between if not isinstance(b, nn.ReLU)], nxt[0]
                 relu = any(isinstance(b, nn.ReLU) for b in between)
-            elif not nxt and output_points and i == len(leaves) - 1:
+            elif (not nxt and output_points
+                  and all(isinstance(b, (nn.ReLU, nn.PixelShuffle)) for b in leaves[i + 1:])):
+                # the last convolution (only ReLU / PixelShuffle after it) outputs on a uint8 min-max grid of the chain's output
                 lo, hi = min(float(final.min()), 0.0), max(float(final.max()), 0.0)
                 sc = (hi - lo) / 255.0 if hi > lo else 1.0
-                out, tail, i_next, relu = (sc, int(np.clip(round(-lo / sc), 0, 255))), [_Dequantize()], len(leaves), False
+                rest = leaves[i + 1:]
+                out, i_next = (sc, int(np.clip(round(-lo / sc), 0, 255))), len(leaves)
+                tail = [b for b in rest if not isinstance(b, nn.ReLU)] + [_Dequantize()]
+                relu = any(isinstance(b, nn.ReLU) for b in rest)
             else:
                 out = None
             if out is not None:
@@ -542,12 +547,26 @@ def torch_int8_chain(seq: nn.Module, x: Tensor, engine: str, *, output_points: b
     return TorchInt8Chain(stages, engine), n_int8
 
 
+class ConditionalInt8Synthesis(nn.Module):
+    """A conditional synthesis (:class:`bitalloc.codec.networks.Synthesis` with a context) on PyTorch's quantized
+    kernels: x_hat = L^T(y) + S_out(S_hidden(y) + C(c)), with S_hidden, C and S_out each a :class:`TorchInt8Chain`
+    (S_hidden and C end on min-max uint8 grids of their outputs; their sum enters S_out on its input grid, as in the
+    fake-quant network) and the 16-bit linear branch L^T fake-quant float."""
+
+    def __init__(self, linear: nn.Module, hidden: nn.Module, context: nn.Module, out: nn.Module):
+        super().__init__()
+        self.linear, self.hidden, self.context, self.out = linear, hidden, context, out
+
+    def forward(self, y: Tensor, context: Tensor) -> Tensor:
+        return self.linear(y) + self.out(self.hidden(y) + self.context(context))
+
+
 def torch_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], engine: str, *,
                        output_points: bool = True) -> tuple[nn.Module, int]:
     """A frozen quantized decoder network on PyTorch's quantized kernels: an ``nn.Sequential`` becomes one
     :func:`torch_int8_chain`; the synthesis' nonlinear branch likewise (its 16-bit linear branch stays fake-quant
-    float). Returns the network and its number of int8 convolutions. A conditional synthesis (a second input
-    joining the nonlinear branch before its last layer) has no such conversion (ConfigError)."""
+    float); a conditional synthesis (a second input joining the nonlinear branch before its last layer) becomes a
+    :class:`ConditionalInt8Synthesis`. Returns the network and its number of int8 convolutions."""
     prev = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
@@ -555,11 +574,19 @@ def torch_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], engine: str, *,
             warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (still supported in 2.13)
             if isinstance(qnet, nn.Sequential):
                 return torch_int8_chain(qnet, x[0], engine, output_points=output_points)
-            if (hasattr(qnet, "nonlinear") and isinstance(qnet.nonlinear, nn.Sequential)
-                    and getattr(qnet, "context", None) is None):
-                m = copy.deepcopy(qnet)
-                m.nonlinear, n = torch_int8_chain(qnet.nonlinear, x[0], engine, output_points=output_points)
-                return m, n
+            if hasattr(qnet, "nonlinear") and isinstance(qnet.nonlinear, nn.Sequential):
+                if getattr(qnet, "context", None) is None:
+                    m = copy.deepcopy(qnet)
+                    m.nonlinear, n = torch_int8_chain(qnet.nonlinear, x[0], engine, output_points=output_points)
+                    return m, n
+                y, c = x
+                with torch.no_grad():
+                    joined = qnet.nonlinear[:-1](y) + qnet.context(c)
+                parts = (torch_int8_chain(qnet.nonlinear[:-1], y, engine, output_points=output_points),
+                         torch_int8_chain(qnet.context, c, engine, output_points=output_points),
+                         torch_int8_chain(qnet.nonlinear[-1:], joined, engine, output_points=output_points))
+                return (ConditionalInt8Synthesis(copy.deepcopy(qnet.linear), *(p[0] for p in parts)),
+                        sum(p[1] for p in parts))
     finally:
         torch.backends.quantized.engine = prev
     raise ConfigError(f"torch int8: no conversion for a {type(qnet).__name__} network")
