@@ -144,9 +144,10 @@ def test_machine_description_names_cpu_cores_threads_and_versions(monkeypatch):
 
     line = M.machine_description(3, onnxruntime=True)
     assert line.startswith(M.cpu_name() + f", {os.cpu_count()} cores")
-    assert f"onnxruntime {onnxruntime.__version__}" in line and f"torch {torch.__version__} (3 threads)" in line
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert f"onnxruntime {onnxruntime.__version__}" in line and f"torch {torch.__version__} (3 threads, {cap} kernels)" in line
     assert "onnxruntime" not in M.machine_description()
-    assert f"({torch.get_num_threads()} threads)" in M.machine_description()
+    assert f"({torch.get_num_threads()} threads, {cap} kernels)" in M.machine_description()
     if os.path.exists("/proc/meminfo"):
         kb = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
         assert M.memory_gib() == pytest.approx(kb / 2**20) and "GiB RAM" in line

@@ -311,8 +311,8 @@ class VideoCoder:
     (I frames) and of the residual (P frames) of the best trial are refined by N iterations of gradient descent on
     the same objective (in a float copy of the decoder), the frame is coded again with them, and the cheaper payload
     is kept (``FrameInfo.refined`` says which). Nothing is signalled; decoding is unchanged and exact. Measured
-    (BENCHMARKS.md, N = 30): 3% fewer bits at equal PSNR on carphone, 10% on tree, none on held-out images; each
-    refined frame costs N forward and backward passes of the decoder, 8-15x the default encoder's time.
+    (BENCHMARKS.md, N = 30): 1% fewer bits at equal PSNR on carphone, 9% on tree, 0.2% on held-out images; each
+    refined frame costs N forward and backward passes of the decoder, 7-13x the default encoder's time.
     Dynamic-precision codecs refine at the frame's widths, split by its ROI mask, as it is coded.
 
     **Quality level of P frames** (``p_level_offsets``, default ``(0,)``): the levels a P frame may be coded at,

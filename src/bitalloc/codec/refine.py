@@ -144,8 +144,8 @@ def add_refine_args(p: Any) -> None:
     """The encoder's latent refinement options (``codec encode``, ``codec eval``)."""
     p.add_argument("--refine-steps", type=int, default=0, metavar="N",
                    help="refine the latents of every frame's best trial by N iterations of gradient descent on rate + "
-                        "lambda * distortion and keep the cheaper payload (measured at N = 30: 3-10%% fewer bits on the "
-                        "held-out clips, none on held-out images, 8-15x the encoding time; default 0: off); the "
+                        "lambda * distortion and keep the cheaper payload (measured at N = 30: 1-9%% fewer bits on the "
+                        "held-out clips, 0.2%% on held-out images, 7-13x the encoding time; default 0: off); the "
                         "decoder does not change")
     p.add_argument("--refine-lr", type=float, default=DEFAULT_LR,
                    help=f"Adam step size of the refinement, on latents whose rounding step is 1 (default {DEFAULT_LR})")

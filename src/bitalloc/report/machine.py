@@ -32,8 +32,10 @@ def memory_gib() -> float | None:
 
 
 def machine_description(threads: int | None = None, *, onnxruntime: bool = False) -> str:
-    """CPU model, core count, memory, torch version and intra-op threads (``threads``, else torch's current
-    setting), and with ``onnxruntime=True`` the onnxruntime version ("absent" when it is not installed)."""
+    """CPU model, core count, memory, torch version, intra-op threads (``threads``, else torch's current setting)
+    and the vector instructions torch's CPU kernels use (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX2 or
+    AVX512: two machines of one model name can differ there), and with ``onnxruntime=True`` the onnxruntime version
+    ("absent" when it is not installed)."""
     mem = memory_gib()
     parts = [f"{cpu_name()}, {os.cpu_count()} cores" + (f", {mem:.0f} GiB RAM" if mem is not None else "")]
     if onnxruntime:
@@ -43,6 +45,6 @@ def machine_description(threads: int | None = None, *, onnxruntime: bool = False
             parts.append(f"onnxruntime {ort.__version__}")
         except ImportError:
             parts.append("onnxruntime absent")
-    parts.append(f"torch {torch.__version__} ({threads or torch.get_num_threads()} threads), "
-                 f"Python {platform.python_version()}")
+    parts.append(f"torch {torch.__version__} ({threads or torch.get_num_threads()} threads, "
+                 f"{torch.backends.cpu.get_cpu_capability()} kernels), Python {platform.python_version()}")
     return "; ".join(parts)
