@@ -518,7 +518,7 @@ def torch_int8_chain(seq: nn.Module, x: Tensor, engine: str, *, output_points: b
                 relu = any(isinstance(b, nn.ReLU) for b in between)
             elif (not nxt and output_points
                   and all(isinstance(b, (nn.ReLU, nn.PixelShuffle)) for b in leaves[i + 1:])):
-                # the last convolution (only ReLU / PixelShuffle after it) outputs on a uint8 min-max grid of the chain's output
+                # the last convolution (only ReLU / PixelShuffle after it): on a uint8 min-max grid of the output
                 lo, hi = min(float(final.min()), 0.0), max(float(final.max()), 0.0)
                 sc = (hi - lo) / 255.0 if hi > lo else 1.0
                 rest = leaves[i + 1:]
