@@ -116,3 +116,43 @@ def test_full_roi_equals_cost_model_at_that_width_and_float_models():
         region_cost(q, x, masks(), [8, 4, 2], 2)
     with pytest.raises(ShapeError):
         region_cost(q, x, torch.zeros(1, 1, 8, 8), 8, 2)
+
+
+def test_macs_per_pixel_of_a_codec_against_hook_counts(tmp_path, capsys):
+    """``macs_per_pixel``: every network against an independent count (forward hooks on the float copy's
+    convolutions, :func:`bitalloc.codec.timing.network_macs`), frame types as the sums of their coders' networks
+    (decoding: synthesis and hyper synthesis), the same per pixel at another frame size; ``codec info`` prints and
+    writes them; a size off the hyperprior's grid is refused."""
+    import dataclasses
+    import json
+
+    from bitalloc.cli import main
+    from bitalloc.codec.cost import macs_per_pixel
+    from bitalloc.codec.precision import ALL_PARTS, coders, network_input, save_codec
+    from bitalloc.codec.timing import network_macs
+    from tests.codec_util import TINY, tiny_codec
+
+    model = tiny_codec(cfg=dataclasses.replace(TINY, residual_context=True))
+    got = macs_per_pixel(model, luma=64)
+    for cname, coder in coders(model).items():
+        for part in ALL_PARTS:
+            x = network_input(coder, part, 64)
+            ref = network_macs(getattr(coder, part), x if isinstance(x, tuple) else (x,)) / 64 ** 2
+            assert ref > 0 and got["networks"][f"{cname}.{part}"] == pytest.approx(ref, rel=1e-12), (cname, part)
+    n = got["networks"]
+    assert got["frames"]["I"]["decode"] == pytest.approx(n["intra.synthesis"] + n["intra.hyper_synthesis"])
+    assert got["frames"]["I"]["encode"] == pytest.approx(sum(n[f"intra.{p}"] for p in ALL_PARTS))
+    assert got["frames"]["P"]["encode"] == pytest.approx(sum(n[f"{c}.{p}"] for c in ("motion", "residual")
+                                                             for p in ALL_PARTS))
+    assert got["frames"]["P"]["decode"] == pytest.approx(sum(n[f"{c}.{p}"] for c in ("motion", "residual")
+                                                             for p in ("synthesis", "hyper_synthesis")))
+    big = macs_per_pixel(model, luma=128)
+    for kind in "IP":
+        assert big["frames"][kind] == pytest.approx(got["frames"][kind], rel=1e-12)
+    with pytest.raises(ShapeError, match="multiple of 64"):
+        macs_per_pixel(model, luma=100)
+    weights = save_codec(model, tmp_path / "w.pt")
+    assert main(["codec", "info", "--weights", str(weights), "--json", str(tmp_path / "i.json")]) == 0
+    assert "P frame, decode" in capsys.readouterr().out
+    info = json.loads((tmp_path / "i.json").read_text())["macs_per_pixel"]
+    assert info["luma"] == 256 and info["frames"]["P"] == pytest.approx(got["frames"]["P"], rel=1e-12)

@@ -528,10 +528,16 @@ def run_info(args: argparse.Namespace) -> int:
         model = load_default_or(args.weights)
         desc = describe_weights(model, args.weights)
         print_table("codec weights " + desc["path"], ["", "value"],
-                    [[k, v] for k, v in desc.items() if k not in ("levels", "networks", "layers")])
+                    [[k, v] for k, v in desc.items() if k not in ("levels", "networks", "layers", "macs_per_pixel")])
         print_table("quality levels", ["level", "lambda"], [[i, lam] for i, lam in enumerate(desc["levels"])])
         print_table("decoder networks", ["network", "quantized layers", "float layers", "bits"],
                     [[n["name"], n["quantized"], n["float"], n["bits"]] for n in desc["networks"]])
+        macs = desc["macs_per_pixel"]
+        print_table(f"multiply-accumulates per luma pixel ({macs['luma']}x{macs['luma']} frame; GDN's channel mixing "
+                    "not counted)", ["network / frame", "MACs per pixel"],
+                    [[n, f"{v:,.0f}"] for n, v in macs["networks"].items()]
+                    + [[f"{kind} frame, {verb}", f"{v[verb]:,.0f}"] for kind, v in macs["frames"].items()
+                       for verb in ("encode", "decode")])
         if args.layers:
             print_table("layers (bits: weights / activations; 4/8/16 = chosen per frame and region)",
                         ["network", "layer", "type", "status", "weight bits", "act bits", "why"],

@@ -206,4 +206,27 @@ def summarize(frames: Sequence[FrameCost]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["REGIONS", "FrameCost", "RegionCost", "RegionLayerCost", "region_cost", "summarize"]
+def macs_per_pixel(model: nn.Module, luma: int = 256) -> dict[str, Any]:
+    """Multiply-accumulates per luma pixel of every network of a codec (:class:`bitalloc.codec.model.VideoCodec`) and
+    of each frame type, from bitalloc's cost model (:func:`bitalloc.cost.cost_report`: C_in / groups * C_out * k_h
+    * k_w * H_out * W_out per convolution) on a ``luma`` x ``luma`` frame (a multiple of 64). A frame type runs the
+    coders of :data:`bitalloc.codec.precision.FRAME_CODERS`; encoding runs all four networks of each (the encoder
+    also decodes, for the next frame's reference), decoding the synthesis and hyper synthesis. GDN's channel mixing
+    (a functional convolution, not a layer) is not counted. Returns ``{"luma", "networks": {"intra.analysis": ...},
+    "frames": {"I": {"encode", "decode"}, "P": {...}}}``."""
+    from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, FRAME_CODERS, coders, network_input
+
+    if luma <= 0 or luma % 64:
+        raise ShapeError(f"macs_per_pixel: luma {luma} must be a positive multiple of 64 (the hyperprior's stride)")
+    networks: dict[str, float] = {}
+    for cname, coder in coders(model).items():
+        for part in ALL_PARTS:
+            x = network_input(coder, part, luma)
+            networks[f"{cname}.{part}"] = cost_report(getattr(coder, part), x).macs / luma ** 2
+    frames = {kind: {"encode": sum(networks[f"{c}.{p}"] for c in names for p in ALL_PARTS),
+                     "decode": sum(networks[f"{c}.{p}"] for c in names for p in DECODER_PARTS)}
+              for kind, names in FRAME_CODERS.items()}
+    return {"luma": luma, "networks": networks, "frames": frames}
+
+
+__all__ = ["REGIONS", "FrameCost", "RegionCost", "RegionLayerCost", "macs_per_pixel", "region_cost", "summarize"]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bitalloc.codec.model import VideoCodec
-from bitalloc.codec.precision import ALL_PARTS, network_input
+from bitalloc.codec.precision import ALL_PARTS, FRAME_CODERS, network_input
 from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
 from bitalloc.errors import ConfigError, ShapeError
 
@@ -253,7 +253,7 @@ class BitFlopsTable:
         c = coders(model)
         table = cls()
         pixels = size * size
-        for kind, names in (("I", ("intra",)), ("P", ("motion", "residual"))):
+        for kind, names in FRAME_CODERS.items():
             rows: list[_Layer] = []
             for name in names:
                 coder = c[name]

@@ -45,6 +45,9 @@ def decoder_networks(model: VideoCodec) -> Iterator[tuple[str, nn.Module]]:
 #: every network of a coder, in the order a frame runs them
 ALL_PARTS = ("analysis", "hyper_analysis", "hyper_synthesis", "synthesis")
 
+#: the coders each frame type runs: an I frame the intra coder, a P frame the motion and residual coders
+FRAME_CODERS = {"I": ("intra",), "P": ("motion", "residual")}
+
 
 def network_input(coder: HyperpriorCoder, part: str, luma: int = 64,
                   width: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -59,7 +59,9 @@ def load_for_stream(model_id: bytes, path: str | os.PathLike | None = None) -> V
 
 
 def describe_weights(model: VideoCodec, path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Sizes, parameters, quality levels and the quantization of each decoder network of a codec."""
+    """Sizes, parameters, multiply-accumulates per luma pixel (:func:`bitalloc.codec.cost.macs_per_pixel`), quality
+    levels and the quantization of each decoder network of a codec."""
+    from bitalloc.codec.cost import macs_per_pixel
     from bitalloc.codec.precision import decoder_networks, model_id
     from bitalloc.model.layers import quant_layers
     from bitalloc.model.prepare import prepare_info
@@ -77,7 +79,7 @@ def describe_weights(model: VideoCodec, path: str | os.PathLike | None = None) -
             "intra parameters": sum(p.numel() for p in model.intra.parameters()),
             "inter parameters": sum(p.numel() for p in model.inter.parameters()),
             "config": str(model.cfg.to_dict()), "levels": list(model.cfg.lambdas), "networks": networks,
-            "layers": layer_table(model)}
+            "macs_per_pixel": macs_per_pixel(model), "layers": layer_table(model)}
 
 
 def _widths(spec: dict[str, Any] | None) -> str:
