@@ -7,7 +7,6 @@ MACs c1 = 3*4*9*16 = 1728, c2 = 4*4*1*16 = 256, c3 = 4*2*9*16 = 1152 (SPEC: C_in
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
