@@ -257,8 +257,8 @@ def test_a_conditional_synthesis_runs_on_every_backend():
     backends = T.build_backends(model, inputs, names, frames=video, threads=1,
                                 on_error=lambda n, e: failed.setdefault(n, e))
     assert not failed, failed
-    # on PyTorch's quantized kernels: the hidden layers, the context branch and the last layer, every conv in int8
-    # as in the plain synthesis of the same shape, and the context branch's two
+    # on PyTorch's quantized kernels: as many int8 convolutions as the plain synthesis of the same shape, plus the
+    # context branch's two
     nets = dict(decoder_networks(model))
     torch_net = next(b for b in backends if b.name == "torch-x86-int8").networks["residual.synthesis"]
     assert isinstance(torch_net, T.ConditionalInt8Synthesis)
