@@ -63,7 +63,7 @@ def test_the_context_branch_starts_at_zero_and_joins_the_last_hidden_layer():
 
 
 def test_adding_the_branch_to_a_trained_codec_changes_nothing_until_it_trains():
-    from bitalloc.codec.model import with_residual_context
+    from bitalloc.codec.model import with_context
 
     torch.manual_seed(0)
     plain = VideoCodec(TINY).eval()
@@ -71,8 +71,8 @@ def test_adding_the_branch_to_a_trained_codec_changes_nothing_until_it_trains():
         for conv in plain.modules():
             if isinstance(conv, torch.nn.Conv2d) and not bool(conv.weight.any()):
                 conv.weight.normal_(0.0, 0.05)
-    ctx = with_residual_context(plain)
-    assert ctx.cfg == dataclasses.replace(plain.cfg, residual_context=True) and with_residual_context(ctx) is ctx
+    ctx = with_context(plain, residual=True)
+    assert ctx.cfg == dataclasses.replace(plain.cfg, residual_context=True) and with_context(ctx, residual=True) is ctx
     clip, level = torch.rand(1, 3, 6, 32, 32), torch.tensor([1])
     with torch.no_grad():
         a, b = plain(clip, level), ctx(clip, level)
