@@ -1,23 +1,21 @@
 """Conditional entropy model of P frames (``CodecConfig.prior_context``): the residual's hyper synthesis reads the
 motion-compensated prediction. It starts as the plain hyper synthesis, the decoder really uses the prediction for the
-entropy parameters, streams decode exactly in another process, old weights keep their identity, and every code path
-(PTQ, dynamic precision, cost, refinement, training, codec info) sees the branch."""
+entropy parameters (with exact decoding in another process, refinement and training from the command line:
+tests/test_codec_context.py), old weights keep their identity, and PTQ, dynamic precision and the cost model see the
+branch."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bitalloc.cli import main
 from bitalloc.codec.codec import VideoCoder
-from bitalloc.codec.evaluate import cross_process_decode
 from bitalloc.codec.model import CodecConfig, VideoCodec, with_context
 from bitalloc.codec.networks import ConditionalHyperSynthesis, HyperSynthesis, pad_to
-from bitalloc.codec.precision import load_codec, model_id, save_codec
+from bitalloc.codec.precision import model_id
 
 from tests.codec_util import TINY, moving_video, tiny_codec
 
@@ -116,25 +114,6 @@ def test_weights_made_before_the_branch_keep_their_configuration_and_identity():
     assert model_id(with_context(m, prior=True)) != model_id(m)
 
 
-def test_the_decoder_uses_the_prediction_and_decodes_exactly_in_another_process(model, tmp_path):
-    video = moving_video(4, 48, 64)
-    weights = save_codec(model, tmp_path / "prior.pt")
-    loaded = load_codec(weights)
-    assert loaded.cfg.prior_context and loaded.inter.residual.reads_context("hyper_synthesis")
-    res = VideoCoder(loaded).compress(video, quality=2, intra_period=-1)
-    dec = cross_process_decode(res.stream, str(weights), 1)
-    assert dec.equal(res.reconstruction)
-    # the frozen integer network reads the prediction: the same hyper-latent with another prediction gives other
-    # entropy parameters
-    from bitalloc.runtime.integer import integer_mode
-
-    net = model.inter.residual.hyper_synthesis
-    z = torch.randn(1, BOTH.nz, 1, 2, generator=torch.Generator().manual_seed(0)) * 3
-    with torch.no_grad(), integer_mode(model, kernel="float", strict=True):
-        a, b = net(z, torch.zeros(1, 6, 24, 40)), net(z, torch.full((1, 6, 24, 40), 0.3))
-    assert not torch.equal(a, b)
-
-
 def test_ptq_quantizes_the_branch_and_codec_info_says_why(model):
     from bitalloc.codec.weights import layer_table
 
@@ -170,64 +149,3 @@ def test_the_cost_model_counts_the_branch():
     assert p_prior - p_plain == pytest.approx(extra, rel=1e-9)
     a, b = macs_per_pixel(VideoCodec(TINY)), macs_per_pixel(VideoCodec(PRIOR))
     assert b["frames"]["P"]["decode"] - a["frames"]["P"]["decode"] == pytest.approx(extra, rel=1e-9)
-
-
-def test_refinement_of_residual_latents_reads_the_context(model):
-    from bitalloc.codec.codec import frame_tensor, padded_size
-    from bitalloc.codec.motion import estimate_flow_packed
-
-    video = moving_video(3, 32, 48)
-    coder = VideoCoder(model, refine_steps=10, refine_lr=0.05)
-    res = coder.compress(video, quality=1, intra_period=-1)
-    assert coder.decompress(res.stream).equal(res.reconstruction)
-    # a P frame's residual latents, refined with the prediction as the entropy model's (and synthesis') context,
-    # cost no more than the analysis' own
-    size = padded_size(video.height, video.width)
-    x, ref = frame_tensor(video, 1, size), frame_tensor(res.reconstruction, 0, size)
-    flow = estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0)
-    args = (x, ref, flow, 1, None, [(coder.bits, coder.bits)], False, None, (video.height, video.width), None)
-    with torch.no_grad(), coder._whole():
-        refined = coder._trials(*args)[(coder.bits, coder.bits)]
-    with torch.no_grad(), VideoCoder(model)._whole():
-        unrefined = VideoCoder(model)._trials(*args)[(coder.bits, coder.bits)]
-    assert refined[0] <= unrefined[0] and (refined[4] or refined[0] == unrefined[0])
-
-
-@pytest.mark.slow
-def test_training_a_prior_context_codec_from_the_command_line(tmp_path, capsys):
-    from bitalloc.codec.video_io import write_y4m
-    from bitalloc.train.codec import load_float_start
-
-    video = write_y4m(tmp_path / "clip.y4m", moving_video(6, 48, 64))
-    sizes = {"n": 16, "nz": 8, "motion_n": 8, "motion_nz": 8, "lambdas": [0.005, 0.05]}
-    common = ["--batch-size", "2", "--crop", "32", "--samples-per-epoch", "4", "--warmup-steps", "0", "--progress",
-              "off", "--videos", str(video)]
-    fresh, plain, joint, ship = (tmp_path / f"{n}.pt" for n in ("fresh", "plain", "joint", "ship"))
-    assert main(["codec", "train", "--stage", "inter", "--steps", "2", "--codec-config",
-                 json.dumps(sizes | {"prior_context": True}), "--out", str(fresh), *common]) == 0
-    m = load_float_start(str(fresh))
-    assert m.cfg.prior_context and not m.cfg.residual_context
-    assert float(m.inter.residual.hyper_synthesis.context[3].weight.detach().abs().sum()) > 0  # it trained
-    # both branches added to a trained plain codec: its weights carried over, the branches trained from zero
-    assert main(["codec", "train", "--stage", "inter", "--steps", "2", "--codec-config", json.dumps(sizes),
-                 "--out", str(plain), *common]) == 0
-    assert main(["codec", "train", "--stage", "joint", "--steps", "2", "--init", str(plain), "--prior-context",
-                 "--residual-context", "--out", str(joint), *common]) == 0
-    before, after = load_float_start(str(plain)), load_float_start(str(joint))
-    assert after.cfg.prior_context and after.cfg.residual_context and not before.cfg.prior_context
-    assert torch.equal(before.intra.coder.hyper_synthesis[0][0].weight,
-                       after.intra.coder.hyper_synthesis[0][0].weight)
-    assert float(after.inter.residual.hyper_synthesis.context[3].weight.detach().abs().sum()) > 0
-    # the I-frame codec of the plain checkpoint with the P-frame codec of the conditional one
-    assert main(["codec", "train", "--stage", "ptq", "--init", str(plain), "--init-inter", str(joint), "--ship",
-                 str(ship), "--videos", str(video), "--crop", "32"]) == 0
-    assert load_codec(ship).cfg.prior_context
-    enc = tmp_path / "a.bav"
-    assert main(["codec", "encode", str(video), "-o", str(enc), "-q", "1", "--weights", str(ship)]) == 0
-    assert main(["codec", "decode", str(enc), "-o", str(tmp_path / "a.y4m"), "--weights", str(ship)]) == 0
-    capsys.readouterr()
-    assert main(["codec", "info", "--weights", str(ship)]) == 0
-    assert "'prior_context': True" in capsys.readouterr().out
-    assert main(["codec", "train", "--stage", "ptq", "--init", str(plain), "--ship", str(ship), "--videos",
-                 str(video), "--prior-context"]) == 2
-    assert "--prior-context adds a branch that needs training" in capsys.readouterr().err
