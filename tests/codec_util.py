@@ -30,7 +30,7 @@ def moving_video(frames: int = 5, height: int = 40, width: int = 56, *, seed: in
 def tiny_codec(seed: int = 0, cfg: CodecConfig = TINY) -> VideoCodec:
     """An untrained tiny codec with 8-bit decoder networks, calibrated on a synthetic clip and frozen (with
     ``cfg.residual_context``, its context branch and the layer it feeds given random weights: zero-initialised, they
-    would not act)."""
+    would not act; with ``cfg.prior_context``, the hyper synthesis' context branch likewise)."""
     from bitalloc.codec.precision import coders, decoder_quant_configs, freeze_decoders, quantize_decoders
 
     torch.manual_seed(seed)
@@ -43,6 +43,10 @@ def tiny_codec(seed: int = 0, cfg: CodecConfig = TINY) -> VideoCodec:
         with torch.no_grad():  # the layer the context joins starts at zero as well
             syn.context[-1].weight.normal_(0.0, 0.1)
             syn.nonlinear[-1].weight.normal_(0.0, 0.05)
+    hyper = model.inter.residual.hyper_synthesis
+    if getattr(hyper, "context", None) is not None:
+        with torch.no_grad():
+            hyper.context[-1].weight.normal_(0.0, 0.1)
     quantize_decoders(model, decoder_quant_configs(8, "fixed"))
     calibrate_on(model, moving_video(3, 32, 48))
     freeze_decoders(model)

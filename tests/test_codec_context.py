@@ -1,7 +1,8 @@
 """Conditional reconstruction of P frames (``CodecConfig.residual_context``): the residual synthesis reads the
 motion-compensated prediction. It starts as the plain synthesis, the decoder really uses the prediction, streams
 decode exactly in another process, and every code path (PTQ, dynamic precision, cost, refinement, training, codec
-info) sees the context branch."""
+info) sees the context branch. The refinement and command-line tests cover the conditional entropy model
+(``CodecConfig.prior_context``, tests/test_codec_prior.py) as well."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_the_context_branch_starts_at_zero_and_joins_the_last_hidden_layer():
 
 
 def test_adding_the_branch_to_a_trained_codec_changes_nothing_until_it_trains():
-    from bitalloc.codec.model import with_residual_context
+    from bitalloc.codec.model import with_context
 
     torch.manual_seed(0)
     plain = VideoCodec(TINY).eval()
@@ -71,8 +72,8 @@ def test_adding_the_branch_to_a_trained_codec_changes_nothing_until_it_trains():
         for conv in plain.modules():
             if isinstance(conv, torch.nn.Conv2d) and not bool(conv.weight.any()):
                 conv.weight.normal_(0.0, 0.05)
-    ctx = with_residual_context(plain)
-    assert ctx.cfg == dataclasses.replace(plain.cfg, residual_context=True) and with_residual_context(ctx) is ctx
+    ctx = with_context(plain, residual=True)
+    assert ctx.cfg == dataclasses.replace(plain.cfg, residual_context=True) and with_context(ctx, residual=True) is ctx
     clip, level = torch.rand(1, 3, 6, 32, 32), torch.tensor([1])
     with torch.no_grad():
         a, b = plain(clip, level), ctx(clip, level)
@@ -84,19 +85,25 @@ def test_adding_the_branch_to_a_trained_codec_changes_nothing_until_it_trains():
     assert not torch.equal(a["frames"][1]["x_hat"], c["frames"][1]["x_hat"])
 
 
-def test_the_decoder_uses_the_prediction_and_decodes_exactly_in_another_process(model, tmp_path):
+@pytest.mark.parametrize("flag", ["residual_context", "prior_context"])
+def test_the_decoder_uses_the_prediction_and_decodes_exactly_in_another_process(flag, tmp_path):
+    """With either branch: the synthesis or (``prior_context``) the hyper synthesis reads the prediction."""
+    model = tiny_codec(cfg=dataclasses.replace(TINY, **{flag: True}))
+    part = "synthesis" if flag == "residual_context" else "hyper_synthesis"
     video = moving_video(4, 48, 64)
     weights = save_codec(model, tmp_path / "ctx.pt")
     loaded = load_codec(weights)
-    assert loaded.cfg.residual_context and loaded.inter.residual.synthesis.context is not None
+    assert getattr(loaded.cfg, flag) and loaded.inter.residual.reads_context(part)
     res = VideoCoder(loaded).compress(video, quality=2, intra_period=-1)
     dec = cross_process_decode(res.stream, str(weights), 1)
     assert dec.equal(res.reconstruction)
-    # the frozen integer network reads the prediction: the same latents with another prediction decode differently
+    # the frozen integer network reads the prediction: the same latents (or hyper-latents) with another prediction
+    # give another reconstruction (or other entropy parameters)
     from bitalloc.runtime.integer import integer_mode
 
-    net = model.inter.residual.synthesis
-    y = torch.randn(1, CONTEXT.m, 2, 3, generator=torch.Generator().manual_seed(0)) * 3
+    net = getattr(model.inter.residual, part)
+    shape = (1, TINY.m, 2, 3) if part == "synthesis" else (1, TINY.nz, 1, 1)
+    y = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad(), integer_mode(model, kernel="float", strict=True):
         a, b = net(y, torch.zeros(1, 6, 16, 24)), net(y, torch.full((1, 6, 16, 24), 0.3))
     assert not torch.equal(a, b)
@@ -131,15 +138,19 @@ def test_the_cost_model_counts_the_context_branch():
     assert p_ctx - p_plain == pytest.approx(extra, rel=1e-9)
 
 
-def test_refinement_of_residual_latents_reads_the_context(model):
+@pytest.mark.parametrize("flag", ["residual_context", "prior_context"])
+def test_refinement_of_residual_latents_reads_the_context(flag):
+    """With either branch (``prior_context``: the conditional entropy model of tests/test_codec_prior.py)."""
     from bitalloc.codec.codec import frame_tensor, padded_size
     from bitalloc.codec.motion import estimate_flow_packed
 
+    model = tiny_codec(cfg=dataclasses.replace(TINY, **{flag: True}))
     video = moving_video(3, 32, 48)
     coder = VideoCoder(model, refine_steps=10, refine_lr=0.05)
     res = coder.compress(video, quality=1, intra_period=-1)
     assert coder.decompress(res.stream).equal(res.reconstruction)
-    # a P frame's residual latents, refined with the prediction as the synthesis' context, cost no more
+    # a P frame's residual latents, refined with the prediction as the synthesis' or entropy model's context, cost
+    # no more
     size = padded_size(video.height, video.width)
     x, ref = frame_tensor(video, 1, size), frame_tensor(res.reconstruction, 0, size)
     flow = estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0)
@@ -152,9 +163,18 @@ def test_refinement_of_residual_latents_reads_the_context(model):
 
 
 @pytest.mark.slow
-def test_training_a_context_codec_from_the_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["residual_context", "prior_context"])
+def test_training_a_conditional_codec_from_the_command_line(flag, tmp_path, capsys):
+    """Either branch (``prior_context``: tests/test_codec_prior.py) in a fresh codec, added to a trained one, mixed
+    with a plain I-frame codec, shipped, coding, and refused where nothing trains it."""
     from bitalloc.codec.video_io import write_y4m
     from bitalloc.train.codec import load_float_start
+
+    option = "--" + flag.replace("_", "-")
+
+    def branch(m):  # the branch's zero-initialised last layer
+        return (m.inter.residual.synthesis if flag == "residual_context" else m.inter.residual.hyper_synthesis
+                ).context[-1].weight.detach()
 
     video = write_y4m(tmp_path / "clip.y4m", moving_video(6, 48, 64))
     sizes = {"n": 16, "nz": 8, "motion_n": 8, "motion_nz": 8, "lambdas": [0.005, 0.05]}
@@ -163,30 +183,31 @@ def test_training_a_context_codec_from_the_command_line(tmp_path, capsys):
     fresh, plain, joint, ship = (tmp_path / f"{n}.pt" for n in ("fresh", "plain", "joint", "ship"))
     # a fresh codec with the branch
     assert main(["codec", "train", "--stage", "inter", "--steps", "2", "--codec-config",
-                 json.dumps(sizes | {"residual_context": True}), "--out", str(fresh), *common]) == 0
+                 json.dumps(sizes | {flag: True}), "--out", str(fresh), *common]) == 0
     m = load_float_start(str(fresh))
-    assert m.cfg.residual_context and m.inter.residual.synthesis.context is not None
-    assert float(m.inter.residual.synthesis.context[2].weight.detach().abs().sum()) > 0  # it trained
+    assert getattr(m.cfg, flag) and float(branch(m).abs().sum()) > 0  # it trained
     # the branch added to a trained plain codec: its weights carried over, the branch trained from zero
     assert main(["codec", "train", "--stage", "inter", "--steps", "2", "--codec-config", json.dumps(sizes),
                  "--out", str(plain), *common]) == 0
-    assert main(["codec", "train", "--stage", "joint", "--steps", "2", "--init", str(plain), "--residual-context",
+    assert main(["codec", "train", "--stage", "joint", "--steps", "2", "--init", str(plain), option,
                  "--out", str(joint), *common]) == 0
     before, after = load_float_start(str(plain)), load_float_start(str(joint))
-    assert not before.cfg.residual_context and after.cfg.residual_context
+    assert not getattr(before.cfg, flag) and getattr(after.cfg, flag)
     assert torch.equal(before.intra.coder.synthesis.linear[0].weight, after.intra.coder.synthesis.linear[0].weight)
-    assert float(after.inter.residual.synthesis.context[2].weight.detach().abs().sum()) > 0
+    assert float(branch(after).abs().sum()) > 0
     assert main(["codec", "train", "--stage", "ptq", "--init", str(joint), "--ship", str(ship), "--videos",
                  str(video), "--crop", "32"]) == 0
-    # the I-frame codec of a plain checkpoint with the P-frame codec of a context one: the shipped codec has the branch
+    # the I-frame codec of a plain checkpoint with the P-frame codec of a conditional one: the shipped codec has it
     mixed = tmp_path / "mixed.pt"
     assert main(["codec", "train", "--stage", "ptq", "--init", str(plain), "--init-inter", str(joint), "--ship",
                  str(mixed), "--videos", str(video), "--crop", "32"]) == 0
-    assert load_codec(mixed).cfg.residual_context
+    assert getattr(load_codec(mixed).cfg, flag)
     enc = tmp_path / "a.bav"
     assert main(["codec", "encode", str(video), "-o", str(enc), "-q", "1", "--weights", str(ship)]) == 0
     assert main(["codec", "decode", str(enc), "-o", str(tmp_path / "a.y4m"), "--weights", str(ship)]) == 0
     capsys.readouterr()
+    assert main(["codec", "info", "--weights", str(ship)]) == 0
+    assert f"'{flag}': True" in capsys.readouterr().out
     assert main(["codec", "train", "--stage", "ptq", "--init", str(plain), "--ship", str(ship), "--videos",
-                 str(video), "--residual-context"]) == 2
-    assert "--residual-context adds a branch that needs training" in capsys.readouterr().err
+                 str(video), option]) == 2
+    assert f"{option} adds a branch that needs training" in capsys.readouterr().err

@@ -243,36 +243,44 @@ def test_codec_timing_end_to_end(setup):
     assert np.isfinite([r["median_ms"] for r in s["rows"]]).all()
 
 
-def test_a_conditional_synthesis_runs_on_every_backend():
+@pytest.mark.parametrize("flag", ["residual_context", "prior_context"])
+def test_a_conditional_network_runs_on_every_backend(flag):
+    """A conditional synthesis (``residual_context``) or hyper synthesis (``prior_context``) of the residual coder."""
     import dataclasses
 
     video = T.synthetic_video(3, 64, 64)
-    model = T.quantize_codec(T.untrained_codec(dataclasses.replace(TINY, residual_context=True)), 8, video)
+    model = T.quantize_codec(T.untrained_codec(dataclasses.replace(TINY, **{flag: True})), 8, video)
     inputs = T.capture_inputs(model, video, QUALITY)
-    # the residual synthesis reads its latents and the prediction (packed YUV at half the luma resolution)
-    assert [tuple(t.shape) for t in inputs["residual.synthesis"]] == [(1, TINY.m, 4, 4), (1, 6, 32, 32)]
+    # the network reads its input and the prediction (packed YUV at half the luma resolution)
+    net = "residual.synthesis" if flag == "residual_context" else "residual.hyper_synthesis"
+    plain = net.replace("residual.", "intra.")
+    first = (1, TINY.m, 4, 4) if flag == "residual_context" else (1, TINY.nz, 1, 1)
+    assert [tuple(t.shape) for t in inputs[net]] == [first, (1, 6, 32, 32)]
     failed: dict = {}
     names = ("torch-fp32", "bitalloc-int8", "fakequant-int8", "ort-fp32", "ort-int8-u8w", "ort-int8-all",
              "torch-x86-int8", "torch-qnnpack-int8")
     backends = T.build_backends(model, inputs, names, frames=video, threads=1,
                                 on_error=lambda n, e: failed.setdefault(n, e))
     assert not failed, failed
-    # on PyTorch's quantized kernels: as many int8 convolutions as the plain synthesis of the same shape, plus the
+    # on PyTorch's quantized kernels: as many int8 convolutions as the plain network of the same shape, plus the
     # context branch's two
     nets = dict(decoder_networks(model))
-    torch_net = next(b for b in backends if b.name == "torch-x86-int8").networks["residual.synthesis"]
-    assert isinstance(torch_net, T.ConditionalInt8Synthesis)
-    n_int8 = {k: T.torch_int8_network(nets[k], inputs[k], "x86")[1] for k in ("residual.synthesis", "intra.synthesis")}
-    assert n_int8["residual.synthesis"] == n_int8["intra.synthesis"] + 2 >= 4, n_int8
+    torch_net = next(b for b in backends if b.name == "torch-x86-int8").networks[net]
+    assert isinstance(torch_net, T.ConditionalInt8Network)
+    n_int8 = {k: T.torch_int8_network(nets[k], inputs[k], "x86")[1] for k in (net, plain)}
+    assert n_int8[net] == n_int8[plain] + 2 >= 3, n_int8
     for r in T.network_errors(backends, inputs, model):
         tol = TOLERANCE.get(r["backend"])
         if tol is not None:
             assert r["max_abs_error"] <= tol * r["max_abs_reference"], r
-    # the context branch's MACs: two 3x3 convolutions at 32x32, 6 -> n/2 and n/2 -> n/2 channels
-    half = TINY.n // 2
-    extra = (T.network_macs(nets["residual.synthesis"], inputs["residual.synthesis"])
-             - T.network_macs(nets["intra.synthesis"], inputs["intra.synthesis"]))
-    assert extra == 32 * 32 * (6 * half * 9 + half * half * 9)
+    # the context branch's MACs: of a synthesis, two 3x3 convolutions at 32x32, 6 -> n/2 and n/2 -> n/2 channels; of
+    # a hyper synthesis, a 1x1 convolution of the 384 unshuffled values to n channels and a 3x3 n -> n, at 4x4
+    half, n = TINY.n // 2, TINY.n
+    extra = T.network_macs(nets[net], inputs[net]) - T.network_macs(nets[plain], inputs[plain])
+    if flag == "residual_context":
+        assert extra == 32 * 32 * (6 * half * 9 + half * half * 9)
+    else:
+        assert extra == 4 * 4 * (384 * n + n * n * 9)
     chosen = [b for b in backends if b.name in ("bitalloc-int8", "ort-int8-u8w")]
     _, quality = T.time_frames(chosen, model, video, QUALITY, runs=1, warmup=0, min_seconds=0, pause=0)
     assert all(q["decode_exact"] for q in quality)

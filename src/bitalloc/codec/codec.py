@@ -173,9 +173,8 @@ class _Latents:
     def _synthesize(self, z_hat: Tensor, y_from: Callable[[Tensor, Tensor], Tensor], level: int,
                     y_size: tuple[int, int], context: Tensor | None) -> Tensor:
         lv = self._level(level)
-        mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size, coding=True)
-        y_hat = y_from(mu, log_scale)
-        return self.coder.synthesis(y_hat * self.coder.gain("y_inv", lv, coding=True), context)
+        mu, log_scale = self.coder.entropy_parameters(z_hat, lv, y_size, coding=True, context=context)
+        return self.coder.synthesize(y_from(mu, log_scale), lv, context, coding=True)
 
     def encode(self, x: Tensor, level: int, enc: Any, stats: LatentStats, analysis_scale: float = 1.0,
                refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
@@ -183,7 +182,8 @@ class _Latents:
         """Code x's latents into ``enc``; returns the decoder's synthesis output (float). ``analysis_scale``: the
         weight of the analysis' nonlinear branch (:class:`bitalloc.codec.networks.Analysis`; an encoder choice);
         ``refine(y_g, z_g) -> (y_g, z_g)``: the encoder's latent refinement (:mod:`bitalloc.codec.refine`);
-        ``context``: what a conditional synthesis reads (:meth:`bitalloc.codec.model.InterCodec.residual_context`)."""
+        ``context``: what a conditional synthesis or hyper synthesis reads
+        (:meth:`bitalloc.codec.model.InterCodec.residual_context`)."""
         lv = self._level(level)
         c = self.coder
         yg = c.analysis(x, analysis_scale) * c.gain("y", lv, coding=True)

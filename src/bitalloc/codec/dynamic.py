@@ -55,11 +55,11 @@ def dynamic_quant_config(candidates: Sequence[int], part: str, hyper_bits: int =
     """Region LSQ at ``candidates`` for every layer of network ``part`` (default width outside a region context:
     8 bits if it is a candidate, else the widest), with fixed grids (min-max calibrated) on
     :data:`~bitalloc.codec.precision.FIXED_LAYERS` (8 bits; the hyper synthesis at ``hyper_bits``), on a conditional
-    synthesis' (``context``) :data:`~bitalloc.codec.precision.CONTEXT_FIXED_LAYER` (8 bits) and on
+    synthesis or hyper synthesis (``context``) :data:`~bitalloc.codec.precision.CONTEXT_FIXED_LAYERS` (8 bits) and on
     :data:`~bitalloc.codec.precision.WIDE_LAYERS` (16-bit inputs, 8-bit weights: the static codec's 16-bit weights
     of the inverse block transform would make it 4 x its MACs in Bit-FLOPs, the largest single cost of a codec at
     2 bits; 8-bit weights there cost 0.02 dB at level 7 on carphone)."""
-    from bitalloc.codec.precision import CONTEXT_FIXED_LAYER, FIXED_LAYERS, WIDE_LAYERS
+    from bitalloc.codec.precision import CONTEXT_FIXED_LAYERS, FIXED_LAYERS, WIDE_LAYERS
 
     cands = sorted({int(b) for b in candidates})
     default = 8 if 8 in cands else cands[-1]
@@ -77,8 +77,9 @@ def dynamic_quant_config(candidates: Sequence[int], part: str, hyper_bits: int =
     if not 2 <= int(hyper_bits) <= 16:
         raise ConfigError(f"hyper_bits={hyper_bits}: give the hyper synthesis' width, 2 to 16 bits (8 by default)")
     bits = int(hyper_bits) if part == "hyper_synthesis" else 8
-    fixed_patterns = FIXED_LAYERS.get(part, ()) + ((CONTEXT_FIXED_LAYER,) if context else ())
-    overrides = [(pattern, fixed(bits, bits)) for pattern in fixed_patterns]
+    overrides = [(pattern, fixed(bits, bits)) for pattern in FIXED_LAYERS.get(part, ())]
+    if context:
+        overrides.append((CONTEXT_FIXED_LAYERS[part], fixed(8, 8)))
     overrides += [(pattern, fixed(8, 16))  # later overrides win: 16-bit inputs stay
                   for pattern in WIDE_LAYERS.get(part, {})]
     return QuantConfig(default=LayerConfig(weight=w, act=a), overrides=overrides, first_last_bits=None,
@@ -98,8 +99,8 @@ def prepare_dynamic(model: VideoCodec, hyper_bits: int = 8) -> VideoCodec:
     for coder in coders(model).values():
         for part in (p for p in ALL_PARTS if p not in DYNAMIC_FLOAT_PARTS):
             net = getattr(coder, part)
-            context = part == "synthesis" and coder.synthesis.context is not None
-            q = bitalloc.prepare(net, dynamic_quant_config(model.cfg.candidates, part, hyper_bits, context=context),
+            q = bitalloc.prepare(net, dynamic_quant_config(model.cfg.candidates, part, hyper_bits,
+                                                           context=coder.reads_context(part)),
                                  network_input(coder, part, 64))
             q.train(net.training)
             setattr(coder, part, q)

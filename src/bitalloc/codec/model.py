@@ -27,14 +27,21 @@ from torch import Tensor, nn
 
 from bitalloc.codec.entropy import PROXIES, EntropyBottleneck, GaussianConditional, rounding_proxy, ste_round
 from bitalloc.codec.motion import estimate_flow_packed, warp
-from bitalloc.codec.networks import Analysis, HyperAnalysis, HyperSynthesis, Synthesis, weighted_mse
+from bitalloc.codec.networks import (Analysis, ConditionalHyperSynthesis, HyperAnalysis, HyperSynthesis, Synthesis,
+                                     weighted_mse)
 
 #: lambda of each quality level (loss = bits per pixel + lambda * 255^2 * MSE_YUV, CompressAI's MSE lambdas)
 DEFAULT_LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
 #: the flow enters the motion encoder divided by this (pixels)
 FLOW_SCALE = 8.0
-#: a conditional residual synthesis reads the prediction centred: pred - CONTEXT_OFFSET (pixels in [0, 1])
+#: a conditional residual synthesis or hyper synthesis reads the prediction centred: pred - CONTEXT_OFFSET (pixels
+#: in [0, 1]), packed YUV 4:2:0 (CONTEXT_CHANNELS channels at 1/2 luma resolution)
 CONTEXT_OFFSET = 0.5
+CONTEXT_CHANNELS = 6
+
+
+#: configuration fields added after codec weights had shipped: stored only where set (:meth:`CodecConfig.to_dict`)
+LATER_FIELDS = ("prior_context",)
 
 
 @dataclass
@@ -55,16 +62,22 @@ class CodecConfig:
     #: conditional reconstruction of P frames: the residual synthesis reads the motion-compensated prediction
     #: (:class:`bitalloc.codec.networks.Synthesis` ``context``); False in weights made before it existed
     residual_context: bool = False
+    #: conditional entropy model of P frames: the residual's hyper synthesis reads the motion-compensated prediction
+    #: too (:class:`bitalloc.codec.networks.ConditionalHyperSynthesis`); False in weights made before it existed
+    prior_context: bool = False
 
     @property
     def levels(self) -> int:
         return len(self.lambdas)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data; those of :data:`LATER_FIELDS` only where set, so that the configuration of weights
+        made before they existed, and the identity computed from it (:func:`bitalloc.codec.precision.model_id`, which
+        streams carry), stay as they were."""
         d = asdict(self)
         d["lambdas"] = list(self.lambdas)
         d["candidates"] = list(self.candidates) if self.candidates else None
-        return d
+        return {k: v for k, v in d.items() if v or k not in LATER_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CodecConfig":
@@ -84,13 +97,18 @@ class HyperpriorCoder(nn.Module):
     """One latent y = g_a(x) with a mean-scale hyperprior and per-level gains; x_hat = g_s(y_hat)."""
 
     def __init__(self, cin: int, cout: int, n: int, m: int, nz: int, levels: int, linear: str = "yuv",
-                 context: int = 0):
+                 context: int = 0, prior_context: int = 0):
         super().__init__()
         self.analysis = Analysis(cin, n, m, linear)
         self.synthesis = Synthesis(m, n, cout, linear, context)
         self.analysis_channels = cin
         self.hyper_analysis = HyperAnalysis(m, n, nz)
-        self.hyper_synthesis = HyperSynthesis(nz, n, m)
+        self.hyper_synthesis = (ConditionalHyperSynthesis(nz, n, m, prior_context) if prior_context
+                                else HyperSynthesis(nz, n, m))
+        #: the networks that read a context besides their input (fixed at construction: whatever replaces a network
+        #: later, a quantized or compiled version of it, is called as the original is)
+        self.conditional_parts = frozenset(p for p, c in (("synthesis", context), ("hyper_synthesis", prior_context))
+                                           if c)
         self.entropy_bottleneck = EntropyBottleneck(nz)
         self.gaussian_conditional = GaussianConditional()
         # gains: higher levels (higher quality) quantize finer. Learned in the log domain (a multiplicative
@@ -105,7 +123,8 @@ class HyperpriorCoder(nn.Module):
         self.register_buffer("gain_table", torch.zeros(2, levels, m))
         self.register_buffer("hyper_gain_table", torch.zeros(2, levels, nz))
         with torch.no_grad():  # initial scales e^1: untrained entropy parameters should not be overconfident
-            self.hyper_synthesis[-1].bias[m:] = 1.0
+            hyper = self.hyper_synthesis
+            (hyper.nonlinear if prior_context else hyper)[-1].bias[m:] = 1.0
 
     @property
     def proxy(self) -> str:
@@ -138,26 +157,45 @@ class HyperpriorCoder(nn.Module):
         self.hyper_gain_table.copy_(self.log_hyper_gain.exp())
         self.entropy_bottleneck.update()
 
-    def entropy_parameters(self, z_hat: Tensor, level: Tensor, size: tuple[int, int], *,
-                           coding: bool = False) -> tuple[Tensor, Tensor]:
-        """(mu, log_scale) of y_g from the decoded hyper-latent z_hat (gained domain)."""
-        params = self.hyper_synthesis(z_hat * self.gain("z_inv", level, coding=coding))
+    def reads_context(self, part: str) -> bool:
+        """Whether network ``part`` (e.g. "synthesis", "hyper_synthesis") is conditional: it was built with a
+        ``context`` branch and reads the context besides its input."""
+        return part in self.conditional_parts
+
+    def context_of(self, part: str, context: Tensor | None) -> Tensor | None:
+        """What network ``part`` reads besides its input: ``context`` where it is conditional, None otherwise."""
+        return context if self.reads_context(part) else None
+
+    def entropy_parameters(self, z_hat: Tensor, level: Tensor, size: tuple[int, int], *, coding: bool = False,
+                           context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mu, log_scale) of y_g from the decoded hyper-latent z_hat (gained domain); ``context``: what a
+        conditional hyper synthesis reads (ignored by a plain one)."""
+        zs = z_hat * self.gain("z_inv", level, coding=coding)
+        c = self.context_of("hyper_synthesis", context)
+        params = self.hyper_synthesis(zs) if c is None else self.hyper_synthesis(zs, c)
         params = params[..., : size[0], : size[1]]
         mu, log_scale = params.chunk(2, dim=1)
         return mu, log_scale
 
+    def synthesize(self, y_hat: Tensor, level: Tensor, context: Tensor | None = None, *,
+                   coding: bool = False) -> Tensor:
+        """x_hat = g_s(y_hat * g'_level) from the decoded latents y_hat (gained domain); ``context``: what a
+        conditional synthesis reads (ignored by a plain one)."""
+        return self.synthesis(y_hat * self.gain("y_inv", level, coding=coding), self.context_of("synthesis", context))
+
     def forward(self, x: Tensor, level: Tensor, context: Tensor | None = None) -> dict[str, Any]:
-        """Reconstruction and likelihoods of x at ``level``; ``context``: what a conditional synthesis reads."""
+        """Reconstruction and likelihoods of x at ``level``; ``context``: what a conditional synthesis or hyper
+        synthesis reads."""
         y = self.analysis(x)
         yg = y * self.gain("y", level)
         z = self.hyper_analysis(yg)
         zg = z * self.gain("z", level)
         z_hat, z_lik = self.entropy_bottleneck(zg)
-        mu, log_scale = self.entropy_parameters(z_hat, level, yg.shape[-2:])
+        mu, log_scale = self.entropy_parameters(z_hat, level, yg.shape[-2:], context=context)
         v = rounding_proxy(yg - mu, self.proxy, self.training)
         y_lik = self.gaussian_conditional.likelihood(v, log_scale)
         y_hat = ste_round(yg - mu) + mu
-        x_hat = self.synthesis(y_hat * self.gain("y_inv", level), context)
+        x_hat = self.synthesize(y_hat, level, context)
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
 
@@ -191,19 +229,22 @@ class InterCodec(nn.Module):
     """P-frame codec: motion coder (flow estimate, frame, reference -> flow_hat), warp, residual coder; with
     ``cfg.residual_context`` the residual synthesis also reads the prediction (conditional reconstruction, as the
     conditional coding of Li, Li, Lu, "Deep contextual video compression", NeurIPS 2021, at the decoder's last layer:
-    x_hat = pred + g_s(y_hat, pred))."""
+    x_hat = pred + g_s(y_hat, pred)); with ``cfg.prior_context`` the residual's hyper synthesis reads it too (a
+    conditional entropy model: DCVC's temporal prior, (mu, sigma) = h_s(z_hat, pred))."""
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
         self.motion = HyperpriorCoder(2 + 6 + 6, 2, cfg.motion_n, cfg.motion_m, cfg.motion_nz, cfg.levels, "planes:2")
-        #: whether the residual synthesis reads the prediction (``cfg.residual_context``)
-        self.conditional = bool(cfg.residual_context)
+        #: whether a residual network reads the prediction (``cfg.residual_context`` or ``cfg.prior_context``)
+        self.conditional = bool(cfg.residual_context or cfg.prior_context)
         self.residual = HyperpriorCoder(6 + 6, 6, cfg.n, cfg.m, cfg.nz, cfg.levels, "yuv",
-                                        context=6 if self.conditional else 0)
+                                        context=CONTEXT_CHANNELS if cfg.residual_context else 0,
+                                        prior_context=CONTEXT_CHANNELS if cfg.prior_context else 0)
 
     def residual_context(self, pred: Tensor) -> Tensor | None:
-        """What the residual synthesis reads besides its latents: the prediction (packed, in [0, 1]) centred,
-        pred - 1/2, for a conditional synthesis (``CodecConfig.residual_context``); None otherwise."""
+        """What the residual's decoder networks read besides their inputs: the prediction (packed, in [0, 1])
+        centred, pred - 1/2, for a conditional synthesis or hyper synthesis (``CodecConfig.residual_context``,
+        ``CodecConfig.prior_context``); None otherwise."""
         return pred - CONTEXT_OFFSET if self.conditional else None
 
     def forward(self, x: Tensor, ref: Tensor, flow_est: Tensor, level: Tensor) -> dict[str, Any]:
@@ -282,17 +323,25 @@ class VideoCodec(nn.Module):
         return loss, {k: v / t for k, v in terms.items()}
 
 
-def with_residual_context(model: VideoCodec) -> VideoCodec:
-    """``model`` with a conditional residual synthesis (``CodecConfig.residual_context``): a new float codec with
-    every weight of ``model`` and the context branch at its initialisation (its last layer zero: it reconstructs as
-    ``model`` does until trained); ``model`` itself if it has one. For float codecs (a training start)."""
+def with_context(model: VideoCodec, *, residual: bool = False, prior: bool = False) -> VideoCodec:
+    """``model`` with a conditional residual synthesis (``residual``: ``CodecConfig.residual_context``) and / or a
+    conditional residual hyper synthesis (``prior``: ``CodecConfig.prior_context``) besides what it has: a new float
+    codec with every weight of ``model`` and each new context branch at its initialisation (its last layer zero: it
+    codes as ``model`` does until trained); ``model`` itself if it has them already. For float codecs (a training
+    start)."""
     import dataclasses
 
-    if model.cfg.residual_context:
+    cfg = dataclasses.replace(model.cfg, residual_context=model.cfg.residual_context or residual,
+                              prior_context=model.cfg.prior_context or prior)
+    if cfg == model.cfg:
         return model
-    out = VideoCodec(dataclasses.replace(model.cfg, residual_context=True))
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(".synthesis.context." not in k for k in missing):
+    out = VideoCodec(cfg)
+    state = model.state_dict()
+    if cfg.prior_context and not model.cfg.prior_context:  # the plain hyper synthesis becomes the conditional one's
+        key = "inter.residual.hyper_synthesis."
+        state = {(key + "nonlinear." + k[len(key):] if k.startswith(key) else k): v for k, v in state.items()}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if unexpected or any(".synthesis.context." not in k and ".hyper_synthesis.context." not in k for k in missing):
         raise ValueError(f"cannot carry the codec's weights over ({unexpected[:3]}, {missing[:3]}): a float codec "
                          "of the same sizes is needed")
     return out.train(model.training)

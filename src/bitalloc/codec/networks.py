@@ -1,11 +1,12 @@
 """The codec's transforms: ordinary ``nn.Module``s made of Conv2d, ReLU, PixelShuffle (and GDN in encoders).
 
 Every network the *decoder* runs (synthesis, hyper synthesis, motion synthesis) is built only from ``nn.Conv2d``,
-``nn.ReLU`` and ``nn.PixelShuffle``: layers that :func:`bitalloc.prepare` quantizes, that the cost model counts,
-and that :mod:`bitalloc.runtime.integer` executes exactly in integers, so that decoding is bit-exact across
-processes and thread counts (Balle, Johnston, Minnen, "Integer networks for data compression with latent-variable
-models", ICLR 2019: the decoder-side networks, entropy parameters included, must be deterministic). ReLU and
-PixelShuffle are exact in floating point (a comparison and a copy); no transcendental function runs in a decoder.
+``nn.ReLU`` and ``nn.PixelShuffle`` (reading a context also ``nn.PixelUnshuffle`` and zero padding): layers that
+:func:`bitalloc.prepare` quantizes, that the cost model counts, and that :mod:`bitalloc.runtime.integer` executes
+exactly in integers, so that decoding is bit-exact across processes and thread counts (Balle, Johnston, Minnen,
+"Integer networks for data compression with latent-variable models", ICLR 2019: the decoder-side networks, entropy
+parameters included, must be deterministic). ReLU, the pixel shuffles and padding are exact in floating point (a
+comparison and copies); no transcendental function runs in a decoder.
 
 Encoders (analysis transforms) run only at the sender; they use the simplified GDN of Johnston et al. 2019
 ("Computationally efficient neural image compression", eq. 2): y_i = x_i / (beta_i + sum_j gamma_ij |x_j|), a
@@ -214,6 +215,42 @@ class HyperSynthesis(nn.Sequential):
         super().__init__(SubpixelUp(nz, n), nn.ReLU(),
                          SubpixelUp(n, n), nn.ReLU(),
                          nn.Conv2d(n, 2 * m, 3, padding=1))
+
+
+class ConditionalHyperSynthesis(nn.Module):
+    """A hyper synthesis that also reads a context at 1/2 luma resolution (the P-frame residual coder of a codec with
+    ``CodecConfig.prior_context``: the motion-compensated prediction, centred): the entropy parameters of the
+    residual's latents depend on the prediction as well as on the hyper-latent (the temporal prior of Li, Li, Lu,
+    "Deep contextual video compression", NeurIPS 2021, section 3.3, here added to the hyper synthesis' last hidden
+    layer).
+
+    The context enters through ``PixelUnshuffle(8)`` (each 16x16 luma block's 384 packed values at the latents'
+    resolution, a copy), a 1x1 conv + ReLU and a 3x3 conv initialised to zero; its output is padded with zeros to
+    the hidden layer's size (the hidden layer covers the hyper-latent's grid, 4 ceil(h / 4) rows for h rows of
+    latents) and added before the last conv: (mu, log_scale) = H_out(H_hidden(z) + pad(C(c))). Zero-initialised, it
+    starts as the plain hyper synthesis (``nonlinear``, a :class:`HyperSynthesis` with the same weights)."""
+
+    def __init__(self, nz: int, n: int, m: int, context: int):
+        super().__init__()
+        self.nonlinear = HyperSynthesis(nz, n, m)
+        self.context = nn.Sequential(nn.PixelUnshuffle(8), nn.Conv2d(64 * context, n, 1), nn.ReLU(),
+                                     _zero(nn.Conv2d(n, n, 3, padding=1)))
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is None:
+            raise ValueError("this hyper synthesis reads a context (the prediction): pass it")
+        *layers, out = self.nonlinear
+        for layer in layers:
+            z = layer(z)
+        return out(z + pad_to(self.context(context), z))
+
+
+def pad_to(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` padded with zeros at the bottom and right to the spatial size of ``like`` (a copy: exact in integers)."""
+    dh, dw = like.shape[-2] - x.shape[-2], like.shape[-1] - x.shape[-1]
+    if dh < 0 or dw < 0:
+        raise ValueError(f"a context of {tuple(x.shape[-2:])} does not fit a hidden layer of {tuple(like.shape[-2:])}")
+    return F.pad(x, (0, dw, 0, dh)) if dh or dw else x
 
 
 # ---- frames as tensors ------------------------------------------------------------------------------------------

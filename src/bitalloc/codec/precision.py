@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from bitalloc.codec.model import CodecConfig, HyperpriorCoder, VideoCodec
+from bitalloc.codec.model import CONTEXT_CHANNELS, CodecConfig, HyperpriorCoder, VideoCodec
 from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
 from bitalloc.errors import CheckpointError
 
@@ -52,22 +52,24 @@ FRAME_CODERS = {"I": ("intra",), "P": ("motion", "residual")}
 def network_input(coder: HyperpriorCoder, part: str, luma: int = 64,
                   width: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """A zero input of network ``part`` of ``coder`` for a padded frame of ``luma`` x ``width`` luma pixels
-    (multiples of 16; ``width`` default: square); for a conditional synthesis the tuple (latents, context)."""
+    (multiples of 16; ``width`` default: square); for a conditional synthesis or hyper synthesis the tuple (its
+    input, the context: a packed frame at 1/2 luma resolution)."""
     h, w = luma, luma if width is None else width
     m, nz = coder.log_gain.shape[-1], coder.log_hyper_gain.shape[-1]
     if part == "analysis":
         return torch.zeros(1, coder.analysis_channels, h // 2, w // 2)
     channels, scale = {"hyper_analysis": (m, 16), "synthesis": (m, 16), "hyper_synthesis": (nz, 64)}[part]
     x = torch.zeros(1, channels, -(-h // scale), -(-w // scale))
-    context = coder.synthesis.context if part == "synthesis" else None
-    return x if context is None else (x, torch.zeros(1, context[0].in_channels, h // 2, w // 2))
+    if not coder.reads_context(part):
+        return x
+    return x, torch.zeros(1, CONTEXT_CHANNELS, h // 2, w // 2)
 
 
 #: layers that read decoded latents get 16-bit inputs (latents span a wide range at fine steps: an 8-bit grid would
 #: add noise comparable to the finest quantization step); the inverse block transform has 16-bit weights too
 WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 16},
                              "re:^nonlinear\\.0$": {"act.bits": 16}},
-               "hyper_synthesis": {"re:^0\\.0$": {"act.bits": 16}}}
+               "hyper_synthesis": {"re:^(nonlinear\\.)?0\\.0$": {"act.bits": 16}}}
 
 #: with dynamic precision, layers that keep one fixed grid (min-max calibrated) whatever widths a frame signals, as
 #: bitalloc keeps first layers at 8 bits elsewhere: at 8 bits those that read an encoder's input (the frame or the
@@ -80,9 +82,10 @@ WIDE_LAYERS = {"synthesis": {"re:^linear\\.0$": {"weight.bits": 16, "act.bits": 
 #: elsewhere (2,946 against 2,862 bytes at level 1, 17,126 against 17,046 at level 7, -0.08 dB), where at 8 bits
 #: it would be a quarter of a {2,4,8} codec's Bit-FLOPs. WIDE_LAYERS win where both match.
 FIXED_LAYERS = {"analysis": ("re:^linear\\.1$", "re:^nonlinear\\.0$"), "hyper_synthesis": ("*",)}
-#: with dynamic precision, the layer of a conditional synthesis that reads the prediction (a frame) keeps a fixed
-#: 8-bit grid too, as the analysis' first layers do (:data:`FIXED_LAYERS`)
-CONTEXT_FIXED_LAYER = "re:^context\\.0$"
+#: with dynamic precision, the layer of a conditional synthesis or hyper synthesis that reads the prediction (a frame:
+#: the first convolution of its context branch) keeps a fixed 8-bit grid too, as the analysis' first layers do
+#: (:data:`FIXED_LAYERS`), also where the rest of the hyper synthesis has narrower fixed grids
+CONTEXT_FIXED_LAYERS = {"synthesis": "re:^context\\.0$", "hyper_synthesis": "re:^context\\.1$"}
 
 #: with dynamic precision, networks that stay in float: the hyper analysis. It runs only at the sender (its output,
 #: the hyper-latent, is rounded and written to the stream, so decoding does not depend on its arithmetic), at 1/16 to

@@ -49,14 +49,15 @@ def objective(coder: HyperpriorCoder, yg: Tensor, zg: Tensor, level: int, target
               context: Tensor | None = None) -> Tensor:
     """J(y_g, z_g) of the module docstring for one sample ([1, C, h, w] latents; ``target`` [1, C_out, H, W]):
     bits per luma pixel + ``lam`` * 255^2 * D. Rounding is straight-through; the decoder networks run as they are
-    (fake-quantized float for a quantized codec); ``context``: what a conditional synthesis reads."""
+    (fake-quantized float for a quantized codec); ``context``: what a conditional synthesis or hyper synthesis
+    reads."""
     lv = torch.tensor([level])
     z_hat = ste_round(zg)
     bits = -torch.log2(coder.entropy_bottleneck.likelihood(z_hat)).sum()
-    mu, log_scale = coder.entropy_parameters(z_hat, lv, tuple(yg.shape[-2:]), coding=True)
+    mu, log_scale = coder.entropy_parameters(z_hat, lv, tuple(yg.shape[-2:]), coding=True, context=context)
     v = ste_round(yg - mu)
     bits = bits - torch.log2(coder.gaussian_conditional.likelihood(v, log_scale)).sum()
-    x_hat = coder.synthesis((v + mu) * coder.gain("y_inv", lv, coding=True), context)
+    x_hat = coder.synthesize(v + mu, lv, context, coding=True)
     x_hat = x_hat[..., : target.shape[-2], : target.shape[-1]]
     pixels = 4 * target.shape[-2] * target.shape[-1]  # packed YUV 4:2:0: four luma pixels per position
     return bits / pixels + lam * 255.0**2 * weighted_mse(x_hat, target).sum()

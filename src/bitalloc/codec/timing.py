@@ -75,6 +75,7 @@ from torch import Tensor, nn
 
 from bitalloc.codec.frames import YUVFrames
 from bitalloc.codec.model import CodecConfig, VideoCodec
+from bitalloc.codec.networks import pad_to
 from bitalloc.codec.precision import coders, decoder_networks, decoder_quant_configs, freeze_decoders, quantize_decoders
 from bitalloc.errors import ConfigError
 from bitalloc.model.layers import QuantLayer, quant_layers
@@ -129,7 +130,8 @@ def untrained_codec(cfg: CodecConfig | None = None, *, seed: int = 0) -> VideoCo
     with torch.no_grad():
         for coder in coders(model).values():
             coder.log_hyper_gain[0].fill_(math.log(30.0))
-            branches = (coder.analysis.nonlinear, coder.synthesis.nonlinear, coder.synthesis.context)
+            branches = (coder.analysis.nonlinear, coder.synthesis.nonlinear, coder.synthesis.context,
+                        getattr(coder.hyper_synthesis, "context", None))
             for branch in (b for b in branches if b is not None):
                 last = branch[-1]
                 nn.init.normal_(last.weight, std=0.05 / math.sqrt(last.weight[0].numel()))
@@ -547,26 +549,29 @@ def torch_int8_chain(seq: nn.Module, x: Tensor, engine: str, *, output_points: b
     return TorchInt8Chain(stages, engine), n_int8
 
 
-class ConditionalInt8Synthesis(nn.Module):
-    """A conditional synthesis (:class:`bitalloc.codec.networks.Synthesis` with a context) on PyTorch's quantized
-    kernels: x_hat = L^T(y) + S_out(S_hidden(y) + C(c)), with S_hidden, C and S_out each a :class:`TorchInt8Chain`
+class ConditionalInt8Network(nn.Module):
+    """A conditional decoder network (:class:`bitalloc.codec.networks.Synthesis` or
+    :class:`~bitalloc.codec.networks.ConditionalHyperSynthesis` with a context) on PyTorch's quantized kernels:
+    out = [L^T(y) +] S_out(S_hidden(y) + pad(C(c))), with S_hidden, C and S_out each a :class:`TorchInt8Chain`
     (S_hidden and C end on min-max uint8 grids of their outputs; their sum enters S_out on its input grid, as in the
-    fake-quant network) and the 16-bit linear branch L^T fake-quant float."""
+    fake-quant network) and a synthesis' 16-bit linear branch L^T fake-quant float (None for a hyper synthesis)."""
 
-    def __init__(self, linear: nn.Module, hidden: nn.Module, context: nn.Module, out: nn.Module):
+    def __init__(self, linear: nn.Module | None, hidden: nn.Module, context: nn.Module, out: nn.Module):
         super().__init__()
         self.linear, self.hidden, self.context, self.out = linear, hidden, context, out
 
     def forward(self, y: Tensor, context: Tensor) -> Tensor:
-        return self.linear(y) + self.out(self.hidden(y) + self.context(context))
+        h = self.hidden(y)
+        out = self.out(h + pad_to(self.context(context), h))
+        return out if self.linear is None else self.linear(y) + out
 
 
 def torch_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], engine: str, *,
                        output_points: bool = True) -> tuple[nn.Module, int]:
     """A frozen quantized decoder network on PyTorch's quantized kernels: an ``nn.Sequential`` becomes one
     :func:`torch_int8_chain`; the synthesis' nonlinear branch likewise (its 16-bit linear branch stays fake-quant
-    float); a conditional synthesis (a second input joining the nonlinear branch before its last layer) becomes a
-    :class:`ConditionalInt8Synthesis`. Returns the network and its number of int8 convolutions."""
+    float); a conditional synthesis or hyper synthesis (a second input joining the nonlinear branch before its last
+    layer) becomes a :class:`ConditionalInt8Network`. Returns the network and its number of int8 convolutions."""
     prev = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
@@ -580,13 +585,16 @@ def torch_int8_network(qnet: nn.Module, x: tuple[Tensor, ...], engine: str, *,
                     m.nonlinear, n = torch_int8_chain(qnet.nonlinear, x[0], engine, output_points=output_points)
                     return m, n
                 y, c = x
+                *layers, last = qnet.nonlinear
+                hidden_net, last_net = nn.Sequential(*layers), nn.Sequential(last)
                 with torch.no_grad():
-                    joined = qnet.nonlinear[:-1](y) + qnet.context(c)
-                parts = (torch_int8_chain(qnet.nonlinear[:-1], y, engine, output_points=output_points),
+                    hidden = hidden_net(y)
+                    joined = hidden + pad_to(qnet.context(c), hidden)
+                parts = (torch_int8_chain(hidden_net, y, engine, output_points=output_points),
                          torch_int8_chain(qnet.context, c, engine, output_points=output_points),
-                         torch_int8_chain(qnet.nonlinear[-1:], joined, engine, output_points=output_points))
-                return (ConditionalInt8Synthesis(copy.deepcopy(qnet.linear), *(p[0] for p in parts)),
-                        sum(p[1] for p in parts))
+                         torch_int8_chain(last_net, joined, engine, output_points=output_points))
+                linear = copy.deepcopy(qnet.linear) if hasattr(qnet, "linear") else None
+                return ConditionalInt8Network(linear, *(p[0] for p in parts)), sum(p[1] for p in parts)
     finally:
         torch.backends.quantized.engine = prev
     raise ConfigError(f"torch int8: no conversion for a {type(qnet).__name__} network")

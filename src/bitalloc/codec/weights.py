@@ -93,7 +93,7 @@ def _widths(spec: dict[str, Any] | None) -> str:
 def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
     """Every layer of every network of the codec: quantized or float, its widths (weights, activations; ``4/8/16``
     = a per-frame choice among the candidates) and why."""
-    from bitalloc.codec.precision import (ALL_PARTS, CONTEXT_FIXED_LAYER, DECODER_PARTS, FIXED_LAYERS, WIDE_LAYERS,
+    from bitalloc.codec.precision import (ALL_PARTS, CONTEXT_FIXED_LAYERS, DECODER_PARTS, FIXED_LAYERS, WIDE_LAYERS,
                                           coders)
     from bitalloc.config import match_pattern
     from bitalloc.model.prepare import prepare_info
@@ -121,12 +121,12 @@ def layer_table(model: VideoCodec) -> list[dict[str, Any]]:
                     why = "region LSQ: the ROI and the rest each at the width the frame signals"
                 elif any(match_pattern(p, r.name, r.type) for p in WIDE_LAYERS.get(part, {})):
                     why = "reads decoded latents: fixed 16-bit input grid (WIDE_LAYERS)"
+                elif part in CONTEXT_FIXED_LAYERS and match_pattern(CONTEXT_FIXED_LAYERS[part], r.name, r.type):
+                    why = "fixed grid (CONTEXT_FIXED_LAYERS): reads the prediction"
                 elif any(match_pattern(p, r.name, r.type) for p in FIXED_LAYERS.get(part, ())):
                     why = ("fixed grid (FIXED_LAYERS): "
                            + ("reads the frame or residual" if part == "analysis"
                               else "hyper synthesis (the entropy model's scales)"))
-                elif part == "synthesis" and match_pattern(CONTEXT_FIXED_LAYER, r.name, r.type):
-                    why = "fixed grid (CONTEXT_FIXED_LAYER): reads the prediction"
                 else:
                     why = "decoder network at the codec's precision"
                 rows.append({"network": f"{cname}.{part}", "layer": r.name, "type": r.type, "status": r.status,

@@ -210,6 +210,10 @@ def add_train_args(p: Any) -> None:
                    help="conditional reconstruction of P frames: the residual synthesis reads the motion-compensated "
                         "prediction (a context branch added to a codec from --init, starting at zero so that it codes as "
                         "before; or part of a fresh codec)")
+    p.add_argument("--prior-context", action="store_true",
+                   help="conditional entropy model of P frames: the residual's hyper synthesis reads the motion-"
+                        "compensated prediction (a context branch added to a codec from --init, starting at zero so "
+                        "that it codes as before; or part of a fresh codec)")
     p.add_argument("--steps", type=int, help="optimizer steps (default per stage: intra 20000, inter 6000, joint 2000, "
                                              "qat 1000)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -285,7 +289,7 @@ def build_stage_model(args: Any) -> Any:
     """The codec a stage starts from: fresh, or --init (and --init-inter); quantized for qat."""
     import json
 
-    from bitalloc.codec.model import build_codec, with_residual_context
+    from bitalloc.codec.model import build_codec, with_context
 
     if args.codec_config and args.init:
         raise ConfigError("--codec-config sets the sizes of a fresh codec; --init already gives one: drop one of them")
@@ -298,13 +302,13 @@ def build_stage_model(args: Any) -> Any:
             raise ConfigError(f"--codec-config {args.codec_config!r} is not a JSON object of CodecConfig fields ({exc})"
                               ) from None
     model = load_float_start(args.init) if args.init else build_codec(**kwargs)
-    if args.residual_context:
-        model = with_residual_context(model)
+    model = with_context(model, residual=args.residual_context, prior=args.prior_context)
     if args.init_inter:
         other = load_float_start(args.init_inter)
-        if other.cfg.residual_context or model.cfg.residual_context:
-            # the intra codec of one with the P-frame codec of another that has the branch (or gets it now)
-            model, other = with_residual_context(model), with_residual_context(other)
+        # the intra codec of one with the P-frame codec of another that has a context branch (or gets it now)
+        branches = {"residual": model.cfg.residual_context or other.cfg.residual_context,
+                    "prior": model.cfg.prior_context or other.cfg.prior_context}
+        model, other = with_context(model, **branches), with_context(other, **branches)
         if other.cfg != model.cfg:
             raise ConfigError(f"--init-inter {args.init_inter} has another codec configuration than --init; give "
                               "checkpoints of the same codec")
@@ -343,9 +347,11 @@ def run_train_cli(args: Any) -> int:
     if args.stage == "ptq" and (args.steps or args.out or args.resume):
         raise ConfigError("--stage ptq calibrates without training and writes only --ship: drop --steps / --out / "
                           "--resume (or use --stage qat)")
-    if args.residual_context and args.stage in ("ptq", "encoder"):
-        raise ConfigError(f"--residual-context adds a branch that needs training; --stage {args.stage} does not train "
-                          "the decoder: give it with --stage inter or joint (the codec it makes keeps the branch)")
+    for flag in ("residual_context", "prior_context"):
+        if getattr(args, flag) and args.stage in ("ptq", "encoder"):
+            raise ConfigError(f"--{flag.replace('_', '-')} adds a branch that needs training; --stage {args.stage} does "
+                              "not train the decoder: give it with --stage inter or joint (the codec it makes keeps "
+                              "the branch)")
     if args.freeze_codec and args.stage != "dynamic":
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
     if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
