@@ -193,16 +193,6 @@ def parse_variants(text: str, candidates: Sequence[int]) -> list[tuple[int, int]
 
 # ---- cost -------------------------------------------------------------------------------------------------------
 
-def network_example(coder: Any, part: str, hp: int, wp: int) -> torch.Tensor:
-    """A zero input of network ``part`` of ``coder`` for a padded hp x wp luma frame (the shapes coding uses)."""
-    m, nz = coder.log_gain.shape[-1], coder.log_hyper_gain.shape[-1]
-    if part == "analysis":
-        return torch.zeros(1, coder.analysis_channels, hp // 2, wp // 2)
-    if part in ("hyper_analysis", "synthesis"):
-        return torch.zeros(1, m, hp // 16, wp // 16)
-    return torch.zeros(1, nz, -(-hp // 64), -(-wp // 64))
-
-
 class CostTable:
     """Per frame, the cost of its ROI and of the rest at each width, summed over the networks the frame type runs
     (:func:`bitalloc.codec.cost.region_cost`). The reference masks are the latent masks the stream carries, blown
@@ -213,7 +203,7 @@ class CostTable:
 
     def __init__(self, model: Any, masks16: np.ndarray, kinds: Sequence[str], widths: Sequence[int] | None):
         from bitalloc.codec.cost import RegionCost, region_cost
-        from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, coders
+        from bitalloc.codec.precision import ALL_PARTS, DECODER_PARTS, coders, network_input
 
         big = torch.from_numpy(np.kron(np.asarray(masks16, dtype=bool), np.ones((16, 16), dtype=bool)))
         hp, wp = big.shape[1:]
@@ -230,7 +220,7 @@ class CostTable:
                 if not idx:
                     continue
                 for part in ALL_PARTS:
-                    costs = region_cost(getattr(coder, part), network_example(coder, part, hp, wp),
+                    costs = region_cost(getattr(coder, part), network_input(coder, part, hp, wp),
                                         big[idx], b, b)
                     for t, fc in zip(idx, costs):
                         for s in SCOPES if part in DECODER_PARTS else ("all",):

@@ -162,15 +162,20 @@ def test_matched_pair_variants_and_frame_kinds():
     assert "".join(bench.frame_kinds(7, 3)) == "IPPIPPI" and "".join(bench.frame_kinds(3, -1)) == "IPP"
 
 
-def test_cost_table_matches_region_cost(dyn_coder):
-    """The table's per-frame cost is region_cost's, per network, summed over the networks of the frame type."""
+@pytest.mark.parametrize("flags", [(), ("residual_context", "prior_context")])
+def test_cost_table_matches_region_cost(flags):
+    """The table's per-frame cost is region_cost's, per network, summed over the networks of the frame type; also
+    for a codec whose synthesis and hyper synthesis read the prediction (their inputs are tuples with it)."""
+    import dataclasses
+
     import torch
 
     from bitalloc.codec.cost import region_cost
-    from bitalloc.codec.precision import ALL_PARTS, coders
+    from bitalloc.codec.precision import ALL_PARTS, coders, network_input
+    from tests.codec_util import TINY
 
     bench = _bench()
-    model = dyn_coder.model
+    model = tiny_dynamic_codec(cfg=dataclasses.replace(TINY, **{f: True for f in flags}))
     rng = np.random.default_rng(2)
     m16 = rng.random((2, 3, 4)) < 0.5
     table = bench.CostTable(model, m16, ["I", "P"], model.cfg.candidates)
@@ -180,13 +185,17 @@ def test_cost_table_matches_region_cost(dyn_coder):
         for name in names:
             coder = coders(model)[name]
             for part in ALL_PARTS:
-                fc = region_cost(getattr(coder, part), bench.network_example(coder, part, 48, 64), big[t:t + 1], 16, 4)
+                fc = region_cost(getattr(coder, part), network_input(coder, part, 48, 64), big[t:t + 1], 16, 4)
                 want += fc[0].total.bit_flops
         assert table.frame(t, 16, 4)["all"]["bit_flops"] == pytest.approx(want, rel=1e-9)
     # a_6 = BOPs / 16 and, for all-quantized networks, SPEC = BOPs / 64
     row = table.frame(1, 8, 8)["all"]
     assert row["bit_flops_a6"] == pytest.approx(row["bops"] / 16)
     assert table.frame(0, 16, 4)["decoder"]["bit_flops"] < table.frame(0, 16, 4)["all"]["bit_flops"]
+    if flags:  # the context branches are counted: P frames cost more than the plain codec's, I frames the same
+        plain = bench.CostTable(tiny_dynamic_codec(), m16, ["I", "P"], model.cfg.candidates)
+        assert table.frame(0, 8, 8)["all"]["macs"] == plain.frame(0, 8, 8)["all"]["macs"]
+        assert table.frame(1, 8, 8)["decoder"]["macs"] > plain.frame(1, 8, 8)["decoder"]["macs"]
 
 
 def test_cost_table_masks_are_the_run_time_masks():
