@@ -47,8 +47,9 @@ def test_all_stages_then_encode_with_the_shipped_weights(data, tmp_path):
                   "--codec-config", SIZES, "--out", str(intra)) == 0
     assert _train("--stage", "inter", "--videos", str(video), "--steps", "2", "--init", str(intra),
                   "--out", str(inter)) == 0
-    assert _train("--stage", "joint", "--videos", str(video), "--steps", "2", "--init", str(intra),
-                  "--init-inter", str(inter), "--out", str(joint)) == 0
+    # images (40x52) join clips of several frames as synthetic pans (crop 32 + pan 8 fits)
+    assert _train("--stage", "joint", "--videos", str(video), "--images", str(d / "images"), "--image-share", "0.5",
+                  "--steps", "2", "--init", str(intra), "--init-inter", str(inter), "--out", str(joint)) == 0
     assert _train("--stage", "qat", "--videos", str(video), "--steps", "2", "--init", str(joint),
                   "--out", str(qat), "--ship", str(ship)) == 0
     log = [json.loads(line) for line in Path(str(qat) + ".jsonl").read_text().splitlines()]
@@ -106,5 +107,12 @@ def test_stage_options_are_checked(data, tmp_path, capsys):
                   "--ship", str(tmp_path / "s.pt")) == 2
     assert "drop --steps" in capsys.readouterr().err
     assert _train("--stage", "intra", "--videos", str(video), "--frames", "2", "--out", str(tmp_path / "x.pt")) == 2
+    for bad, message in ((["--image-pan", "3"], "even number"), (["--image-pan", "0"], "--image-pan > 0")):
+        assert _train("--stage", "inter", "--videos", str(video), "--images", str(d / "images"), *bad,
+                      "--out", str(tmp_path / "p.pt")) == 2
+        assert message in capsys.readouterr().err
+    assert _train("--stage", "ptq", "--videos", str(video), "--images", str(d / "images"), "--init",
+                  str(tmp_path / "j.pt"), "--ship", str(tmp_path / "s.pt")) == 2
+    assert "drop --images" in capsys.readouterr().err
     assert _train("--stage", "intra", "--videos", str(video), "--codec-config", "{bad", "--out",
                   str(tmp_path / "y.pt")) == 2

@@ -74,18 +74,33 @@ class ClipDataset(Dataset):
     there too (default one half: the video sources of the reference training set have 6x the images' area and are
     smoother, already compressed content; the intra codec is evaluated on images too); ``samples``: items per
     epoch; ``levels``: quality levels drawn uniformly.
+
+    ``pan`` P > 0 (with ``frames`` > 1): images serve multi-frame clips too, as a synthetic camera pan: one
+    velocity (dy, dx) per clip, even integers drawn uniformly from [-P, P] luma pixels per frame, and frame t the
+    window shifted by t (dy, dx) inside the image (so every frame is real image content and the motion between
+    frames is that translation, in whole chroma pixels). Images need crop + P (frames - 1) pixels on each side.
     """
 
     def __init__(self, sources: Sequence[YUVFrames], *, crop: int = 128, frames: int = 1, samples: int = 4096,
-                 levels: int = 8, image_share: float | None = 0.5):
+                 levels: int = 8, image_share: float | None = 0.5, pan: int = 0):
         if crop % 16:
             raise ValueError(f"crop={crop} must be a multiple of 16")
-        usable = [s for s in sources if len(s) >= frames and s.height >= crop and s.width >= crop]
+        if pan < 0:
+            raise ValueError(f"pan={pan} must be >= 0 (pixels per frame)")
+        self.pan = pan if frames > 1 else 0
+        reach = crop + self.pan * (frames - 1)  # the pixels a panned clip of an image spans on each side
+
+        def fits(s: YUVFrames) -> bool:
+            if len(s) == 1 and self.pan:
+                return s.height >= reach and s.width >= reach
+            return len(s) >= frames and s.height >= crop and s.width >= crop
+
+        usable = [s for s in sources if fits(s)]
         if not usable:
             raise DataError(f"no source has {frames} frames of at least {crop}x{crop} pixels; lower --crop")
         self.sources = usable
         self.crop, self.frames, self.samples, self.levels = crop, frames, samples, levels
-        w = np.array([(len(s) - frames + 1) * s.height * s.width for s in usable], dtype=np.float64)
+        w = np.array([(max(len(s) - frames, 0) + 1) * s.height * s.width for s in usable], dtype=np.float64)
         images = np.array([len(s) == 1 for s in usable])
         if image_share is not None and images.any() and not images.all():
             # images (one-frame sources) get image_share of the samples, videos the rest (by area within each)
@@ -98,18 +113,39 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         s = self.sources[int(torch.multinomial(self.weights, 1))]
-        t0 = int(torch.randint(0, len(s) - self.frames + 1, ()))
-        top = int(torch.randint(0, (s.height - self.crop) // 2 + 1, ())) * 2
-        left = int(torch.randint(0, (s.width - self.crop) // 2 + 1, ())) * 2
-        c, hc = self.crop, self.crop // 2
-        y = torch.from_numpy(s.y[t0:t0 + self.frames, top:top + c, left:left + c].astype(np.float32))
-        u = torch.from_numpy(s.u[t0:t0 + self.frames, top // 2:top // 2 + hc, left // 2:left // 2 + hc].astype(np.float32))
-        v = torch.from_numpy(s.v[t0:t0 + self.frames, top // 2:top // 2 + hc, left // 2:left // 2 + hc].astype(np.float32))
-        clip = pack_yuv(y / 255.0, u / 255.0, v / 255.0)
+        if len(s) == 1 and self.frames > 1:
+            clip = self._panned(s)
+        else:
+            t0 = int(torch.randint(0, len(s) - self.frames + 1, ()))
+            top = int(torch.randint(0, (s.height - self.crop) // 2 + 1, ())) * 2
+            left = int(torch.randint(0, (s.width - self.crop) // 2 + 1, ())) * 2
+            clip = self._windows(s, [(t0 + t, top, left) for t in range(self.frames)])
         if bool(torch.rand(()) < 0.5):
             clip = pack_yuv(*(p.flip(-1) for p in _unpack(clip)))
         level = torch.randint(0, self.levels, ())
         return clip, level
+
+    def _windows(self, s: YUVFrames, where: Sequence[tuple[int, int, int]]) -> Tensor:
+        """Packed [T, 6, crop/2, crop/2] clip of the windows (frame, top, left) of ``s`` (top, left even)."""
+        c, hc = self.crop, self.crop // 2
+        y = np.stack([s.y[t, top:top + c, left:left + c] for t, top, left in where]).astype(np.float32)
+        u = np.stack([s.u[t, top // 2:top // 2 + hc, left // 2:left // 2 + hc] for t, top, left in where])
+        v = np.stack([s.v[t, top // 2:top // 2 + hc, left // 2:left // 2 + hc] for t, top, left in where])
+        return pack_yuv(torch.from_numpy(y) / 255.0, torch.from_numpy(u.astype(np.float32)) / 255.0,
+                        torch.from_numpy(v.astype(np.float32)) / 255.0)
+
+    def _panned(self, s: YUVFrames) -> Tensor:
+        """A synthetic pan over image ``s``: frame t is the window at (top + t dy, left + t dx)."""
+        half = self.pan // 2
+        dy, dx = (int(torch.randint(-half, half + 1, ())) * 2 for _ in range(2))
+        span = self.frames - 1
+
+        def start(size: int, d: int) -> int:
+            lo, hi = max(0, -d * span), size - self.crop - max(0, d * span)  # every window inside the image
+            return lo + int(torch.randint(0, (hi - lo) // 2 + 1, ())) * 2
+
+        top, left = start(s.height, dy), start(s.width, dx)
+        return self._windows(s, [(0, top + t * dy, left + t * dx) for t in range(self.frames)])
 
 
 def _unpack(clip: Tensor) -> tuple[Tensor, Tensor, Tensor]:

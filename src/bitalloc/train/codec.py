@@ -156,7 +156,7 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
-                image_share: float | None = 0.5, callbacks: tuple = (), freeze_codec: bool = False,
+                image_share: float | None = 0.5, pan: int = 0, callbacks: tuple = (), freeze_codec: bool = False,
                 selector_lr_scale: float = SELECTOR_LR_SCALE, encoder_only: bool = False) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
@@ -164,7 +164,7 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
     from bitalloc.train.loop import fit
 
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
-                       image_share=image_share)
+                       image_share=image_share, pan=pan)
     objective = CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
                                selector_lr_scale=selector_lr_scale, encoder_only=encoder_only)
     return fit(model, data, None, cfg, objective=objective, callbacks=callbacks)
@@ -199,7 +199,8 @@ def add_train_args(p: Any) -> None:
                         "shipped ones) trained against their fixed decoder with rounding as coding does it (the "
                         "decoder, its tables and the streams it reads do not change), shipped with --ship")
     p.add_argument("--videos", nargs="*", default=[], help="training videos (random crops of consecutive frames)")
-    p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out)")
+    p.add_argument("--images", help="folder or zip of training images (ImageFolder layout; every 10th held out); in "
+                   "stages of clips of several frames each image makes clips by a synthetic pan (--image-pan)")
     p.add_argument("--out", help="training checkpoint (resumable with --resume); every stage but ptq")
     p.add_argument("--init", help="start from this checkpoint (its whole codec), or from codec weights (--ship "
                    "output, e.g. the shipped ones: their float weights)")
@@ -223,8 +224,10 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--crop", type=int, default=128, help="crop size in luma pixels (multiple of 16)")
     p.add_argument("--frames", type=int, help="frames per clip (default per stage: 1, 2, 3, 3)")
     p.add_argument("--samples-per-epoch", type=int, help="clips per epoch (8000 intra, 4000 otherwise)")
-    p.add_argument("--image-share", default="0.5", help="intra: share of the samples drawn from --images when "
-                                                        "--videos are given too (default 0.5; 'area' = by area)")
+    p.add_argument("--image-share", default="0.5", help="share of the samples drawn from --images when --videos are "
+                                                        "given too (default 0.5; 'area' = by area)")
+    p.add_argument("--image-pan", type=int, default=8, help="clips of several frames from --images: a pan of up to "
+                   "this many luma pixels per frame in each direction, one random velocity per clip (default 8)")
     p.add_argument("--bits", type=int, default=8, help="qat: bits of the decoder networks' weights and activations")
     p.add_argument("--ship", help="qat / dynamic: write the codec weights here (what encode / decode load)")
     p.add_argument("--gamma", type=float, help="dynamic: weight of the relative Bit-FLOPs in the loss "
@@ -336,6 +339,14 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError("give training data: --videos and/or --images")
     if args.stage not in ("intra", "encoder") and not args.videos:
         raise ConfigError(f"--stage {args.stage} trains on video: give --videos")
+    if args.image_pan < 0 or args.image_pan % 2:
+        raise ConfigError(f"--image-pan {args.image_pan}: give an even number of luma pixels >= 0 (whole chroma "
+                          "pixels)")
+    if args.images and args.stage == "ptq":
+        raise ConfigError("--stage ptq calibrates on --videos only: drop --images")
+    if args.images and frames > 1 and not args.image_pan:
+        raise ConfigError(f"--images with clips of {frames} frames needs --image-pan > 0 (images have one frame): "
+                          "give --image-pan 8, or drop --images")
     if args.stage in SHIPPING and not args.ship:
         raise ConfigError(f"--stage {args.stage} writes the codec weights: give --ship FILE")
     if args.ship and args.stage not in SHIPPING:
@@ -361,7 +372,7 @@ def run_train_cli(args: Any) -> int:
     if (args.gamma is None) != (args.stage != "dynamic"):
         raise ConfigError("--gamma belongs to --stage dynamic (and that stage needs it)")
     model = encoder_stage_model(args.init) if args.stage == "encoder" else build_stage_model(args)
-    sources = codec_sources(args.videos, args.images if args.stage in ("intra", "encoder") else None)
+    sources = codec_sources(args.videos, args.images)
     if args.stage == "ptq":  # bitalloc's post-training path: calibrated min-max grids, frozen, shipped
         quantize_decoders(model, decoder_quant_configs(args.bits, "fixed"))
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
@@ -386,7 +397,8 @@ def run_train_cli(args: Any) -> int:
                       dataset="codec-clips")
     samples = args.samples_per_epoch or (8000 if args.stage == "intra" else 4000)
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
-                gamma=args.gamma, image_share=_share(args.image_share), freeze_codec=args.freeze_codec,
+                gamma=args.gamma, image_share=_share(args.image_share), pan=args.image_pan,
+                freeze_codec=args.freeze_codec,
                 selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE, encoder_only=args.stage == "encoder")
     if args.stage in ("qat", "dynamic", "encoder"):
         if args.stage == "qat":
