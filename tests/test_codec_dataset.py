@@ -63,8 +63,8 @@ def test_panned_image_clips_are_translations_inside_the_image():
 
 
 def test_images_serve_multi_frame_clips_only_with_a_pan():
-    video = YUVFrames(*(np.concatenate([p] * 4) for p in (_image(32, 32, 1).y, _image(32, 32, 1).u,
-                                                         _image(32, 32, 1).v)), fps=25.0)
+    still = _image(32, 32, 1)
+    video = YUVFrames(*(np.concatenate([p] * 4) for p in (still.y, still.u, still.v)), fps=25.0)
     img = _image(40, 40, 2)
     with pytest.raises(DataError, match="frames"):
         ClipDataset([img], crop=16, frames=2)

@@ -117,8 +117,7 @@ class ClipDataset(Dataset):
             clip = self._panned(s)
         else:
             t0 = int(torch.randint(0, len(s) - self.frames + 1, ()))
-            top = int(torch.randint(0, (s.height - self.crop) // 2 + 1, ())) * 2
-            left = int(torch.randint(0, (s.width - self.crop) // 2 + 1, ())) * 2
+            top, left = self._start(s.height), self._start(s.width)
             clip = self._windows(s, [(t0 + t, top, left) for t in range(self.frames)])
         if bool(torch.rand(()) < 0.5):
             clip = pack_yuv(*(p.flip(-1) for p in _unpack(clip)))
@@ -128,23 +127,23 @@ class ClipDataset(Dataset):
     def _windows(self, s: YUVFrames, where: Sequence[tuple[int, int, int]]) -> Tensor:
         """Packed [T, 6, crop/2, crop/2] clip of the windows (frame, top, left) of ``s`` (top, left even)."""
         c, hc = self.crop, self.crop // 2
-        y = np.stack([s.y[t, top:top + c, left:left + c] for t, top, left in where]).astype(np.float32)
+        y = np.stack([s.y[t, top:top + c, left:left + c] for t, top, left in where])
         u = np.stack([s.u[t, top // 2:top // 2 + hc, left // 2:left // 2 + hc] for t, top, left in where])
         v = np.stack([s.v[t, top // 2:top // 2 + hc, left // 2:left // 2 + hc] for t, top, left in where])
-        return pack_yuv(torch.from_numpy(y) / 255.0, torch.from_numpy(u.astype(np.float32)) / 255.0,
-                        torch.from_numpy(v.astype(np.float32)) / 255.0)
+        return pack_yuv(*(torch.from_numpy(p.astype(np.float32)) / 255.0 for p in (y, u, v)))
+
+    def _start(self, size: int, d: int = 0) -> int:
+        """A random even offset of the first window along an axis of ``size`` pixels such that every window of
+        the clip, moved by ``d`` pixels per frame (0: a video clip), stays inside."""
+        span = self.frames - 1
+        lo, hi = max(0, -d * span), size - self.crop - max(0, d * span)
+        return lo + int(torch.randint(0, (hi - lo) // 2 + 1, ())) * 2
 
     def _panned(self, s: YUVFrames) -> Tensor:
         """A synthetic pan over image ``s``: frame t is the window at (top + t dy, left + t dx)."""
         half = self.pan // 2
         dy, dx = (int(torch.randint(-half, half + 1, ())) * 2 for _ in range(2))
-        span = self.frames - 1
-
-        def start(size: int, d: int) -> int:
-            lo, hi = max(0, -d * span), size - self.crop - max(0, d * span)  # every window inside the image
-            return lo + int(torch.randint(0, (hi - lo) // 2 + 1, ())) * 2
-
-        top, left = start(s.height, dy), start(s.width, dx)
+        top, left = self._start(s.height, dy), self._start(s.width, dx)
         return self._windows(s, [(0, top + t * dy, left + t * dx) for t in range(self.frames)])
 
 
