@@ -213,12 +213,14 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
 def test_selector_learns_in_its_own_lr_group():
     """The selector starts untrained in a fine-tuning stage whose base lr suits the pretrained codec: it gets its
     own parameter group at selector_lr_scale x the base lr (and the gains theirs)."""
-    from bitalloc.train.codec import CodecObjective
+    from bitalloc.train.codec import SELECTOR_LR_SCALE, STAGES, CodecObjective
 
     model = tiny_dynamic_codec()
     groups = {g["name"]: g for g in CodecObjective("all", gamma=0.5).param_groups(model)}
     assert {id(p) for p in groups["selector"]["params"]} == {id(p) for p in model.selector.parameters()}
-    assert groups["selector"]["lr_scale"] == 1000.0 and groups["gains"]["lr_scale"] == 10.0
+    assert groups["selector"]["lr_scale"] == SELECTOR_LR_SCALE and groups["gains"]["lr_scale"] == 10.0
+    # the default scale gives the selector an absolute lr of 0.02 at the dynamic stage's default lr (docs/roi.md)
+    assert abs(SELECTOR_LR_SCALE * STAGES["dynamic"][3] - 0.02) < 1e-3
     steps = [p for n, p in model.named_parameters() if n.endswith("quantizer.log_steps")]
     assert steps and {id(p) for p in groups["log steps"]["params"]} == {id(p) for p in steps}
     assert groups["log steps"]["lr_scale"] == 100.0
