@@ -188,7 +188,7 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
     assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "i.pt")]) == 0
     ship = tmp_path / "dyn.pt"
     assert main(base + ["--stage", "dynamic", "--steps", "2", "--init", str(tmp_path / "i.pt"), "--gamma", "0.5",
-                        "--candidates", "2,4,8", "--out", str(tmp_path / "d.pt"), "--ship", str(ship)]) == 0
+                        "--candidates", "2,4,8", "--explore", "0.5", "--out", str(tmp_path / "d.pt"), "--ship", str(ship)]) == 0
     log = [json.loads(line) for line in (tmp_path / "d.pt.jsonl").read_text().splitlines()]
     extra = log[1]["extra"]
     assert {"bit_flops", "roi_bits", "non_roi_bits"} <= set(extra) and extra["bit_flops"] > 0
@@ -205,6 +205,11 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
                  "--weights", str(static)]) == 2
     assert main(["codec", "train"] + base[2:] + ["--stage", "dynamic", "--init", str(tmp_path / "i.pt"),
                                                   "--out", str(tmp_path / "e.pt"), "--ship", str(tmp_path / "e2.pt")]) == 2
+    # exploration belongs to the dynamic stage and is a share of frames
+    assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "k.pt"),
+                        "--explore", "0.5"]) == 2
+    assert main(base + ["--stage", "dynamic", "--steps", "1", "--init", str(tmp_path / "i.pt"), "--gamma", "0.5",
+                        "--explore", "2", "--out", str(tmp_path / "x.pt"), "--ship", str(tmp_path / "x2.pt")]) == 2
     # the selector's lr belongs to the dynamic stage
     assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "j.pt"),
                         "--selector-lr-scale", "10"]) == 2
@@ -225,6 +230,37 @@ def test_selector_learns_in_its_own_lr_group():
     assert steps and {id(p) for p in groups["log steps"]["params"]} == {id(p) for p in steps}
     assert groups["log steps"]["lr_scale"] == 100.0
     assert CodecObjective("all", gamma=0.5, selector_lr_scale=50.0).param_groups(model)[1]["lr_scale"] == 50.0
+
+
+def test_exploration_codes_a_share_of_frames_at_uniform_random_pairs():
+    """DynamicFrames(explore=p): a frame keeps the selector's sample with probability 1 - p (its gradient reaches the
+    selector), else each region gets a uniform one-hot (no gradient); Monte Carlo against the closed forms
+    (share kept = 1 - p, each other candidate p / K per region, regions independent); p outside [0, 1] refused."""
+    from bitalloc.codec.dynamic import DynamicFrames
+    from bitalloc.errors import ConfigError
+
+    torch.manual_seed(0)
+    n, k, p = 40000, 3, 0.5
+    logits = torch.zeros(n, k, requires_grad=True)
+    sel = torch.softmax(logits, -1) + (torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), k)
+                                       - torch.softmax(logits, -1)).detach()  # straight-through one-hot at 0
+    r, m = DynamicFrames(None, None, None, explore=p)._explored(sel, sel)
+    assert torch.equal(r.detach().sum(-1), torch.ones(n)) and torch.equal(m.detach().sum(-1), torch.ones(n))
+    share = r.detach().mean(0)
+    se = (p / k * (1 - p / k) / n) ** 0.5
+    assert abs(float(share[0]) - (1 - p + p / k)) < 5 * se and all(abs(float(share[j]) - p / k) < 5 * se
+                                                                   for j in (1, 2))
+    # the two regions are drawn independently: among explored frames (those off the selector's 0 in either region
+    # are explored), both off 0 with probability (2/3)^2 of the explored share
+    both = float(((r.detach().argmax(-1) > 0) & (m.detach().argmax(-1) > 0)).float().mean())
+    assert abs(both - p * (1 - 1 / k) ** 2) < 5 * (both * (1 - both) / n) ** 0.5
+    (r[:, 1] + m[:, 2]).sum().backward()  # gradient only through the rows that kept the selector's sample
+    kept = (r.detach().argmax(-1) == 0) & (m.detach().argmax(-1) == 0)
+    assert logits.grad[kept].abs().sum() > 0
+    r0, m0 = DynamicFrames(None, None, None, explore=0.0)._explored(sel, sel)
+    assert r0 is sel and m0 is sel
+    with pytest.raises(ConfigError, match="explore"):
+        DynamicFrames(None, None, None, explore=1.5)
 
 
 def test_region_lsq_range_init_is_the_min_max_grid():

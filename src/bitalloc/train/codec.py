@@ -41,7 +41,7 @@ class CodecObjective(Objective):
 
     def __init__(self, part: str = "intra", *, first: str = "intra", gain_lr_scale: float = 10.0,
                  gamma: float | None = None, selector_lr_scale: float = SELECTOR_LR_SCALE, step_lr_scale: float = 100.0,
-                 freeze_codec: bool = False, encoder_only: bool = False):
+                 freeze_codec: bool = False, encoder_only: bool = False, explore: float = 0.0):
         if part not in PARTS:
             raise ValueError(f"part={part!r}: choose one of {PARTS}")
         self.part = part
@@ -65,6 +65,8 @@ class CodecObjective(Objective):
         if freeze_codec and encoder_only:
             raise ValueError("freeze_codec and encoder_only train disjoint parameters: choose one")
         self.gamma = gamma  # dynamic precision: weight of the relative Bit-FLOPs (bitalloc.codec.dynamic)
+        #: dynamic precision: share of frames coded at uniformly random widths (bitalloc.codec.dynamic.DynamicFrames)
+        self.explore = explore
         self._table: Any = None
         self._roi: Any = None
 
@@ -119,7 +121,7 @@ class CodecObjective(Objective):
             if self._table is None:
                 self._table = BitFlopsTable.build(inner)
                 self._roi = parse_roi_spec(inner.cfg.roi)
-            hook = DynamicFrames(inner, self._table, self._roi)
+            hook = DynamicFrames(inner, self._table, self._roi, explore=self.explore)
         out = model(x, y, first=self.first, frame_hook=hook)
         loss, terms = inner.loss(x, y, out)
         logs: dict[str, float] = {}
@@ -158,7 +160,7 @@ def codec_sources(videos: list[str], images: str | None, *, image_limit: int | N
 def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "intra", crop: int = 128,
                 frames: int = 1, samples_per_epoch: int = 8000, first: str = "intra", gamma: float | None = None,
                 image_share: float | None = 0.5, pan: int = 0, callbacks: tuple = (), freeze_codec: bool = False,
-                selector_lr_scale: float = SELECTOR_LR_SCALE, encoder_only: bool = False) -> Any:
+                selector_lr_scale: float = SELECTOR_LR_SCALE, encoder_only: bool = False, explore: float = 0.0) -> Any:
     """Train ``model`` (a VideoCodec) on random clips of ``sources`` with :func:`bitalloc.train.loop.fit`
     (``cfg``: a TrainConfig; its model_factory / model_kwargs should name ``bitalloc.codec.model:build_codec``)."""
     from bitalloc.codec.dataset import ClipDataset
@@ -167,7 +169,7 @@ def train_codec(model: nn.Module, sources: list[Any], cfg: Any, *, part: str = "
     data = ClipDataset(sources, crop=crop, frames=frames, samples=samples_per_epoch, levels=model.cfg.levels,
                        image_share=image_share, pan=pan)
     objective = CodecObjective(part, first=first, gamma=gamma, freeze_codec=freeze_codec,
-                               selector_lr_scale=selector_lr_scale, encoder_only=encoder_only)
+                               selector_lr_scale=selector_lr_scale, encoder_only=encoder_only, explore=explore)
     return fit(model, data, None, cfg, objective=objective, callbacks=callbacks)
 
 
@@ -241,6 +243,9 @@ def add_train_args(p: Any) -> None:
                    help=f"dynamic: the width selector's lr as a multiple of --lr (default {SELECTOR_LR_SCALE:g})")
     p.add_argument("--freeze-codec", action="store_true",
                    help="dynamic: train only the width selector and the quantizers' steps (the codec's weights stay)")
+    p.add_argument("--explore", type=float, metavar="P",
+                   help="dynamic: share of frames coded at uniformly random widths instead of the selector's sample, "
+                        "so that every candidate width trains the shared weights (default 0; see docs/roi.md)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
     p.add_argument("--hyper-bits", type=int, help="dynamic: width of the hyper synthesis' fixed grids (default 8; 4 "
                                                   "for a {2,4,8} codec, see docs/roi.md)")
@@ -368,6 +373,8 @@ def run_train_cli(args: Any) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} adds a branch that needs training; --stage {args.stage} does "
                               "not train the decoder: give it with --stage inter or joint (the codec it makes keeps "
                               "the branch)")
+    if args.explore is not None and (args.stage != "dynamic" or not 0.0 <= args.explore <= 1.0):
+        raise ConfigError(f"--explore {args.explore}: it belongs to --stage dynamic and is a share of frames, 0 to 1")
     if args.freeze_codec and args.stage != "dynamic":
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
     if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
@@ -404,13 +411,15 @@ def run_train_cli(args: Any) -> int:
     train_codec(model, sources, cfg, part=part, crop=args.crop, frames=frames, samples_per_epoch=samples, first=first,
                 gamma=args.gamma, image_share=_share(args.image_share), pan=args.image_pan,
                 freeze_codec=args.freeze_codec,
-                selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE, encoder_only=args.stage == "encoder")
+                selector_lr_scale=args.selector_lr_scale or SELECTOR_LR_SCALE, encoder_only=args.stage == "encoder",
+                explore=args.explore or 0.0)
     if args.stage in ("qat", "dynamic", "encoder"):
         if args.stage == "qat":
             freeze_decoders(model)  # dynamic codecs keep their K steps; VideoCoder freezes one branch per width
         save_codec(model.eval(), args.ship,
                    extra={"trained_by": f"bitalloc codec train --stage {args.stage} --out {args.out}",
-                          "gamma": args.gamma, "freeze_codec": bool(args.freeze_codec), "steps": cfg.steps})
+                          "gamma": args.gamma, "freeze_codec": bool(args.freeze_codec), "steps": cfg.steps,
+                          "explore": args.explore or 0.0})
         print(f"codec weights: {args.ship}")
     return 0
 
