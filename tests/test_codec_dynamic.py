@@ -188,7 +188,8 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
     assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "i.pt")]) == 0
     ship = tmp_path / "dyn.pt"
     assert main(base + ["--stage", "dynamic", "--steps", "2", "--init", str(tmp_path / "i.pt"), "--gamma", "0.5",
-                        "--candidates", "2,4,8", "--explore", "0.5", "--out", str(tmp_path / "d.pt"), "--ship", str(ship)]) == 0
+                        "--candidates", "2,4,8", "--explore", "0.5", "--out", str(tmp_path / "d.pt"),
+                        "--ship", str(ship)]) == 0
     log = [json.loads(line) for line in (tmp_path / "d.pt.jsonl").read_text().splitlines()]
     extra = log[1]["extra"]
     assert {"bit_flops", "roi_bits", "non_roi_bits"} <= set(extra) and extra["bit_flops"] > 0
@@ -257,6 +258,7 @@ def test_exploration_codes_a_share_of_frames_at_uniform_random_pairs():
     (r[:, 1] + m[:, 2]).sum().backward()  # gradient only through the rows that kept the selector's sample
     kept = (r.detach().argmax(-1) == 0) & (m.detach().argmax(-1) == 0)
     assert logits.grad[kept].abs().sum() > 0
+    assert torch.equal(logits.grad[~kept], torch.zeros_like(logits.grad[~kept]))  # explored rows: no gradient
     r0, m0 = DynamicFrames(None, None, None, explore=0.0)._explored(sel, sel)
     assert r0 is sel and m0 is sel
     with pytest.raises(ConfigError, match="explore"):
