@@ -31,7 +31,7 @@ def test_header_and_records_round_trip():
     assert [(f.roi_bits, f.non_roi_bits) for f in frames] == [(8, 4)] * 3
     assert frames[0].payload == b"\x01\x02\x03\x04" * 5 and frames[2].payload == b""
     assert HEADER_SIZE + sum(f.size for f in frames) == len(data)
-    assert header.version == 3 and [f.level for f in frames] == [3, 3, 3]  # no level given: the header's
+    assert header.version == 4 and [f.level for f in frames] == [3, 3, 3]  # no level given: the header's
     # record = 6 bytes type + level + widths, 1 byte length, payload, 4 bytes CRC
     assert frames[1].size == 6 + 1 + 8 + 4
 
@@ -94,8 +94,8 @@ def test_other_version_and_magic():
         body[4:6] = struct.pack("<H", v)
         return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))) + bytes(data[HEADER_SIZE:])
 
-    with pytest.raises(BitstreamError, match="version 4; this bitalloc reads versions 1, 2, 3"):
-        read_stream(with_version(4))
+    with pytest.raises(BitstreamError, match="version 5; this bitalloc reads versions 1, 2, 3, 4"):
+        read_stream(with_version(5))
     body[:] = bytearray(_stream(version=2)[:HEADER_SIZE - 4])
     data = bytearray(_stream(version=2))
     assert read_stream(with_version(1))[0].version == 1  # the previous versions are read

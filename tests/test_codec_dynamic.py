@@ -92,7 +92,8 @@ def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
     coder = VideoCoder(load_codec(dyn_weights))
     video = moving_video(4, 48, 64)
     v2 = coder.compress(video, quality=1, intra_period=-1)
-    assert read_stream(v2.stream)[0].version == 3
+    assert read_stream(v2.stream)[0].version == 4
+    assert all(f.roi_bits != f.non_roi_bits for f in v2.frames)  # every frame carries its mask, as in versions 1-3
     own = dynamic.encode_mask
     monkeypatch.setattr(dynamic, "encode_mask", lambda enc, mask, prev=None: own(enc, mask))
     v1 = coder.compress(video, quality=1, intra_period=-1)
@@ -104,6 +105,54 @@ def test_version_1_dynamic_streams_still_decode(dyn_weights, monkeypatch):
     h3, r3 = read_stream(v2.stream)  # as version 2 (no level bytes; masks in context as in 3): the same frames
     assert coder.decompress(write_stream(dataclasses.replace(h3, version=2), r3)).equal(v2.reconstruction)
     assert sum(f.mask_bits for f in v2.frames[1:]) <= sum(f.mask_bits for f in v1.frames[1:])
+
+
+def test_frames_at_equal_widths_carry_no_mask_and_contexts_skip_them(dyn_weights, monkeypatch):
+    """Stream version 4: a frame whose two widths are equal carries no ROI mask (nothing reads it); the next P frame's
+    mask is coded against the last mask carried since the I frame (none after an I frame without one), and the
+    decoder, keeping the same context, reproduces every frame exactly. Versions 1-3 still carry every mask."""
+    import dataclasses
+
+    import constriction
+
+    from bitalloc.codec.bitstream import write_stream
+    from bitalloc.codec.dynamic import carried_mask, mask_in_stream
+
+    pairs = [(16, 4), (8, 8), (4, 16), (4, 4), (8, 8), (16, 4), (8, 16)]  # I P P P | I P P (intra period 4)
+    coder = VideoCoder(load_codec(dyn_weights))
+    own = VideoCoder._choose
+
+    def forced(self, x, prev, flow, info, widths=None):
+        return own(self, x, prev, flow, info, pairs[info.index])
+
+    monkeypatch.setattr(VideoCoder, "_choose", forced)
+    video = moving_video(7, 48, 64)
+    res = coder.compress(video, quality=1, intra_period=4)
+    assert [(f.roi_bits, f.non_roi_bits) for f in res.frames] == pairs
+    assert coder.decompress(res.stream).equal(res.reconstruction)
+    assert [f.kind for f in res.frames] == list("IPPPIPP")
+    # frame 2 is coded against frame 0's mask (frame 1 carries none), frame 5 against none (the I frame 4 carries
+    # none, and frame 2's belongs to the previous intra period), frame 6 against frame 5's
+    context_of = {0: None, 2: 0, 5: None, 6: 5}
+    for i, f in enumerate(res.frames):
+        if f.roi_bits == f.non_roi_bits:
+            assert f.mask_bits == 0
+        else:
+            ctx = None if context_of[i] is None else res.frames[context_of[i]].latent_mask
+            assert 0 < f.mask_bits == encode_mask(constriction.stream.queue.RangeEncoder(), f.latent_mask, ctx)
+    assert carried_mask(None, None, intra=False) is None and carried_mask(res.frames[0].latent_mask, None,
+                                                                             intra=True) is None
+    assert mask_in_stream(8, 8, 3) and not mask_in_stream(8, 8, 4) and mask_in_stream(4, 8, 4)
+    # the same frames with every mask coded (as in version 3) decode the same and cost more (payloads are whole
+    # 32-bit words, so a few bits may not lengthen the stream)
+    monkeypatch.setattr("bitalloc.codec.dynamic.mask_in_stream", lambda rb, nb, version: True)
+    old = coder.compress(video, quality=1, intra_period=4)
+    assert all(f.mask_bits > 0 for f in old.frames)
+    assert old.reconstruction.equal(res.reconstruction) and len(old.stream) >= len(res.stream)
+    monkeypatch.undo()
+    header, records = read_stream(old.stream)
+    v3 = write_stream(dataclasses.replace(header, version=3), records)
+    assert VideoCoder(load_codec(dyn_weights)).decompress(v3).equal(res.reconstruction)
 
 
 def test_latent_mask_and_resampling_against_brute_force():

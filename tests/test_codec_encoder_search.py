@@ -229,7 +229,7 @@ def test_p_level_offsets_parse_and_the_cli_reports_the_levels(tmp_path, capsys):
     assert s["p_levels"] == ", ".join(f"{lv} x{levels[1:].count(lv)}" for lv in sorted(set(levels[1:])))
     assert main(["codec", "info", str(out), "--json", str(info)]) == 0
     got = json.loads(info.read_text())
-    assert got["version"] == 3 and [r["level"] for r in got["frame_records"]] == levels
+    assert got["version"] == 4 and [r["level"] for r in got["frame_records"]] == levels
     capsys.readouterr()
     assert main(["codec", "encode", str(src), "-o", str(tmp_path / "b.bav"), "-q", "1", "--weights", str(weights),
                  "--p-level-offsets", "x"]) == 2

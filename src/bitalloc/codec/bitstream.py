@@ -35,13 +35,16 @@ from fractions import Fraction
 from bitalloc.errors import DataError
 
 MAGIC = b"BAVC"
-VERSION = 3
+VERSION = 4
 #: versions this bitalloc reads: 1 coded the ROI mask of every frame of a dynamic-precision stream on its own, 2
 #: codes a P frame's in the context of the previous frame's mask (bitalloc.codec.dynamic.encode_mask), 3 adds each
-#: frame's quality level to its record
-READABLE_VERSIONS = (1, 2, 3)
+#: frame's quality level to its record, 4 codes a frame's ROI mask only when its two widths differ
+#: (bitalloc.codec.dynamic.mask_in_stream)
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: the first version whose frame records carry the frame's quality level
 LEVEL_VERSION = 3
+#: the first version whose frames carry their ROI mask only when their ROI and non-ROI widths differ
+SPLIT_MASK_VERSION = 4
 FRAME_I, FRAME_P = 0, 1
 FRAME_TYPES = {FRAME_I: "I", FRAME_P: "P"}
 _HEADER = struct.Struct("<4sHH8sBBHHIIIi")

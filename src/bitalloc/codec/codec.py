@@ -390,7 +390,9 @@ class VideoCoder:
 
         from bitalloc.codec.dynamic import mask_function
 
-        mask = mask_function(torch.from_numpy(np.ascontiguousarray(mask16))[None, None])
+        # equal widths run one branch everywhere and need no mask (the decoder may have none: mask_in_stream)
+        mask = (None if int(roi_bits) == int(non_roi_bits)
+                else mask_function(torch.from_numpy(np.ascontiguousarray(mask16))[None, None]))
         with contextlib.ExitStack() as stack:
             for b in sorted({int(roi_bits), int(non_roi_bits)}):
                 stack.enter_context(integer_mode(self.branches[b], kernel="float", strict=True,
@@ -542,14 +544,16 @@ class VideoCoder:
         """Code one frame (an I frame when ``ref`` is None) at quality ``level`` with analysis scale ``a`` into a fresh
         payload: (RD cost, payload, reconstruction, stats, mask bits, a, level). The cost is the training objective,
         bits per pixel + lambda * MSE_YUV (pixel units, the frame's own area; ``lam``, default lambda_level). A P
-        frame's ROI mask is coded in the context of ``prev_mask``, the previous frame's. ``refine``: with the latent
-        refinement (:mod:`bitalloc.codec.refine`) of the intra coder or of the residual, on the same objective."""
+        frame's ROI mask, when the stream carries it (:func:`bitalloc.codec.dynamic.mask_in_stream`), is coded in the
+        context of ``prev_mask``, the last one carried (:func:`bitalloc.codec.dynamic.carried_mask`). ``refine``: with
+        the latent refinement (:mod:`bitalloc.codec.refine`) of the intra coder or of the residual, on the same
+        objective."""
         from bitalloc.codec.networks import weighted_mse
 
         enc = _constriction().stream.queue.RangeEncoder()
         stats = LatentStats()
         mask_bits = 0
-        if mask16 is not None:
+        if _carries_mask(mask16, rb, nb):
             from bitalloc.codec.dynamic import encode_mask, mask_context
 
             mask_bits = encode_mask(enc, mask16, mask_context(prev_mask, intra=ref is None, version=VERSION))
@@ -599,15 +603,15 @@ class VideoCoder:
                     best[pair] = (j, trial, as_intra, rel, True)
         return best
 
-    def _lookahead(self, frames: YUVFrames, i: int, rec: Tensor, mask16: np.ndarray | None, pair: tuple[int, int],
+    def _lookahead(self, frames: YUVFrames, i: int, rec: Tensor, context: np.ndarray | None, pair: tuple[int, int],
                    level: int, intra_period: int, gamma: float, depth: int,
                    size: tuple[int, int]) -> tuple[float, float]:
         """The width search's lookahead: the next ``depth`` frames coded at the same ``pair`` in turn from ``rec``,
-        frame ``i``'s reconstruction at that pair (motion, ROI and mask re-estimated on each, as the encoder would;
-        each frame's trial of least bpp + lambda * MSE_YUV + gamma * C): (their summed bpp + lambda * MSE_YUV, their
-        summed C). It stops before the next I frame of the intra period (its cost does not depend on frame ``i``)
-        and at the end."""
-        rd, rel, ref, prev_mask = 0.0, 0.0, rec, mask16
+        frame ``i``'s reconstruction at that pair, after which the ROI mask context is ``context`` (motion, ROI and
+        mask re-estimated on each, as the encoder would; each frame's trial of least bpp + lambda * MSE_YUV + gamma *
+        C): (their summed bpp + lambda * MSE_YUV, their summed C). It stops before the next I frame of the intra
+        period (its cost does not depend on frame ``i``) and at the end."""
+        rd, rel, ref, prev_mask = 0.0, 0.0, rec, context
         for j in range(i + 1, min(i + 1 + depth, len(frames))):
             if intra_period > 0 and j % intra_period == 0:
                 break
@@ -617,7 +621,8 @@ class VideoCoder:
             m16, _, _ = self._choose(x, ref, flow, info, pair)
             _, trial, _, c, _ = self._trials(x, ref, flow, level, m16, [pair], False, gamma,
                                              (frames.height, frames.width), prev_mask)[pair]
-            rd, rel, ref, prev_mask = rd + trial[0], rel + c, trial[2], m16
+            rd, rel, ref = rd + trial[0], rel + c, trial[2]
+            prev_mask = _next_context(prev_mask, m16, pair, intra=False)
         return rd, rel
 
     # -- whole videos ---------------------------------------------------------------------------------------
@@ -629,9 +634,9 @@ class VideoCoder:
         ``intra_period`` frames (-1: only the first). Returns the stream and the reconstruction.
 
         ``widths`` (ROI, non-ROI): a *fixed assignment* for every frame of a dynamic codec: the ROI and its latent
-        mask are still computed and coded, the selector is bypassed; both must be candidates of the codec
-        (ConfigError naming them otherwise). A fixed-precision codec accepts only its own precision. The stream
-        decodes with the ordinary :meth:`decompress` (the widths are in the frame records).
+        mask are still computed (and coded where the two widths differ), the selector is bypassed; both must be
+        candidates of the codec (ConfigError naming them otherwise). A fixed-precision codec accepts only its own
+        precision. The stream decodes with the ordinary :meth:`decompress` (the widths are in the frame records).
 
         ``search_gamma`` G (dynamic codecs): the encoder's *width search* instead of the selector: every frame is
         coded at every candidate pair (:meth:`search_pairs`; with each analysis scale) and the payload of least
@@ -702,9 +707,11 @@ class VideoCoder:
                     info.pair_costs = {p: (t[1][0], t[3]) for p, t in tried.items()}
                     if lookahead:
                         kept = sorted(score, key=lambda p: (score[p], p))[:search_shortlist or len(score)]
-                        info.pair_lookahead = {p: self._lookahead(frames, i, tried[p][1][2], mask16, p, quality,
-                                                                  intra_period, search_gamma, lookahead, size)
-                                               for p in kept}
+                        info.pair_lookahead = {
+                            p: self._lookahead(frames, i, tried[p][1][2],
+                                               _next_context(prev_mask, mask16, p, intra=tried[p][2]), p, quality,
+                                               intra_period, search_gamma, lookahead, size)
+                            for p in kept}
                         ahead = info.pair_lookahead
                         score = {p: score[p] + ahead[p][0] + float(search_gamma) * ahead[p][1] for p in kept}
                 rb, nb = min(score, key=score.__getitem__)
@@ -713,7 +720,7 @@ class VideoCoder:
                 info.kind = "I" if intra else "P"
                 fr = FrameRecord(FRAME_I if intra else FRAME_P, rb, nb, payload, level=info.level)
                 records.append(fr)
-                ref, prev_mask = rec, mask16
+                ref, prev_mask = rec, _next_context(prev_mask, mask16, (rb, nb), intra=intra)
                 y, u, v = crop_frame(rec, h, w)
                 ys.append(y), us.append(u), vs.append(v)
                 info.bytes, info.encode_s = len(fr.pack()), time.perf_counter() - t0
@@ -745,7 +752,9 @@ class VideoCoder:
         size = padded_size(header.height, header.width)
         mshape, rshape = self._shapes(size)
         ys, us, vs = [], [], []
-        ref = mask16 = None
+        from bitalloc.codec.dynamic import carried_mask, decode_mask, mask_context, mask_in_stream
+
+        ref = carried = None
         with torch.no_grad(), self._whole():
             for i, rec in enumerate(records):
                 self._check_widths(rec, i, source)
@@ -758,11 +767,11 @@ class VideoCoder:
                                          "32-bit words; the stream is corrupted")
                 dec = c.stream.queue.RangeDecoder(words.copy())
                 try:
-                    if self.dynamic:
-                        from bitalloc.codec.dynamic import decode_mask, mask_context
-
-                        prev = mask_context(mask16, intra=rec.kind == FRAME_I, version=header.version)
+                    mask16 = None
+                    if self.dynamic and mask_in_stream(rec.roi_bits, rec.non_roi_bits, header.version):
+                        prev = mask_context(carried, intra=rec.kind == FRAME_I, version=header.version)
                         mask16 = decode_mask(dec, (size[0] // 16, size[1] // 16), prev)
+                    carried = carried_mask(carried, mask16, intra=rec.kind == FRAME_I)
                     with self._frame_latents(mask16, rec.roi_bits, rec.non_roi_bits) as lat:
                         if rec.kind == FRAME_I:
                             out = self._decode_intra(lat, dec, rec.level, rshape)
@@ -777,6 +786,22 @@ class VideoCoder:
                 if progress:
                     progress(1)
         return YUVFrames(np.stack(ys), np.stack(us), np.stack(vs), fps=float(header.fps))
+
+
+def _carries_mask(mask16: np.ndarray | None, rb: int, nb: int) -> bool:
+    """Whether this bitalloc's streams carry a frame's ROI mask (a dynamic codec's frame at widths ``rb`` / ``nb``)."""
+    from bitalloc.codec.dynamic import mask_in_stream
+
+    return mask16 is not None and mask_in_stream(rb, nb, VERSION)
+
+
+def _next_context(prev: np.ndarray | None, mask16: np.ndarray | None, pair: tuple[int, int], *,
+                  intra: bool) -> np.ndarray | None:
+    """The encoder's mask context after a frame with latent mask ``mask16`` coded at ``pair`` (the decoder's
+    :func:`bitalloc.codec.dynamic.carried_mask`)."""
+    from bitalloc.codec.dynamic import carried_mask
+
+    return carried_mask(prev, mask16 if _carries_mask(mask16, *pair) else None, intra=intra)
 
 
 def _decoder_bits(model: VideoCodec) -> int:
