@@ -54,7 +54,7 @@ def test_varint_lengths_of_large_payloads():
     assert frames[0].payload == big and frames[0].size == 6 + 3 + len(big) + 4
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_every_single_byte_corruption_is_detected(version):
     data = _stream(version=version)
     for pos in range(len(data)):
@@ -65,7 +65,7 @@ def test_every_single_byte_corruption_is_detected(version):
                 read_stream(bytes(bad))
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_every_truncation_is_detected_and_names_the_frame(version):
     data = _stream(version=version)
     for n in range(len(data)):
