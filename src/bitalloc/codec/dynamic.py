@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bitalloc.codec.bitstream import SPLIT_MASK_VERSION
 from bitalloc.codec.model import VideoCodec
 from bitalloc.codec.precision import ALL_PARTS, FRAME_CODERS, network_input
 from bitalloc.config import LayerConfig, QuantConfig, TensorConfig
@@ -184,8 +185,6 @@ def mask_in_stream(roi_bits: int, non_roi_bits: int, version: int) -> bool:
     At equal widths every position runs at the one width (:func:`bitalloc.model.region.split_execution` does not
     read the mask), so the decoder has no use for the mask and its bits are saved (1.4% of the rate of 16 frames of
     carphone at the lowest level tested, 0.2% at the highest, for a codec whose selector picks equal widths)."""
-    from bitalloc.codec.bitstream import SPLIT_MASK_VERSION
-
     return version < SPLIT_MASK_VERSION or int(roi_bits) != int(non_roi_bits)
 
 
