@@ -619,7 +619,8 @@ def render(res: dict[str, Any]) -> str:
              "counts them), SPEC = float MACs + BOPs / 64, A6 = the rebuttal's formula (BOPs / 16); relative to the static "
              "8-bit codec (the goals' reference) and to the same codec at 8/8 (its fixed layers at their own widths), "
              "with the same masks. Side information: two 16-bit widths per frame plus the coded ROI mask in frames "
-             "whose two widths differ (stream version 4). ROI PSNR of static-8 and fp32 uses the first dynamic codec's ROI masks.", "",
+             "whose two widths differ (stream version 4). ROI PSNR of static-8 and fp32 uses the first dynamic "
+             "codec's ROI masks.", "",
              "Goals (issue 16):", "", md_table(["goal", "status", "numbers"],
                                                  [[g["goal"], g["status"], g["detail"]] for g in res["goals"]]), ""]
     for c in res["clips"]:

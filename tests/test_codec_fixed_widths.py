@@ -51,8 +51,9 @@ def test_forced_widths_in_every_record_and_exact(dyn_coder):
         assert [(r.roi_bits, r.non_roi_bits) for r in records] == [pair] * 3
         assert [(f.roi_bits, f.non_roi_bits) for f in res.frames] == [pair] * 3
         assert dyn_coder.decompress(res.stream).equal(res.reconstruction)
-        for f, s in zip(res.frames, sel.frames):  # the ROI and its latent mask are still computed (and coded
-            assert f.mask_bits == (s.mask_bits if pair[0] != pair[1] else 0) and s.mask_bits > 0  # if they differ)
+        for f, s in zip(res.frames, sel.frames):
+            # the ROI and its latent mask are still computed, and coded where the two widths differ
+            assert f.mask_bits == (s.mask_bits if pair[0] != pair[1] else 0) and s.mask_bits > 0
             assert np.array_equal(f.latent_mask, s.latent_mask) and f.latent_mask.shape == (2, 3)
             assert f.roi_mask.shape == (32, 48) and np.array_equal(f.roi_mask, s.roi_mask)
             # every ROI pixel lies in an ROI block of the latent mask (rule "any")
