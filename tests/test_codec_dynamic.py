@@ -122,7 +122,7 @@ def test_frames_at_equal_widths_carry_no_mask_and_contexts_skip_them(dyn_weights
     coder = VideoCoder(load_codec(dyn_weights))
     own = VideoCoder._choose
 
-    def forced(self, x, prev, flow, info, widths=None):
+    def forced(self, x, prev, flow, info, widths=None, level=0):
         return own(self, x, prev, flow, info, pairs[info.index])
 
     monkeypatch.setattr(VideoCoder, "_choose", forced)

@@ -17,7 +17,7 @@ from bitalloc.codec.selector import NUM_FEATURES, WidthSelector, cross_validate,
 from bitalloc.codec.video_io import read_video, write_y4m
 from bitalloc.errors import ConfigError, ShapeError
 
-from tests.codec_util import moving_video, tiny_dynamic_codec
+from tests.codec_util import moving_video, tiny_codec, tiny_dynamic_codec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -471,3 +471,213 @@ def test_benchmark_equal_cost_comparison_closed_form():
     assert bench.equal_cost_bd(["me"], 0.5, fixed, bd)["pairs"] == ["a"]
     table["b"] = {"akima": None, "pchip": 1.0}
     assert bench.equal_cost_bd(["me"], 1.5, fixed, bd) is None
+
+
+# ---- a selector with a bias per quality level ---------------------------------------------------------------------
+
+def test_per_level_selector_adds_the_level_bias_and_checks_levels():
+    torch.manual_seed(0)
+    sel = WidthSelector((4, 8, 16), levels=3)
+    with torch.no_grad():
+        sel.level_bias.normal_()
+    f = np.random.default_rng(0).normal(size=(4, NUM_FEATURES))
+    lv = np.array([0, 2, 1, 2])
+    # float64 numpy reference: W f + b + B[level]
+    w, b = sel.fc.weight.detach().double().numpy(), sel.fc.bias.detach().double().numpy()
+    ref = (f @ w.T + b + sel.level_bias.detach().double().numpy()[lv]).reshape(4, 2, 3)
+    assert np.allclose(sel.logits(f, lv).detach().numpy(), ref, atol=1e-5)
+    one = sel.logits(f, 1).detach().numpy()  # one level for the batch
+    assert np.allclose(one, (f @ w.T + b + sel.level_bias.detach().double().numpy()[1]).reshape(4, 2, 3), atol=1e-5)
+    assert torch.equal(sel.select(f, level=lv), torch.tensor((4, 8, 16))[torch.from_numpy(ref.argmax(-1))])
+    with pytest.raises(ConfigError, match="level"):
+        sel.logits(f)
+    with pytest.raises(ConfigError, match="outside"):
+        sel.logits(f, 3)
+    with pytest.raises(ShapeError, match="levels for 4 frames"):
+        sel.logits(f, [0, 1])
+    plain = WidthSelector((4, 8, 16))
+    assert plain.levels == 0 and plain.level_bias is None
+    assert torch.equal(plain.logits(f, lv), plain.logits(f))  # a plain selector ignores levels
+
+
+def _level_costs(n: int = 240, levels: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Costs whose best pair depends on the level alone (level 0: 8/8, the others 4/4, by 0.3 on average), with
+    frame-to-frame noise unrelated to the features."""
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, NUM_FEATURES))
+    lv = np.arange(n) % levels
+    c = 1.0 + 0.2 * rng.random((n, 2, 2))
+    c[lv == 0, 1, 1] -= 0.3
+    c[lv != 0, 0, 0] -= 0.3
+    return f, c, lv
+
+
+def test_fit_per_level_selector_against_brute_force():
+    f, c, lv = _level_costs()
+    sel = WidthSelector((4, 8), levels=5)  # level 4 has no frames
+    out = fit_selector(sel, f, c, levels=lv, l2=1e-2)
+    idx = sel.logits(f, lv).argmax(-1).numpy()
+    # brute force: each level's best fixed pair, over its frames
+    for level in range(4):
+        m = lv == level
+        i, j = np.unravel_index(c[m].sum(0).argmin(), (2, 2))
+        assert (idx[m] == (i, j)).all(), level
+        rep = out["per_level"][str(level)]
+        assert rep["fixed_pair"] == [(4, 8)[i], (4, 8)[j]] and rep["fixed_cost"] == pytest.approx(c[m, i, j].mean())
+        assert rep["selector_cost"] == pytest.approx(c[m, i, j].mean()) and rep["frames"] == int(m.sum())
+    per_level = np.mean([c[t, 1, 1] if lv[t] == 0 else c[t, 0, 0] for t in range(len(c))])
+    assert out["fixed_per_level_cost"] == pytest.approx(per_level)
+    assert out["selector_cost"] == pytest.approx(per_level) and per_level < out["fixed_cost"]
+    # the level without frames picks the best fixed pair of all frames (4/4)
+    assert sel.select(f[:1], level=4).tolist() == [[4, 4]]
+    # a plain selector cannot follow the level (the features carry none of it): at best the fixed pair
+    plain = WidthSelector((4, 8))
+    p = fit_selector(plain, f, c, l2=1e-2)
+    assert p["selector_cost"] >= p["fixed_cost"] - 0.02 and "per_level" not in p
+    with pytest.raises(ConfigError, match="levels"):
+        fit_selector(WidthSelector((4, 8), levels=4), f, c)
+    with pytest.raises(ConfigError, match="outside"):
+        fit_selector(WidthSelector((4, 8), levels=3), f, c, levels=lv)
+
+
+def test_cross_validate_per_level_selector_carries_a_level_rule_over():
+    f, c, lv = _level_costs(300)
+    groups = np.array(["a", "b", "c"])[np.arange(300) // 100]
+    cv = cross_validate((4, 8), f, c, groups, levels=lv, num_levels=4, l2=1e-2)
+    for r in cv["groups"]:
+        test = groups == r["group"]
+        ct, lt = c[test], lv[test]
+        bar = np.mean([ct[t, 1, 1] if lt[t] == 0 else ct[t, 0, 0] for t in range(len(ct))])
+        assert r["fixed_per_level_cost"] == pytest.approx(bar)
+        assert r["selector_cost"] == pytest.approx(bar) and r["beats_fixed"]
+    assert cv["beats_fixed_on_every_group"]
+    plain = cross_validate((4, 8), f, c, groups, l2=1e-2)
+    assert "fixed_per_level_cost" not in plain["mean"]
+
+
+def test_encoder_reads_the_stream_level_and_decodes_exactly(tmp_path):
+    import dataclasses
+
+    from tests.codec_util import TINY
+
+    model = tiny_dynamic_codec(candidates=(4, 8), cfg=dataclasses.replace(TINY, selector_per_level=True))
+    assert model.selector.levels == 3 and model.cfg.to_dict()["selector_per_level"] is True
+    with torch.no_grad():  # level 1: 8/8, every other level 4/4, whatever the features
+        model.selector.fc.weight.zero_()
+        model.selector.fc.bias.zero_()
+        model.selector.level_bias.copy_(torch.tensor([[5.0, 0, 5, 0], [0, 5.0, 0, 5], [5.0, 0, 5, 0]]))
+    path = save_codec(model, tmp_path / "lvl.pt")
+    coder = VideoCoder(load_codec(path), analysis_scales=(1.0,))
+    video = moving_video(3, 48, 64)
+    for level, pair in ((1, (8, 8)), (2, (4, 4))):
+        res = coder.compress(video, quality=level, intra_period=2)
+        assert {(r.roi_bits, r.non_roi_bits) for r in read_stream(res.stream)[1]} == {pair}
+        assert VideoCoder(load_codec(path)).decompress(res.stream).equal(res.reconstruction)
+    # weights without the field keep their configuration (and so their identity)
+    assert "selector_per_level" not in dataclasses.replace(TINY, candidates=(4, 8)).to_dict()
+
+
+def test_training_reads_each_sample_level_into_the_selector():
+    import dataclasses
+
+    from bitalloc.train.codec import CodecObjective
+    from tests.codec_util import TINY
+
+    model = tiny_dynamic_codec(candidates=(4, 8), cfg=dataclasses.replace(TINY, selector_per_level=True)).train()
+    clip = torch.rand(2, 2, 6, 32, 32)
+    level = torch.tensor([0, 2])
+    loss, _ = CodecObjective("all", gamma=0.5).task_loss(model, clip, level)
+    loss.backward()
+    g = model.selector.level_bias.grad
+    # the bias rows of the batch's levels receive gradient, the unused level's none
+    assert bool(g[0].abs().sum() > 0) and bool(g[2].abs().sum() > 0) and torch.equal(g[1], torch.zeros_like(g[1]))
+
+
+def test_cli_fit_selector_per_level(dyn_weights, tmp_path, capsys):
+    src = tmp_path / "clip.y4m"
+    write_y4m(src, moving_video(3, 48, 64))
+    fitted, fj = tmp_path / "lv.pt", tmp_path / "lv.json"
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--levels", "0,2",
+                 "--frames", "3", "--analysis-scales", "1", "--per-level", "-o", str(fitted), "--json", str(fj)]) == 0
+    assert "best fixed pair of each level" in capsys.readouterr().out
+    report = json.loads(fj.read_text())
+    assert report["per_level_selector"] and set(report["per_level"]) == {"0", "2"}
+    assert [fr["level"] for fr in report["search"]["frames"]] == [0, 0, 0, 2, 2, 2]
+    model = load_codec(fitted)
+    assert model.cfg.selector_per_level and model.selector.levels == model.cfg.levels
+    base = load_codec(dyn_weights)
+    for (k, a), (_, b) in zip(base.state_dict().items(), model.state_dict().items()):
+        if not k.startswith("selector."):
+            assert torch.equal(a, b), k
+    out = tmp_path / "lv.bav"
+    assert main(["codec", "encode", str(src), "-o", str(out), "-q", "2", "--dynamic", "--weights", str(fitted)]) == 0
+    assert main(["codec", "decode", str(out), "-o", str(tmp_path / "lv.y4m"), "--weights", str(fitted)]) == 0
+    # a report without each frame's level (made before it was stored): recovered from videos x levels x frames
+    for fr in report["search"]["frames"]:
+        del fr["level"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(report))
+    again = tmp_path / "again.json"
+    assert main(["codec", "fit-selector", "--from-search", str(old), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--per-level", "-o", str(tmp_path / "again.pt"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["per_level"] == report["per_level"]
+    # without --per-level the fit makes a plain selector, even from per-level weights
+    assert main(["codec", "fit-selector", "--from-search", str(fj), "--weights", str(fitted), "--gamma", "0.01",
+                 "-o", str(tmp_path / "plain.pt")]) == 0
+    assert load_codec(tmp_path / "plain.pt").selector.levels == 0
+    report["frames_per_video"] = 2  # the order can no longer be recovered
+    old.write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["codec", "fit-selector", "--from-search", str(old), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--per-level", "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--per-level" in capsys.readouterr().err
+
+
+def test_fixed_pair_costs_are_the_fixed_encodes_costs(dyn_weights):
+    """Every pair's cost of every frame is that frame's bpp + lambda MSE_YUV (float64 numpy, from the stream's
+    payload) in the clip coded at that pair throughout, and its relative Bit-FLOPs there."""
+    coder = VideoCoder(load_codec(dyn_weights), analysis_scales=(1.0,))
+    video = moving_video(3, 48, 64, seed=5)
+    infos = coder.fixed_pair_costs(video, quality=1, intra_period=2)
+    assert len(infos) == 3 and all(set(f.pair_costs) == {(4, 4), (4, 8), (8, 4), (8, 8)} for f in infos)
+    for pair in ((4, 8), (8, 8)):
+        res = coder.compress(video, quality=1, intra_period=2, widths=pair)
+        for j, f in enumerate(infos):
+            rd, rel = f.pair_costs[pair]
+            assert rd == pytest.approx(_objective(coder, video, res, j, 1, 0.0), rel=1e-12)
+            own = res.frames[j]
+            assert rel == pytest.approx(coder.relative_bit_flops(own.kind, own.latent_mask, *pair))
+    # the features are the first pair's encode's, as fit_selector reads them
+    first = coder.compress(video, quality=1, intra_period=2, widths=(4, 4))
+    assert all(np.array_equal(a.features, b.features) for a, b in zip(infos, first.frames))
+    feats, costs = search_costs(infos, (4, 8), 0.5)
+    assert costs[2, 1, 0] == pytest.approx(infos[2].pair_costs[(8, 4)][0] + 0.5 * infos[2].pair_costs[(8, 4)][1])
+    with pytest.raises(ConfigError, match="dynamic"):
+        VideoCoder(tiny_codec(), exact=False).fixed_pair_costs(video, quality=0)
+
+
+def test_cli_fit_selector_to_fixed_pair_costs(dyn_weights, tmp_path, capsys):
+    src = tmp_path / "clip.y4m"
+    write_y4m(src, moving_video(3, 48, 64))
+    fitted, fj = tmp_path / "fx.pt", tmp_path / "fx.json"
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--levels", "0,2",
+                 "--frames", "3", "--analysis-scales", "1", "--costs", "fixed", "--per-level", "-o", str(fitted),
+                 "--json", str(fj)]) == 0
+    report = json.loads(fj.read_text())
+    assert report["costs"] == "fixed" and report["search_gamma"] is None and report["frames"] == 6
+    # per level, the selector picks the pair of least summed cost, by brute force over the report's costs
+    for level in ("0", "2"):
+        rows = [f for f in report["search"]["frames"] if f["level"] == int(level)]
+        total = {}
+        for f in rows:
+            for r, n, rd, rel in f["pair_costs"]:
+                total[(r, n)] = total.get((r, n), 0.0) + rd + 0.01 * rel
+        assert report["per_level"][level]["fixed_pair"] == list(min(total, key=total.get))
+    assert load_codec(fitted).selector.levels == 3
+    capsys.readouterr()
+    assert main(["codec", "fit-selector", str(src), "--weights", str(dyn_weights), "--gamma", "0.01", "--costs", "fixed",
+                 "--lookahead", "1", "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--lookahead" in capsys.readouterr().err
+    assert main(["codec", "fit-selector", "--from-search", str(fj), "--weights", str(dyn_weights), "--gamma", "0.01",
+                 "--costs", "fixed", "-o", str(tmp_path / "y.pt")]) == 2
+    assert "--costs fixed" in capsys.readouterr().err

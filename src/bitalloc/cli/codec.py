@@ -121,6 +121,14 @@ def register(sub: Any) -> None:
     f.add_argument("--lookahead", type=int, default=0, metavar="N",
                    help="search with N frames of lookahead (encode --lookahead): each pair's cost includes the next "
                         "N frames coded at it ((1 + N) times the work; default 0)")
+    f.add_argument("--costs", choices=("search", "fixed"), default="search",
+                   help="search: each frame's cost at every pair from the width search (every pair tried on the frame "
+                        "from one reference; default); fixed: each video coded at every pair throughout, each frame "
+                        "costed in the encode at its pair (what a fixed assignment does to the frames that follow; "
+                        "docs/roi.md)")
+    f.add_argument("--per-level", action="store_true",
+                   help="a selector with a learned bias per quality level (it may choose differently at each rate "
+                        "point; docs/roi.md); default: one rule at every level")
     f.add_argument("--l2", type=float, default=1e-3, help="weight decay of the fit (1e-3)")
     f.add_argument("--cross-validate", action="store_true",
                    help="also fit a selector with each video left out and cost it on that video against the best "
@@ -259,9 +267,10 @@ def run_fit_selector(args: argparse.Namespace) -> int:
     """Encode each video with the width search at every level, fit the selector to the per-frame costs
     (:func:`bitalloc.codec.selector.fit_selector`), write the codec with the new selector."""
     import copy
+    import dataclasses
 
     from bitalloc.codec.precision import save_codec
-    from bitalloc.codec.selector import cross_validate, fit_selector, search_costs
+    from bitalloc.codec.selector import WidthSelector, cross_validate, fit_selector, search_costs
     from bitalloc.codec.video_io import read_video
     from bitalloc.io import write_json
     from bitalloc.report.tables import print_table
@@ -274,16 +283,23 @@ def run_fit_selector(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gamma {args.gamma}: give a weight >= 0")
     if bool(args.videos) == bool(args.from_search):
         raise ConfigError("give training videos to search on, or --from-search REPORT.json, not both")
-    if args.lookahead < 0 or (args.lookahead and args.from_search):
-        raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0, with training videos (a "
-                          "--from-search report keeps the lookahead it was searched with)")
+    if args.lookahead < 0 or (args.lookahead and (args.from_search or args.costs == "fixed")):
+        raise ConfigError(f"--lookahead {args.lookahead}: give a number of frames >= 0, with training videos and "
+                          "--costs search (a --from-search report keeps the lookahead it was searched with; fixed "
+                          "pairs code whole videos)")
+    if args.costs == "fixed" and args.from_search:
+        raise ConfigError("--costs fixed codes the videos at every pair; a --from-search report keeps the costs it "
+                          "was made with: give one or the other")
     if args.cross_validate and args.videos and len(set(args.videos)) < 2:
         raise ConfigError("--cross-validate leaves one video out at a time: give two or more training videos")
     crop = _parse_crop(args.crop)
     coder = _setup(args)  # dynamic weights (a one-line error otherwise)
     cands = coder.model.cfg.candidates
     if args.from_search:
-        searched, groups, meta = _load_search(args.from_search, cands)
+        searched, groups, qualities, meta = _load_search(args.from_search, cands)
+        if args.per_level and qualities is None:
+            raise ConfigError(f"--per-level: {args.from_search} does not say each frame's quality level; run "
+                              "fit-selector on the videos again with --json")
     else:
         levels = _parse_levels(args.levels, coder.model.cfg.levels)
         clips = []
@@ -293,39 +309,58 @@ def run_fit_selector(args: argparse.Namespace) -> int:
                 w, h = min(crop[0], frames.width), min(crop[1], frames.height)
                 frames = frames.crop(h, w, (frames.height - h) // 2 // 2 * 2, (frames.width - w) // 2 // 2 * 2)
             clips.append((path, frames))
-        searched, groups = [], []
-        with _bar(len(levels) * sum(len(f) for _, f in clips), "width search") as bar:
+        searched, groups, qualities = [], [], []
+        fixed = args.costs == "fixed"
+        per_clip = len(cands) ** 2 if fixed else 1
+        with _bar(per_clip * len(levels) * sum(len(f) for _, f in clips),
+                  "fixed pairs" if fixed else "width search") as bar:
             for path, frames in clips:
                 for level in levels:
-                    searched += coder.compress(frames, quality=level, intra_period=args.intra_period,
-                                               progress=bar.update, search_gamma=args.gamma,
-                                               search_lookahead=args.lookahead).frames
+                    if fixed:
+                        searched += coder.fixed_pair_costs(frames, quality=level, intra_period=args.intra_period,
+                                                           progress=bar.update)
+                    else:
+                        searched += coder.compress(frames, quality=level, intra_period=args.intra_period,
+                                                   progress=bar.update, search_gamma=args.gamma,
+                                                   search_lookahead=args.lookahead).frames
+                    qualities += [level] * (len(searched) - len(groups))
                     groups += [str(path)] * (len(searched) - len(groups))
         meta = {"videos": [str(p) for p in args.videos], "levels": levels, "frames_per_video": args.frames,
-                "crop": args.crop, "search_gamma": args.gamma, "search_lookahead": args.lookahead}
+                "crop": args.crop, "search_gamma": None if fixed else args.gamma, "search_lookahead": args.lookahead,
+                "costs": args.costs}
     if args.cross_validate and args.from_search and len(set(groups)) < 2:  # videos: checked before the search
         raise ConfigError(f"--cross-validate leaves one video out at a time: {args.from_search} holds frames of "
                           f"{len(set(groups))} video(s); refit on two or more videos with --json")
     feats, costs = search_costs(searched, cands, args.gamma)
     model = copy.deepcopy(coder.model)
-    report = fit_selector(model.selector, feats, costs, l2=args.l2)
+    levels_fit = None
+    if args.per_level or model.cfg.selector_per_level:  # a fresh selector of the kind asked for
+        model.cfg = dataclasses.replace(model.cfg, selector_per_level=bool(args.per_level))
+        model.selector = WidthSelector(cands, levels=model.cfg.levels if args.per_level else 0)
+        levels_fit = np.asarray(qualities, dtype=np.int64) if args.per_level else None
+    report = fit_selector(model.selector, feats, costs, levels=levels_fit, l2=args.l2)
     report.update(meta, gamma=args.gamma, weights=str(args.weights or "shipped dynamic codec"),
-                  output=str(args.output))
+                  output=str(args.output), per_level_selector=bool(args.per_level))
     save_codec(model, args.output, extra={"selector_fit": report})
     report["search"] = {"candidates": list(cands), "frames": [
-        {"video": g, "features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
+        {"video": g, **({"level": int(q)} if q is not None else {}),
+         "features": [float(v) for v in f.features], "roi_fraction": float(f.roi_fraction),
          "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()],
          "pair_lookahead": [[r, n, rd, rel] for (r, n), (rd, rel) in (f.pair_lookahead or {}).items()]}
-        for f, g in zip(searched, groups)]}
+        for f, g, q in zip(searched, groups, qualities or [None] * len(searched))]}
     print_table(f"selector fitted to the width search (gamma {args.gamma:g}, {report['frames']} frames) -> "
                 f"{args.output}", ["", "mean cost per frame (bpp + lambda D + gamma C)", "pairs chosen"],
                 [["width search (per frame, least)", f"{report['search_cost']:.5f}",
                   _pair_counts(report["search_pairs"])],
                  ["fitted selector", f"{report['selector_cost']:.5f}", _pair_counts(report["selector_pairs"])],
                  [f"best fixed pair {report['fixed_pair'][0]}/{report['fixed_pair'][1]}", f"{report['fixed_cost']:.5f}",
-                  ""]])
+                  ""]]
+                + ([["best fixed pair of each level", f"{report['fixed_per_level_cost']:.5f}",
+                     ", ".join(f"level {lv}: {v['fixed_pair'][0]}/{v['fixed_pair'][1]}"
+                               for lv, v in report["per_level"].items())]] if "per_level" in report else []))
     if args.cross_validate:
-        cv = cross_validate(cands, feats, costs, groups, l2=args.l2)
+        cv = cross_validate(cands, feats, costs, groups, levels=levels_fit, num_levels=model.selector.levels,
+                            l2=args.l2)
         report["cross_validation"] = cv
         _print_cross_validation(cv)
     if args.json:
@@ -340,24 +375,31 @@ def _print_cross_validation(cv: dict[str, Any]) -> None:
     def captured(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:+.0f}%"
 
+    per = "fixed_per_level_cost" in cv["mean"]  # per-level selectors: also each level's own best fixed pair
+
+    def level_bar(r: dict[str, Any]) -> list[str]:
+        return [f"{r['fixed_per_level_cost']:.5f}"] if per else []
+
     rows = [[Path(r["group"]).name, str(r["frames"]), f"{r['selector_cost']:.5f}",
-             f"{r['fixed_cost']:.5f} ({r['fixed_pair'][0]}/{r['fixed_pair'][1]})", f"{r['search_cost']:.5f}",
-             captured(r["captured"]), "yes" if r["beats_fixed"] else "no", _pair_counts(r["selector_pairs"])]
-            for r in cv["groups"]]
+             f"{r['fixed_cost']:.5f} ({r['fixed_pair'][0]}/{r['fixed_pair'][1]})", *level_bar(r),
+             f"{r['search_cost']:.5f}", captured(r["captured"]), "yes" if r["beats_fixed"] else "no",
+             _pair_counts(r["selector_pairs"])] for r in cv["groups"]]
     m = cv["mean"]
     rows.append(["all (frame-weighted)", str(sum(r["frames"] for r in cv["groups"])), f"{m['selector_cost']:.5f}",
-                 f"{m['fixed_cost']:.5f}", f"{m['search_cost']:.5f}", captured(m["captured"]),
+                 f"{m['fixed_cost']:.5f}", *level_bar(m), f"{m['search_cost']:.5f}", captured(m["captured"]),
                  "every video" if cv["beats_fixed_on_every_group"] else "not every video", ""])
     print_table("leave-one-video-out: a selector fitted without the video, costed on it (mean cost per frame)",
-                ["held-out video", "frames", "selector", "best fixed pair there", "search", "gain captured",
+                ["held-out video", "frames", "selector", "best fixed pair there",
+                 *(["best fixed pair of each level there"] if per else []), "search", "gain captured",
                  "beats fixed", "pairs chosen"], rows)
 
 
-def _load_search(path: str, candidates: Any) -> tuple[list[Any], list[str], dict[str, Any]]:
-    """The searched frames of a fit-selector --json report (as objects :func:`search_costs` reads), the video of
-    each and the report's provenance; ConfigError naming the problem when it is not such a report or was made at
-    other widths. Reports written before frames named their video: the videos are recovered from the report's
-    videos x levels x frames per video when the count matches (else each frame's video is unknown, one group)."""
+def _load_search(path: str, candidates: Any) -> tuple[list[Any], list[str], list[int] | None, dict[str, Any]]:
+    """The searched frames of a fit-selector --json report (as objects :func:`search_costs` reads), the video and
+    quality level of each and the report's provenance; ConfigError naming the problem when it is not such a report
+    or was made at other widths. Reports written before frames named their video or level: they are recovered from
+    the report's videos x levels x frames per video when the count matches (else each frame's video is unknown, one
+    group, and the levels None)."""
     import json
     from types import SimpleNamespace
 
@@ -376,12 +418,18 @@ def _load_search(path: str, candidates: Any) -> tuple[list[Any], list[str], dict
         raise ConfigError(f"--from-search {path}: searched at widths {data['candidates']}, these weights have "
                           f"{list(candidates)}; give the weights it was made with (--weights)")
     meta = {k: rep.get(k) for k in ("videos", "levels", "frames_per_video", "crop", "search_lookahead")}
+    meta["costs"] = rep.get("costs") or "search"
     meta.update(search_gamma=rep.get("search_gamma", rep.get("gamma")), from_search=str(path))
     groups = [str(f.get("video", "")) for f in data["frames"]]
-    videos, per = meta.get("videos") or [], len(meta.get("levels") or []) * int(meta.get("frames_per_video") or 0)
-    if not all(groups) and per and len(frames) == len(videos) * per:
+    qualities = [f.get("level") for f in data["frames"]]
+    levels, each = list(meta.get("levels") or []), int(meta.get("frames_per_video") or 0)
+    videos, per = meta.get("videos") or [], len(levels) * each
+    matches = bool(per) and len(frames) == len(videos) * per  # the search's order: videos, levels, frames
+    if not all(groups) and matches:
         groups = [str(videos[i // per]) for i in range(len(frames))]
-    return frames, groups, meta
+    if any(q is None for q in qualities):
+        qualities = [int(levels[i % per // each]) for i in range(len(frames))] if matches else None
+    return frames, groups, qualities, meta
 
 
 def _pairs(rows: Any) -> dict[tuple[int, int], tuple[float, float]]:

@@ -424,9 +424,10 @@ class VideoCoder:
         return int(pair[0]), int(pair[1])
 
     def _choose(self, x: Tensor, prev: Tensor | None, flow: Tensor | None, info: FrameInfo,
-                widths: tuple[int, int] | None = None) -> tuple[np.ndarray, int, int]:
+                widths: tuple[int, int] | None = None, level: int = 0) -> tuple[np.ndarray, int, int]:
         """Dynamic precision at the encoder: the frame's ROI (the ROI source on its luma), latent mask, the
-        selector's features and widths (``widths``: forced, the selector is bypassed)."""
+        selector's features and widths (``widths``: forced, the selector is bypassed; ``level``: the stream's
+        quality level, which a per-level selector reads)."""
         from bitalloc.codec.dynamic import latent_mask
         from bitalloc.codec.selector import frame_features
 
@@ -443,7 +444,8 @@ class VideoCoder:
         m16 = latent_mask(mask, h, w)
         info.features = frame_features(luma, mask[None], None if flow is None else flow.numpy())[0]
         if widths is None:
-            bits = self.model.selector.select(info.features[None], roi_fraction=[float(m16.mean())])[0]
+            bits = self.model.selector.select(info.features[None], roi_fraction=[float(m16.mean())],
+                                              level=level)[0]
         else:
             bits = widths
         info.roi_fraction = float(m16.mean())
@@ -625,6 +627,42 @@ class VideoCoder:
             prev_mask = _next_context(prev_mask, m16, pair, intra=False)
         return rd, rel
 
+    def fixed_pair_costs(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
+                         progress: Callable[[int], None] | None = None) -> list[FrameInfo]:
+        """The fitting data of *fixed assignments* (dynamic codecs): ``frames`` coded at every candidate pair in turn
+        (``compress(widths=pair)``: K^2 encodes), and per frame the cost it had in the encode at each pair, bits per
+        pixel of its record's payload + lambda * MSE_YUV (lambda of the level it was coded at: the width search's
+        measure) and its Bit-FLOPs relative to 8 bits everywhere, as ``pair_costs`` of the frame infos of the encode
+        at the first pair (whose features, latent mask and ROI share they keep). Unlike the width search, which
+        tries every pair on a frame from one reference, a frame's cost here includes what its pair did to the
+        references it is predicted from: the effect a fixed assignment has on a whole clip. The selector fitted to
+        it (:func:`bitalloc.codec.selector.fit_selector`) then chooses per level exactly as the fixed pairs' summed
+        costs rank there (a per-level selector's bias)."""
+        if not self.dynamic:
+            raise ConfigError("fixed-pair costs need a dynamic-precision codec (trained with --stage dynamic)")
+        cands = self.model.cfg.candidates
+        pairs = [(r, n) for r in cands for n in cands]
+        area = float(frames.height * frames.width)
+
+        def plane_mse(a: np.ndarray, b: np.ndarray) -> float:
+            return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+        infos: list[FrameInfo] = []
+        for pair in pairs:
+            res = self.compress(frames, quality=quality, intra_period=intra_period, progress=progress, widths=pair)
+            records = read_stream(res.stream)[1]
+            if not infos:
+                infos = res.frames
+                for info in infos:
+                    info.pair_costs = {}
+            rec = res.reconstruction
+            for t, (info, own, record) in enumerate(zip(infos, res.frames, records)):
+                mse = (6 * plane_mse(frames.y[t], rec.y[t]) + plane_mse(frames.u[t], rec.u[t])
+                       + plane_mse(frames.v[t], rec.v[t])) / 8
+                rd = 8.0 * len(record.payload) / area + float(self.model.lambdas[own.level]) * mse
+                info.pair_costs[pair] = (rd, self.relative_bit_flops(own.kind, own.latent_mask, *pair))
+        return infos
+
     # -- whole videos ---------------------------------------------------------------------------------------
     def compress(self, frames: YUVFrames, *, quality: int, intra_period: int = 32,
                  progress: Callable[[int], None] | None = None,
@@ -696,7 +734,7 @@ class VideoCoder:
                 intra = ref is None or (intra_period > 0 and i % intra_period == 0)
                 info = FrameInfo(i, "I" if intra else "P", 0)
                 flow = None if intra else estimate_flow_packed(x.float() / 255.0, ref.float() / 255.0, self.motion_preset)
-                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, info, forced) if self.dynamic
+                mask16, rb, nb = (self._choose(x, None if intra else ref, flow, info, forced, quality) if self.dynamic
                                   else (None, self.bits, self.bits))
                 # encoder-side RD choices the decoder needs nothing more for: analysis scale, frame type, and with
                 # the width search the widths (they are in the frame record)

@@ -109,9 +109,10 @@ def prepare_dynamic(model: VideoCodec, hyper_bits: int = 8) -> VideoCodec:
     return model
 
 
-def with_candidates(model: VideoCodec, candidates: Sequence[int], roi: str = "spectral") -> VideoCodec:
+def with_candidates(model: VideoCodec, candidates: Sequence[int], roi: str = "spectral", *,
+                    per_level: bool = False) -> VideoCodec:
     """A float codec like ``model`` (same weights) whose configuration has dynamic precision at ``candidates``
-    with the ROI source ``roi``: it gains a fresh width selector."""
+    with the ROI source ``roi``: it gains a fresh width selector (``per_level``: with a bias per quality level)."""
     import dataclasses
 
     from bitalloc.codec.precision import network_configs
@@ -121,7 +122,8 @@ def with_candidates(model: VideoCodec, candidates: Sequence[int], roi: str = "sp
         raise ConfigError("dynamic precision starts from a float codec: give the training checkpoint of the joint "
                           "stage (--init), not quantized weights")
     parse_roi_spec(roi)  # checks the spec
-    cfg = dataclasses.replace(model.cfg, candidates=tuple(sorted(int(b) for b in candidates)), roi=roi)
+    cfg = dataclasses.replace(model.cfg, candidates=tuple(sorted(int(b) for b in candidates)), roi=roi,
+                              selector_per_level=bool(per_level))
     out = VideoCodec(cfg)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("selector.") for k in missing):
@@ -357,10 +359,13 @@ class DynamicFrames:
     nothing to choose. Exploration trains every pair, as switchable-precision training does (with p = 0.5, 8 frames
     of carphone / tree: 8/8 +1.8% / -0.8%, 4/4 +4.4% / +2.0%; docs/roi.md "Exploration")."""
 
-    def __init__(self, model: VideoCodec, table: BitFlopsTable, roi_source: Any, explore: float = 0.0):
+    def __init__(self, model: VideoCodec, table: BitFlopsTable, roi_source: Any, explore: float = 0.0,
+                 level: Tensor | None = None):
         if not 0.0 <= float(explore) <= 1.0:
             raise ConfigError(f"explore={explore}: give the share of frames coded at random widths, 0 to 1")
         self.model = model
+        #: the batch's quality levels [B] (what a per-level selector reads; a plain one ignores them)
+        self.level = level
         self.table = table
         self.roi_source = roi_source
         self.explore = float(explore)
@@ -389,7 +394,7 @@ class DynamicFrames:
         flows = None if flow is None else flow.detach().cpu().numpy()
         feats = frame_features(luma, masks, flows)
         sel = self.model.selector
-        r, n = self._explored(*sel(feats))
+        r, n = self._explored(*sel(feats, level=self.level))
         cands = torch.tensor(sel.candidates, dtype=r.dtype, device=r.device)
         e_roi, e_non = (r * cands ** 2).sum(-1), (n * cands ** 2).sum(-1)
         rel = self.table.relative("I" if ref is None else "P", m16, e_roi, e_non)

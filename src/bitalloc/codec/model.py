@@ -41,7 +41,7 @@ CONTEXT_CHANNELS = 6
 
 
 #: configuration fields added after codec weights had shipped: stored only where set (:meth:`CodecConfig.to_dict`)
-LATER_FIELDS = ("prior_context",)
+LATER_FIELDS = ("prior_context", "selector_per_level")
 
 
 @dataclass
@@ -65,6 +65,9 @@ class CodecConfig:
     #: conditional entropy model of P frames: the residual's hyper synthesis reads the motion-compensated prediction
     #: too (:class:`bitalloc.codec.networks.ConditionalHyperSynthesis`); False in weights made before it existed
     prior_context: bool = False
+    #: dynamic precision: the width selector has a learned bias per quality level
+    #: (:class:`bitalloc.codec.selector.WidthSelector` ``levels``); False in weights made before it existed
+    selector_per_level: bool = False
 
     @property
     def levels(self) -> int:
@@ -275,7 +278,8 @@ class VideoCodec(nn.Module):
         if self.cfg.candidates:  # dynamic precision: the per-frame width selector (bitalloc.codec.dynamic)
             from bitalloc.codec.selector import WidthSelector
 
-            self.selector = WidthSelector(self.cfg.candidates)
+            self.selector = WidthSelector(self.cfg.candidates,
+                                          levels=self.cfg.levels if self.cfg.selector_per_level else 0)
 
     def forward(self, clip: Tensor, level: Tensor, *, flows: list[Tensor] | None = None,
                 detach_reference: bool = True, first: str = "intra", frame_hook: Any = None) -> dict[str, Any]:

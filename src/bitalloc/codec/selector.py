@@ -31,6 +31,16 @@ region (:func:`bitalloc.quant.gates.gumbel_softmax_sample`, temperature ``tau``,
 (:meth:`WidthSelector.select` gives the widths in bits). With an empty region its width is set to the other
 region's (the frame then runs at one width: one pass per layer), so the signalled pair never asks for a
 computation that has no pixel.
+
+**Per quality level** (``WidthSelector(levels=L)``, ``CodecConfig(selector_per_level=True)``): the logits gain a
+learned bias per quality level, logits = W f + b + B[l] (B: [L, 2K], zero at the start), so that the selector may
+choose differently at each rate point, as a selector would that came with each model of a codec trained one model
+per rate point (DVC, Lu et al. 2019, and its successors). This codec's levels share one model (gain units), so a
+selector without B uses one rule at every rate, while what a width buys differs between rates (the shipped
+{4,8,16} codec codes carphone's 16 frames at level 1 with about 2.7% fewer bits at 8/8 than at 4/4 at equal PSNR,
+at levels 3-7 with more; BENCHMARKS.md "ROI-aware dynamic precision"). The level is the stream's (its header's
+quality; P-frame level offsets are chosen after the widths); the widths are signalled as before, so decoding needs
+nothing new.
 """
 
 from __future__ import annotations
@@ -105,11 +115,13 @@ class WidthSelector(nn.Module):
     """Per-frame widths for the ROI and the rest: ``nn.Linear(8, 2K)`` -> K logits per region (module docstring).
 
     ``candidates``: the K widths (ascending); ``tau``: Gumbel-softmax temperature; ``hard``: straight-through
-    one-hot samples in training (else soft). ``forward(features)`` returns ``(roi, non_roi)`` weights [B, K]:
-    samples in training mode, one-hot argmax in eval mode.
+    one-hot samples in training (else soft); ``levels`` L > 0: a learned bias per quality level added to the logits
+    (``level_bias`` [L, 2K], module docstring; every call then names the frames' levels). ``forward(features,
+    level=...)`` returns ``(roi, non_roi)`` weights [B, K]: samples in training mode, one-hot argmax in eval mode.
     """
 
-    def __init__(self, candidates: Sequence[int] = (2, 4, 8), tau: float = GUMBEL_TAU, hard: bool = True):
+    def __init__(self, candidates: Sequence[int] = (2, 4, 8), tau: float = GUMBEL_TAU, hard: bool = True,
+                 levels: int = 0):
         super().__init__()
         cands = tuple(int(b) for b in candidates)
         if len(cands) < 1 or list(cands) != sorted(set(cands)):
@@ -120,11 +132,36 @@ class WidthSelector(nn.Module):
         self.candidates = cands
         self.tau = float(tau)
         self.hard = bool(hard)
+        if int(levels) < 0:
+            raise ConfigError(f"levels={levels}: give the codec's number of quality levels, or 0 for one rule at all")
         self.fc = nn.Linear(NUM_FEATURES, 2 * len(cands))
+        self.level_bias = nn.Parameter(torch.zeros(int(levels), 2 * len(cands))) if int(levels) else None
 
     @property
     def k(self) -> int:
         return len(self.candidates)
+
+    @property
+    def levels(self) -> int:
+        """The number of quality levels with their own bias (0: one rule at every level)."""
+        return 0 if self.level_bias is None else int(self.level_bias.shape[0])
+
+    def _level_bias(self, level: Any, batch: int) -> Tensor | None:
+        """B[level] [batch, 2K] of a per-level selector (``level``: an int or [batch] integers); None otherwise."""
+        if self.level_bias is None:
+            return None
+        if level is None:
+            raise ConfigError("this width selector has a bias per quality level: give the frames' level(s)")
+        idx = torch.as_tensor(np.asarray(level) if not isinstance(level, Tensor) else level).to(torch.int64)
+        idx = idx.reshape(-1).to(self.level_bias.device)
+        if idx.numel() == 1:
+            idx = idx.expand(batch)
+        if idx.numel() != batch:
+            raise ShapeError(f"{idx.numel()} levels for {batch} frames; give one level, or one per frame")
+        if bool((idx < 0).any()) or bool((idx >= self.levels).any()):
+            raise ConfigError(f"quality level(s) {sorted(set(idx.tolist()))} outside the selector's "
+                              f"0-{self.levels - 1}")
+        return self.level_bias[idx]
 
     def _features(self, features: Tensor | np.ndarray) -> Tensor:
         f = torch.as_tensor(features, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
@@ -134,16 +171,20 @@ class WidthSelector(nn.Module):
             raise ShapeError(f"selector features must be [B, {NUM_FEATURES}], got shape {tuple(f.shape)}")
         return f
 
-    def logits(self, features: Tensor | np.ndarray) -> Tensor:
-        """[B, 2, K]: the ROI's logits, then the non-ROI's."""
-        return self.fc(self._features(features)).reshape(-1, 2, self.k)
+    def logits(self, features: Tensor | np.ndarray, level: Any = None) -> Tensor:
+        """[B, 2, K]: the ROI's logits, then the non-ROI's (``level``: the frames' quality levels, which a per-level
+        selector needs and a plain one ignores)."""
+        out = self.fc(self._features(features))
+        bias = self._level_bias(level, out.shape[0])
+        return (out if bias is None else out + bias).reshape(-1, 2, self.k)
 
-    def probabilities(self, features: Tensor | np.ndarray) -> Tensor:
+    def probabilities(self, features: Tensor | np.ndarray, level: Any = None) -> Tensor:
         """softmax of the logits per region, [B, 2, K]."""
-        return torch.softmax(self.logits(features), dim=-1)
+        return torch.softmax(self.logits(features, level), dim=-1)
 
-    def forward(self, features: Tensor | np.ndarray, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        logits = self.logits(features)
+    def forward(self, features: Tensor | np.ndarray, generator: torch.Generator | None = None,
+                level: Any = None) -> tuple[Tensor, Tensor]:
+        logits = self.logits(features, level)
         if self.training:
             u = uniform_noise(logits.shape, generator, device=logits.device, dtype=logits.dtype)
             w = gumbel_softmax_sample(logits, u, self.tau, self.hard)
@@ -151,16 +192,17 @@ class WidthSelector(nn.Module):
             w = categorical_test_choice(logits)
         return w[:, 0], w[:, 1]
 
-    def expected_bits(self, features: Tensor | np.ndarray) -> Tensor:
+    def expected_bits(self, features: Tensor | np.ndarray, level: Any = None) -> Tensor:
         """Expected width per region under the softmax, [B, 2] (for reports and regularisers)."""
         c = torch.tensor(self.candidates, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
-        return (self.probabilities(features) * c).sum(-1)
+        return (self.probabilities(features, level) * c).sum(-1)
 
     @torch.no_grad()
-    def select(self, features: Tensor | np.ndarray, roi_fraction: Sequence[float] | np.ndarray | None = None) -> Tensor:
+    def select(self, features: Tensor | np.ndarray, roi_fraction: Sequence[float] | np.ndarray | None = None,
+               level: Any = None) -> Tensor:
         """Test-time widths in bits, int64 [B, 2] (ROI, non-ROI): the argmax per region; where ``roi_fraction``
         (per frame) is 0 the ROI gets the non-ROI width, where it is 1 the non-ROI gets the ROI width."""
-        idx = self.logits(features).argmax(-1).cpu()
+        idx = self.logits(features, level).argmax(-1).cpu()
         bits = torch.tensor(self.candidates, dtype=torch.int64)[idx]
         if roi_fraction is not None:
             frac = torch.as_tensor(np.asarray(roi_fraction, dtype=np.float64)).reshape(-1)
@@ -205,8 +247,27 @@ def search_costs(frames: Sequence[Any], candidates: Sequence[int], gamma: float)
     return np.stack(feats), np.asarray(tables, dtype=np.float64)
 
 
-def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarray, *, l2: float = 1e-3,
-                 max_iter: int = 200) -> dict[str, Any]:
+def _frame_levels(selector: WidthSelector, levels: Any, count: int) -> np.ndarray | None:
+    """The per-frame levels [count] int64 a per-level ``selector`` is fitted with (None for a plain one, which
+    ignores them); ConfigError / ShapeError naming the problem."""
+    if not selector.levels:
+        return None
+    if levels is None:
+        raise ConfigError("a per-level selector is fitted to the frames' quality levels: give levels=, each frame's "
+                          "stream quality level")
+    lv = np.asarray(levels).reshape(-1)
+    if lv.size != count:
+        raise ShapeError(f"{lv.size} levels for {count} frames; give one level per frame")
+    if not np.issubdtype(lv.dtype, np.integer) and not np.all(lv == np.round(lv)):
+        raise ConfigError("levels must be whole numbers")
+    lv = lv.astype(np.int64)
+    if lv.size and (lv.min() < 0 or lv.max() >= selector.levels):
+        raise ConfigError(f"levels {sorted(set(lv.tolist()))} outside the selector's 0-{selector.levels - 1}")
+    return lv
+
+
+def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarray, *, levels: Any = None,
+                 l2: float = 1e-3, max_iter: int = 200) -> dict[str, Any]:
     """Fit ``selector.fc`` to per-frame costs of every width pair (``costs`` [N, K, K], from :func:`search_costs`):
     minimise the expected cost under the selector's two softmaxes,
 
@@ -216,9 +277,11 @@ def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarra
     L-BFGS in float64 from the best constant choice; the standardisation is folded into ``fc`` so the selector
     reads raw features. Argmax at test time then picks, frame by frame, the pair of least predicted cost: a
     cost-sensitive classifier of the search's choices, instead of the Gumbel-softmax training of ``--stage
-    dynamic``. Returns the mean cost per frame (same units as ``costs``) of the search (each frame's least), of
-    the fitted selector's argmax, of the best fixed pair (and which), and how often the selector's pair is the
-    search's."""
+    dynamic``. A per-level selector (``selector.levels`` > 0) fits its bias per level instead of one b, from the
+    frames' ``levels`` [N] (each level's bias starts at that level's best constant choice; a level without frames
+    keeps the best constant choice of all frames). Returns the mean cost per frame (same units as ``costs``) of the
+    search (each frame's least), of the fitted selector's argmax, of the best fixed pair (and which), and how often
+    the selector's pair is the search's; with levels also per level (:func:`_choice_report`)."""
     f = np.asarray(features, dtype=np.float64)
     c = np.asarray(costs, dtype=np.float64)
     k = selector.k
@@ -229,20 +292,25 @@ def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarra
         raise ConfigError("fitting data has non-finite features or costs")
     if float(l2) < 0:
         raise ConfigError(f"l2={l2} must be >= 0")
+    lv = _frame_levels(selector, levels, len(f))
     mu, sd = f.mean(0), f.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
     z = torch.from_numpy((f - mu) / sd)
     d = c - c.min(axis=(1, 2), keepdims=True)
     scale = float(d.mean()) or 1.0
     dt = torch.from_numpy(d / scale)
-    fixed = np.unravel_index(int(c.sum(0).argmin()), (k, k))
     w = torch.zeros(2 * k, NUM_FEATURES, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(2, k, dtype=torch.float64)
-    b[0, fixed[0]] = b[1, fixed[1]] = 2.0  # start at the best fixed pair (a soft choice of it)
-    b = b.reshape(-1).requires_grad_(True)
+    rows = max(selector.levels, 1)
+    b = torch.zeros(rows, 2, k, dtype=torch.float64)
+    for row in range(rows):  # start at the best fixed pair (a soft choice of it): the level's, else all frames'
+        sub = c if lv is None or not np.any(lv == row) else c[lv == row]
+        fixed = np.unravel_index(int(sub.sum(0).argmin()), (k, k))
+        b[row, 0, fixed[0]] = b[row, 1, fixed[1]] = 2.0
+    b = b.reshape(rows, -1).requires_grad_(True)
+    index = torch.zeros(len(f), dtype=torch.int64) if lv is None else torch.from_numpy(lv)
 
     def objective() -> Tensor:
-        logits = (z @ w.T + b).reshape(-1, 2, k)
+        logits = (z @ w.T + b[index]).reshape(-1, 2, k)
         p = torch.softmax(logits, -1)
         expected = torch.einsum("ti,tj,tij->t", p[:, 0], p[:, 1], dt).mean()
         return expected + float(l2) * w.square().sum()
@@ -259,26 +327,51 @@ def fit_selector(selector: WidthSelector, features: np.ndarray, costs: np.ndarra
     opt.step(closure)
     with torch.no_grad():
         w_raw = w.detach() / torch.from_numpy(sd)
-        b_raw = b.detach() - w_raw @ torch.from_numpy(mu)
+        shift = -(w_raw @ torch.from_numpy(mu))
         selector.fc.weight.copy_(w_raw.to(selector.fc.weight.dtype))
-        selector.fc.bias.copy_(b_raw.to(selector.fc.bias.dtype))
-    return _choice_report(selector, f, c)
+        if selector.levels:
+            selector.fc.bias.copy_(shift.to(selector.fc.bias.dtype))
+            selector.level_bias.copy_(b.detach().to(selector.level_bias.dtype))
+        else:
+            selector.fc.bias.copy_((b.detach()[0] + shift).to(selector.fc.bias.dtype))
+    return _choice_report(selector, f, c, lv)
 
 
-def _choice_report(selector: WidthSelector, f: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+def _choice_report(selector: WidthSelector, f: np.ndarray, c: np.ndarray, levels: np.ndarray | None = None
+                   ) -> dict[str, Any]:
     """Mean cost per frame of the search (each frame's least), of ``selector``'s argmax and of the best fixed pair
-    on these frames (and which), how often the selector's pair is the search's, and the pairs each chose."""
+    on these frames (and which), how often the selector's pair is the search's, and the pairs each chose. With the
+    frames' ``levels``, also per level (``per_level``: the same numbers on that level's frames) and
+    ``fixed_per_level_cost``: the cost of the best fixed pair of each level, the bar that the frame statistics
+    must pass (what a selector gains beyond it is content adaptation; up to it, rate adaptation)."""
     k, cands = selector.k, selector.candidates
-    idx = selector.logits(f).argmax(-1).numpy()  # [N, 2]
+    idx = selector.logits(f, levels).argmax(-1).numpy()  # [N, 2]
     chosen = c[np.arange(len(c)), idx[:, 0], idx[:, 1]]
     best = c.reshape(len(c), -1).argmin(1)
     fixed = np.unravel_index(int(c.sum(0).argmin()), (k, k))
-    return {"frames": len(c), "search_cost": float(c.min(axis=(1, 2)).mean()), "selector_cost": float(chosen.mean()),
-            "fixed_pair": [cands[int(fixed[0])], cands[int(fixed[1])]], "fixed_cost": float(c[:, fixed[0], fixed[1]].mean()),
-            "agreement": float(np.mean(idx[:, 0] * k + idx[:, 1] == best)),
-            "selector_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum((idx[:, 0] == i) & (idx[:, 1] == j)))
-                               for i in range(k) for j in range(k)},
-            "search_pairs": {f"{cands[i]}/{cands[j]}": int(np.sum(best == i * k + j)) for i in range(k) for j in range(k)}}
+
+    def pairs(i: np.ndarray, j: np.ndarray) -> dict[str, int]:
+        return {f"{cands[a]}/{cands[b]}": int(np.sum((i == a) & (j == b))) for a in range(k) for b in range(k)}
+
+    out = {"frames": len(c), "search_cost": float(c.min(axis=(1, 2)).mean()), "selector_cost": float(chosen.mean()),
+           "fixed_pair": [cands[int(fixed[0])], cands[int(fixed[1])]],
+           "fixed_cost": float(c[:, fixed[0], fixed[1]].mean()),
+           "agreement": float(np.mean(idx[:, 0] * k + idx[:, 1] == best)),
+           "selector_pairs": pairs(idx[:, 0], idx[:, 1]), "search_pairs": pairs(best // k, best % k)}
+    if levels is not None:
+        lv = np.asarray(levels).reshape(-1)
+        per = {}
+        for level in sorted(set(lv.tolist())):
+            m = lv == level
+            fl = np.unravel_index(int(c[m].sum(0).argmin()), (k, k))
+            per[str(level)] = {"frames": int(m.sum()), "search_cost": float(c[m].min(axis=(1, 2)).mean()),
+                               "selector_cost": float(chosen[m].mean()),
+                               "fixed_pair": [cands[int(fl[0])], cands[int(fl[1])]],
+                               "fixed_cost": float(c[m][:, fl[0], fl[1]].mean()),
+                               "selector_pairs": pairs(idx[m, 0], idx[m, 1])}
+        out["per_level"] = per
+        out["fixed_per_level_cost"] = float(sum(v["fixed_cost"] * v["frames"] for v in per.values()) / len(c))
+    return out
 
 
 def _captured(r: dict[str, Any]) -> float | None:
@@ -288,7 +381,7 @@ def _captured(r: dict[str, Any]) -> float | None:
 
 
 def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.ndarray, groups: Sequence[Any], *,
-                   l2: float = 1e-3, max_iter: int = 200) -> dict[str, Any]:
+                   levels: Any = None, num_levels: int = 0, l2: float = 1e-3, max_iter: int = 200) -> dict[str, Any]:
     """Leave-one-group-out cross-validation of :func:`fit_selector` (groups: e.g. the video of each frame): for each
     group g a fresh :class:`WidthSelector` is fitted to the frames of the other groups and its argmax is costed on
     g's frames. Per group: the mean cost per frame (bpp + lambda D + gamma C, as ``costs``) of that held-out
@@ -296,7 +389,9 @@ def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.nd
     whose cost is above it is no better than some constant pair on that content) and of the fixed pair the other
     groups would choose. ``captured`` = (best fixed - selector) / (best fixed - search): the share of the search's
     gain over the best fixed pair that the selector realises on content it was not fitted to (1: all of it, 0:
-    none, < 0: worse than the fixed pair). Needs at least two groups."""
+    none, < 0: worse than the fixed pair). Needs at least two groups. ``num_levels`` L > 0: per-level selectors
+    (``WidthSelector(levels=L)``) fitted with the frames' ``levels``; each group's row then also has
+    ``fixed_per_level_cost``, the cost there of each level's own best fixed pair."""
     f = np.asarray(features, dtype=np.float64)
     c = np.asarray(costs, dtype=np.float64)
     g = np.asarray([str(v) for v in groups])
@@ -306,12 +401,14 @@ def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.nd
     if len(names) < 2:
         raise ConfigError(f"cross-validation needs frames of at least two groups (videos), got {len(names)}; "
                           "fit on two or more videos")
+    lv = _frame_levels(WidthSelector(candidates, levels=num_levels), levels, len(f))
     rows = []
     for name in names:
         test = g == name
-        sel = WidthSelector(candidates)
-        train = fit_selector(sel, f[~test], c[~test], l2=l2, max_iter=max_iter)
-        held = _choice_report(sel, f[test], c[test])
+        sel = WidthSelector(candidates, levels=num_levels)
+        train = fit_selector(sel, f[~test], c[~test], levels=None if lv is None else lv[~test], l2=l2,
+                             max_iter=max_iter)
+        held = _choice_report(sel, f[test], c[test], None if lv is None else lv[test])
         cands = sel.candidates
         ti, tj = cands.index(train["fixed_pair"][0]), cands.index(train["fixed_pair"][1])
         rows.append({"group": name, "frames": held["frames"], "selector_cost": held["selector_cost"],
@@ -320,13 +417,15 @@ def cross_validate(candidates: Sequence[int], features: np.ndarray, costs: np.nd
                      "train_fixed_cost": float(c[test][:, ti, tj].mean()),
                      "captured": _captured(held),
                      "beats_fixed": bool(held["selector_cost"] < held["fixed_cost"]),
-                     "selector_pairs": held["selector_pairs"], "train_selector_cost": train["selector_cost"]})
+                     "selector_pairs": held["selector_pairs"], "train_selector_cost": train["selector_cost"],
+                     **({"fixed_per_level_cost": held["fixed_per_level_cost"]} if lv is not None else {})})
     weights = np.array([r["frames"] for r in rows], dtype=np.float64)
 
     def mean(key: str) -> float:
         return float(np.dot(weights, [r[key] for r in rows]) / weights.sum())
 
-    total = {k: mean(k) for k in ("selector_cost", "search_cost", "fixed_cost", "train_fixed_cost")}
+    total = {k: mean(k) for k in ("selector_cost", "search_cost", "fixed_cost", "train_fixed_cost")
+             + (("fixed_per_level_cost",) if lv is not None else ())}
     total["captured"] = _captured(total)
     return {"groups": rows, "mean": total, "l2": float(l2),
             "beats_fixed_on_every_group": all(r["beats_fixed"] for r in rows)}

@@ -121,7 +121,7 @@ class CodecObjective(Objective):
             if self._table is None:
                 self._table = BitFlopsTable.build(inner)
                 self._roi = parse_roi_spec(inner.cfg.roi)
-            hook = DynamicFrames(inner, self._table, self._roi, explore=self.explore)
+            hook = DynamicFrames(inner, self._table, self._roi, explore=self.explore, level=y)
         out = model(x, y, first=self.first, frame_hook=hook)
         loss, terms = inner.loss(x, y, out)
         logs: dict[str, float] = {}
@@ -246,6 +246,8 @@ def add_train_args(p: Any) -> None:
     p.add_argument("--explore", type=float, metavar="P",
                    help="dynamic: share of frames coded at uniformly random widths instead of the selector's sample, "
                         "so that every candidate width trains the shared weights (default 0; see docs/roi.md)")
+    p.add_argument("--per-level-selector", action="store_true",
+                   help="dynamic: the width selector has a learned bias per quality level (docs/roi.md)")
     p.add_argument("--candidates", default="4,8,16", help="dynamic: candidate bit widths (default 4,8,16)")
     p.add_argument("--hyper-bits", type=int, help="dynamic: width of the hyper synthesis' fixed grids (default 8; 4 "
                                                   "for a {2,4,8} codec, see docs/roi.md)")
@@ -377,6 +379,9 @@ def run_train_cli(args: Any) -> int:
         raise ConfigError(f"--explore {args.explore}: it belongs to --stage dynamic and is a share of frames, 0 to 1")
     if args.freeze_codec and args.stage != "dynamic":
         raise ConfigError("--freeze-codec belongs to --stage dynamic")
+    if args.per_level_selector and args.stage != "dynamic":
+        raise ConfigError("--per-level-selector belongs to --stage dynamic (or fit one with `bitalloc codec "
+                          "fit-selector --per-level`)")
     if args.selector_lr_scale is not None and (args.stage != "dynamic" or args.selector_lr_scale <= 0):
         raise ConfigError("--selector-lr-scale belongs to --stage dynamic and must be positive")
     if args.hyper_bits is not None and (args.stage != "dynamic" or not 2 <= args.hyper_bits <= 16):
@@ -398,7 +403,7 @@ def run_train_cli(args: Any) -> int:
     if args.stage == "dynamic":
         from bitalloc.codec.dynamic import prepare_dynamic, with_candidates
 
-        model = with_candidates(model, _widths(args.candidates), args.roi)
+        model = with_candidates(model, _widths(args.candidates), args.roi, per_level=args.per_level_selector)
         prepare_dynamic(model, hyper_bits=args.hyper_bits or 8)
         calibrate_codec(model, sources, frames=frames, crop=args.crop, seed=args.seed)
     cfg = TrainConfig(steps=args.steps or steps, batch_size=args.batch_size, optimizer="adam", lr=args.lr or lr,
