@@ -263,6 +263,16 @@ def test_cli_dynamic_training_and_encoding(tmp_path):
     # the selector's lr belongs to the dynamic stage
     assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "j.pt"),
                         "--selector-lr-scale", "10"]) == 2
+    # a selector with a bias per quality level: trained with the stage, shipped, read by the encoder
+    lvl = tmp_path / "lvl.pt"
+    assert main(base + ["--stage", "dynamic", "--steps", "1", "--init", str(tmp_path / "i.pt"), "--gamma", "0.5",
+                        "--per-level-selector", "--out", str(tmp_path / "l.pt"), "--ship", str(lvl)]) == 0
+    model = load_codec(lvl)
+    assert model.cfg.selector_per_level and model.selector.levels == model.cfg.levels
+    assert main(["codec", "encode", str(video), "-o", str(tmp_path / "l.bav"), "-q", "1", "--dynamic", "--weights",
+                 str(lvl)]) == 0
+    assert main(base + ["--stage", "intra", "--steps", "1", "--codec-config", SIZES, "--out", str(tmp_path / "m.pt"),
+                        "--per-level-selector"]) == 2
 
 
 def test_selector_learns_in_its_own_lr_group():
