@@ -264,8 +264,10 @@ def _parse_crop(text: str | None) -> tuple[int, int] | None:
 
 
 def run_fit_selector(args: argparse.Namespace) -> int:
-    """Encode each video with the width search at every level, fit the selector to the per-frame costs
-    (:func:`bitalloc.codec.selector.fit_selector`), write the codec with the new selector."""
+    """Encode each video with the width search at every level (or, ``--costs fixed``, at every fixed pair:
+    :meth:`bitalloc.codec.codec.VideoCoder.fixed_pair_costs`), fit the selector to the per-frame costs
+    (:func:`bitalloc.codec.selector.fit_selector`; ``--per-level``: with a bias per quality level), write the codec
+    with the new selector."""
     import copy
     import dataclasses
 
@@ -348,9 +350,11 @@ def run_fit_selector(args: argparse.Namespace) -> int:
          "pair_costs": [[r, n, rd, rel] for (r, n), (rd, rel) in f.pair_costs.items()],
          "pair_lookahead": [[r, n, rd, rel] for (r, n), (rd, rel) in (f.pair_lookahead or {}).items()]}
         for f, g, q in zip(searched, groups, qualities or [None] * len(searched))]}
-    print_table(f"selector fitted to the width search (gamma {args.gamma:g}, {report['frames']} frames) -> "
+    source = "fixed-pair costs" if report.get("costs") == "fixed" else "the width search"
+    print_table(f"selector fitted to {source} (gamma {args.gamma:g}, {report['frames']} frames) -> "
                 f"{args.output}", ["", "mean cost per frame (bpp + lambda D + gamma C)", "pairs chosen"],
-                [["width search (per frame, least)", f"{report['search_cost']:.5f}",
+                [[f"{'fixed pairs' if report.get('costs') == 'fixed' else 'width search'} (per frame, least)",
+                  f"{report['search_cost']:.5f}",
                   _pair_counts(report["search_pairs"])],
                  ["fitted selector", f"{report['selector_cost']:.5f}", _pair_counts(report["selector_pairs"])],
                  [f"best fixed pair {report['fixed_pair'][0]}/{report['fixed_pair'][1]}", f"{report['fixed_cost']:.5f}",
