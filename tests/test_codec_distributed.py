@@ -7,7 +7,6 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 from bitalloc.codec.video_io import write_y4m
 from tests.codec_util import moving_video

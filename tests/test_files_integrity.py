@@ -364,7 +364,6 @@ def test_pack_refuses_an_existing_file_before_doing_any_work(tmp_path, monkeypat
 
 def test_hand_edited_checkpoint_fields_are_one_line_errors(tmp_path):
     """Fields a user edited (and re-checksummed) are CheckpointErrors, not AttributeError / ValueError."""
-    import torch
     from torch import nn
 
     from bitalloc.errors import CheckpointError

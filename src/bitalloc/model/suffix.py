@@ -15,7 +15,7 @@ model's output exactly on the first batch, are run whole for every variant (the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx

@@ -100,7 +100,6 @@ def _solve_milp(vs: list[np.ndarray], cs: list[np.ndarray], budget: float) -> li
     sizes = [v.size for v in vs]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n = int(offsets[-1])
-    v = np.concatenate(vs)
     c = np.concatenate(cs)
     # rescale: damages relative to their spread, costs relative to the budget (the solver's tolerances are
     # absolute); a constant shift per group does not change the optimum but keeps the objective O(1)
