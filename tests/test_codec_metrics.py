@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bitalloc.codec.frames import YUVFrames, chroma_shape, yuv420_to_rgb
-from bitalloc.codec.metrics import bd_psnr, bd_rate, bits_per_pixel, kbps, psnr_rgb, psnr_yuv
+from bitalloc.codec.metrics import bd_psnr, bd_rate, bits_per_pixel, kbps, mse_yuv_per_frame, psnr_rgb, psnr_yuv
 from bitalloc.errors import ConfigError, DataError, ShapeError
 from bitalloc.report.plots import rd_plot
 
@@ -143,3 +143,17 @@ def test_rd_plot_writes_a_png(tmp_path):
                   tmp_path / "rd.png", title="carphone")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["rd.png"]
+
+
+def test_mse_yuv_per_frame_against_float64_planes():
+    rng = np.random.default_rng(7)
+    ref = YUVFrames(rng.integers(0, 256, (3, 6, 8), dtype=np.uint8), rng.integers(0, 256, (3, 3, 4), dtype=np.uint8),
+                    rng.integers(0, 256, (3, 3, 4), dtype=np.uint8))
+    dec = YUVFrames(rng.integers(0, 256, (3, 6, 8), dtype=np.uint8), rng.integers(0, 256, (3, 3, 4), dtype=np.uint8),
+                    rng.integers(0, 256, (3, 3, 4), dtype=np.uint8))
+    for t, got in enumerate(mse_yuv_per_frame(ref, dec)):
+        planes = [float(np.mean((getattr(ref, p)[t].astype(np.float64) - getattr(dec, p)[t]) ** 2)) for p in "yuv"]
+        assert got == pytest.approx((6 * planes[0] + planes[1] + planes[2]) / 8, rel=1e-12)
+    assert np.array_equal(mse_yuv_per_frame(ref, ref), np.zeros(3))
+    with pytest.raises(ShapeError):
+        mse_yuv_per_frame(ref, YUVFrames(ref.y[:2], ref.u[:2], ref.v[:2]))

@@ -640,13 +640,11 @@ class VideoCoder:
         costs rank there (a per-level selector's bias)."""
         if not self.dynamic:
             raise ConfigError("fixed-pair costs need a dynamic-precision codec (trained with --stage dynamic)")
+        from bitalloc.codec.metrics import mse_yuv_per_frame
+
         cands = self.model.cfg.candidates
         pairs = [(r, n) for r in cands for n in cands]
         area = float(frames.height * frames.width)
-
-        def plane_mse(a: np.ndarray, b: np.ndarray) -> float:
-            return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-
         infos: list[FrameInfo] = []
         for pair in pairs:
             res = self.compress(frames, quality=quality, intra_period=intra_period, progress=progress, widths=pair)
@@ -655,11 +653,9 @@ class VideoCoder:
                 infos = res.frames
                 for info in infos:
                     info.pair_costs = {}
-            rec = res.reconstruction
-            for t, (info, own, record) in enumerate(zip(infos, res.frames, records)):
-                mse = (6 * plane_mse(frames.y[t], rec.y[t]) + plane_mse(frames.u[t], rec.u[t])
-                       + plane_mse(frames.v[t], rec.v[t])) / 8
-                rd = 8.0 * len(record.payload) / area + float(self.model.lambdas[own.level]) * mse
+            mse = mse_yuv_per_frame(frames, res.reconstruction)
+            for info, own, record, d in zip(infos, res.frames, records, mse):
+                rd = 8.0 * len(record.payload) / area + float(self.model.lambdas[own.level]) * float(d)
                 info.pair_costs[pair] = (rd, self.relative_bit_flops(own.kind, own.latent_mask, *pair))
         return infos
 

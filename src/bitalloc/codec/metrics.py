@@ -51,6 +51,13 @@ def _mse_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (d * d).reshape(d.shape[0], -1).mean(axis=1)
 
 
+def mse_yuv_per_frame(ref: YUVFrames, dec: YUVFrames) -> np.ndarray:
+    """Per frame, MSE_YUV = (6 MSE_Y + MSE_U + MSE_V) / 8 in pixel units (float64 [T]): the distortion of the codec's
+    objective (bits per pixel + lambda * MSE_YUV), weighted as PSNR_YUV is."""
+    _check_pair(ref, dec)
+    return (6 * _mse_per_frame(ref.y, dec.y) + _mse_per_frame(ref.u, dec.u) + _mse_per_frame(ref.v, dec.v)) / 8.0
+
+
 def _check_pair(ref: YUVFrames, dec: YUVFrames) -> None:
     for name, x in (("ref", ref), ("dec", dec)):
         if not isinstance(x, YUVFrames):

@@ -158,10 +158,14 @@ class WidthSelector(nn.Module):
             idx = idx.expand(batch)
         if idx.numel() != batch:
             raise ShapeError(f"{idx.numel()} levels for {batch} frames; give one level, or one per frame")
-        if bool((idx < 0).any()) or bool((idx >= self.levels).any()):
-            raise ConfigError(f"quality level(s) {sorted(set(idx.tolist()))} outside the selector's "
-                              f"0-{self.levels - 1}")
+        self.check_levels(idx.tolist())
         return self.level_bias[idx]
+
+    def check_levels(self, levels: Sequence[int]) -> None:
+        """ConfigError naming them when any of ``levels`` is outside this per-level selector's 0..L-1."""
+        bad = sorted({int(v) for v in levels if not 0 <= int(v) < self.levels})
+        if bad:
+            raise ConfigError(f"quality level(s) {bad} outside the selector's 0-{self.levels - 1}")
 
     def _features(self, features: Tensor | np.ndarray) -> Tensor:
         f = torch.as_tensor(features, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
@@ -261,8 +265,7 @@ def _frame_levels(selector: WidthSelector, levels: Any, count: int) -> np.ndarra
     if not np.issubdtype(lv.dtype, np.integer) and not np.all(lv == np.round(lv)):
         raise ConfigError("levels must be whole numbers")
     lv = lv.astype(np.int64)
-    if lv.size and (lv.min() < 0 or lv.max() >= selector.levels):
-        raise ConfigError(f"levels {sorted(set(lv.tolist()))} outside the selector's 0-{selector.levels - 1}")
+    selector.check_levels(lv.tolist())
     return lv
 
 
