@@ -53,6 +53,16 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     #   ... likewise mixed-W3A4.json and mixed-W2A4.json, and mixed-W4A4.json with --tag=-s1 ... --seed 1;
     #   mixed-W3A3.json: searched at bops=W3A3 with candidates 8x8,8x4,4x8,4x4,3x4,2x8,2x4 (no 2-bit activations);
     #   mixed-W2A4-a3.json: at bops=W2A4 with candidates 8x8,8x4,4x8,4x4,3x4,2x8,2x4,4x3,3x3,2x3 (3-bit activations)
+    # Issue 17: do short fine-tunes rank configurations as the 8-epoch ones do? One epoch (391 steps) of LSQ from
+    # each searched configuration and from the uniform widths of its budget, trained on all but 5,000 training
+    # images and chosen on those 5,000 (--holdout; two sweeps into one folder, one per core, OMP_NUM_THREADS=1):
+    bitalloc sweep --model resnet20 --data $DATA/cifar10-jpeg.zip --init runs/models/resnet20-cifar10.pt \
+        --out-dir runs/trials/resnet20-cifar10-1ep --method lsq --bits 2x4 --steps 391 \
+        --configs benchmarks/results/mixed_lsq/mixed-W2A4-a3.json,benchmarks/results/mixed_lsq/mixed-W2A4-lsqscaled.json \
+        -- --lr 1e-4 --q-granularity channel --holdout 5000
+    #   ... and --bits 3x3 --configs benchmarks/results/mixed_lsq/mixed-W2A4.json,benchmarks/results/mixed_lsq/mixed-W3A3.json
+    python benchmarks/learned_precision.py trials --trial-dir runs/trials/resnet20-cifar10-1ep \
+        --experiment resnet20-cifar10-8ep
     # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
     python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
         --init runs/models/lenet5-mnist.pt --out-dir runs/learned/lenet5-mnist-gates --method bb --mu 0.1 \\
@@ -643,6 +653,112 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+
+# ---- trials ----------------------------------------------------------------------------------------------------
+
+def _trial_pairs(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(searched run, uniform run) pairs: each run from searched widths with the uniform run of the same seed that
+    has the fewest relative BOPs not below its own (the uniform width of the budget it was searched at)."""
+    uniform = [q for q in points if q["method"] == "lsq" and not _searched(q)]
+    pairs = []
+    for p in sorted((p for p in points if _searched(p)), key=lambda p: (p["relative_bops"], p["name"])):
+        above = [q for q in uniform if q["relative_bops"] >= p["relative_bops"] * (1 - 1e-9) and _seed(q) == _seed(p)]
+        if above:
+            pairs.append((p, min(above, key=lambda q: q["relative_bops"])))
+    return pairs
+
+
+def _trial_score(p: dict[str, Any]) -> float:
+    """What a trial is chosen by: top-1 on the training samples it held out (``--holdout``), else on the test split."""
+    return p["holdout"]["top1"] if p.get("holdout") else p["top1"]
+
+
+def cmd_trials(args: argparse.Namespace, extra: list[str]) -> int:
+    """Do short fine-tunes predict full ones? The runs of ``--trial-dir`` (``bitalloc sweep`` of the same settings
+    with ``--steps``: searched widths and the uniform widths of their budgets) against the runs of the same names
+    in ``--experiment`` of the results file. Per pair (searched, uniform at its budget; :func:`_trial_pairs`): the
+    top-1 difference in the trial and in the full run, each with its paired standard error on the same test images
+    (:func:`_compare`), and the difference of test loss in the trial; the trial "picks" the more accurate run on
+    the training samples the trials held out (``-- --holdout N``; else on the test split; a tie: the uniform one).
+    Then, per budget, what picking by trial would put on the searched front: the full run of the pick against
+    the full uniform run."""
+    from bitalloc.io import write_json
+
+    trial_data = _load(Path(args.trial_dir) / "sweep.json")
+    if not trial_data:
+        raise SystemExit(f"{args.trial_dir}/sweep.json: not found; run the trial sweep first")
+    results = _load(Path(args.results)) or {}
+    full = {p["name"]: p for p in results.get("experiments", {}).get(args.experiment, [])}
+    if not full:
+        raise SystemExit(f"{args.results}: no experiment {args.experiment!r}")
+    trial = [p for p in trial_data["points"] if p["method"] != "fp32"]
+    held = all(p.get("holdout") for p in trial)
+    rows, out, picks = [], [], {}
+    for p, q in _trial_pairs(trial):
+        fp, fq = full.get(p["name"]), full.get(q["name"])
+        t = _compare(p, q)
+        f = _compare(fp, fq) if fp and fq else None
+        pick = p["name"] if _trial_score(p) > _trial_score(q) else q["name"]
+        entry = {"searched": p["name"], "uniform": q["name"], "relative_bops": p["relative_bops"],
+                 "uniform_relative_bops": q["relative_bops"], "trial_steps": p.get("steps"),
+                 "trial_top1": [p["top1"], q["top1"]], "trial_loss": [p["val_loss"], q["val_loss"]],
+                 "trial_holdout_top1": [_trial_score(p), _trial_score(q)] if held else None,
+                 "trial_diff": t and t["diff"], "trial_se": t and t["se"], "trial_pick": pick,
+                 "full_top1": [fp and fp["top1"], fq and fq["top1"]], "full_diff": f and f["diff"],
+                 "full_se": f and f["se"]}
+        if f is not None:
+            entry["agrees"] = (pick == p["name"]) == (f["diff"] > 0)
+        out.append(entry)
+        budget = q["name"]
+        picks.setdefault(budget, {"uniform": q["name"], "candidates": {}})["candidates"][p["name"]] = _trial_score(p)
+        picks[budget]["candidates"][q["name"]] = _trial_score(q) + 1e-12  # a tie goes to the uniform run
+        rows.append([q["name"], p["name"], _pct(p["relative_bops"], 3),
+                     f"{_pct(p['top1'])} / {_pct(q['top1'])}"
+                     + (f" (held out: {_pct(_trial_score(p))} / {_pct(_trial_score(q))})" if held else ""),
+                     "-" if t is None else f"{100 * t['diff']:+.2f} ± {100 * t['se']:.2f}",
+                     f"{p['val_loss'] - q['val_loss']:+.4f}", pick,
+                     "-" if f is None else f"{_pct(fp['top1'])} / {_pct(fq['top1'])}",
+                     "-" if f is None else f"{100 * f['diff']:+.2f} ± {100 * f['se']:.2f}",
+                     {True: "yes", False: "no"}.get(entry.get("agrees"), "-")])
+    front_rows, fronts = [], []
+    for budget, b in picks.items():
+        chosen = max(b["candidates"], key=b["candidates"].get)
+        fc, fu = full.get(chosen), full.get(b["uniform"])
+        c = _compare(fc, fu) if fc and fu and chosen != b["uniform"] else None
+        fronts.append({"budget": budget, "chosen": chosen, "full_top1": fc and fc["top1"],
+                       "uniform_full_top1": fu and fu["top1"], "diff": c and c["diff"], "se": c and c["se"]})
+        front_rows.append([budget, chosen, _pct(fc["top1"]) if fc else "-", _pct(fu["top1"]) if fu else "-",
+                           "0 (the same run)" if chosen == b["uniform"] else
+                           ("-" if c is None else f"{100 * c['diff']:+.2f} ± {100 * c['se']:.2f}")])
+    steps = sorted({p.get("steps") for p in trial if p.get("steps")})
+    summary = {"trial_dir": repo_path(args.trial_dir), "experiment": args.experiment, "steps": steps,
+               "pairs": out, "fronts": fronts, "machine": machine(), "revision": git_revision(),
+               "command": command_line()}
+    path = write_json(Path(args.out), summary)
+    print(f"results: {path}")
+    agree = [e["agrees"] for e in out if "agrees" in e]
+    text = (f"Command: `{command_line()}`  \nRevision: {git_revision()}; machine: {machine()}. Trials: "
+            f"{', '.join(map(str, steps))} optimizer steps from the FP32 model, otherwise the full runs' settings; "
+            f"full runs: {args.experiment}. Top-1 differences are searched minus uniform on the same test images "
+            f"(paired standard error); the trial picks the more accurate run "
+            + (f"on the {trial[0]['holdout']['samples']:,} training samples its runs held out (`--holdout`; the test "
+               "images are only used to measure)" if held else "on the test images (a measurement, not a "
+               "selection: choosing runs this way would need `--holdout`)")
+            + f". The trial's pick agrees with "
+            f"the sign of the full runs' difference in {sum(agree)} of {len(agree)} pairs.\n\n"
+            + md_table(["uniform run (budget)", "searched run", "rel. BOPs %", "trial top-1 % (searched / uniform)",
+                        "trial difference (points)", "trial loss difference", "trial picks",
+                        "full top-1 % (searched / uniform)", "full difference (points)", "agree"], rows)
+            + "\n\nPicking by trial at each budget (the full run of the pick against the full uniform run):\n\n"
+            + md_table(["budget", "picked", "its full top-1 %", "uniform full top-1 %", "difference (points)"],
+                       front_rows) + "\n")
+    print(text)
+    if not args.no_md:
+        update_section("lsq-trials", text)
+        print("BENCHMARKS.md section 'lsq-trials' updated")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -678,13 +794,20 @@ def main() -> int:
     r.add_argument("--drop-missing", action="store_true",
                    help="do not keep points of the previous --results file whose runs are not under --runs")
     r.add_argument("--no-md", action="store_true")
+    tr = sub.add_parser("trials", help="short fine-tunes (a sweep with --steps) against the full runs")
+    tr.add_argument("--trial-dir", required=True, help="the trial sweep's folder (its sweep.json)")
+    tr.add_argument("--experiment", required=True, help="the full runs' experiment in --results")
+    tr.add_argument("--results", default=str(RESULTS / "learned_precision.json"))
+    tr.add_argument("--out", default=str(RESULTS / "lsq_trials.json"))
+    tr.add_argument("--no-md", action="store_true")
     argv = sys.argv[1:]
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args = ap.parse_args(argv)
-    return {"sweep": cmd_sweep, "timing": cmd_timing, "report": cmd_report}[args.cmd](args, extra)
+    return {"sweep": cmd_sweep, "timing": cmd_timing, "report": cmd_report,
+            "trials": cmd_trials}[args.cmd](args, extra)
 
 
 if __name__ == "__main__":

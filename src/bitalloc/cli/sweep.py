@@ -307,7 +307,6 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
     """Freeze the trained model of checkpoint ``out``, evaluate it and cost it."""
     import torch
 
-    from bitalloc.cli.train import load_data
     from bitalloc.cost import cost_report
     from bitalloc.model.freeze import freeze
     from bitalloc.model.layers import parameter_overhead
@@ -329,7 +328,7 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
                     example_shape=(state.get("method_options") or {}).get("input_shape"),
                     extra={"source_checkpoint": str(out), "method": state.get("method"),
                            "method_options": state.get("method_options"), "model_factory": spec.get("factory")})
-    _, val_set, _ = load_data(train_ns, augment=False)
+    val_set, held = evaluation_sets(train_ns)
     ev = evaluate(frozen, val_set, batch_size=eval_batch_size, progress="off", per_sample=True)
     opts = state.get("method_options") or {}
     shape = opts.get("input_shape")
@@ -351,19 +350,45 @@ def evaluate_run(out: Path, train_ns: argparse.Namespace, eval_batch_size: int) 
                     "macs": l.macs, "bops": l.bops} for l in rep.layers],
         "options": opts, "frozen": str(frozen_file), "parameters": parameter_overhead(model),
         "correct": encode_mask(ev.per_sample),
+        **holdout_record(frozen, held, eval_batch_size),
     }
 
 
+def evaluation_sets(train_ns: argparse.Namespace) -> tuple[Any, Any]:
+    """(the set a sweep's points are evaluated on, the held-out training samples or None): with ``--holdout``
+    (after ``--``) every point is evaluated on the test split *and* on the held-out samples, so that runs can be
+    chosen on the latter without looking at the test images; a data set without a test split has only the
+    held-out samples (``--holdout`` replaces its ``--val-fraction`` split), which are then both."""
+    from bitalloc.cli.train import has_test_split, load_data
+
+    _, val_set, _ = load_data(train_ns, augment=False)
+    if getattr(train_ns, "holdout", None) is None or not has_test_split(train_ns.dataset):
+        return val_set, None
+    _, test_set, _ = load_data(argparse.Namespace(**{**vars(train_ns), "holdout": None}), augment=False)
+    return test_set, val_set
+
+
+def holdout_record(model: Any, held: Any, eval_batch_size: int) -> dict[str, Any]:
+    """``{"holdout": {samples, top1, loss, correct}}`` of ``model`` on the held-out training samples ({} without)."""
+    from bitalloc.train.loop import evaluate
+
+    if held is None:
+        return {}
+    ev = evaluate(model, held, batch_size=eval_batch_size, progress="off", per_sample=True)
+    return {"holdout": {"samples": len(held), "top1": ev.accuracy, "loss": ev.loss,
+                        "correct": encode_mask(ev.per_sample)}}
+
+
 def fp32_point(path: str, train_ns: argparse.Namespace, eval_batch_size: int) -> dict[str, Any]:
-    from bitalloc.cli.train import load_data
     from bitalloc.train.checkpoint import load_model_checkpoint
     from bitalloc.train.loop import evaluate
 
     model = load_model_checkpoint(path, trust_factory=bool(getattr(train_ns, "trust_code", False)))
-    _, val_set, _ = load_data(train_ns, augment=False)
+    val_set, held = evaluation_sets(train_ns)
     ev = evaluate(model, val_set, batch_size=eval_batch_size, progress="off", per_sample=True)
     return {"method": "fp32", "name": "fp32", "setting": {}, "top1": ev.accuracy, "relative_bops": 1.0,
-            "checkpoint": path, "correct": encode_mask(ev.per_sample)}
+            "checkpoint": path, "correct": encode_mask(ev.per_sample),
+            **holdout_record(model, held, eval_batch_size)}
 
 
 def mark_pareto(points: dict[str, dict[str, Any]]) -> None:
@@ -518,17 +543,24 @@ def run(args: argparse.Namespace) -> int:
                     plots = False
                     _plots_missing(str(exc).split(":")[0])
             write_outputs(out_dir, done, plots=plots)
-            print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}% at {100 * rec['relative_bops']:.3f}% "
+            held = f" (held-out {100 * rec['holdout']['top1']:.2f}%)" if rec.get("holdout") else ""
+            print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}%{held} at {100 * rec['relative_bops']:.3f}% "
                   f"relative BOPs", file=sys.stderr)
     if args.fp32 and train_ns is not None:
         done["fp32"] = fp32_point(args.fp32, train_ns, args.eval_batch_size)
     if D.is_main_process():
         paths, merged = write_outputs(out_dir, done, plots=plots)
         rows = sorted(merged.values(), key=lambda p: (p["method"], p["relative_bops"]))
-        print(f"{'run':<22} {'top-1 %':>8} {'rel. BOPs %':>12}  Pareto (all / method)")
+        held = any(p.get("holdout") for p in rows)
+        print(f"{'run':<22} {'top-1 %':>8}" + (f" {'held-out %':>10}" if held else "")
+              + f" {'rel. BOPs %':>12}  Pareto (all / method)")
         for p in rows:
             flag = ("*" if p.get("pareto") else "-") + " / " + ("*" if p.get("pareto_method") else "-")
-            print(f"{p['name']:<22} {100 * p['top1']:>8.2f} {100 * p['relative_bops']:>12.4f}  {flag}")
+            h = (f" {100 * p['holdout']['top1']:>10.2f}" if p.get("holdout") else f" {'-':>10}") if held else ""
+            print(f"{p['name']:<22} {100 * p['top1']:>8.2f}{h} {100 * p['relative_bops']:>12.4f}  {flag}")
+        if held:
+            print("held-out %: top-1 on the training samples that --holdout kept out of training (choose runs by "
+                  "it; top-1 % is the test split's)")
         for k, v in paths.items():
             print(f"{k}: {v}")
     return 0

@@ -63,6 +63,9 @@ def _synthetic(args: argparse.Namespace) -> tuple[Any, Any, int]:
     return train, val, 4
 
 
+#: the seed of the samples ``--holdout`` keeps out of training (fixed, so that runs of any --seed compare on them)
+HOLDOUT_SEED = 0
+
 # name -> function(args) -> (train_set, val_set, num_classes)
 DATASET_HOOKS: dict[str, Callable[[argparse.Namespace], tuple[Any, Any, int]]] = {"synthetic": _synthetic}
 # name -> "module:function" factory called with num_classes=...
@@ -119,6 +122,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="random training augmentation (default: the preset's choice)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out fraction for datasets without a test split (imagenet, imagefolder)")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="validate on N training samples held out of training (the same N, chosen with seed "
+                        f"{HOLDOUT_SEED}, whatever --seed) instead of the test split: to compare runs, e.g. the "
+                        "short trials of a sweep, without looking at the test images; the test split stays unused")
     p.add_argument("--transform", default=None, help="preprocessing name for imagenet / imagefolder data")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default: $BITALLOC_CACHE)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -157,41 +164,80 @@ def _num_classes(dataset: Any) -> int:
     raise DataError("cannot tell the number of classes of this dataset; it has no classes or labels attribute")
 
 
+def has_test_split(dataset: str) -> bool:
+    """Whether data set ``dataset`` has its own test split (the validation set of a run without ``--holdout``);
+    those without one (imagenet, imagefolder) are split by ``--val-fraction`` or ``--holdout``."""
+    if dataset in DATASET_HOOKS:
+        return True
+    from bitalloc.data import dataset_info
+
+    info = dataset_info(dataset)
+    return "test" in info.splits and "train" in info.splits
+
+
 def load_data(args: argparse.Namespace, augment: bool) -> tuple[Any, Any, int]:
     """``(train_set, val_set, num_classes)`` for ``args.dataset`` at ``args.data`` (or ``$BITALLOC_DATA``).
-    ``--val-fraction`` / ``--transform`` given for a data set with its own test split are errors (unused)."""
+    ``--val-fraction`` / ``--transform`` given for a data set with its own test split are errors (unused).
+    ``--holdout N``: the validation set is N training samples (:func:`holdout_split`, without augmentation) and
+    the training set the rest."""
     from bitalloc.cli.common import flag, given
 
-    own_split = args.dataset in DATASET_HOOKS
-    if not own_split:
+    holdout = getattr(args, "holdout", None)
+    if holdout is not None and "val_fraction" in given(args):
+        raise ConfigError(f"--holdout {holdout} and --val-fraction {args.val_fraction} both choose the validation "
+                          "samples: give one")
+    own_split = has_test_split(args.dataset)
+    if args.dataset not in DATASET_HOOKS:
         from bitalloc.data import calibration_split, dataset_info, load_dataset
 
         info = dataset_info(args.dataset)
-        own_split = "test" in info.splits and "train" in info.splits
     unused = [flag(d) for d in ("val_fraction", "transform") if d in given(args)] if own_split else []
     if unused:
         raise ConfigError(f"{' / '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to data sets without a "
                           f"test split (imagenet, imagefolder), but {args.dataset} has one, used for validation: drop "
                           f"{' / '.join(unused)}")
     if args.dataset in DATASET_HOOKS:
-        return DATASET_HOOKS[args.dataset](args)
+        train, val, n = DATASET_HOOKS[args.dataset](args)
+        return (*holdout_split(train, train, holdout), n) if holdout is not None else (train, val, n)
     root = args.data or os.environ.get("BITALLOC_DATA") or None
     if augment and info.augmentation is None:
         augment = False
-    if "test" in info.splits and "train" in info.splits:
+    if own_split:
         train = load_dataset(info.name, root, "train", augment=augment, cache_dir=args.cache_dir)
-        val = load_dataset(info.name, root, "test", augment=False, cache_dir=args.cache_dir)
+        if holdout is not None:
+            plain = load_dataset(info.name, root, "train", augment=False, cache_dir=args.cache_dir) if augment else train
+            train, val = holdout_split(train, plain, holdout)
+        else:
+            val = load_dataset(info.name, root, "test", augment=False, cache_dir=args.cache_dir)
     else:
         kwargs: dict[str, Any] = {"cache_dir": args.cache_dir}
         if args.transform:
             kwargs["transform"] = args.transform
         full = load_dataset(info.name, root, None, **kwargs)
-        if not 0.0 < args.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction {args.val_fraction} must lie in (0, 1)")
-        n_val = max(1, int(round(args.val_fraction * len(full))))
-        val, train = calibration_split(full, n_val, seed=args.seed)
+        if holdout is not None:
+            train, val = holdout_split(full, full, holdout)
+        else:
+            if not 0.0 < args.val_fraction < 1.0:
+                raise ConfigError(f"--val-fraction {args.val_fraction} must lie in (0, 1)")
+            n_val = max(1, int(round(args.val_fraction * len(full))))
+            val, train = calibration_split(full, n_val, seed=args.seed)
     n = info.num_classes or _num_classes(train)
     return train, val, int(n)
+
+
+def holdout_split(train: Any, plain: Any, n: int) -> tuple[Any, Any]:
+    """``--holdout n``: (the training samples but ``n``, those ``n``), the same ``n`` for every run
+    (:func:`bitalloc.data.calibration_split` with seed :data:`HOLDOUT_SEED`); the held-out ones are taken from
+    ``plain`` (the training split loaded without augmentation), the rest from ``train``."""
+    from bitalloc.data import calibration_split
+
+    size = len(train)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < size:
+        raise ConfigError(f"--holdout {n}: give a number of samples between 1 and {size - 1} (the training set has "
+                          f"{size})")
+    held, _ = calibration_split(plain, n, seed=HOLDOUT_SEED)
+    _, rest = calibration_split(train, n, seed=HOLDOUT_SEED)
+    return rest, held
 
 
 def build_model(args: argparse.Namespace, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str | None]:
