@@ -56,12 +56,12 @@ Steps (each resumable; long runs are meant for ``nohup ... &``)::
     # Issue 17: do short fine-tunes rank configurations as the 8-epoch ones do? One epoch (391 steps) of LSQ from
     # each searched configuration and from the uniform widths of its budget, trained on all but 5,000 training
     # images and chosen on those 5,000 (--holdout; two sweeps into one folder, one per core, OMP_NUM_THREADS=1):
-    bitalloc sweep --model resnet20 --data $DATA/cifar10-jpeg.zip --init runs/models/resnet20-cifar10.pt \
-        --out-dir runs/trials/resnet20-cifar10-1ep --method lsq --bits 2x4 --steps 391 \
-        --configs benchmarks/results/mixed_lsq/mixed-W2A4-a3.json,benchmarks/results/mixed_lsq/mixed-W2A4-lsqscaled.json \
-        -- --lr 1e-4 --q-granularity channel --holdout 5000
-    #   ... and --bits 3x3 --configs benchmarks/results/mixed_lsq/mixed-W2A4.json,benchmarks/results/mixed_lsq/mixed-W3A3.json
-    python benchmarks/learned_precision.py trials --trial-dir runs/trials/resnet20-cifar10-1ep \
+    bitalloc sweep --model resnet20 --data $DATA/cifar10-jpeg.zip --init runs/models/resnet20-cifar10.pt \\
+        --out-dir runs/trials/resnet20-cifar10-1ep --method lsq --bits 2x4 --steps 391 \\
+        --configs benchmarks/results/mixed_lsq/mixed-W2A4-a3.json -- --lr 1e-4 --q-granularity channel \\
+        --holdout 5000
+    #   ... and --bits 3x3 --configs benchmarks/results/mixed_lsq/mixed-W3A3.json
+    python benchmarks/learned_precision.py trials --trial-dir runs/trials/resnet20-cifar10-1ep \\
         --experiment resnet20-cifar10-8ep
     # LeNet-5 gate types (folder lenet5-mnist-gates): hard-concrete mu 0.1 and Gumbel-softmax mu 0.1, 0.03, 0.01
     python benchmarks/learned_precision.py sweep --model lenet5 --data $DATA/mnist \\
