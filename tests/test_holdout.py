@@ -16,14 +16,13 @@ from bitalloc.errors import ConfigError
 from bitalloc.report.stats import decode_mask
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch):
     monkeypatch.setenv("BITALLOC_PROGRESS", "off")
     monkeypatch.setenv("BITALLOC_SYNTHETIC_N", "96")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _indexed(n, offset=0.0):
