@@ -653,7 +653,6 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-
 # ---- trials ----------------------------------------------------------------------------------------------------
 
 def _trial_pairs(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -692,9 +691,13 @@ def cmd_trials(args: argparse.Namespace, extra: list[str]) -> int:
     if not full:
         raise SystemExit(f"{args.results}: no experiment {args.experiment!r}")
     trial = [p for p in trial_data["points"] if p["method"] != "fp32"]
+    pairs = _trial_pairs(trial)
+    if not pairs:
+        raise SystemExit(f"{args.trial_dir}/sweep.json: no run from searched widths with a uniform run of its seed "
+                         "at or above its BOPs; the trial sweep needs both (--configs and --bits)")
     held = all(p.get("holdout") for p in trial)
     rows, out, picks = [], [], {}
-    for p, q in _trial_pairs(trial):
+    for p, q in pairs:
         fp, fq = full.get(p["name"]), full.get(q["name"])
         t = _compare(p, q)
         f = _compare(fp, fq) if fp and fq else None

@@ -359,13 +359,15 @@ def evaluation_sets(train_ns: argparse.Namespace) -> tuple[Any, Any]:
     (after ``--``) every point is evaluated on the test split *and* on the held-out samples, so that runs can be
     chosen on the latter without looking at the test images; a data set without a test split has only the
     held-out samples (``--holdout`` replaces its ``--val-fraction`` split), which are then both."""
-    from bitalloc.cli.train import has_test_split, load_data
+    from bitalloc.cli.train import has_test_split, holdout_split, load_data
 
-    _, val_set, _ = load_data(train_ns, augment=False)
-    if getattr(train_ns, "holdout", None) is None or not has_test_split(train_ns.dataset):
+    holdout = getattr(train_ns, "holdout", None)
+    if holdout is None or not has_test_split(train_ns.dataset):
+        _, val_set, _ = load_data(train_ns, augment=False)
         return val_set, None
-    _, test_set, _ = load_data(argparse.Namespace(**{**vars(train_ns), "holdout": None}), augment=False)
-    return test_set, val_set
+    # one load: the unaugmented training split gives the held-out samples, as it does to `train --holdout`
+    train, test_set, _ = load_data(argparse.Namespace(**{**vars(train_ns), "holdout": None}), augment=False)
+    return test_set, holdout_split(train, train, holdout)[1]
 
 
 def holdout_record(model: Any, held: Any, eval_batch_size: int) -> dict[str, Any]:
@@ -543,8 +545,8 @@ def run(args: argparse.Namespace) -> int:
                     plots = False
                     _plots_missing(str(exc).split(":")[0])
             write_outputs(out_dir, done, plots=plots)
-            held = f" (held-out {100 * rec['holdout']['top1']:.2f}%)" if rec.get("holdout") else ""
-            print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}%{held} at {100 * rec['relative_bops']:.3f}% "
+            held_txt = f" (held-out {100 * rec['holdout']['top1']:.2f}%)" if rec.get("holdout") else ""
+            print(f"sweep: {point['name']}: top-1 {100 * rec['top1']:.2f}%{held_txt} at {100 * rec['relative_bops']:.3f}% "
                   f"relative BOPs", file=sys.stderr)
     if args.fp32 and train_ns is not None:
         done["fp32"] = fp32_point(args.fp32, train_ns, args.eval_batch_size)
